@@ -1,0 +1,18 @@
+"""Behemoth: an open Llama 4 MoE system, from a laptop CPU to a cluster.
+
+Public API:
+    load(path) -> Transformer            a Hugging Face Llama 4 directory (safetensors only)
+    save(model, path, tokenizer=None)    writes one that transformers loads unchanged
+    ModelConfig, preset(name)            Llama4TextConfig-compatible configuration
+    Transformer                          model(input_ids) -> logits [batch, seq, vocab]
+"""
+
+from behemoth.checkpoint import load, save
+from behemoth.config import PRESETS, ModelConfig, preset
+from behemoth.errors import BehemothError, CheckpointError, ConfigError
+from behemoth.model import Transformer, init_weights
+
+__version__ = "0.1.0"
+
+__all__ = ["load", "save", "ModelConfig", "preset", "PRESETS", "Transformer", "init_weights",
+           "BehemothError", "CheckpointError", "ConfigError", "__version__"]

@@ -1,0 +1,3 @@
+from behemoth.cli import main
+
+raise SystemExit(main())

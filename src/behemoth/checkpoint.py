@@ -1,0 +1,274 @@
+"""Model directories in the Hugging Face layout: our native format.
+
+A model directory holds `config.json`, `model.safetensors` (or shards plus
+`model.safetensors.index.json`), `generation_config.json` and, when there is one, the tokenizer.
+`transformers.AutoModelForCausalLM.from_pretrained` loads what `save` writes, and `load` reads
+`Llama4ForCausalLM` and `Llama4ForConditionalGeneration` checkpoints (text weights only).
+
+Only safetensors are read: nothing here ever unpickles. Every tensor name, shape and dtype is
+checked against the model the config describes before any weight is used, and a save is written
+to a temporary folder and renamed into place, so a failure never leaves a half-written model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from behemoth.config import ModelConfig
+from behemoth.errors import CheckpointError, ConfigError
+from behemoth.model import Transformer
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# Prefixes of a Llama4ForConditionalGeneration checkpoint: text weights are kept, vision dropped.
+TEXT_PREFIX = "language_model."
+IGNORED_PREFIXES = ("vision_model.", "multi_modal_projector.")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Transformer:
+    """Load a model directory (config.json + safetensors) into a `Transformer`.
+
+    dtype: None keeps the dtype the weights are stored in.
+    """
+    directory = _model_directory(path)
+    config = ModelConfig.load(directory / CONFIG_NAME)
+    files = weight_files(directory)
+    entries = _index_tensors(files)
+    _check_entries(entries, expected_shapes(config), config, files)
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    stored_dtype = _torch_dtype(next(iter(entries.values())).dtype)
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.reset_buffers()
+    model.to(dtype or stored_dtype)
+    params = model.state_dict()
+    with torch.no_grad():
+        for file in files:
+            with safe_open(str(file), framework="pt") as reader:
+                for name, entry in entries.items():
+                    if entry.file == file:
+                        params[name].copy_(reader.get_tensor(entry.key))
+    return model
+
+
+@dataclass
+class _Entry:
+    """Where a tensor lives and what its header says, read without loading the data."""
+
+    file: Path
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def _index_tensors(files: list[Path]) -> dict[str, _Entry]:
+    """Text-model tensors by our name (multimodal prefixes stripped, vision tensors skipped)."""
+    entries: dict[str, _Entry] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as reader:
+                for key in reader.keys():
+                    if key.startswith(IGNORED_PREFIXES):
+                        continue
+                    name = key[len(TEXT_PREFIX):] if key.startswith(TEXT_PREFIX) else key
+                    view = reader.get_slice(key)
+                    entries[name] = _Entry(file, key, tuple(view.get_shape()), view.get_dtype())
+        except SafetensorError as err:
+            raise CheckpointError(f"{file}: not a valid safetensors file ({err})") from None
+        except OSError as err:
+            raise CheckpointError(f"{file}: cannot be read ({err})") from None
+    if not entries:
+        raise CheckpointError(f"{files[0]}: holds no text-model tensors")
+    return entries
+
+
+_SAFETENSORS_FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return _SAFETENSORS_FLOAT_DTYPES[name]
+
+
+def _model_directory(path: str | Path) -> Path:
+    directory = Path(path)
+    if not directory.exists():
+        raise CheckpointError(f"{directory}: no such directory")
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory (expected a model directory with config.json)")
+    if not (directory / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{directory}: no {CONFIG_NAME} (not a model directory)")
+    return directory
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a model directory, single or sharded; refuse pickle formats."""
+    index = directory / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from None
+        files = []
+        for name in names:
+            file = (directory / name)
+            if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+                raise CheckpointError(f"{index}: shard name {name!r} is not a safetensors file in this directory")
+            if not file.is_file():
+                raise CheckpointError(f"{index}: names shard {name}, which is missing")
+            files.append(file)
+        return files
+    single = directory / WEIGHTS_NAME
+    if single.is_file():
+        return [single]
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(f"{directory / pickles[0]}: pickle-based weights are never loaded "
+                              "(unsafe); convert the checkpoint to safetensors")
+    raise CheckpointError(f"{directory}: no {WEIGHTS_NAME} or {INDEX_NAME}")
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor name the model needs, with its shape, computed without allocating weights."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def _check_entries(entries: dict[str, _Entry], expected: dict[str, tuple[int, ...]],
+                   config: ModelConfig, files: list[Path]) -> None:
+    for name, entry in entries.items():
+        if name not in expected:
+            raise CheckpointError(f"{entry.file}: unexpected tensor {entry.key!r} "
+                                  "(not part of this Llama 4 text model)")
+        if entry.shape != expected[name]:
+            raise CheckpointError(f"{entry.file}: tensor {entry.key!r} has shape {list(entry.shape)}, "
+                                  f"expected {list(expected[name])} from config.json")
+        if entry.dtype not in _SAFETENSORS_FLOAT_DTYPES:
+            raise CheckpointError(f"{entry.file}: tensor {entry.key!r} has dtype {entry.dtype}, "
+                                  f"expected one of {', '.join(_SAFETENSORS_FLOAT_DTYPES)}")
+    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing = sorted(set(expected) - set(entries) - optional)
+    if missing:
+        where = files[0] if len(files) == 1 else files[0].parent / INDEX_NAME
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{where}: missing tensor {missing[0]!r}{more}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Saving
+# ------------------------------------------------------------------------------------------------
+
+def save(model: Transformer, path: str | Path, tokenizer: Any = None, *, config_form: str = "5",
+         max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write `model` (and the tokenizer, if given) as a Hugging Face model directory.
+
+    The directory is assembled in a temporary sibling and renamed into place: readers see the old
+    directory or the complete new one, never a partial write.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        write_model_files(model, staging, config_form=config_form, max_shard_bytes=max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
+        _fsync_tree(staging)
+        _replace_directory(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def write_model_files(model: Transformer, directory: Path, *, config_form: str = "5",
+                      max_shard_bytes: int = 5 * 2**30) -> None:
+    """config.json, generation_config.json and safetensors weights into an existing directory."""
+    config = model.config
+    dtype_name = next((k for k, v in DTYPES.items() if v == model.dtype), None)
+    if dtype_name is None:
+        raise ConfigError(f"cannot save weights of dtype {model.dtype}")
+    hf_config = config.to_hf_dict(config_form)
+    hf_config["torch_dtype" if config_form == "4" else "dtype"] = dtype_name
+    (directory / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2) + "\n")
+    generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                  if getattr(config, k) is not None}
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+    state = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # the tie is in config.json; safetensors refuses shared storage
+    shards = _split_into_shards(state, max_shard_bytes)
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / WEIGHTS_NAME), metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / name), metadata=metadata)
+        weight_map.update({key: name for key in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _split_into_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def _fsync_tree(directory: Path) -> None:
+    for file in directory.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_directory(staging: Path, target: Path) -> None:
+    """Move `staging` to `target`; an existing target is swapped out, then removed."""
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{target}: exists and is not a directory")
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    retired = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.rename(target, retired)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        os.rename(retired, target)  # put the old model back rather than leave nothing
+        raise
+    shutil.rmtree(retired, ignore_errors=True)

@@ -1,0 +1,111 @@
+"""Grouped-query attention with Llama 4's iRoPE.
+
+Two kinds of layer share this module:
+- RoPE layers: rotary positions, optional weightless QK-norm (after the rotation), and *chunked*
+  local causal attention: a query sees only keys of its own chunk of `attention_chunk_size`.
+- NoPE layers: no positional rotation, full causal attention, and optional temperature tuning
+  that sharpens queries at long absolute positions.
+
+Visibility is computed from absolute positions of queries and keys, so the same code serves a
+full forward pass and incremental decoding against a KV cache (anything with the `KVCache`
+protocol below).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from behemoth.config import ModelConfig
+from behemoth.model.rope import apply_rotary
+
+
+class KVCache(Protocol):
+    """What attention needs from a per-layer cache."""
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Add this step's key/value [batch, kv_heads, new, head_dim] at absolute `positions`
+        [batch, new]; return all keys, values and their positions [batch, keys] (-1 = empty slot)."""
+        ...
+
+
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS normalisation over the last dimension, computed in float32."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+def visibility_mask(query_positions: torch.Tensor, key_positions: torch.Tensor,
+                    chunk_size: int | None) -> torch.Tensor:
+    """Boolean [batch, 1, queries, keys]: key at or before the query, in the same chunk if chunked."""
+    q = query_positions[:, :, None]
+    k = key_positions[:, None, :]
+    visible = (k <= q) & (k >= 0)
+    if chunk_size is not None:
+        visible &= torch.div(k, chunk_size, rounding_mode="floor") == torch.div(q, chunk_size, rounding_mode="floor")
+    return visible[:, None]
+
+
+def temperature_scales(positions: torch.Tensor, floor_scale: int, attn_scale: float) -> torch.Tensor:
+    """Query scale per absolute position: 1 + attn_scale * log1p(floor((pos + 1) / floor_scale))."""
+    return 1.0 + attn_scale * torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale))
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.use_rope = config.uses_rope(layer_idx)
+        self.chunk_size = config.chunk_size_for_layer(layer_idx)
+        self.qk_norm_eps = config.rms_norm_eps if (config.use_qk_norm and self.use_rope) else None
+        self.temperature_tuning = config.attn_temperature_tuning and not self.use_rope
+        self.floor_scale = config.floor_scale
+        self.attn_scale = config.attn_scale
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor] | None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        """x [batch, seq, hidden]; positions [batch|1, seq] absolute; rope = (cos, sin) for them."""
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+
+        if self.use_rope:
+            cos, sin = rope
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            if self.qk_norm_eps is not None:
+                q, k = rms_normalize(q, self.qk_norm_eps), rms_normalize(k, self.qk_norm_eps)
+        elif self.temperature_tuning:
+            scales = temperature_scales(positions, self.floor_scale, self.attn_scale)
+            q = (q * scales[:, :, None, None]).to(q.dtype)
+
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if kv_cache is not None:
+            k, v, key_positions = kv_cache.update(k, v, positions.expand(batch, seq))
+            mask = visibility_mask(positions.expand(batch, seq), key_positions, self.chunk_size)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        elif self.chunk_size is None or seq <= self.chunk_size and _starts_at_zero(positions):
+            # Plain causal attention: the fast path of training and prefill.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            mask = visibility_mask(positions.expand(batch, seq), positions.expand(batch, seq), self.chunk_size)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+def _starts_at_zero(positions: torch.Tensor) -> bool:
+    """True when positions are 0..seq-1 (so chunk boundaries fall after the last query)."""
+    return positions.shape[-1] == 0 or bool((positions[:, 0] == 0).all())

@@ -1,0 +1,112 @@
+"""Llama 4 mixture of experts: token-choice top-k routing, sparse routed experts, shared expert.
+
+Routing semantics (as `transformers`' Llama4TextMoe computes them):
+- router logits without bias, in float32; the top-k experts are picked from the raw logits;
+- each picked expert's gate is sigmoid(its logit); unpicked experts get 0; no renormalisation;
+- the gate scales the expert's *input*: expert(gate * x), not gate * expert(x);
+- an always-on shared expert is added to the routed output.
+
+Unlike transformers, which runs every token through every expert and zeroes the unpicked ones,
+only the tokens routed to an expert go through it: tokens are sorted by expert and each expert
+runs one matmul over its contiguous slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from behemoth.config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class RouterOutput:
+    """What a MoE layer decided for one forward pass, for balance losses and telemetry."""
+
+    logits: torch.Tensor  # [tokens, experts], float32
+    expert_ids: torch.Tensor  # [tokens, top_k]
+    gates: torch.Tensor  # [tokens, top_k], sigmoid of the picked logits
+
+
+def route(logits: torch.Tensor, top_k: int, selection_bias: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick top-k experts per token; return (expert_ids, gates), both [tokens, top_k].
+
+    `selection_bias` (auxiliary-loss-free balancing) shifts which experts are picked, never the
+    gate values, which always come from the raw logits.
+    """
+    scores_for_choice = logits if selection_bias is None else logits + selection_bias
+    expert_ids = scores_for_choice.topk(top_k, dim=-1).indices
+    gates = torch.sigmoid(logits.gather(-1, expert_ids))
+    return expert_ids, gates
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored as stacked weights, laid out as in Hugging Face checkpoints:
+    gate_up_proj [E, hidden, 2 * I] (gate first, used as x @ W) and down_proj [E, I, hidden]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * intermediate_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """x [tokens, hidden]; expert_ids, gates [tokens, top_k] -> summed expert outputs [tokens, hidden]."""
+        top_k = expert_ids.shape[-1]
+        flat_ids = expert_ids.reshape(-1)
+        order = flat_ids.argsort(stable=True)
+        token_of_slot = order // top_k
+        # The one host sync of the layer: slice sizes must be known to split the sorted tokens.
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        routed_in = x[token_of_slot] * gates.reshape(-1, 1)[order].to(x.dtype)
+
+        # unbind, not indexing: the backward of W[e] would allocate (and zero) a full [E, ...]
+        # gradient per expert; unbind's backward stacks the per-expert gradients once.
+        gate_up_weights, down_weights = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        outputs = []
+        for expert, tokens in enumerate(routed_in.split(counts)):
+            if tokens.shape[0] == 0:
+                continue
+            gate, up = (tokens @ gate_up_weights[expert]).chunk(2, dim=-1)
+            outputs.append((F.silu(gate) * up) @ down_weights[expert])
+        if not outputs:
+            return torch.zeros_like(x)
+        routed_out = torch.cat(outputs)
+        return torch.zeros_like(x).index_add_(0, token_of_slot, routed_out)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.num_local_experts
+        self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
+        self.experts = Experts(config.num_local_experts, config.hidden_size, config.intermediate_size)
+        self.shared_expert = MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, router_outputs: list[RouterOutput] | None = None) -> torch.Tensor:
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        logits = F.linear(tokens.float(), self.router.weight.float())
+        expert_ids, gates = route(logits, self.top_k)
+        if router_outputs is not None:
+            router_outputs.append(RouterOutput(logits, expert_ids, gates))
+        out = self.shared_expert(tokens) + self.experts(tokens, expert_ids, gates)
+        return out.view(shape)
