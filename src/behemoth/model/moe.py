@@ -100,12 +100,18 @@ class MoE(nn.Module):
         self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
         self.experts = Experts(config.num_local_experts, config.hidden_size, config.intermediate_size)
         self.shared_expert = MLP(config.hidden_size, config.intermediate_size)
+        # Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert offset that steers which
+        # experts are picked while training. It never changes gate values and is not used in eval
+        # mode, so the model that is evaluated and released routes exactly as Llama 4 does.
+        # Not part of the state dict (a Hugging Face checkpoint has no place for it); trainer
+        # checkpoints save it beside the model.
+        self.register_buffer("selection_bias", torch.zeros(config.num_local_experts), persistent=False)
 
     def forward(self, x: torch.Tensor, router_outputs: list[RouterOutput] | None = None) -> torch.Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         logits = F.linear(tokens.float(), self.router.weight.float())
-        expert_ids, gates = route(logits, self.top_k)
+        expert_ids, gates = route(logits, self.top_k, self.selection_bias if self.training else None)
         if router_outputs is not None:
             router_outputs.append(RouterOutput(logits, expert_ids, gates))
         out = self.shared_expert(tokens) + self.experts(tokens, expert_ids, gates)

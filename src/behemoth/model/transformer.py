@@ -71,7 +71,11 @@ class Transformer(nn.Module):
 
     def reset_buffers(self) -> None:
         """Recompute derived buffers (after building on the meta device and `to_empty`)."""
-        self.rope_inv_freq = inverse_frequencies(self.config).to(self.rope_inv_freq.device)
+        device = self.rope_inv_freq.device
+        self.rope_inv_freq = inverse_frequencies(self.config).to(device)
+        for layer in self.model.layers:
+            if layer.is_moe:
+                layer.feed_forward.selection_bias = torch.zeros_like(layer.feed_forward.selection_bias, device=device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 kv_caches: list[KVCache] | None = None,

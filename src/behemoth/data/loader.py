@@ -1,0 +1,138 @@
+"""The packed, resumable loader over a prepared split.
+
+The split's token stream (documents back to back, each ended by eos) is cut into windows of
+seq_len + 1 tokens starting every seq_len tokens: window k is tokens[k*seq_len : (k+1)*seq_len + 1],
+inputs are its first seq_len tokens and targets its last seq_len, so every token after the first
+is a target exactly once per epoch. Windows cross document boundaries (packing); the eos between
+documents tells the model where one ends. The tail that does not fill a window is left out.
+
+Training order: epoch e visits every window once, in the permutation drawn by
+`numpy.random.default_rng([seed, e])`. Batches run on across the epoch boundary (the last batch
+of an epoch is completed from the next), so the loader's whole state is (epoch, position in that
+epoch's order): `state_dict()` saves it with the seed, seq_len and a fingerprint of the data (the
+shard's SHA-256 from the manifest), and `load_state_dict` continues exactly where it stopped.
+Changing batch_size between save and resume is allowed: the window stream is the same.
+
+`iter_eval_batches()` walks the windows in order, once, without touching that state. The token
+file is memory-mapped: only the windows of a batch are read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from behemoth.data.shards import load_manifest
+from behemoth.errors import ConfigError
+
+STATE_VERSION = 1
+
+
+class PackedLoader:
+    """(inputs, targets) LongTensor batches [batch_size, seq_len] from one split of a prepared folder."""
+
+    def __init__(self, data_dir: str | Path, split: str, batch_size: int, seq_len: int, seed: int = 0):
+        self.data_dir = Path(data_dir)
+        manifest = load_manifest(self.data_dir)
+        if split not in manifest.shards:
+            raise ConfigError(f"{self.data_dir}: no split {split!r} (splits: {', '.join(manifest.shards)})")
+        for name, value, low in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1), ("seed", seed, 0)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        self.split, self.batch_size, self.seq_len, self.seed = split, int(batch_size), int(seq_len), int(seed)
+        shard = manifest.shards[split]
+        self.fingerprint = shard.sha256
+        self.num_tokens = shard.tokens
+        self.num_windows = max(0, (shard.tokens - 1) // self.seq_len)
+        if self.num_windows == 0:
+            raise ConfigError(f"{self.data_dir}: the {split} split has {shard.tokens} tokens, too few for one "
+                              f"window of seq_len + 1 = {self.seq_len + 1}")
+        path = self.data_dir / shard.file
+        if not path.is_file():
+            raise ConfigError(f"{path}: missing (listed in the manifest)")
+        if path.stat().st_size != shard.bytes:
+            raise ConfigError(f"{path}: {path.stat().st_size} bytes, manifest says {shard.bytes} "
+                              f"(truncated or replaced; run verify or prepare again)")
+        dtype = np.dtype(manifest.dtype).newbyteorder("<")
+        self.tokens = np.memmap(path, dtype=dtype, mode="r", shape=(shard.tokens,))
+        self.epoch = 0
+        self.position = 0
+        self._order_epoch = -1
+        self._order = np.empty(0, dtype=np.int64)
+
+    # -- training order ---------------------------------------------------------------------------
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The window indices of an epoch, in visiting order."""
+        if epoch != self._order_epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+            self._order_epoch = epoch
+        return self._order
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next training batch; runs on into the next epoch when this one is used up."""
+        picked = np.empty(self.batch_size, dtype=np.int64)
+        filled = 0
+        while filled < self.batch_size:
+            order = self.epoch_order(self.epoch)
+            take = min(self.batch_size - filled, self.num_windows - self.position)
+            picked[filled:filled + take] = order[self.position:self.position + take]
+            filled += take
+            self.position += take
+            if self.position == self.num_windows:
+                self.epoch += 1
+                self.position = 0
+        return self._windows(picked)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    # -- evaluation -------------------------------------------------------------------------------
+
+    def iter_eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every window once, in order, in batches of batch_size (the last may be smaller)."""
+        for start in range(0, self.num_windows, self.batch_size):
+            yield self._windows(np.arange(start, min(start + self.batch_size, self.num_windows), dtype=np.int64))
+
+    def _windows(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        span = self.seq_len + 1
+        batch = np.empty((len(indices), span), dtype=np.int64)
+        for row, window in enumerate(indices):
+            start = int(window) * self.seq_len
+            batch[row] = self.tokens[start:start + span]
+        tensor = torch.from_numpy(batch)
+        return tensor[:, :-1].contiguous(), tensor[:, 1:].contiguous()
+
+    # -- resume -----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Small JSON-able state: enough to continue exactly where this loader is."""
+        return {"version": STATE_VERSION, "split": self.split, "epoch": self.epoch, "position": self.position,
+                "seed": self.seed, "seq_len": self.seq_len, "batch_size": self.batch_size,
+                "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a `state_dict()`; refuse one saved for other data, seed or seq_len."""
+        try:
+            version, fingerprint = state["version"], state["fingerprint"]
+            epoch, position = int(state["epoch"]), int(state["position"])
+            seed, seq_len, split = int(state["seed"]), int(state["seq_len"]), state["split"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ConfigError(f"loader state is malformed ({type(err).__name__}: {err})") from None
+        if version != STATE_VERSION:
+            raise ConfigError(f"loader state version {version} is not supported (expected {STATE_VERSION})")
+        if fingerprint != self.fingerprint:
+            raise ConfigError(f"loader state was saved for other data: fingerprint {str(fingerprint)[:12]}, "
+                              f"{self.data_dir} {self.split} is {self.fingerprint[:12]}")
+        for name, saved, ours in (("split", split, self.split), ("seed", seed, self.seed),
+                                  ("seq_len", seq_len, self.seq_len)):
+            if saved != ours:
+                raise ConfigError(f"loader state was saved with {name} {saved!r}, this loader has {ours!r}")
+        if epoch < 0 or not 0 <= position < self.num_windows:
+            raise ConfigError(f"loader state position {epoch}:{position} is outside the data "
+                              f"({self.num_windows} windows per epoch)")
+        self.epoch, self.position = epoch, position

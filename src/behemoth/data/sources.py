@@ -1,0 +1,345 @@
+"""Documents from files on disk: plain text, JSONL, Parquet and Hugging Face `save_to_disk` folders.
+
+`iter_documents(paths)` yields `Document`s in a fixed order (paths in the order given, the files
+of a folder sorted by name), each knowing the file it came from. `source_files(paths)` lists the
+files that would be read, which is what a manifest records and hashes.
+
+Formats, chosen by file name:
+
+- `.txt`, `.text` (optionally `.gz`): documents are separated by the literal marker
+  `<|endoftext|>` (or `<|end_of_text|>`) when the file contains one, and by blank lines
+  otherwise, so marker-separated documents may hold paragraphs. A file named explicitly with
+  any other suffix is read as plain text too.
+- `.jsonl`, `.ndjson` (optionally `.gz`): one JSON object per line; the document is its
+  `text_field` (default "text"). Blank lines are skipped.
+- `.parquet`: the `text_field` column. Needs `pyarrow`.
+- A folder written by `datasets.Dataset.save_to_disk` (it holds `state.json`) or
+  `DatasetDict.save_to_disk` (`dataset_dict.json`, every split in the order listed): its Arrow
+  files, read with `pyarrow` alone (the `datasets` package is not needed).
+
+Any other folder is searched recursively for the suffixes above (hidden files and folders
+skipped). Empty or whitespace-only documents are skipped; a file named twice is read once.
+A missing path, a file that cannot be read or decoded, a JSONL line that is not a JSON object
+or lacks the field: a one-line `ConfigError` naming the file and, where there is one, the line.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from behemoth.jsonio import read_json_object
+from behemoth.errors import ConfigError
+
+END_MARKERS = ("<|endoftext|>", "<|end_of_text|>")
+_MARKER_RE = re.compile("|".join(re.escape(m) for m in END_MARKERS))
+
+TEXT_SUFFIXES = (".txt", ".text")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+PARQUET_SUFFIXES = (".parquet",)
+HF_STATE = "state.json"
+HF_DATASET_DICT = "dataset_dict.json"
+
+
+@dataclass(frozen=True)
+class Document:
+    """One training document and where it came from.
+
+    index is the document's position within its file (0-based); line is the 1-based line it
+    starts on for text and JSONL files, the row number for Parquet and Arrow files.
+    """
+
+    text: str
+    source: Path
+    index: int
+    line: int
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """A file that documents are read from, and how to read it."""
+
+    path: Path
+    kind: str  # "text" | "jsonl" | "parquet" | "arrow"
+
+
+# ------------------------------------------------------------------------------------------------
+# Finding files
+# ------------------------------------------------------------------------------------------------
+
+def source_files(paths: Iterable[str | Path] | str | Path) -> list[SourceFile]:
+    """The files `iter_documents(paths)` reads, in the order it reads them."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    files: list[SourceFile] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise ConfigError(f"{path}: no such file or folder")
+        if path.is_dir():
+            found = _folder_files(path)
+            if not found:
+                raise ConfigError(
+                    f"{path}: no data files in this folder (looked for {', '.join(_all_suffixes())}, "
+                    f"or a datasets save_to_disk folder)")
+            files.extend(found)
+        else:
+            files.append(SourceFile(path, _kind(path, explicit=True)))
+    if not files:
+        raise ConfigError("no data paths given")
+    # A file named twice (or with its folder) is read once, where it first appears.
+    seen: set[Path] = set()
+    unique = []
+    for source in files:
+        key = source.path.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(source)
+    return unique
+
+
+def _all_suffixes() -> tuple[str, ...]:
+    return TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+
+
+def _kind(path: Path, explicit: bool) -> str | None:
+    name = path.name.lower()
+    if name.endswith(".gz"):
+        name = name[:-3]
+    if name.endswith(TEXT_SUFFIXES):
+        return "text"
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(PARQUET_SUFFIXES) and not path.name.lower().endswith(".gz"):
+        return "parquet"
+    if name.endswith(".arrow") and explicit:
+        return "arrow"
+    return "text" if explicit else None
+
+
+def _folder_files(folder: Path) -> list[SourceFile]:
+    if (folder / HF_STATE).is_file() or (folder / HF_DATASET_DICT).is_file():
+        return _hf_arrow_files(folder)
+    found: list[SourceFile] = []
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            found.extend(_folder_files(entry))
+        elif (kind := _kind(entry, explicit=False)) is not None:
+            found.append(SourceFile(entry, kind))
+    return found
+
+
+def _hf_arrow_files(folder: Path) -> list[SourceFile]:
+    """The Arrow files of a `save_to_disk` folder, in the order `datasets` would read them."""
+    if (folder / HF_DATASET_DICT).is_file():
+        splits = read_json_object(folder / HF_DATASET_DICT).get("splits")
+        if not isinstance(splits, list) or not splits:
+            raise ConfigError(f"{folder / HF_DATASET_DICT}: no 'splits' list")
+        files: list[SourceFile] = []
+        for split in splits:
+            split_dir = folder / str(split)
+            if not (split_dir / HF_STATE).is_file():
+                raise ConfigError(f"{split_dir}: split {split!r} listed in {HF_DATASET_DICT} has no {HF_STATE}")
+            files.extend(_hf_arrow_files(split_dir))
+        return files
+    state = read_json_object(folder / HF_STATE)
+    entries = state.get("_data_files")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{folder / HF_STATE}: no '_data_files' list (not a datasets save_to_disk folder?)")
+    files = []
+    for entry in entries:
+        name = entry.get("filename") if isinstance(entry, dict) else None
+        if not isinstance(name, str):
+            raise ConfigError(f"{folder / HF_STATE}: a '_data_files' entry has no 'filename'")
+        path = folder / name
+        if not path.is_file():
+            raise ConfigError(f"{path}: listed in {folder / HF_STATE} but missing")
+        files.append(SourceFile(path, "arrow"))
+    return files
+
+
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading documents
+# ------------------------------------------------------------------------------------------------
+
+def iter_documents(paths: Iterable[str | Path] | str | Path, text_field: str = "text") -> Iterator[Document]:
+    """Every non-empty document of every file under `paths`, in a fixed order."""
+    for source in source_files(paths):
+        yield from read_source(source, text_field)
+
+
+def read_source(source: SourceFile, text_field: str = "text") -> Iterator[Document]:
+    """The documents of one file."""
+    readers = {"text": _read_text, "jsonl": _read_jsonl, "parquet": _read_parquet, "arrow": _read_arrow}
+    yield from readers[source.kind](source.path, text_field)
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    try:
+        if path.name.lower().endswith(".gz"):
+            return gzip.open(path, "rb")
+        return open(path, "rb")
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line without its line ending); errors name the line.
+
+    Lines are decoded one by one (not by the chunk, as a text-mode file would) so that a
+    decoding error points at the right line.
+    """
+    number = 0
+    with _open_binary(path) as handle:
+        try:
+            for number, raw in enumerate(handle, start=1):
+                line = raw.decode("utf-8").rstrip("\r\n")
+                yield number, (line.removeprefix("\ufeff") if number == 1 else line)
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}, line {number}: not valid UTF-8 (at byte {err.start + 1} of the line)") from None
+        except (OSError, EOFError) as err:
+            raise ConfigError(f"{path}, line {number + 1}: cannot read ({err})") from None
+
+
+def _contains_marker(path: Path) -> bool:
+    """Whether the file holds an end-of-text marker anywhere (read in chunks, never whole)."""
+    markers = [m.encode() for m in END_MARKERS]
+    overlap = max(len(m) for m in markers) - 1
+    tail = b""
+    try:
+        with _open_binary(path) as handle:
+            while chunk := handle.read(1 << 20):
+                window = tail + chunk
+                if any(m in window for m in markers):
+                    return True
+                tail = window[-overlap:]
+    except (OSError, EOFError) as err:
+        raise ConfigError(f"{path}: cannot read ({err})") from None
+    return False
+
+
+def _read_text(path: Path, _text_field: str) -> Iterator[Document]:
+    by_marker = _contains_marker(path)
+    lines: list[str] = []
+    start = 1
+    index = 0
+
+    def flush() -> Document | None:
+        nonlocal index
+        text = "\n".join(lines).strip()
+        lines.clear()
+        if not text:
+            return None
+        index += 1
+        return Document(text, path, index - 1, start)
+
+    for number, line in _lines(path):
+        if not lines:
+            start = number
+        if by_marker:
+            pieces = _MARKER_RE.split(line)
+            for piece in pieces[:-1]:
+                lines.append(piece)
+                if (doc := flush()) is not None:
+                    yield doc
+                start = number
+            lines.append(pieces[-1])
+        elif line.strip():
+            lines.append(line)
+        elif (doc := flush()) is not None:
+            yield doc
+    if (doc := flush()) is not None:
+        yield doc
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
+    index = 0
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise ConfigError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
+        if text_field not in record:
+            raise ConfigError(f"{path}, line {number}: no {text_field!r} field "
+                              f"(fields: {', '.join(map(str, record)) or 'none'}; choose one with --text-field)")
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise ConfigError(f"{path}, line {number}: field {text_field!r} is {type(text).__name__}, not a string")
+        if text.strip():
+            yield Document(text, path, index, number)
+            index += 1
+
+
+def _pyarrow(path: Path, what: str):
+    try:
+        import pyarrow  # noqa: F401  (optional dependency)
+        import pyarrow.ipc  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"{path}: reading {what} needs the optional package pyarrow: pip install pyarrow") from None
+    return pyarrow
+
+
+def _column_texts(path: Path, batches: Iterator, text_field: str) -> Iterator[Document]:
+    index = 0
+    row = 0
+    for batch in batches:
+        if text_field not in batch.schema.names:
+            raise ConfigError(f"{path}: no column {text_field!r} (columns: {', '.join(batch.schema.names)}; "
+                              f"choose one with --text-field)")
+        column = batch.column(batch.schema.get_field_index(text_field))
+        for value in column.to_pylist():
+            row += 1
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise ConfigError(f"{path}, row {row}: column {text_field!r} holds {type(value).__name__}, not text")
+            if value.strip():
+                yield Document(value, path, index, row)
+                index += 1
+
+
+def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
+    pa = _pyarrow(path, "Parquet")
+    try:
+        reader = pa.parquet.ParquetFile(path)
+    except (OSError, pa.ArrowException) as err:
+        raise ConfigError(f"{path}: not a readable Parquet file ({err})") from None
+    names = reader.schema_arrow.names
+    if text_field not in names:
+        raise ConfigError(f"{path}: no column {text_field!r} (columns: {', '.join(names)}; "
+                          f"choose one with --text-field)")
+    try:
+        yield from _column_texts(path, reader.iter_batches(batch_size=1024, columns=[text_field]), text_field)
+    except pa.ArrowException as err:
+        raise ConfigError(f"{path}: cannot read Parquet data ({err})") from None
+
+
+def _read_arrow(path: Path, text_field: str) -> Iterator[Document]:
+    """An Arrow IPC file as `datasets` writes it (the streaming format; the file format is also accepted)."""
+    pa = _pyarrow(path, "a datasets folder")
+    try:
+        with pa.memory_map(str(path), "r") as source:
+            try:
+                reader = pa.ipc.open_stream(source)
+                batches = iter(reader)
+            except pa.ArrowInvalid:
+                source.seek(0)
+                reader = pa.ipc.open_file(source)
+                batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+            yield from _column_texts(path, batches, text_field)
+    except (OSError, pa.ArrowException) as err:
+        raise ConfigError(f"{path}: not a readable Arrow file ({err})") from None

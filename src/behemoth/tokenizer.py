@@ -1,0 +1,390 @@
+"""Byte-level BPE: training, the special tokens, the chat template, Hugging Face tokenizer files.
+
+Why these choices:
+- Byte-level BPE with the 256-byte initial alphabet: every UTF-8 string encodes and decodes back
+  unchanged, so no text is ever lost to an unknown token.
+- The GPT-2 split (`ByteLevel(add_prefix_space=False, use_regex=True)`), no normalizer: llama.cpp
+  tokenizes exactly like this under the pre-tokenizer name `gpt-2` (see ../shared/DESIGN.md), so
+  a released model needs no tokenizer of its own there.
+- Llama 4's special-token names and chat layout, at ids 0..5: a model trained here renders chats
+  the way Llama 4 tooling expects, and the ids do not move when the vocabulary size changes.
+- The directory `save_pretrained` writes is what `transformers.AutoTokenizer` loads, so the
+  Hugging Face directory stays our one format.
+
+`transformers` is not imported here; only the Rust `tokenizers` library is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from behemoth.errors import ConfigError
+
+BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
+HEADER_START, HEADER_END, EOT = "<|header_start|>", "<|header_end|>", "<|eot|>"
+SPECIAL_TOKENS = (BOS, EOS, PAD, HEADER_START, HEADER_END, EOT)  # ids 0..5, in this order
+CHAT_ROLES = ("system", "user", "assistant")
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1  # every byte, the specials and at least one merge
+DEFAULT_MODEL_MAX_LENGTH = 131072  # ModelConfig's default context; pass the model's own when known
+TEXT_SUFFIXES = (".txt", ".jsonl")
+TXT_PIECE_CHARS = 1 << 20  # .txt files reach the trainer in pieces of about this many characters
+
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+
+# The Jinja twin of `Tokenizer.apply_chat_template`, for transformers and serving stacks. Only
+# expressions emit text (no literal text between tags), so Jinja's whitespace trimming cannot
+# change the output; '\n\n' is a Jinja string escape.
+CHAT_TEMPLATE = (
+    "{{ '<|begin_of_text|>' }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('chat role must be system, user or assistant, not ' ~ message['role']) }}"
+    "{% endif %}"
+    "{{ '<|header_start|>' + message['role'] + '<|header_end|>\\n\\n' + message['content'] + '<|eot|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|header_start|>assistant<|header_end|>\\n\\n' }}{% endif %}"
+)
+
+
+class Tokenizer:
+    """Our tokenizer: a thin wrapper over `tokenizers.Tokenizer` that knows the special tokens.
+
+    The wrapper exists so callers get plain lists of ids, special-token ids by name, the chat
+    layout and a content hash, without learning the `tokenizers` API.
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH):
+        self._backend = backend
+        self._special_ids = _special_token_ids(backend)
+        self.model_max_length = model_max_length
+        self.training_chars: int | None = None  # characters seen by `train_tokenizer`; None if loaded
+
+    # -- encoding ---------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, with no BOS/EOS added: documents are framed by the data pipeline."""
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Same as `encode` per text, but on the Rust thread pool: the fast path for data prep."""
+        return [e.ids for e in self._backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; special tokens are kept so that decode(encode(s)) == s for every s.
+
+        Ids outside the vocabulary are skipped (a model's embedding may be larger than the
+        vocabulary); a cut-off multi-byte character decodes to U+FFFD, so stream by whole texts.
+        """
+        return self._backend.decode(list(ids), skip_special_tokens=False)
+
+    # -- properties -------------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, special tokens included (the model's embedding needs at least this)."""
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int:
+        return self._special_ids[BOS]
+
+    @property
+    def eos_id(self) -> int:
+        return self._special_ids[EOS]
+
+    @property
+    def pad_id(self) -> int:
+        return self._special_ids[PAD]
+
+    @property
+    def eot_id(self) -> int:
+        """End of a chat turn; generation in chat mode stops on this as well as on EOS."""
+        return self._special_ids[EOT]
+
+    @property
+    def sha256(self) -> str:
+        """Hex SHA-256 of tokenizer.json in canonical form (sorted keys, no whitespace).
+
+        Canonical so the hash names the tokenizer, not the file's formatting: it is the same
+        before and after a save/load, and goes into manifests to tie data shards to a tokenizer.
+        """
+        canonical = json.dumps(json.loads(self._backend.to_str()), sort_keys=True,
+                               separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The underlying `tokenizers.Tokenizer`, for what this wrapper does not cover."""
+        return self._backend
+
+    # -- chat -------------------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
+        """Llama 4 chat layout as text; `CHAT_TEMPLATE` renders the same for transformers.
+
+        Encode the result with `encode`: the special-token strings in it become their ids.
+        """
+        parts = [BOS]
+        for i, message in enumerate(messages):
+            role, content = _checked_message(i, message)
+            parts.append(f"{HEADER_START}{role}{HEADER_END}\n\n{content}{EOT}")
+        if add_generation_prompt:
+            parts.append(f"{HEADER_START}assistant{HEADER_END}\n\n")
+        return "".join(parts)
+
+    # -- files ------------------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path, model_max_length: int | None = None) -> Path:
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `directory`.
+
+        These are the files `transformers.AutoTokenizer.from_pretrained` reads; each is written
+        to a temporary name and renamed, so a reader never sees half a file.
+        """
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out / TOKENIZER_FILE, self._backend.to_str(pretty=True))
+        config = self._hf_config(model_max_length or self.model_max_length)
+        _write_atomic(out / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        _write_atomic(out / SPECIAL_TOKENS_MAP_FILE, json.dumps(_special_tokens_map(), indent=2) + "\n")
+        return out
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Tokenizer:
+        """Read a directory written by `save_pretrained` (or any with our special tokens)."""
+        folder = Path(directory)
+        if not folder.is_dir():
+            raise ConfigError(f"{folder}: no such tokenizer directory")
+        backend = _read_backend(folder / TOKENIZER_FILE)
+        max_length = _read_model_max_length(folder / CONFIG_FILE)
+        try:
+            return cls(backend, max_length)
+        except ConfigError as err:
+            raise ConfigError(f"{folder / TOKENIZER_FILE}: {err}") from None
+
+    def _hf_config(self, model_max_length: int) -> dict[str, Any]:
+        return {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": BOS,
+            "eos_token": EOS,
+            "pad_token": PAD,
+            "model_max_length": model_max_length,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,  # decoding must give back the exact text
+            "chat_template": CHAT_TEMPLATE,
+        }
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, sha256={self.sha256[:12]}...)"
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train byte-level BPE on `texts`; `vocab_size` counts the six special tokens.
+
+    A small corpus can run out of merges first: the result then has fewer ids than asked for
+    (its `vocab_size` says how many), which is safe for a model with the larger embedding.
+    """
+    _check_vocab_size(vocab_size)
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    counted = _CharCounter(texts)
+    backend.train_from_iterator(counted, trainer)
+    if counted.chars == 0:
+        raise ConfigError("no training text: the data given is empty")
+    tokenizer = Tokenizer(backend)
+    tokenizer.training_chars = counted.chars
+    return tokenizer
+
+
+def train_tokenizer_from_files(paths: list[Path], vocab_size: int) -> Tokenizer:
+    """Train on .txt files, .jsonl files (their "text" fields) and folders of them.
+
+    Every path is checked before training starts, so a typo fails in a second, not after an hour.
+    """
+    _check_vocab_size(vocab_size)
+    return train_tokenizer(read_texts(find_text_files(paths)), vocab_size)
+
+
+def find_text_files(paths: Iterable[str | Path]) -> list[Path]:
+    """The files behind `paths`: files as given, folders searched recursively in sorted order."""
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+            if not found:
+                raise ConfigError(f"{path}: folder holds no .txt or .jsonl files")
+            files.extend(found)
+        elif not path.exists():
+            raise ConfigError(f"{path}: no such file or folder")
+        elif path.suffix not in TEXT_SUFFIXES:
+            raise ConfigError(f"{path}: expected a .txt or .jsonl file or a folder of them")
+        else:
+            files.append(path)
+    if not files:
+        raise ConfigError("no training data given")
+    return files
+
+
+def read_texts(files: Iterable[Path]) -> Iterator[str]:
+    """Text of .txt files (in large pieces) and "text" fields of .jsonl files, streamed."""
+    for file in files:
+        try:
+            yield from _jsonl_texts(file) if file.suffix == ".jsonl" else _txt_pieces(file)
+        except UnicodeDecodeError:
+            raise ConfigError(f"{file}: not valid UTF-8 text") from None
+
+
+def _txt_pieces(file: Path) -> Iterator[str]:
+    """A .txt file in pieces of about TXT_PIECE_CHARS, cut where the GPT-2 split cuts anyway.
+
+    Feeding lines would lose whitespace runs that span lines (a paragraph break, an indented
+    line), which the tokenizer then never learns; a whole file may not fit in memory.
+    """
+    buffer = ""
+    with file.open(encoding="utf-8", newline="") as f:
+        while block := f.read(TXT_PIECE_CHARS):
+            searched_to = len(buffer)  # the remainder of the previous block holds no cut
+            buffer += block
+            cut = _last_safe_cut(buffer, max(searched_to - 1, 0))
+            if cut > 0:
+                yield buffer[:cut]
+                buffer = buffer[cut:]
+    if buffer:
+        yield buffer
+
+
+_SAFE_CUT = re.compile(r"\S(?=[\r\n])")
+
+
+def _last_safe_cut(text: str, start: int) -> int:
+    """Index of the last line break after a non-space character, from `start` on (0 if none).
+
+    No pre-token spans such a point (the non-space character ends its token, and the regex has
+    no look-behind), so both halves pre-tokenize exactly as the whole text would.
+    """
+    last = None
+    for last in _SAFE_CUT.finditer(text, start):
+        pass
+    return last.end() if last else 0
+
+
+def _jsonl_texts(file: Path) -> Iterator[str]:
+    with file.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{file}:{number}: invalid JSON ({err.msg})") from None
+            text = record.get("text") if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise ConfigError(f'{file}:{number}: expected an object with a "text" string')
+            yield text
+
+
+class _CharCounter:
+    """Passes texts through, counting characters: training reports how much text it saw."""
+
+    def __init__(self, texts: Iterable[str]):
+        self._texts = iter(texts)
+        self.chars = 0
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        text = next(self._texts)
+        self.chars += len(text)
+        return text
+
+
+def _check_vocab_size(vocab_size: int) -> None:
+    if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
+        raise ConfigError(f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + "
+                          f"{len(SPECIAL_TOKENS)} special tokens + 1 merge), got {vocab_size!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------------
+
+def _special_token_ids(backend: tokenizers.Tokenizer) -> dict[str, int]:
+    ids = {token: backend.token_to_id(token) for token in SPECIAL_TOKENS}
+    missing = [token for token, i in ids.items() if i is None]
+    if missing:
+        raise ConfigError(f"tokenizer lacks special token(s) {', '.join(missing)}")
+    return ids
+
+
+def _checked_message(index: int, message: Any) -> tuple[str, str]:
+    if not isinstance(message, Mapping):
+        raise ConfigError(f"chat message {index} must be a dict with role and content")
+    role, content = message.get("role"), message.get("content")
+    if role not in CHAT_ROLES:
+        raise ConfigError(f"chat message {index}: role must be system, user or assistant, not {role!r}")
+    if not isinstance(content, str):
+        raise ConfigError(f"chat message {index}: content must be a string, not {type(content).__name__}")
+    return role, content
+
+
+def _special_tokens_map() -> dict[str, Any]:
+    return {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+            "additional_special_tokens": [HEADER_START, HEADER_END, EOT]}
+
+
+def _read_json(file: Path) -> Any:
+    if not file.is_file():
+        raise ConfigError(f"{file}: missing")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file}: not valid UTF-8") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{file}: invalid JSON at line {err.lineno} column {err.colno} ({err.msg})") from None
+
+
+def _read_model_max_length(file: Path) -> int:
+    """tokenizer_config.json is optional (a bare tokenizer.json is a complete tokenizer)."""
+    config = _read_json(file) if file.exists() else {}
+    value = config.get("model_max_length", DEFAULT_MODEL_MAX_LENGTH) if isinstance(config, dict) else None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{file}: model_max_length must be a positive integer")
+    return value
+
+
+def _read_backend(file: Path) -> tokenizers.Tokenizer:
+    text = json.dumps(_read_json(file))
+    try:
+        return tokenizers.Tokenizer.from_str(text)
+    except Exception as err:  # the Rust library raises plain Exception with a multi-line message
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{file}: not a tokenizers file ({reason})") from None
+
+
+def _write_atomic(file: Path, text: str) -> None:
+    temporary = file.with_name(f".{file.name}.tmp")
+    with temporary.open("w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, file)

@@ -1,0 +1,209 @@
+"""Run configuration: one TOML file describes a training run; CLI flags override it.
+
+    [model]            preset = "cpu-small", plus any ModelConfig field as an override
+    [data]             sources, seq_len, batch_size, val_fraction, ...
+    [optim]            lr, schedule, warmup, clipping, accumulation, ...
+    [balance]          MoE balancing: aux-loss-free bias (default), switch loss, z-loss
+    [run]              steps, seed, evaluation and checkpoint cadence, dtype, compile
+
+Every value is checked before any work starts; an unknown key or a wrong type is one line naming
+the key. The resolved configuration is saved with every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from behemoth.config import PRESETS, ModelConfig, preset
+from behemoth.errors import BehemothError, ConfigError
+
+
+@dataclass
+class DataConfig:
+    sources: list[str] = field(default_factory=list)  # text/JSONL/Parquet paths, or a prepared data dir
+    tokenizer: str = ""  # tokenizer directory; empty = train one on the sources
+    vocab_size: int = 8192  # when training a tokenizer
+    seq_len: int = 256
+    batch_size: int = 8
+    val_fraction: float = 0.02
+    text_field: str = "text"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of lr
+    schedule: str = "cosine"  # "cosine" or "wsd" (warmup-stable-decay)
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # not applied to norms, embeddings or biases
+    grad_clip: float = 1.0  # 0 disables
+    grad_accum: int = 1
+
+
+@dataclass
+class BalanceConfig:
+    # Aux-loss-free expert bias step per optimizer step; 0 disables. DeepSeek-V3 uses 1e-3 over
+    # hundreds of thousands of steps; runs of a few hundred steps need 1e-2 to undo early collapse.
+    bias_update_rate: float = 1e-2
+    aux_loss_coef: float = 0.0  # switch-style load-balancing loss; 0 disables
+    z_loss_coef: float = 0.0  # router z-loss; 0 disables
+
+
+@dataclass
+class RunSettings:
+    steps: int = 200
+    seed: int = 0
+    eval_every: int = 50
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    dtype: str = "float32"  # or "bfloat16" (autocast)
+    compile: bool = False
+    device: str = "auto"  # "auto", "cpu", "cuda", ...
+
+
+@dataclass
+class RunConfig:
+    model: dict[str, Any] = field(default_factory=lambda: {"preset": "cpu-small"})
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    run: RunSettings = field(default_factory=RunSettings)
+
+    def model_config(self, tokenizer: Any = None) -> ModelConfig:
+        """The preset with this run's overrides; with a tokenizer, its vocabulary and token ids."""
+        overrides = {k: v for k, v in self.model.items() if k != "preset"}
+        if tokenizer is not None:
+            overrides.update(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                             eos_token_id=[tokenizer.eos_id, tokenizer.eot_id], pad_token_id=tokenizer.pad_id)
+        base = preset(self.model.get("preset", "cpu-small"))
+        try:
+            return base.replace(**overrides) if overrides else base
+        except TypeError as err:
+            raise ConfigError(f"model: {err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(tomli_w.dumps(_drop_none(self.to_dict())))
+
+
+_SECTIONS = {"data": DataConfig, "optim": OptimConfig, "balance": BalanceConfig, "run": RunSettings}
+_CHOICES = {("optim", "schedule"): ("cosine", "wsd"), ("run", "dtype"): ("float32", "bfloat16")}
+
+
+def load_run_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then the TOML file, then `key.sub=value` overrides; validated as a whole."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    for item in overrides or []:
+        _apply_override(data, item)
+    return build_run_config(data, str(path) if path else "--set")
+
+
+def build_run_config(data: dict[str, Any], source: str = "config") -> RunConfig:
+    unknown = set(data) - set(_SECTIONS) - {"model"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown section [{sorted(unknown)[0]}] (known: model, {', '.join(_SECTIONS)})")
+    sections = {name: _build_section(cls, data.get(name, {}), name, source) for name, cls in _SECTIONS.items()}
+    model = {"preset": "cpu-small", **data.get("model", {})}
+    config = RunConfig(model=model, **sections)
+    validate(config, source)
+    return config
+
+
+def _build_section(cls: type, values: Any, name: str, source: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: [{name}] must be a table")
+    defaults = cls()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown key {name}.{key} (known: {', '.join(fields)})")
+        expected = getattr(defaults, key)
+        if not _same_kind(value, expected):
+            raise ConfigError(f"{source}: {name}.{key} must be {type(expected).__name__}, got {value!r}")
+        choices = _CHOICES.get((name, key))
+        if choices and value not in choices:
+            raise ConfigError(f"{source}: {name}.{key} must be one of {', '.join(choices)}, got {value!r}")
+    return cls(**{k: (float(v) if isinstance(getattr(defaults, k), float) else v) for k, v in values.items()})
+
+
+def _same_kind(value: Any, expected: Any) -> bool:
+    if isinstance(expected, bool):
+        return isinstance(value, bool)
+    if isinstance(expected, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(expected, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(expected, list):
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, type(expected))
+
+
+def validate(config: RunConfig, source: str = "config") -> None:
+    """Reject values that cannot work, before any data is read or any model is built."""
+    positive = [("data", "seq_len"), ("data", "batch_size"), ("data", "vocab_size"), ("optim", "grad_accum"),
+                ("run", "steps"), ("run", "eval_every"), ("run", "eval_batches"), ("run", "checkpoint_every"),
+                ("run", "keep_checkpoints")]
+    for section, key in positive:
+        if getattr(getattr(config, section), key) <= 0:
+            raise ConfigError(f"{source}: {section}.{key} must be positive")
+    if not 0 < config.data.val_fraction < 1:
+        raise ConfigError(f"{source}: data.val_fraction must be between 0 and 1")
+    if config.optim.lr <= 0:
+        raise ConfigError(f"{source}: optim.lr must be positive")
+    if not 0 <= config.optim.min_lr_ratio <= 1:
+        raise ConfigError(f"{source}: optim.min_lr_ratio must be between 0 and 1")
+    if config.optim.warmup_steps < 0 or config.optim.grad_clip < 0 or config.optim.weight_decay < 0:
+        raise ConfigError(f"{source}: optim.warmup_steps, grad_clip and weight_decay must not be negative")
+    for key in ("bias_update_rate", "aux_loss_coef", "z_loss_coef"):
+        if getattr(config.balance, key) < 0:
+            raise ConfigError(f"{source}: balance.{key} must not be negative")
+    name = config.model.get("preset")
+    if name not in PRESETS:
+        raise ConfigError(f"{source}: model.preset {name!r} is unknown (known: {', '.join(PRESETS)})")
+    try:
+        config.model_config()
+    except BehemothError as err:
+        raise ConfigError(f"{source}: model: {err}") from None
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    """`optim.lr=1e-3` -> data["optim"]["lr"] = 1e-3 (the value is parsed as TOML, else a string)."""
+    key, sep, raw = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. optim.lr=1e-3")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    section = data.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"--set {item!r}: {parts[0]} is not a table")
+    section[parts[1]] = value
+
+
+def _drop_none(value: Any) -> Any:
+    """TOML has no null: leave unset optional values out."""
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    return value

@@ -1,0 +1,83 @@
+"""What a run reports: metrics.jsonl, throughput and MFU, progress on the terminal."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+
+def measure_matmul_peak(size: int = 1024, repeats: int = 8, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> float:
+    """Best observed FLOP/s of a square matmul on this machine: the denominator of MFU."""
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    best = math.inf
+    for i in range(repeats + 2):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        if i >= 2:  # warm-up
+            best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def _sync(device: str | torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+class MetricsLog:
+    """Appends one JSON object per line; on resume, drops lines past the checkpoint's step."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        if resume_step is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
+        elif resume_step is None and path.exists():
+            path.unlink()
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Progress:
+    """A tqdm bar on a terminal; plain periodic lines otherwise (logs, CI)."""
+
+    def __init__(self, total: int, start: int, enabled: bool | None = None, every: int = 10):
+        interactive = sys.stderr.isatty() if enabled is None else enabled
+        self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True) if interactive else None
+        self.every = every
+
+    def update(self, step: int, total: int, text: str) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(text, refresh=False)
+        elif step % self.every == 0 or step == total:
+            print(f"step {step}/{total} {text}", file=sys.stderr, flush=True)
+
+    def note(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,197 @@
+"""The trainer: loss goes down, resume is bit-identical, checkpoints are verified, configs checked."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from behemoth.errors import CheckpointError, ConfigError
+from behemoth.train.checkpointing import list_checkpoints, verify_checkpoint
+from behemoth.train.config import load_run_config
+from behemoth.train.metrics import read_metrics
+from behemoth.train.optim import learning_rate
+from behemoth.train.trainer import pretrain
+
+WORDS = ("the cat dog bird sat ran saw a on under big small red blue house tree river and then "
+         "slowly quickly happy sad morning night").split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A small synthetic corpus with learnable structure (repeated phrase patterns)."""
+    import random
+
+    rng = random.Random(0)
+    docs = []
+    for _ in range(400):
+        subject, verb, place = rng.choice(WORDS[:6]), rng.choice(WORDS[6:9]), rng.choice(WORDS[14:18])
+        docs.append(" ".join(f"the {subject} {verb} a {place} and then the {subject} was happy." for _ in range(3)))
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n\n".join(docs))
+    return path
+
+
+def tiny_run(corpus: Path, steps: int, *extra: str):
+    return load_run_config(None, [
+        "model.preset='tiny'", f"data.sources=[{str(corpus)!r}]", "data.vocab_size=300", "data.seq_len=32",
+        "data.batch_size=4", f"run.steps={steps}", "run.eval_every=1000", "run.eval_batches=2",
+        "run.checkpoint_every=5", "run.keep_checkpoints=10", "optim.warmup_steps=2", "optim.lr=0.01", *extra])
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
+
+
+def test_loss_goes_down_and_metrics_are_complete(corpus, tmp_path) -> None:
+    result = pretrain(tiny_run(corpus, 40), tmp_path / "run", progress=False)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 41))
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "expert_load"):
+        assert key in records[0], key
+    assert len(records[0]["expert_load"]) == 2  # tiny has two MoE layers
+    assert sum(records[0]["expert_load"][0]) == pytest.approx(1.0, abs=1e-3)
+    first, last = sum(losses(tmp_path / "run")[:3]) / 3, sum(losses(tmp_path / "run")[-3:]) / 3
+    assert last < first - 1.0
+    assert result.val_loss is not None and result.val_bpb > 0
+    assert (result.model_dir / "model.safetensors").is_file() and (result.model_dir / "tokenizer.json").is_file()
+
+
+def test_resume_is_bit_identical(corpus, tmp_path) -> None:
+    """10 steps in one go == 5 steps, stop, resume to 10: the same losses to the last bit."""
+    constant = ("optim.min_lr_ratio=1.0",)  # the schedule must not depend on the planned length
+    pretrain(tiny_run(corpus, 10, *constant), tmp_path / "whole", progress=False)
+    pretrain(tiny_run(corpus, 5, *constant), tmp_path / "split", progress=False)
+    pretrain(tiny_run(corpus, 10, *constant), tmp_path / "split", resume=True, progress=False)
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+
+
+def test_crash_before_rename_leaves_last_checkpoint_usable(corpus, tmp_path, monkeypatch) -> None:
+    out = tmp_path / "run"
+    pretrain(tiny_run(corpus, 5), out, progress=False)
+    import behemoth.train.checkpointing as checkpointing
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(checkpointing.os, "rename", crash)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tiny_run(corpus, 10), out, resume=True, progress=False)
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-000005"]
+    pretrain(tiny_run(corpus, 10), out, resume=True, progress=False)
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, 11))
+    for checkpoint in list_checkpoints(out / "checkpoints"):
+        verify_checkpoint(checkpoint)
+
+
+def test_altered_checkpoint_is_named_and_not_loaded(corpus, tmp_path) -> None:
+    out = tmp_path / "run"
+    pretrain(tiny_run(corpus, 5), out, progress=False)
+    weights = out / "checkpoints" / "step-000005" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors.*SHA-256"):
+        pretrain(tiny_run(corpus, 10), out, resume=True, progress=False)
+    with open(weights, "r+b") as handle:
+        handle.truncate(100)
+    with pytest.raises(CheckpointError, match="model.safetensors.*truncated"):
+        verify_checkpoint(weights.parent)
+
+
+def test_existing_run_needs_resume(corpus, tmp_path) -> None:
+    pretrain(tiny_run(corpus, 5), tmp_path / "run", progress=False)
+    with pytest.raises(ConfigError, match="--resume"):
+        pretrain(tiny_run(corpus, 5), tmp_path / "run", progress=False)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["optim.lr=-1"], "optim.lr"),
+    (["optim.schedule='triangle'"], "optim.schedule"),
+    (["run.steps=0"], "run.steps"),
+    (["optim.nonsense=1"], "unknown key optim.nonsense"),
+    (["data.seq_len='long'"], "data.seq_len"),
+    (["model.preset='huge'"], "model.preset"),
+    (["model.num_attention_heads=3"], "num_attention_heads"),
+    (["lr=1"], "section.key=value"),
+])
+def test_bad_config_is_rejected_before_work(overrides, words) -> None:
+    with pytest.raises(ConfigError, match=words):
+        load_run_config(None, overrides)
+
+
+def test_bad_toml_file(tmp_path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text("[optim]\nlr = \n")
+    with pytest.raises(ConfigError, match="run.toml: not valid TOML"):
+        load_run_config(path)
+    path.write_text("[wat]\nx = 1\n")
+    with pytest.raises(ConfigError, match=r"unknown section \[wat\]"):
+        load_run_config(path)
+
+
+def test_schedules() -> None:
+    run = load_run_config(None, ["optim.warmup_steps=10", "optim.lr=1.0", "optim.min_lr_ratio=0.1"])
+    assert learning_rate(0, 100, run.optim) == pytest.approx(0.1)
+    assert learning_rate(9, 100, run.optim) == pytest.approx(1.0)
+    assert learning_rate(99, 100, run.optim) == pytest.approx(0.1, abs=1e-3)
+    wsd = load_run_config(None, ["optim.schedule='wsd'", "optim.warmup_steps=10", "optim.lr=1.0",
+                                 "optim.decay_fraction=0.2", "optim.min_lr_ratio=0.0"]).optim
+    assert learning_rate(50, 100, wsd) == 1.0
+    assert learning_rate(99, 100, wsd) == pytest.approx(0.0)
+
+
+def test_config_saved_with_checkpoint_round_trips(corpus, tmp_path) -> None:
+    run = tiny_run(corpus, 5)
+    pretrain(run, tmp_path / "run", progress=False)
+    saved = load_run_config(tmp_path / "run" / "checkpoints" / "step-000005" / "config.toml")
+    assert saved == run
+    manifest = json.loads((tmp_path / "run" / "checkpoints" / "step-000005" / "manifest.json").read_text())
+    assert {"model.safetensors", "trainer.safetensors", "trainer.json", "config.toml"} <= set(manifest["files"])
+    assert os.path.getsize(tmp_path / "run" / "checkpoints" / "step-000005" / "trainer.safetensors") > 0
+
+
+def test_sigkill_at_any_moment_then_resume_matches_uninterrupted(corpus, tmp_path) -> None:
+    """Kill a real training process (checkpointing every step, so often mid-save); resume finishes it
+    with exactly the losses of a run that was never interrupted."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    steps = 30
+    settings = ["model.preset='tiny'", "data.vocab_size=300", "data.seq_len=32", "data.batch_size=4",
+                f"run.steps={steps}", "run.eval_every=1000", "run.checkpoint_every=1", "run.keep_checkpoints=2",
+                "optim.warmup_steps=2", "optim.lr=0.01"]
+    pretrain(tiny_run(corpus, steps, "run.checkpoint_every=1", "run.keep_checkpoints=2"), tmp_path / "whole",
+             progress=False)
+
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "behemoth", "pretrain", "--data", str(corpus), "--out", str(out)]
+    for setting in settings:
+        command += ["--set", setting]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list_checkpoints(out / "checkpoints") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    survivors = list_checkpoints(out / "checkpoints")
+    assert survivors, "the run was killed before its first checkpoint"
+    for checkpoint in survivors:
+        verify_checkpoint(checkpoint)
+    assert int(survivors[-1].name.split("-")[1]) < steps, "the run finished before it was killed"
+
+    resumed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert losses(out) == losses(tmp_path / "whole")
+    assert not list((out / "checkpoints").glob(".*.tmp"))
+
+
+def test_shipped_config_file_is_valid() -> None:
+    run = load_run_config(Path(__file__).parent.parent / "configs" / "cpu-small.toml")
+    assert run.model["preset"] == "cpu-small" and run.run.steps == 1000
