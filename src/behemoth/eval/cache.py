@@ -1,0 +1,106 @@
+"""A cache of per-item results, keyed by (model checksum, task, item), stored as JSON.
+
+    <cache_dir>/<model sha256>/<task>-<settings hash>.json
+        {"schema": ..., "model_sha256": ..., "task": ..., "fingerprint": {...}, "items": {item key: result}}
+
+The settings hash covers everything besides the model that changes a score (task kind and
+version, tokenizer, prefix token, max_length, dtype), and an item's key is a hash of its content,
+so an edited data file or a changed setting is rescored, never served stale. Files are written
+whole to a temporary name and renamed; a damaged cache file is ignored and rewritten. Never pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+CACHE_SCHEMA = "behemoth.eval.cache/1"
+CACHE_ENV = "BEHEMOTH_EVAL_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """$BEHEMOTH_EVAL_CACHE, else $XDG_CACHE_HOME/behemoth/eval, else ~/.cache/behemoth/eval."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = Path(os.environ["XDG_CACHE_HOME"]) if os.environ.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    return base / "behemoth" / "eval"
+
+
+class ScoreCache:
+    """Results of one task's items for one model and one set of scoring settings."""
+
+    def __init__(self, root: Path | None, model_sha256: str, task: str, fingerprint: dict[str, Any]):
+        self.fingerprint = fingerprint
+        self._dirty = False
+        self._items: dict[str, dict[str, Any]] = {}
+        if root is None:
+            self.path = None
+            return
+        digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", task)[:80]
+        self.path = Path(root) / model_sha256 / f"{slug}-{digest}.json"
+        self.model_sha256, self.task = model_sha256, task
+        self._items = self._read()
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return {}
+        if (not isinstance(data, dict) or data.get("schema") != CACHE_SCHEMA
+                or data.get("fingerprint") != self.fingerprint or not isinstance(data.get("items"), dict)):
+            return {}
+        return data["items"]
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self._items.get(key)
+
+    def put(self, key: str, result: dict[str, Any]) -> None:
+        self._items[key] = result
+        self._dirty = True
+
+    def flush(self) -> None:
+        """Write the file if anything was added (atomically; errors writing a cache are not fatal)."""
+        if self.path is None or not self._dirty:
+            return
+        data = {"schema": CACHE_SCHEMA, "model_sha256": self.model_sha256, "task": self.task,
+                "fingerprint": self.fingerprint, "items": self._items}
+        try:
+            write_json_atomic(self.path, data, indent=None)
+            self._dirty = False
+        except OSError:
+            pass  # a read-only or full cache disk slows the next run down; it must not fail this one
+
+
+def write_json_atomic(path: Path, data: Any, indent: int | None = 2) -> Path:
+    """Write JSON to a temporary sibling, fsync, rename: readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with temporary.open("w", encoding="utf-8") as handle:
+            json.dump(_finite(data), handle, indent=indent, ensure_ascii=False, allow_nan=False)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    return path
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities become null: what we write is strict JSON any reader accepts."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

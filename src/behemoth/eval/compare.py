@@ -1,0 +1,228 @@
+"""Regression verdicts: is results file B better than A, worse, or not measurably different?
+
+A is the baseline (the previous run), B the candidate. For each task both ran on the same data,
+items are paired by id and resampled together (a paired bootstrap over items): each of
+`resamples` replicates draws n items with replacement and recomputes B's metric minus A's. The
+central `confidence` share of those differences is the confidence interval. A task is
+"better" when the whole interval is on the improving side of zero (above it for accuracy, below it
+for bits per byte), "worse" when it is wholly on the other side, and "no measurable difference"
+when it contains zero.
+
+The overall verdict is the same rule applied to the change of the core score (mean accuracy above
+chance, see core.py) over the accuracy tasks compared, each replicate resampling every task's items
+independently (a stratified bootstrap). When no accuracy task was compared it uses the mean change
+of bits per byte over the perplexity tasks. Per-task verdicts are listed too, so a stricter policy
+(say, no task may be worse) can be built on top.
+
+Each task's verdict has a 5% false-alarm rate on its own; over many tasks some "better" or "worse"
+verdicts are expected by chance, which is why the overall verdict rests on one aggregate.
+
+Compare output (schema "behemoth.eval.compare/1"):
+
+    {"schema", "a": {"path", "model_sha256"}, "b": {...},
+     "settings": {"resamples", "confidence", "seed"},
+     "tasks": {NAME: {"kind", "metric", "higher_is_better", "n", "a", "b", "delta", "ci": [lo, hi], "verdict"}
+              | {"verdict": "not compared", "reason"}},
+     "overall": {"metric": "core" | "bpb" | None, "tasks", "a", "b", "delta", "ci", "verdict", "better", "worse"},
+     "only_in_a", "only_in_b", "warnings"}
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from behemoth.eval.errors import EvalError
+from behemoth.eval.metrics import ACCURACY_KINDS, centred, ratio_terms
+from behemoth.eval.tasks import PERPLEXITY
+
+COMPARE_SCHEMA = "behemoth.eval.compare/1"
+BETTER, WORSE, NO_DIFFERENCE, NOT_COMPARED = "better", "worse", "no measurable difference", "not compared"
+_SETTINGS_THAT_MATTER = ("max_length", "prefix_id", "dtype")
+
+
+def compare_results(a: dict[str, Any], b: dict[str, Any], *, resamples: int = 2000, confidence: float = 0.95,
+                    seed: int = 0, a_path: str | None = None, b_path: str | None = None) -> dict[str, Any]:
+    """Per-task deltas (B - A) with bootstrap confidence intervals and verdicts, and an overall verdict."""
+    if resamples < 100:
+        raise EvalError(f"use at least 100 bootstrap resamples, got {resamples}")
+    if not 0.5 <= confidence < 1:
+        raise EvalError(f"confidence must be in [0.5, 1), got {confidence}")
+    tasks_a, tasks_b = a["tasks"], b["tasks"]
+    common = [name for name in tasks_a if name in tasks_b]
+    compared: dict[str, dict[str, Any]] = {}
+    replicates: dict[str, np.ndarray] = {}
+    for name in common:
+        entry, deltas = _compare_task(name, tasks_a[name], tasks_b[name], resamples, confidence, seed)
+        if entry is None:
+            continue  # samples: nothing to score
+        compared[name] = entry
+        if deltas is not None:
+            replicates[name] = deltas
+    return {
+        "schema": COMPARE_SCHEMA,
+        "a": {"path": a_path, "model_sha256": a.get("model", {}).get("sha256")},
+        "b": {"path": b_path, "model_sha256": b.get("model", {}).get("sha256")},
+        "settings": {"resamples": resamples, "confidence": confidence, "seed": seed},
+        "tasks": compared,
+        "overall": _overall(compared, replicates, confidence),
+        "only_in_a": [n for n in tasks_a if n not in tasks_b and _has_metric(tasks_a[n])],
+        "only_in_b": [n for n in tasks_b if n not in tasks_a and _has_metric(tasks_b[n])],
+        "warnings": _warnings(a, b),
+    }
+
+
+def _has_metric(task: dict[str, Any]) -> bool:
+    return bool(task.get("metric"))
+
+
+def _compare_task(name: str, ta: dict[str, Any], tb: dict[str, Any], resamples: int, confidence: float,
+                  seed: int) -> tuple[dict[str, Any] | None, np.ndarray | None]:
+    if not _has_metric(ta) and not _has_metric(tb):
+        return None, None
+    for field, what in (("kind", "task kinds"), ("metric", "metrics"), ("version", "task versions")):
+        if ta.get(field) != tb.get(field):
+            return _not_compared(f"{what} differ ({ta.get(field)!r} vs {tb.get(field)!r})"), None
+    if sorted(d["sha256"] for d in ta.get("data", [])) != sorted(d["sha256"] for d in tb.get("data", [])):
+        return _not_compared("the data files differ (SHA-256)"), None
+    kind, metric = ta["kind"], ta["metric"]
+    by_id = {item["id"]: item for item in tb["items"]}
+    pairs = [(item, by_id[item["id"]]) for item in ta["items"] if item["id"] in by_id]
+    if not pairs:
+        return _not_compared("no items in common"), None
+    terms_a = np.array([ratio_terms(kind, metric, ia) for ia, _ in pairs], dtype=np.float64)
+    terms_b = np.array([ratio_terms(kind, metric, ib) for _, ib in pairs], dtype=np.float64)
+    value_a = terms_a[:, 0].sum() / terms_a[:, 1].sum()
+    value_b = terms_b[:, 0].sum() / terms_b[:, 1].sum()
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
+    deltas = paired_bootstrap(terms_a, terms_b, resamples, rng)
+    low, high = _interval(deltas, confidence)
+    higher_is_better = bool(ta.get("higher_is_better", True))
+    entry = {"kind": kind, "metric": metric, "higher_is_better": higher_is_better, "n": len(pairs),
+             "a": float(value_a), "b": float(value_b), "delta": float(value_b - value_a), "ci": [low, high],
+             "verdict": verdict(low, high, higher_is_better)}
+    if kind in ACCURACY_KINDS:
+        entry["chance"] = float(np.mean([ia.get("chance", 0.0) for ia, _ in pairs]))
+    return entry, deltas
+
+
+def _not_compared(reason: str) -> dict[str, Any]:
+    return {"verdict": NOT_COMPARED, "reason": reason}
+
+
+def paired_bootstrap(terms_a: np.ndarray, terms_b: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """B's ratio metric minus A's over `resamples` paired resamples of the items.
+
+    terms_*: [n, 2] arrays of (numerator, denominator) per item, rows paired. Each replicate weighs
+    item i by how often it was drawn (a multinomial count), which is resampling with replacement.
+    """
+    n = len(terms_a)
+    out = np.empty(resamples, dtype=np.float64)
+    step = max(1, 4_000_000 // max(n, 1))  # replicates per block, to bound memory
+    probabilities = np.full(n, 1.0 / n)
+    for start in range(0, resamples, step):
+        count = min(step, resamples - start)
+        weights = rng.multinomial(n, probabilities, size=count).astype(np.float64)
+        metric_a = (weights @ terms_a[:, 0]) / (weights @ terms_a[:, 1])
+        metric_b = (weights @ terms_b[:, 0]) / (weights @ terms_b[:, 1])
+        out[start:start + count] = metric_b - metric_a
+    return out
+
+
+def _interval(deltas: np.ndarray, confidence: float) -> list[float]:
+    tail = (1.0 - confidence) / 2
+    low, high = np.quantile(deltas, [tail, 1.0 - tail])
+    return [float(low), float(high)]
+
+
+def verdict(low: float, high: float, higher_is_better: bool = True) -> str:
+    """better / worse / no measurable difference, from a confidence interval of B - A."""
+    if low > 0:
+        return BETTER if higher_is_better else WORSE
+    if high < 0:
+        return WORSE if higher_is_better else BETTER
+    return NO_DIFFERENCE
+
+
+def _overall(tasks: dict[str, dict[str, Any]], replicates: dict[str, np.ndarray], confidence: float) -> dict[str, Any]:
+    accuracy = [n for n, t in tasks.items() if t.get("kind") in ACCURACY_KINDS and n in replicates]
+    perplexity = [n for n, t in tasks.items() if t.get("kind") == PERPLEXITY and n in replicates]
+    better = [n for n, t in tasks.items() if t["verdict"] == BETTER]
+    worse = [n for n, t in tasks.items() if t["verdict"] == WORSE]
+    if accuracy:
+        scale = {n: 1.0 / (1.0 - tasks[n]["chance"]) for n in accuracy}
+        a_value = float(np.mean([centred(tasks[n]["a"], tasks[n]["chance"]) for n in accuracy]))
+        b_value = float(np.mean([centred(tasks[n]["b"], tasks[n]["chance"]) for n in accuracy]))
+        deltas = np.mean([replicates[n] * scale[n] for n in accuracy], axis=0)
+        metric, names, higher_is_better = "core", accuracy, True
+    elif perplexity:
+        a_value = float(np.mean([tasks[n]["a"] for n in perplexity]))
+        b_value = float(np.mean([tasks[n]["b"] for n in perplexity]))
+        deltas = np.mean([replicates[n] for n in perplexity], axis=0)
+        metric, names, higher_is_better = "bpb", perplexity, False
+    else:
+        return {"metric": None, "tasks": [], "verdict": NOT_COMPARED, "reason": "no task in common could be compared",
+                "better": better, "worse": worse}
+    low, high = _interval(deltas, confidence)
+    return {"metric": metric, "tasks": names, "higher_is_better": higher_is_better, "a": a_value, "b": b_value,
+            "delta": b_value - a_value, "ci": [low, high], "verdict": verdict(low, high, higher_is_better),
+            "better": better, "worse": worse}
+
+
+def _warnings(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    notes = []
+    settings_a, settings_b = a.get("settings", {}), b.get("settings", {})
+    for key in _SETTINGS_THAT_MATTER:
+        if settings_a.get(key) != settings_b.get(key):
+            notes.append(f"setting {key} differs: {settings_a.get(key)!r} vs {settings_b.get(key)!r}")
+    if a.get("model", {}).get("sha256") and a.get("model", {}).get("sha256") == b.get("model", {}).get("sha256"):
+        notes.append("both results are of the same weights (same model checksum)")
+    return notes
+
+
+# ------------------------------------------------------------------------------------------------
+# Text
+# ------------------------------------------------------------------------------------------------
+
+def format_comparison(comparison: dict[str, Any]) -> str:
+    """Per-task deltas, intervals and verdicts as a plain-text table, then the overall verdict."""
+    confidence = comparison["settings"]["confidence"]
+    header = ("task", "metric", "n", "A", "B", "B - A", f"{confidence:.0%} CI", "verdict")
+    rows = [header]
+    for name, task in comparison["tasks"].items():
+        if task["verdict"] == NOT_COMPARED:
+            rows.append((name, "", "", "", "", "", "", f"not compared: {task['reason']}"))
+            continue
+        rows.append((name, task["metric"], str(task["n"]), _num(task["a"]), _num(task["b"]),
+                     _signed(task["delta"]), f"[{_signed(task['ci'][0])}, {_signed(task['ci'][1])}]", task["verdict"]))
+    overall = comparison["overall"]
+    lines = _columns(rows)
+    if overall["metric"]:
+        lines.append("")
+        what = "core score" if overall["metric"] == "core" else "mean bits per byte"
+        lines.append(f"overall ({what} over {len(overall['tasks'])} task(s)): {_num(overall['a'])} -> "
+                     f"{_num(overall['b'])}, {_signed(overall['delta'])} "
+                     f"[{_signed(overall['ci'][0])}, {_signed(overall['ci'][1])}]: {overall['verdict'].upper()}")
+    else:
+        lines.append(f"overall: {overall['verdict']} ({overall['reason']})")
+    for key, label in (("only_in_a", "only in A"), ("only_in_b", "only in B")):
+        if comparison[key]:
+            lines.append(f"{label}: {', '.join(comparison[key])}")
+    lines.extend(f"warning: {note}" for note in comparison["warnings"])
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.4f}"
+
+
+def _columns(rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]

@@ -1,0 +1,29 @@
+"""The aggregate "core" score: accuracy above chance, averaged over tasks.
+
+Raw accuracies are hard to read across tasks (25% on HellaSwag is chance, 50% on BLiMP is
+chance), and a tiny model's progress hides below those floors. Each task's primary accuracy is
+rescaled so chance is 0 and perfect is 1, `(acc - chance) / (1 - chance)`, and the core score is
+the plain mean over the accuracy tasks that were run (the idea of DCLM's CORE metric and
+nanochat's CORE evaluation). Chance is the mean of 1/choices over the items scored (0 for LAMBADA,
+0.5 for BLiMP). Perplexity tasks and samples do not enter it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from behemoth.eval.metrics import ACCURACY_KINDS, centred
+
+
+def core_score(tasks: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """`{"score": float | None, "tasks": {name: {"metric", "accuracy", "chance", "centred"}}}` from a
+    results file's "tasks" mapping."""
+    parts = {}
+    for name, task in tasks.items():
+        if task.get("kind") not in ACCURACY_KINDS or not task.get("metrics", {}).get("n"):
+            continue
+        metric = task["metric"]
+        accuracy, chance = task["metrics"][metric], task["metrics"]["chance"]
+        parts[name] = {"metric": metric, "accuracy": accuracy, "chance": chance, "centred": centred(accuracy, chance)}
+    score = sum(p["centred"] for p in parts.values()) / len(parts) if parts else None
+    return {"score": score, "tasks": parts}

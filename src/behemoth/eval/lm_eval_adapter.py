@@ -1,0 +1,130 @@
+"""The `behemoth` model type for EleutherAI's lm-evaluation-harness (`pip install 'behemoth[lm-eval]'`).
+
+Importing this module registers the type, after which the harness's Python API takes it:
+
+    import behemoth.eval.lm_eval_adapter
+    lm_eval.simple_evaluate(model="behemoth", model_args="pretrained=DIR", tasks=[...])
+
+The harness finds models only in its own registry (it reads no plugin entry points), so its
+command line cannot see ours; these run it with the type registered, arguments unchanged:
+
+    behemoth eval lm-eval --model behemoth --model_args pretrained=DIR --tasks hellaswag
+    python -m behemoth.eval.lm_eval_adapter --model behemoth --model_args pretrained=DIR --tasks hellaswag
+
+model_args: pretrained=DIR (required), batch_size, max_length, device, dtype (float32 / bfloat16),
+max_gen_toks (default 256), seed (sampling seed, default 0). Scoring is behemoth.eval.scoring's:
+the same numbers `behemoth eval` computes (prefix token, whitespace handling, rolling windows).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import lm_eval.models  # noqa: F401  (the harness's own types first: it fills an empty registry only)
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from behemoth.eval.errors import EvalError
+from behemoth.eval.run import _torch_dtype, load_model_tokenizer
+from behemoth.eval.scoring import Scorer
+
+GENERATION_CHUNK = 16  # new tokens between checks for a stop string
+
+
+@register_model("behemoth")
+class BehemothLM(LM):
+    """A behemoth model directory (Hugging Face layout, with its tokenizer) as an lm-eval LM."""
+
+    def __init__(self, pretrained: str, batch_size: int | str | None = 16, max_length: int | None = None,
+                 device: str | None = None, dtype: str | None = None, max_gen_toks: int = 256, seed: int = 0,
+                 max_batch_size: int | None = None):
+        super().__init__()
+        from behemoth.checkpoint import load
+
+        directory = Path(str(pretrained))
+        tokenizer = load_model_tokenizer(directory)
+        model = load(directory, device=_device(device), dtype=_torch_dtype(dtype)).eval()
+        self.scorer = Scorer(model, tokenizer, batch_size=_batch_size(batch_size, max_batch_size),
+                             max_length=int(max_length) if max_length else None)
+        self.max_gen_toks = int(max_gen_toks)
+        self.seed = int(seed)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return f"behemoth-{self.scorer.tokenizer.sha256[:16]}"
+
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        scores = self.scorer.loglikelihoods([tuple(request.args[:2]) for request in requests])
+        return [(score.logprob, score.greedy) for score in scores]
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        return [logprob for logprob, _ in self.scorer.rolling([request.args[0] for request in requests])]
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        return [self._generate(number, *request.args[:2]) for number, request in enumerate(requests)]
+
+    def _generate(self, number: int, context: str, gen_kwargs: dict[str, Any] | None) -> str:
+        kwargs = dict(gen_kwargs or {})
+        until = kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+        sample = bool(kwargs.pop("do_sample", False))
+        temperature = float(kwargs.pop("temperature", 0.0) or 0.0) if sample else 0.0
+        top_k = kwargs.pop("top_k", None)
+        prompt = [self.scorer.prefix_id, *self.scorer.tokenizer.encode(context)]
+        new: list[int] = []
+        while len(new) < max_new:
+            step = min(GENERATION_CHUNK, max_new - len(new))
+            piece = self.scorer.generate_tokens(prompt + new, max_new_tokens=step, temperature=temperature,
+                                                top_k=int(top_k) if top_k else None,
+                                                seed=self.seed + number + len(new))
+            new.extend(piece)
+            text = self.scorer.tokenizer.decode(new)
+            cut = _first_stop(text, until)
+            if cut is not None:
+                return text[:cut]
+            if len(piece) < step:
+                break  # the model ended the text
+        return self.scorer.tokenizer.decode(new)
+
+
+def _first_stop(text: str, until: list[str]) -> int | None:
+    positions = [text.find(stop) for stop in until if stop and stop in text]
+    return min(positions) if positions else None
+
+
+def _device(requested: str | None) -> str:
+    """The harness's command line asks for cuda by default; like its own HF model, use the CPU then."""
+    import torch
+
+    if requested and not (requested.startswith("cuda") and not torch.cuda.is_available()):
+        return requested
+    if requested:
+        logging.getLogger(__name__).warning("device %s is not available; using the CPU", requested)
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _batch_size(value: int | str | None, max_batch_size: int | None) -> int:
+    """lm-eval passes an int, a numeric string or "auto[:N]"; auto becomes 16 (or max_batch_size)."""
+    if value is None or str(value).startswith("auto"):
+        return int(max_batch_size or 16)
+    try:
+        return max(1, int(value))
+    except ValueError:
+        raise EvalError(f"batch_size must be an integer or 'auto', got {value!r}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The lm-eval command line with the `behemoth` type registered; arguments as for `lm_eval`."""
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
+    cli_evaluate()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Results as tables: plain text for the terminal, Markdown for reports."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from behemoth.eval.compare import NOT_COMPARED
+from behemoth.eval.metrics import centred
+from behemoth.eval.tasks import SAMPLES
+
+
+def result_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per scored task: name, metric, value, stderr, n, chance, centred (None where it does not apply)."""
+    rows = []
+    for name, task in results["tasks"].items():
+        if task["kind"] == SAMPLES:
+            continue
+        metrics, metric = task["metrics"], task["metric"]
+        chance = metrics.get("chance")
+        value = metrics.get(metric)
+        rows.append({"task": name, "metric": metric, "value": value, "stderr": task.get("stderr"),
+                     "n": metrics.get("n"), "chance": chance,
+                     "centred": centred(value, chance) if chance is not None and value is not None else None,
+                     "higher_is_better": task.get("higher_is_better", True)})
+    return rows
+
+
+def format_table(results: dict[str, Any], samples: bool = True) -> str:
+    """The terminal table: each task's primary metric, then the core score, then samples."""
+    table = [("task", "metric", "value", "± stderr", "n", "chance", "centred")]
+    for row in result_rows(results):
+        table.append((row["task"], row["metric"] + ("" if row["higher_is_better"] else " (lower is better)"),
+                      _num(row["value"]), _num(row["stderr"]), str(row["n"]), _num(row["chance"], 3),
+                      _num(row["centred"])))
+    lines = _columns(table)
+    core = results.get("core", {})
+    if core.get("score") is not None:
+        lines.append(f"core score (mean accuracy above chance over {len(core['tasks'])} task(s)): {core['score']:.4f}")
+    extras = _details(results)
+    if extras:
+        lines.append("")
+        lines.extend(extras)
+    if samples:
+        for name, task in results["tasks"].items():
+            if task["kind"] == SAMPLES:
+                lines.append("")
+                lines.append(f"{name} (temperature {results['settings']['samples']['temperature']}):")
+                for sample in task["items"]:
+                    lines.append(f"  [seed {sample['seed']}] {sample['prompt']}{sample['text']}".replace("\n", " "))
+    model = results.get("model", {})
+    lines.append("")
+    lines.append(f"model {model.get('path')} (sha256 {str(model.get('sha256'))[:16]}...), "
+                 f"{results.get('elapsed_s', 0):.1f} s")
+    return "\n".join(lines)
+
+
+def _details(results: dict[str, Any]) -> list[str]:
+    """Secondary numbers worth a line: acc and acc_norm side by side, perplexity, BLiMP paradigms."""
+    lines = []
+    for name, task in results["tasks"].items():
+        metrics = task["metrics"]
+        if "acc_norm" in metrics:
+            lines.append(f"{name}: acc {metrics['acc']:.4f}, acc_norm {metrics['acc_norm']:.4f} "
+                         f"({task.get('total_items')} items available)")
+        elif "perplexity" in metrics:
+            lines.append(f"{name}: {metrics['bpb']:.4f} bits/byte, token perplexity {metrics['perplexity']:.2f}, "
+                         f"{metrics['tokens']:,} tokens in {metrics['n']} documents")
+        elif "groups" in metrics:
+            groups = ", ".join(f"{g} {v:.2f}" for g, v in metrics["groups"].items())
+            lines.append(f"{name}: {groups}")
+    return lines
+
+
+def markdown_table(results: dict[str, Any], comparison: dict[str, Any] | None = None) -> str:
+    """A Markdown table of the results; with a comparison (results as B), its deltas and verdicts too."""
+    header = ["task", "metric", "value", "n", "centred"]
+    if comparison:
+        header += ["previous", "change", f"{comparison['settings']['confidence']:.0%} CI", "verdict"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in result_rows(results):
+        cells = [row["task"], row["metric"] + ("" if row["higher_is_better"] else " ↓"), _num(row["value"]),
+                 str(row["n"]), _num(row["centred"])]
+        if comparison:
+            cells += _comparison_cells(comparison["tasks"].get(row["task"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    core = results.get("core", {})
+    if core.get("score") is not None:
+        cells = ["**core**", "mean centred acc", _num(core["score"]), "", _num(core["score"])]
+        if comparison:
+            overall = comparison["overall"]
+            cells += _comparison_cells(overall if overall.get("metric") == "core" else None)
+        lines.append("| " + " | ".join(cells) + " |")
+    if comparison:
+        overall = comparison["overall"]
+        lines.append("")
+        lines.append(f"Overall verdict against the previous run: **{overall['verdict']}**"
+                     + (f" ({overall['metric']} {_signed(overall['delta'])}, CI "
+                        f"[{_signed(overall['ci'][0])}, {_signed(overall['ci'][1])}])" if overall.get("metric") else ""))
+    return "\n".join(lines)
+
+
+def _comparison_cells(entry: dict[str, Any] | None) -> list[str]:
+    if entry is None:
+        return ["", "", "", "new"]
+    if entry["verdict"] == NOT_COMPARED:
+        return ["", "", "", f"not compared ({entry['reason']})"]
+    return [_num(entry["a"]), _signed(entry["delta"]), f"[{_signed(entry['ci'][0])}, {_signed(entry['ci'][1])}]",
+            entry["verdict"]]
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.4f}"
+
+
+def _columns(rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]

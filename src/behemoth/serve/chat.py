@@ -1,0 +1,148 @@
+"""`behemoth chat --model DIR`: a terminal chat on the engine, with streaming output.
+
+    from behemoth.serve.chat import ChatSession
+    session = ChatSession.load("runs/speedrun/model", temperature=0.7)
+    for piece in session.reply("Hello"):      # text pieces as they are generated
+        print(piece, end="", flush=True)
+
+`run_chat` is the interactive loop around it (commands: /reset, /exit, /help). The session keeps
+the conversation; when it outgrows the context, the oldest turns are dropped (the system message
+stays), never the new message silently.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+from behemoth.errors import ConfigError
+
+HELP = "commands: /reset starts over, /exit (or Ctrl-D) quits; Ctrl-C stops a reply"
+
+
+class ChatSession:
+    def __init__(self, engine: Any, tokenizer: Any, context: int, temperature: float = 0.7, max_tokens: int = 256,
+                 system: str | None = None, seed: int | None = None):
+        from behemoth.serve.prompts import TokenText
+
+        self.engine, self.context = engine, context
+        self.text = TokenText(tokenizer)
+        self.temperature, self.max_tokens, self.seed = temperature, max_tokens, seed
+        self.system = system
+        self.messages: list[dict[str, str]] = []
+        self.finish_reason: str | None = None
+        self._turns = 0
+
+    @classmethod
+    def load(cls, model_dir: str | Path, max_context: int | None = None, **options: Any) -> ChatSession:
+        """Load a model directory (weights + tokenizer) and start an engine for it."""
+        from behemoth.serve.app import load_served_model
+
+        served = load_served_model("chat", model_dir, max_batch_size=1, max_queue=1, max_context=max_context)
+        served.engine.start()
+        return cls(served.engine, served.tokenizer, served.context, **options)
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def reset(self) -> None:
+        self.messages = []
+
+    def _conversation(self) -> list[dict[str, str]]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+
+    def _fitted_prompt(self) -> list[int]:
+        """The prompt ids, dropping the oldest turns until prompt + max_tokens fits the context."""
+        while True:
+            ids = self.text.chat_prompt_ids(self._conversation())
+            if len(ids) + self.max_tokens <= self.context:
+                return ids
+            if len(self.messages) <= 1:
+                self.messages.clear()
+                raise ConfigError(f"the message is too long: {len(ids)} prompt tokens + {self.max_tokens} new "
+                                  f"tokens exceed the context of {self.context} tokens")
+            del self.messages[: 2 if len(self.messages) > 2 else 1]
+
+    def reply(self, text: str) -> Iterator[str]:
+        """Send a user message; yields the reply's text as it streams. Closing the iterator early
+        (or Ctrl-C while iterating) stops generation and keeps what came so far."""
+        from behemoth.serve.engine import SamplingParams
+
+        self.messages.append({"role": "user", "content": text})
+        prompt = self._fitted_prompt()
+        seed = None if self.seed is None else self.seed + self._turns
+        self._turns += 1
+        params = SamplingParams(max_new_tokens=self.max_tokens, temperature=self.temperature, seed=seed)
+        request = self.engine.submit(prompt, params)
+        pieces: list[str] = []
+        self.finish_reason = None
+        try:
+            for event in request:
+                if event.text:
+                    pieces.append(event.text)
+                    yield event.text
+                self.finish_reason = event.finish_reason or self.finish_reason
+        finally:
+            request.cancel()
+            self.messages.append({"role": "assistant", "content": "".join(pieces)})
+
+
+def run_chat(session: ChatSession, read: Callable[[str], str] = input, out: TextIO = sys.stdout,
+             name: str = "model") -> None:
+    """The interactive loop: read a line, stream the reply, until /exit or end of input."""
+    out.write(f"behemoth chat with {name} ({HELP})\n")
+    while True:
+        try:
+            line = read("you> ")
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            session.reset()
+            out.write("(conversation cleared)\n")
+            continue
+        if text == "/help":
+            out.write(HELP + "\n")
+            continue
+        out.write("assistant> ")
+        out.flush()
+        stream = session.reply(text)
+        try:
+            for piece in stream:
+                out.write(piece)
+                out.flush()
+            if session.finish_reason == "length":
+                out.write(" [max tokens reached]")
+        except KeyboardInterrupt:
+            stream.close()
+            out.write(" [stopped]")
+        except ConfigError as err:
+            out.write(f"[{err}]")
+        out.write("\n")
+        out.flush()
+
+
+def chat_main(model_dir: str | Path, temperature: float = 0.7, max_tokens: int = 256, system: str | None = None,
+              seed: int | None = None, max_context: int | None = None) -> None:
+    """`behemoth chat`: load, loop, close."""
+    if not 0 <= temperature <= 2:
+        raise ConfigError(f"--temperature must be between 0 and 2, got {temperature}")
+    if max_tokens < 1:
+        raise ConfigError(f"--max-tokens must be at least 1, got {max_tokens}")
+    session = ChatSession.load(model_dir, max_context=max_context, temperature=temperature, max_tokens=max_tokens,
+                               system=system, seed=seed)
+    try:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        run_chat(session, name=Path(model_dir).name)
+    finally:
+        session.close()

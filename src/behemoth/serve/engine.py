@@ -1,0 +1,512 @@
+"""The inference engine: a background thread that decodes many requests as one batch.
+
+    engine = Engine(model, tokenizer, max_batch_size=16)
+    engine.start()
+    request = engine.submit(tokenizer.encode("In the beginning"), SamplingParams(max_new_tokens=20))
+    for event in request:                 # or `async for event in request` inside asyncio
+        print(event.text, end="")
+    engine.close()
+
+The loop (continuous batching), one iteration at a time:
+1. requests cancelled since the last step leave the batch (their cache rows are dropped);
+2. queued requests are prefilled, each on its own batch-of-one cache, within a budget of
+   `prefill_chunk` prompt tokens per iteration: several short prompts, or the next piece of a
+   long one, so a long prompt never stalls the running requests for more than one piece. A
+   request whose prompt is done samples its first token and joins the batch (its cache rows are
+   appended to the batch cache);
+3. one decode step feeds every running request's last token at its own absolute position and
+   samples with each request's own parameters and generator; requests that stopped leave.
+The KV cache (`kv_cache.py`) addresses entries by absolute position, so rows of different
+lengths need no padding and no common write pointer. Everything the model computes runs on the
+engine thread; torch releases the GIL inside its kernels, so an asyncio server stays responsive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from behemoth.errors import BehemothError, ConfigError
+from behemoth.model import Transformer
+from behemoth.serve.kv_cache import ModelCache
+from behemoth.serve.sampling import (MAX_LOGPROBS, Choice, InvalidParameter, SamplingParams, TextStream,
+                                     sample_tokens)
+
+__all__ = ["Engine", "Request", "SamplingParams", "TokenEvent", "PromptTooLong", "QueueFull", "EngineClosed",
+           "InvalidParameter", "MAX_LOGPROBS", "check_context"]
+
+log = logging.getLogger("behemoth.serve")
+
+
+class PromptTooLong(BehemothError):
+    """The prompt plus the tokens asked for do not fit in the model's context."""
+
+    def __init__(self, prompt_tokens: int, max_new_tokens: int, max_context: int):
+        super().__init__(
+            f"prompt of {prompt_tokens} tokens + max_new_tokens {max_new_tokens} = "
+            f"{prompt_tokens + max_new_tokens} tokens exceeds the context of {max_context} tokens "
+            f"(shorten the prompt or ask for at most {max(max_context - prompt_tokens, 0)} new tokens)")
+        self.prompt_tokens = prompt_tokens
+        self.max_new_tokens = max_new_tokens
+        self.max_context = max_context
+
+
+class QueueFull(BehemothError):
+    """The engine already holds `max_queue` waiting requests: try again later (HTTP 429/503)."""
+
+
+class EngineClosed(BehemothError):
+    """The engine was closed before (or while) the request ran."""
+
+
+def check_context(prompt_tokens: int, max_new_tokens: int, max_context: int) -> None:
+    """Raise PromptTooLong unless prompt + max_new_tokens fits: never truncate silently."""
+    if prompt_tokens + max_new_tokens > max_context:
+        raise PromptTooLong(prompt_tokens, max_new_tokens, max_context)
+
+
+@dataclass
+class TokenEvent:
+    """One generated token, as the consumer of a request sees it."""
+
+    token_id: int
+    text: str  # text released by this token ("" while a character or a possible stop string is incomplete)
+    # log-probability of token_id under the model's raw distribution (softmax of the logits,
+    # before repetition penalty, temperature and filters); always given
+    logprob: float | None
+    top_logprobs: list[tuple[int, float]] | None  # (token_id, logprob) of the `logprobs` likeliest; None if 0
+    finish_reason: str | None  # None while running; "stop" or "length" on the last event
+
+
+_request_ids = itertools.count(1)
+
+
+class Request:
+    """A submitted generation: iterate it (blocking or async) for its TokenEvents.
+
+    The stream ends after the event with a finish_reason, or without one when the request is
+    cancelled; an engine failure is raised to the consumer. Leaving the iteration early (break,
+    a closed async generator when an HTTP client goes away) cancels the request, which frees its
+    batch slot at the next step. Events are delivered once: iterate from one consumer.
+    """
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, engine: Engine | None = None):
+        self.id = next(_request_ids)
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.prompt_tokens = len(prompt_ids)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None  # "stop", "length", "cancelled" or "error" at the end
+        self.created_at = time.monotonic()
+        self.first_token_at: float | None = None  # for time-to-first-token metrics
+        self.finished_at: float | None = None
+        self._engine = engine
+        self._events: deque[TokenEvent] = deque()
+        self._cond = threading.Condition()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._done = False
+        self._error: BaseException | None = None
+        self.cancel_requested = False
+
+    # -- consumer side --------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        complete = False
+        try:
+            while True:
+                with self._cond:
+                    while not self._events and not self._done:
+                        self._cond.wait()
+                    event = self._next_or_end()
+                if event is None:
+                    complete = True
+                    return
+                yield event
+        finally:
+            if not complete:
+                self.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        loop = asyncio.get_running_loop()
+        complete = False
+        try:
+            while True:
+                wake = None
+                with self._cond:
+                    if not self._events and not self._done:
+                        wake = asyncio.Event()
+                        self._waiters.append((loop, wake))
+                    else:
+                        event = self._next_or_end()
+                if wake is not None:
+                    await wake.wait()
+                    continue
+                if event is None:
+                    complete = True
+                    return
+                yield event
+        finally:
+            if not complete:
+                self.cancel()
+
+    def _next_or_end(self) -> TokenEvent | None:
+        """Under the lock: the next event, None at the end, or the engine's error."""
+        if self._events:
+            return self._events.popleft()
+        if self._error is not None:
+            raise self._error
+        return None
+
+    def cancel(self) -> None:
+        """Stop generating (the client went away); a no-op once the request has finished."""
+        if self._done or self.cancel_requested:
+            return
+        self.cancel_requested = True
+        if self._engine is not None:
+            self._engine._wake()
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def text(self) -> str:
+        """Convenience: consume the whole stream (blocking) and return its text."""
+        return "".join(event.text for event in self)
+
+    # -- engine side ----------------------------------------------------------------------------
+
+    def _deliver(self, event: TokenEvent | None = None, finish: str | None = None,
+                 error: BaseException | None = None) -> None:
+        now = time.monotonic()
+        with self._cond:
+            if event is not None:
+                self.first_token_at = self.first_token_at or now
+                self._events.append(event)
+            if finish is not None:
+                self.finish_reason, self.finished_at, self._done = finish, now, True
+                self._error = error
+            waiters, self._waiters = self._waiters, []
+            self._cond.notify_all()
+        for loop, wake in waiters:
+            try:
+                loop.call_soon_threadsafe(wake.set)
+            except RuntimeError:  # the consumer's loop is closed: nobody is listening
+                pass
+
+
+@dataclass
+class _Slot:
+    """Engine-side state of one admitted request."""
+
+    request: Request
+    generator: torch.Generator
+    stream: TextStream
+    stop_ids: frozenset[int]
+    seen: torch.Tensor | None  # bool [vocab] of prompt and output tokens, for repetition penalty
+    cache: ModelCache | None = None  # its own cache while prefilling; then rows of the batch cache
+    prefilled: int = 0  # prompt tokens already through the model
+    last_token: int = -1  # the token to feed at the next decode step...
+    position: int = 0  # ...at this absolute position
+
+
+class Engine:
+    """Continuous-batching generation over one model on a background thread."""
+
+    def __init__(self, model: Transformer, tokenizer, max_batch_size: int = 16, max_queue: int = 256,
+                 max_context: int | None = None, prefill_chunk: int = 512):
+        model_context = model.config.max_position_embeddings
+        for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue),
+                            ("prefill_chunk", prefill_chunk)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if max_context is not None and not 1 <= max_context <= model_context:
+            raise ConfigError(f"max_context must be between 1 and the model's context ({model_context}), "
+                              f"got {max_context!r}")
+        self.model = model.eval()  # the engine owns the model from here: inference only
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.max_context = max_context or model_context
+        self.prefill_chunk = prefill_chunk
+        self.vocab_size = model.config.vocab_size
+        self.eos_token_ids = frozenset(_end_token_ids(tokenizer, model))
+
+        self._cond = threading.Condition()  # guards the queue and the closing flag
+        self._queue: deque[Request] = deque()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        # Owned by the engine thread:
+        self._running: list[_Slot] = []
+        self._batch: ModelCache | None = None  # one row per running slot, in the same order
+        self._prefilling: _Slot | None = None
+        self._counts = dict(tokens_generated=0, prompt_tokens=0, requests_finished=0,
+                            requests_cancelled=0, requests_failed=0)
+
+    # -- public API -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the decode thread (idempotent)."""
+        with self._cond:
+            if self._closing:
+                raise EngineClosed("the engine is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="behemoth-engine", daemon=True)
+                self._thread.start()
+
+    def close(self) -> None:
+        """Stop the thread; requests still queued or running end with EngineClosed."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        self._fail_all(EngineClosed("the engine was closed"))
+
+    def __enter__(self) -> Engine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Request:
+        """Queue a request; raises InvalidParameter, PromptTooLong, QueueFull or EngineClosed."""
+        params = params or SamplingParams()
+        params.validate()
+        prompt = self._checked_prompt(prompt_ids)
+        check_context(len(prompt), params.max_new_tokens, self.max_context)
+        bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if bad:
+            raise InvalidParameter("stop_token_ids", f"ids must be below the vocabulary size {self.vocab_size}, "
+                                                     f"got {bad[0]}")
+        request = Request(prompt, params, self)
+        with self._cond:
+            if self._closing:
+                raise EngineClosed("the engine is closed")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting); try again later")
+            self._queue.append(request)
+            self._cond.notify_all()
+        return request
+
+    def stats(self) -> dict:
+        """Gauges and counters for /metrics."""
+        with self._cond:
+            queue_depth = len(self._queue)
+        running = len(self._running) + (self._prefilling is not None)
+        return dict(queue_depth=queue_depth, running=running, max_batch_size=self.max_batch_size, **self._counts)
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def _checked_prompt(self, prompt_ids: list[int]) -> list[int]:
+        if isinstance(prompt_ids, torch.Tensor):
+            prompt_ids = prompt_ids.tolist()
+        if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
+            raise InvalidParameter("prompt", "must be a non-empty list of token ids")
+        for token in prompt_ids:
+            if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < self.vocab_size:
+                raise InvalidParameter("prompt", f"token ids must be integers in [0, {self.vocab_size}), "
+                                                 f"got {token!r}")
+        return list(prompt_ids)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while self._wait_for_work():
+                try:
+                    self._drop_cancelled()
+                    self._prefill_some()
+                    if self._running:
+                        self._decode_step()
+                except Exception as err:  # a bug or out-of-memory must not kill the engine thread
+                    log.exception("engine step failed")
+                    self._fail_in_flight(err)
+
+    def _wait_for_work(self) -> bool:
+        """Block until there is something to do; False when closing."""
+        with self._cond:
+            while not (self._closing or self._queue or self._running or self._prefilling):
+                self._cond.wait()
+            return not self._closing
+
+    def _fail_in_flight(self, error: BaseException) -> None:
+        """After a failed step the batch cache cannot be trusted: fail every admitted request
+        (queued ones are untouched and run next)."""
+        slots = self._running + ([self._prefilling] if self._prefilling is not None else [])
+        self._running, self._prefilling, self._batch = [], None, None
+        for slot in slots:
+            self._finish(slot.request, "error", error)
+
+    def _drop_cancelled(self) -> None:
+        if self._prefilling is not None and self._prefilling.request.cancel_requested:
+            self._finish(self._prefilling.request, "cancelled")
+            self._prefilling = None
+        cancelled = [s.request.cancel_requested for s in self._running]  # read once: set from other threads
+        if any(cancelled):
+            for slot, flag in zip(self._running, cancelled):
+                if flag:
+                    self._finish(slot.request, "cancelled")
+            self._keep([not flag for flag in cancelled])
+
+    def _prefill_some(self) -> None:
+        """Prefill up to `prefill_chunk` prompt tokens between two decode steps: a piece of one
+        long prompt, or several short prompts (each alone), so a burst of requests gets first
+        tokens quickly while the running ones still advance every iteration."""
+        budget = self.prefill_chunk
+        while budget > 0 and (self._prefilling is not None or self._admit()):
+            budget -= self._prefill_step(budget)
+
+    def _admit(self) -> bool:
+        """Start prefilling the next queued request if the batch has room; True if one started."""
+        if self._prefilling is not None or len(self._running) >= self.max_batch_size:
+            return False
+        cancelled, request = [], None
+        with self._cond:
+            while self._queue and request is None:
+                candidate = self._queue.popleft()
+                if candidate.cancel_requested:
+                    cancelled.append(candidate)
+                else:
+                    request = candidate
+        for waiting in cancelled:  # outside the engine lock: consumers take their own locks
+            self._finish(waiting, "cancelled")
+        if request is None:
+            return False
+        self._prefilling = self._new_slot(request)
+        return True
+
+    def _new_slot(self, request: Request) -> _Slot:
+        params = request.params
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        seen = None
+        if params.repetition_penalty != 1.0:
+            seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.model.device)
+            seen[torch.tensor(request.prompt_ids, device=seen.device)] = True
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
+        return _Slot(request=request, generator=torch.Generator().manual_seed(seed),
+                     stream=TextStream(self.tokenizer.decode, params.stop), stop_ids=stop_ids, seen=seen,
+                     cache=ModelCache.for_model(self.model, 1, self.max_context))
+
+    def _prefill_step(self, budget: int) -> int:
+        """Run the next piece (at most `budget` tokens) of the prefilling request's prompt; after
+        the last piece, sample its first token and move it into the running batch. Returns the
+        number of prompt tokens processed."""
+        slot = self._prefilling
+        prompt = slot.request.prompt_ids
+        start, end = slot.prefilled, min(slot.prefilled + budget, len(prompt))
+        device = self.model.device
+        ids = torch.tensor([prompt[start:end]], device=device)
+        positions = torch.arange(start, end, device=device)[None]
+        hidden = self.model.hidden_states(ids, positions, slot.cache.layers)
+        slot.prefilled = end
+        self._counts["prompt_tokens"] += end - start
+        if end < len(prompt):
+            return end - start
+        logits = self.model.lm_head(hidden[:, -1]).float()
+        choice = self._sample([slot], logits)[0]
+        slot.position = len(prompt)
+        if not self._advance(slot, choice):
+            if self._batch is None:
+                self._batch = slot.cache
+            else:
+                self._batch.extend(slot.cache)
+            slot.cache = None
+            self._running.append(slot)
+        self._prefilling = None  # only now: a failure above must still find and fail this request
+        return end - start
+
+    def _decode_step(self) -> None:
+        """One token for every running request, then let the finished ones leave."""
+        device = self.model.device
+        tokens = torch.tensor([[s.last_token] for s in self._running], device=device)
+        positions = torch.tensor([[s.position] for s in self._running], device=device)
+        hidden = self.model.hidden_states(tokens, positions, self._batch.layers)
+        logits = self.model.lm_head(hidden[:, -1]).float()
+        for slot in self._running:
+            slot.position += 1  # the token sampled now is fed one position further on
+        choices = self._sample(self._running, logits)
+        finished = [self._advance(slot, choice) for slot, choice in zip(self._running, choices)]
+        if any(finished):
+            self._keep([not f for f in finished])
+
+    def _sample(self, slots: list[_Slot], logits: torch.Tensor) -> list[Choice]:
+        seen = None
+        if any(s.seen is not None for s in slots):
+            empty = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            seen = torch.stack([s.seen if s.seen is not None else empty for s in slots])
+        return sample_tokens(logits, [s.request.params for s in slots], [s.generator for s in slots], seen)
+
+    def _advance(self, slot: _Slot, choice: Choice) -> bool:
+        """Record a sampled token, send its event; True when the request is finished."""
+        request, params, token = slot.request, slot.request.params, choice.token_id
+        request.completion_tokens += 1
+        self._counts["tokens_generated"] += 1
+        finish = None
+        if token in slot.stop_ids:
+            text, finish = slot.stream.flush(), "stop"  # the stop token itself is not shown
+        else:
+            text, hit = slot.stream.push(token)
+            if hit:
+                finish = "stop"
+            elif request.completion_tokens >= params.max_new_tokens:
+                text, finish = text + slot.stream.flush(), "length"
+        request._deliver(TokenEvent(token, text, choice.logprob, choice.top_logprobs, finish), finish)
+        if finish is not None:
+            self._counts["requests_finished"] += 1
+            return True
+        if slot.seen is not None:
+            slot.seen[token] = True
+        slot.last_token = token
+        return False
+
+    def _keep(self, keep: list[bool]) -> None:
+        """Drop the running slots (and their cache rows) whose flag is False."""
+        rows = [i for i, k in enumerate(keep) if k]
+        self._running = [self._running[i] for i in rows]
+        if not rows:
+            self._batch = None
+        else:
+            self._batch.select(rows)
+
+    def _finish(self, request: Request, reason: str, error: BaseException | None = None) -> None:
+        """End a request without a final token event (cancelled or failed)."""
+        if request.done:
+            return
+        request._deliver(finish=reason, error=error)
+        self._counts["requests_cancelled" if reason == "cancelled" else "requests_failed"] += 1
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._cond:
+            queued = list(self._queue)
+            self._queue.clear()
+        slots = self._running + ([self._prefilling] if self._prefilling is not None else [])
+        self._running, self._prefilling, self._batch = [], None, None
+        for request in queued + [s.request for s in slots]:
+            self._finish(request, "error", error)
+
+
+def _end_token_ids(tokenizer, model: Transformer) -> set[int]:
+    """Tokens that end a generation unless `ignore_eos`: the tokenizer's end of text and end of
+    turn. The model config's eos ids are used only for a tokenizer without them: a model
+    pretrained here keeps Llama 4's default eos_token_id (2), which is <|pad|> in our tokenizer."""
+    ids = {getattr(tokenizer, name, None) for name in ("eos_id", "eot_id")}
+    ids = {i for i in ids if isinstance(i, int)}
+    if not ids:
+        eos = model.config.eos_token_id
+        ids = {eos} if isinstance(eos, int) else set(eos or [])
+    return {i for i in ids if 0 <= i < model.config.vocab_size}

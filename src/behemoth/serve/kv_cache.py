@@ -1,0 +1,205 @@
+"""KV caches for incremental decoding, one per decoder layer, batched by request.
+
+`LayerCache` implements `behemoth.model.attention.KVCache`: attention hands it this step's keys
+and values with their absolute positions and gets back every key it may attend to, with the
+positions `visibility_mask` needs. The cache never decides visibility; it only has to keep every
+key a present or future query can still see, and mark empty slots with position -1.
+
+Where an entry lives is a function of its absolute position, so rows of a batch need no shared
+write pointer (each request has its own positions, and padding is simply "no entry"):
+- global (NoPE) layers keep everything: position p lives in slot p;
+- chunked local (RoPE) layers keep one chunk: position p lives in slot p % chunk. A query at p
+  sees only keys of its own chunk, [p - p % chunk, p], and those occupy distinct slots, so the
+  entry a new key overwrites belongs to an earlier chunk that no query will see again. Memory
+  per row is therefore bounded by the chunk size however long the conversation runs.
+
+Buffers grow on demand (doubling, capped by the layer's limit) instead of being allocated for
+the whole context up front, so a batch of short requests stays small and attention only reads
+the slots in use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from behemoth.model import Transformer
+
+MIN_CAPACITY = 64  # first allocation, in slots: avoids regrowing on every token of a short prompt
+
+
+class LayerCache:
+    """Keys, values and positions of one layer for a batch of requests.
+
+    keys/values: [batch, kv_heads, capacity, head_dim]; positions: [batch, capacity], -1 = empty.
+    `window` is the chunk size of a chunked local layer (None = global); `max_length` caps the
+    capacity of a global layer (the context the engine admits).
+    """
+
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, window: int | None, max_length: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        self.window = window
+        self.limit = min(window, max_length) if window is not None else max_length
+        self.keys = torch.zeros(batch, kv_heads, 0, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.positions = torch.full((batch, 0), -1, dtype=torch.long, device=device)
+        self.used = 0  # slots [0, used) may hold entries; attention reads only these
+
+    # -- the KVCache protocol -------------------------------------------------------------------
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store key/value [batch, kv_heads, new, head_dim] at `positions` [batch, new]; return
+        the keys, values and positions attention must consider."""
+        if self.window is not None and key.shape[2] > 1:
+            # Several tokens into a ring: a later token of this step may need the very slot an
+            # earlier one of its own chunk is in (a prompt crossing a chunk boundary), so attend
+            # over old entries plus the new ones first, then store what stays visible.
+            keys = torch.cat([self.keys[:, :, :self.used], key], dim=2)
+            values = torch.cat([self.values[:, :, :self.used], value], dim=2)
+            key_positions = torch.cat([self.positions[:, :self.used], positions], dim=1)
+            self._store_many(key, value, positions)
+            return keys, values, key_positions
+        # One token per row (decode), or a global layer: slots are distinct and what they
+        # overwrite is invisible to every query of this step, so write first and read in place.
+        if key.shape[2] == 1:
+            self._store_one(key, value, positions)
+        else:
+            self._store_many(key, value, positions)
+        return self.keys[:, :, :self.used], self.values[:, :, :self.used], self.positions[:, :self.used]
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def _slots(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions % self.window if self.window is not None else positions
+
+    def _store_one(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor) -> None:
+        """Decode step: one token per row, one scatter per tensor for the whole batch."""
+        low, high = positions.aminmax()
+        low, high = int(low), int(high)  # the one host read of the step (it sizes the buffers)
+        if low < 0:  # a padding row among them: rare, take the careful path
+            self._store_many(key, value, positions)
+            return
+        self._reserve(min(high + 1, self.window) if self.window is not None else high + 1)
+        batch, heads, _, dim = key.shape
+        slot = self._slots(positions)  # [batch, 1]
+        index = slot[:, None, :, None].expand(batch, heads, 1, dim)
+        self.keys.scatter_(2, index, key)
+        self.values.scatter_(2, index, value)
+        self.positions.scatter_(1, slot, positions)
+
+    def _store_many(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor) -> None:
+        """Prefill: several tokens per row. A chunked layer keeps only the entries of each row's
+        latest chunk (earlier ones can never be seen again, and would collide in the ring)."""
+        keep = positions >= 0
+        if self.window is not None:
+            latest = positions.max(dim=1, keepdim=True).values
+            keep &= positions >= latest - latest % self.window
+        slots = self._slots(positions)
+        if not bool(keep.any()):
+            return
+        self._reserve(int(slots[keep].max()) + 1)
+        for row in range(key.shape[0]):  # a few rows at most: prefill runs one request at a time
+            chosen = keep[row]
+            index = slots[row, chosen]
+            self.keys[row, :, index] = key[row, :, chosen]
+            self.values[row, :, index] = value[row, :, chosen]
+            self.positions[row, index] = positions[row, chosen]
+
+    def _reserve(self, needed: int) -> None:
+        """Make slots [0, needed) addressable; grow by doubling, never past the limit."""
+        if needed > self.limit:
+            raise ValueError(f"KV cache of {self.limit} slots cannot hold position slot {needed - 1}")
+        if needed > self.capacity:
+            self._resize(min(self.limit, max(needed, 2 * self.capacity, MIN_CAPACITY)))
+        self.used = max(self.used, needed)
+
+    def _resize(self, capacity: int) -> None:
+        keep = min(capacity, self.capacity)
+        batch, heads, _, dim = self.keys.shape
+        keys = self.keys.new_zeros(batch, heads, capacity, dim)
+        values = self.values.new_zeros(batch, heads, capacity, dim)
+        positions = self.positions.new_full((batch, capacity), -1)
+        keys[:, :, :keep] = self.keys[:, :, :keep]
+        values[:, :, :keep] = self.values[:, :, :keep]
+        positions[:, :keep] = self.positions[:, :keep]
+        self.keys, self.values, self.positions = keys, values, positions
+
+    # -- batch membership -----------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return self.positions.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.positions.shape[0]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these rows (requests that left the batch free their memory)."""
+        self.keys = self.keys.index_select(0, rows)
+        self.values = self.values.index_select(0, rows)
+        self.positions = self.positions.index_select(0, rows)
+        self.used = _used_slots(self.positions)
+        if self.capacity > MIN_CAPACITY and 4 * self.used < self.capacity:
+            self._resize(max(2 * self.used, MIN_CAPACITY))  # the long request left: give memory back
+
+    def extend(self, other: LayerCache) -> None:
+        """Append the rows of `other` (a newly prefilled request) below ours."""
+        if (other.window, other.limit) != (self.window, self.limit):
+            raise ValueError("cannot merge caches of differently shaped layers")
+        capacity = max(self.capacity, other.capacity)
+        if self.capacity < capacity:
+            self._resize(capacity)
+        if other.capacity < capacity:
+            other._resize(capacity)
+        self.keys = torch.cat([self.keys, other.keys])
+        self.values = torch.cat([self.values, other.values])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.used = max(self.used, other.used)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions))
+
+
+def _used_slots(positions: torch.Tensor) -> int:
+    """One past the highest slot that holds an entry in any row (0 for an empty cache)."""
+    occupied = (positions >= 0).any(dim=0).nonzero()
+    return int(occupied.max()) + 1 if occupied.numel() else 0
+
+
+class ModelCache:
+    """One `LayerCache` per decoder layer; `model(ids, positions, kv_caches=cache.layers)`."""
+
+    def __init__(self, layers: Sequence[LayerCache]):
+        self.layers = list(layers)
+
+    @classmethod
+    def for_model(cls, model: Transformer, batch_size: int, max_length: int | None = None) -> ModelCache:
+        """Empty caches shaped for `model`: chunked local layers get a ring of one chunk, global
+        layers up to `max_length` slots (default: the model's context)."""
+        config = model.config
+        max_length = max_length or config.max_position_embeddings
+        return cls([
+            LayerCache(batch_size, config.num_key_value_heads, config.head_dim,
+                       config.chunk_size_for_layer(i), max_length, model.dtype, model.device)
+            for i in range(config.num_hidden_layers)])
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].batch_size if self.layers else 0
+
+    def select(self, rows: Sequence[int] | torch.Tensor) -> None:
+        """Keep these rows, in this order."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.layers[0].positions.device)
+        for layer in self.layers:
+            layer.select(index)
+
+    def extend(self, other: ModelCache) -> None:
+        """Append other's rows (its batch joins ours); `other` must not be used afterwards."""
+        for mine, theirs in zip(self.layers, other.layers, strict=True):
+            mine.extend(theirs)
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
