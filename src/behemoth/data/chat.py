@@ -17,13 +17,12 @@ together (encoded apart, a tokenizer with a "\n\n" merge splits them differently
 from __future__ import annotations
 
 import hashlib
-import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from behemoth.errors import ConfigError
+from behemoth.jsonio import read_jsonl
 
 ROLES = ("system", "user", "assistant")
 Message = dict[str, str]
@@ -36,27 +35,11 @@ class Preference:
     rejected: str
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise ConfigError(f"{path}, line {number}: expected a JSON object")
-            yield number, row
-
-
 def load_conversations(path: str | Path) -> list[list[Message]]:
     """Conversations from a messages or Alpaca JSONL file; every one checked, errors by line."""
     path = Path(path)
     conversations = []
-    for number, row in _jsonl_rows(path):
+    for number, row in read_jsonl(path):
         where = f"{path}, line {number}"
         if "messages" in row:
             conversations.append(check_messages(row["messages"], where))
@@ -97,7 +80,7 @@ def load_preferences(path: str | Path) -> list[Preference]:
     """Preference pairs from JSONL; a missing field or an empty answer is an error naming the line."""
     path = Path(path)
     pairs = []
-    for number, row in _jsonl_rows(path):
+    for number, row in read_jsonl(path):
         where = f"{path}, line {number}"
         missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
         if missing:

@@ -25,15 +25,12 @@ or lacks the field: a one-line `ConfigError` naming the file and, where there is
 
 from __future__ import annotations
 
-import gzip
-import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
-from behemoth.jsonio import read_json_object
+from behemoth.jsonio import open_binary, read_json_object, read_jsonl, read_lines
 from behemoth.errors import ConfigError
 
 END_MARKERS = ("<|endoftext|>", "<|end_of_text|>")
@@ -183,40 +180,13 @@ def read_source(source: SourceFile, text_field: str = "text") -> Iterator[Docume
     yield from readers[source.kind](source.path, text_field)
 
 
-def _open_binary(path: Path) -> IO[bytes]:
-    try:
-        if path.name.lower().endswith(".gz"):
-            return gzip.open(path, "rb")
-        return open(path, "rb")
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line without its line ending); errors name the line.
-
-    Lines are decoded one by one (not by the chunk, as a text-mode file would) so that a
-    decoding error points at the right line.
-    """
-    number = 0
-    with _open_binary(path) as handle:
-        try:
-            for number, raw in enumerate(handle, start=1):
-                line = raw.decode("utf-8").rstrip("\r\n")
-                yield number, (line.removeprefix("\ufeff") if number == 1 else line)
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"{path}, line {number}: not valid UTF-8 (at byte {err.start + 1} of the line)") from None
-        except (OSError, EOFError) as err:
-            raise ConfigError(f"{path}, line {number + 1}: cannot read ({err})") from None
-
-
 def _contains_marker(path: Path) -> bool:
     """Whether the file holds an end-of-text marker anywhere (read in chunks, never whole)."""
     markers = [m.encode() for m in END_MARKERS]
     overlap = max(len(m) for m in markers) - 1
     tail = b""
     try:
-        with _open_binary(path) as handle:
+        with open_binary(path) as handle:
             while chunk := handle.read(1 << 20):
                 window = tail + chunk
                 if any(m in window for m in markers):
@@ -242,7 +212,7 @@ def _read_text(path: Path, _text_field: str) -> Iterator[Document]:
         index += 1
         return Document(text, path, index - 1, start)
 
-    for number, line in _lines(path):
+    for number, line in read_lines(path):
         if not lines:
             start = number
         if by_marker:
@@ -263,15 +233,7 @@ def _read_text(path: Path, _text_field: str) -> Iterator[Document]:
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
     index = 0
-    for number, line in _lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict):
-            raise ConfigError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
+    for number, record in read_jsonl(path):
         if text_field not in record:
             raise ConfigError(f"{path}, line {number}: no {text_field!r} field "
                               f"(fields: {', '.join(map(str, record)) or 'none'}; choose one with --text-field)")

@@ -8,17 +8,17 @@
 
 Modules, one concern each: tasks (names, task-list syntax, data files), scoring (log-likelihoods with
 our model), metrics (per-task numbers), core (the chance-centred aggregate), cache (per-item JSON
-cache), compare (paired bootstrap, verdicts), tables (text and Markdown), run (the whole run),
-lm_eval_adapter (the `behemoth` model type for lm-evaluation-harness; imported only on demand).
+cache), compare (paired bootstrap, verdicts), tables (results and comparisons as text and Markdown),
+run (the whole run), lm_eval_adapter (the `behemoth` model type for lm-evaluation-harness; imported
+only on demand).
 """
 
-from behemoth.eval.compare import (BETTER, NO_DIFFERENCE, NOT_COMPARED, WORSE, compare_results,
-                                   format_comparison)
+from behemoth.eval.compare import BETTER, NO_DIFFERENCE, NOT_COMPARED, WORSE, compare_results
 from behemoth.eval.cache import write_json_atomic
 from behemoth.eval.core import core_score
 from behemoth.eval.errors import EvalError
 from behemoth.eval.run import describe_model, evaluate_model, load_results, model_checksum, run_eval
-from behemoth.eval.tables import format_table, markdown_table, result_rows
+from behemoth.eval.tables import format_comparison, format_table, markdown_table, result_rows
 from behemoth.eval.tasks import TASK_NAMES, parse_task_list
 
 __all__ = ["run_eval", "evaluate_model", "describe_model", "load_results", "model_checksum", "write_json_atomic",

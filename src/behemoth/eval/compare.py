@@ -30,7 +30,6 @@ Compare output (schema "behemoth.eval.compare/1"):
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -181,48 +180,3 @@ def _warnings(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     if a.get("model", {}).get("sha256") and a.get("model", {}).get("sha256") == b.get("model", {}).get("sha256"):
         notes.append("both results are of the same weights (same model checksum)")
     return notes
-
-
-# ------------------------------------------------------------------------------------------------
-# Text
-# ------------------------------------------------------------------------------------------------
-
-def format_comparison(comparison: dict[str, Any]) -> str:
-    """Per-task deltas, intervals and verdicts as a plain-text table, then the overall verdict."""
-    confidence = comparison["settings"]["confidence"]
-    header = ("task", "metric", "n", "A", "B", "B - A", f"{confidence:.0%} CI", "verdict")
-    rows = [header]
-    for name, task in comparison["tasks"].items():
-        if task["verdict"] == NOT_COMPARED:
-            rows.append((name, "", "", "", "", "", "", f"not compared: {task['reason']}"))
-            continue
-        rows.append((name, task["metric"], str(task["n"]), _num(task["a"]), _num(task["b"]),
-                     _signed(task["delta"]), f"[{_signed(task['ci'][0])}, {_signed(task['ci'][1])}]", task["verdict"]))
-    overall = comparison["overall"]
-    lines = _columns(rows)
-    if overall["metric"]:
-        lines.append("")
-        what = "core score" if overall["metric"] == "core" else "mean bits per byte"
-        lines.append(f"overall ({what} over {len(overall['tasks'])} task(s)): {_num(overall['a'])} -> "
-                     f"{_num(overall['b'])}, {_signed(overall['delta'])} "
-                     f"[{_signed(overall['ci'][0])}, {_signed(overall['ci'][1])}]: {overall['verdict'].upper()}")
-    else:
-        lines.append(f"overall: {overall['verdict']} ({overall['reason']})")
-    for key, label in (("only_in_a", "only in A"), ("only_in_b", "only in B")):
-        if comparison[key]:
-            lines.append(f"{label}: {', '.join(comparison[key])}")
-    lines.extend(f"warning: {note}" for note in comparison["warnings"])
-    return "\n".join(lines)
-
-
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def _signed(value: float) -> str:
-    return f"{value:+.4f}"
-
-
-def _columns(rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]

@@ -1,4 +1,4 @@
-"""Results as tables: plain text for the terminal, Markdown for reports."""
+"""Results and comparisons as tables: plain text for the terminal, Markdown for reports."""
 
 from __future__ import annotations
 
@@ -95,8 +95,36 @@ def markdown_table(results: dict[str, Any], comparison: dict[str, Any] | None = 
         overall = comparison["overall"]
         lines.append("")
         lines.append(f"Overall verdict against the previous run: **{overall['verdict']}**"
-                     + (f" ({overall['metric']} {_signed(overall['delta'])}, CI "
-                        f"[{_signed(overall['ci'][0])}, {_signed(overall['ci'][1])}])" if overall.get("metric") else ""))
+                     + (f" ({overall['metric']} {_signed(overall['delta'])}, CI {_interval(overall['ci'])})"
+                        if overall.get("metric") else ""))
+    return "\n".join(lines)
+
+
+def format_comparison(comparison: dict[str, Any]) -> str:
+    """Per-task deltas, intervals and verdicts as a plain-text table, then the overall verdict."""
+    confidence = comparison["settings"]["confidence"]
+    header = ("task", "metric", "n", "A", "B", "B - A", f"{confidence:.0%} CI", "verdict")
+    rows = [header]
+    for name, task in comparison["tasks"].items():
+        if task["verdict"] == NOT_COMPARED:
+            rows.append((name, "", "", "", "", "", "", f"not compared: {task['reason']}"))
+            continue
+        rows.append((name, task["metric"], str(task["n"]), _num(task["a"]), _num(task["b"]),
+                     _signed(task["delta"]), _interval(task["ci"]), task["verdict"]))
+    overall = comparison["overall"]
+    lines = _columns(rows)
+    if overall["metric"]:
+        lines.append("")
+        what = "core score" if overall["metric"] == "core" else "mean bits per byte"
+        lines.append(f"overall ({what} over {len(overall['tasks'])} task(s)): {_num(overall['a'])} -> "
+                     f"{_num(overall['b'])}, {_signed(overall['delta'])} {_interval(overall['ci'])}: "
+                     f"{overall['verdict'].upper()}")
+    else:
+        lines.append(f"overall: {overall['verdict']} ({overall['reason']})")
+    for key, label in (("only_in_a", "only in A"), ("only_in_b", "only in B")):
+        if comparison[key]:
+            lines.append(f"{label}: {', '.join(comparison[key])}")
+    lines.extend(f"warning: {note}" for note in comparison["warnings"])
     return "\n".join(lines)
 
 
@@ -105,8 +133,7 @@ def _comparison_cells(entry: dict[str, Any] | None) -> list[str]:
         return ["", "", "", "new"]
     if entry["verdict"] == NOT_COMPARED:
         return ["", "", "", f"not compared ({entry['reason']})"]
-    return [_num(entry["a"]), _signed(entry["delta"]), f"[{_signed(entry['ci'][0])}, {_signed(entry['ci'][1])}]",
-            entry["verdict"]]
+    return [_num(entry["a"]), _signed(entry["delta"]), _interval(entry["ci"]), entry["verdict"]]
 
 
 def _num(value: float | None, digits: int = 4) -> str:
@@ -115,6 +142,10 @@ def _num(value: float | None, digits: int = 4) -> str:
 
 def _signed(value: float) -> str:
     return f"{value:+.4f}"
+
+
+def _interval(ci: Sequence[float]) -> str:
+    return f"[{_signed(ci[0])}, {_signed(ci[1])}]"
 
 
 def _columns(rows: Sequence[Sequence[str]]) -> list[str]:

@@ -26,19 +26,19 @@ there is none) repeat each choice after a bare "Answer:" for calibrated scoring;
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from behemoth.errors import BehemothError
+from behemoth.errors import BehemothError, ConfigError
 from behemoth.eval.errors import EvalError
+from behemoth.jsonio import read_jsonl
 
 # Kinds of task: how items are scored and summarised.
 MULTIPLE_CHOICE = "multiple_choice"
@@ -243,13 +243,16 @@ def load_task(spec: TaskSpec, limit: int | None = None) -> Task:
     """Read and check a task's items; `limit` keeps the first N (per BLiMP paradigm for blimp)."""
     if limit is not None and limit < 1:
         raise EvalError(f"--limit must be at least 1, got {limit}")
-    if spec.base in PACKAGED:
-        return _load_requests_task(spec, limit)
-    if spec.base == "blimp":
-        return _load_blimp(spec, limit)
-    if spec.base == "ppl":
-        return _load_text(spec, limit)
-    return _load_prompts(spec, limit)
+    try:
+        if spec.base in PACKAGED:
+            return _load_requests_task(spec, limit)
+        if spec.base == "blimp":
+            return _load_blimp(spec, limit)
+        if spec.base == "ppl":
+            return _load_text(spec, limit)
+        return _load_prompts(spec, limit)
+    except ConfigError as err:  # a bad line of a data file, from read_jsonl: an eval error like the rest
+        raise EvalError(str(err)) from None
 
 
 def load_tasks(specs: Sequence[TaskSpec], limit: int | None = None) -> list[Task]:
@@ -333,27 +336,6 @@ def _variant_config(requests_file: Path) -> dict[str, Any]:
     return task_config if isinstance(task_config, dict) else {}
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for every non-blank line of a .jsonl or .jsonl.gz file."""
-    try:
-        opener = gzip.open if path.name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise EvalError(f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno})") from None
-                if not isinstance(row, dict):
-                    raise EvalError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-                yield number, row
-    except UnicodeDecodeError:
-        raise EvalError(f"{path}: not valid UTF-8") from None
-    except (OSError, EOFError) as err:  # gzip raises these for a truncated or non-gzip file
-        raise EvalError(f"{path}: cannot be read ({err})") from None
-
-
 @dataclass
 class _Row:
     line: int
@@ -366,7 +348,7 @@ class _Row:
 def _group_requests(path: Path, uncond_offset: int) -> dict[int, list[_Row]]:
     """Request rows grouped by doc_id in file order, unconditional duplicates dropped."""
     docs: dict[int, list[_Row]] = {}
-    for number, row in read_jsonl(path):
+    for number, row in read_jsonl(path, style="colon"):
         where = f"{path}:{number}"
         doc_id = row.get("doc_id")
         idx = row.get("idx", 0)
@@ -433,7 +415,7 @@ def _load_blimp(spec: TaskSpec, limit: int | None) -> Task:
     total = 0
     for path in files:
         pairs = []
-        for number, row in read_jsonl(path):
+        for number, row in read_jsonl(path, style="colon"):
             good, bad = row.get("sentence_good"), row.get("sentence_bad")
             if not isinstance(good, str) or not isinstance(bad, str) or not good.strip() or not bad.strip():
                 raise EvalError(f'{path}:{number}: expected non-empty "sentence_good" and "sentence_bad" strings')

@@ -70,6 +70,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """x [tokens, hidden]; expert_ids, gates [tokens, top_k] -> summed expert outputs [tokens, hidden]."""
         top_k = expert_ids.shape[-1]
+        if x.shape[0] == 1:
+            return self._one_token(x, expert_ids[0], gates[0])
         flat_ids = expert_ids.reshape(-1)
         order = flat_ids.argsort(stable=True)
         token_of_slot = order // top_k
@@ -90,6 +92,18 @@ class Experts(nn.Module):
             return torch.zeros_like(x)
         routed_out = torch.cat(outputs)
         return torch.zeros_like(x).index_add_(0, token_of_slot, routed_out)
+
+    def _one_token(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """A single token (decoding one sequence): run its top-k experts directly, since sorting,
+        counting and scattering would cost more than the experts. Summed in expert order, as
+        the sorted path's index_add does, so both give the same bits."""
+        out = None
+        for expert, gate in sorted(zip(expert_ids.tolist(), gates.unbind())):
+            gate_up = (x * gate.to(x.dtype)) @ self.gate_up_proj[expert]
+            gate_part, up = gate_up.chunk(2, dim=-1)
+            y = (F.silu(gate_part) * up) @ self.down_proj[expert]
+            out = y if out is None else out + y
+        return out
 
 
 class MoE(nn.Module):

@@ -23,7 +23,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_normalize(x, self.eps) * self.weight
+        return rms_normalize(x, self.eps, self.weight)
 
 
 class DecoderLayer(nn.Module):

@@ -9,11 +9,12 @@
 
 The loop (continuous batching), one iteration at a time:
 1. requests cancelled since the last step leave the batch (their cache rows are dropped);
-2. queued requests are prefilled, each on its own batch-of-one cache, within a budget of
-   `prefill_chunk` prompt tokens per iteration: several short prompts, or the next piece of a
-   long one, so a long prompt never stalls the running requests for more than one piece. A
-   request whose prompt is done samples its first token and joins the batch (its cache rows are
-   appended to the batch cache);
+2. one prefill forward of at most `prefill_chunk` tokens (padding included): the whole prompts
+   of several queued requests as one right-padded batch, or the next piece of a long prompt, so
+   a burst of requests gets its first tokens after one forward rather than one forward each,
+   and a long prompt never stalls the running requests for more than one piece. Requests whose
+   prompts are done sample their first tokens and join the batch (their cache rows are appended
+   to the batch cache);
 3. one decode step feeds every running request's last token at its own absolute position and
    samples with each request's own parameters and generator; requests that stopped leave.
 The KV cache (`kv_cache.py`) addresses entries by absolute position, so rows of different
@@ -212,7 +213,7 @@ class _Slot:
     stream: TextStream
     stop_ids: frozenset[int]
     seen: torch.Tensor | None  # bool [vocab] of prompt and output tokens, for repetition penalty
-    cache: ModelCache | None = None  # its own cache while prefilling; then rows of the batch cache
+    cache: ModelCache | None = None  # its own cache while a long prompt is prefilled in pieces
     prefilled: int = 0  # prompt tokens already through the model
     last_token: int = -1  # the token to feed at the next decode step...
     position: int = 0  # ...at this absolute position
@@ -247,7 +248,9 @@ class Engine:
         # Owned by the engine thread:
         self._running: list[_Slot] = []
         self._batch: ModelCache | None = None  # one row per running slot, in the same order
-        self._prefilling: _Slot | None = None
+        # Admitted, prompt not yet through the model: the slots of the prefill forward under way
+        # (so a failure finds them), or between iterations the one long prompt done in pieces.
+        self._prefilling: list[_Slot] = []
         self._counts = dict(tokens_generated=0, prompt_tokens=0, requests_finished=0,
                             requests_cancelled=0, requests_failed=0)
 
@@ -303,7 +306,7 @@ class Engine:
         """Gauges and counters for /metrics."""
         with self._cond:
             queue_depth = len(self._queue)
-        running = len(self._running) + (self._prefilling is not None)
+        running = len(self._running) + len(self._prefilling)
         return dict(queue_depth=queue_depth, running=running, max_batch_size=self.max_batch_size, **self._counts)
 
     # -- checks ---------------------------------------------------------------------------------
@@ -347,15 +350,15 @@ class Engine:
     def _fail_in_flight(self, error: BaseException) -> None:
         """After a failed step the batch cache cannot be trusted: fail every admitted request
         (queued ones are untouched and run next)."""
-        slots = self._running + ([self._prefilling] if self._prefilling is not None else [])
-        self._running, self._prefilling, self._batch = [], None, None
+        slots = self._running + self._prefilling
+        self._running, self._prefilling, self._batch = [], [], None
         for slot in slots:
             self._finish(slot.request, "error", error)
 
     def _drop_cancelled(self) -> None:
-        if self._prefilling is not None and self._prefilling.request.cancel_requested:
-            self._finish(self._prefilling.request, "cancelled")
-            self._prefilling = None
+        for slot in [s for s in self._prefilling if s.request.cancel_requested]:
+            self._finish(slot.request, "cancelled")
+            self._prefilling.remove(slot)
         cancelled = [s.request.cancel_requested for s in self._running]  # read once: set from other threads
         if any(cancelled):
             for slot, flag in zip(self._running, cancelled):
@@ -364,31 +367,41 @@ class Engine:
             self._keep([not flag for flag in cancelled])
 
     def _prefill_some(self) -> None:
-        """Prefill up to `prefill_chunk` prompt tokens between two decode steps: a piece of one
-        long prompt, or several short prompts (each alone), so a burst of requests gets first
-        tokens quickly while the running ones still advance every iteration."""
+        """One prefill forward between two decode steps, over at most `prefill_chunk` tokens
+        counting padding: the long prompt under way (its next piece), then as many queued
+        prompts, whole, as fit. Rows are right-padded to the longest piece; padding has position
+        -1, so the cache stores nothing for it and no query sees it (and its own outputs are
+        never read). A row is added only if all of its prompt fits, so the only row that can be
+        left part-way is a first row longer than the budget, which then runs alone."""
         budget = self.prefill_chunk
-        while budget > 0 and (self._prefilling is not None or self._admit()):
-            budget -= self._prefill_step(budget)
+        carried = self._prefilling[0] if self._prefilling else None
+        width = min(len(carried.request.prompt_ids) - carried.prefilled, budget) if carried else 0
+        while len(self._running) + len(self._prefilling) < self.max_batch_size:
+            rows = len(self._prefilling) + 1
+            request = self._pop_queued(lambda n: rows * max(width, min(n, budget)) <= budget)
+            if request is None:
+                break
+            self._prefilling.append(self._new_slot(request))
+            width = max(width, min(len(request.prompt_ids), budget))
+        if self._prefilling:
+            self._prefill_step(width)
 
-    def _admit(self) -> bool:
-        """Start prefilling the next queued request if the batch has room; True if one started."""
-        if self._prefilling is not None or len(self._running) >= self.max_batch_size:
-            return False
+    def _pop_queued(self, fits) -> Request | None:
+        """The next queued request if `fits(its prompt length)`; cancelled ones are finished on
+        the way. First come, first served: a request that does not fit waits at the head."""
         cancelled, request = [], None
         with self._cond:
             while self._queue and request is None:
-                candidate = self._queue.popleft()
+                candidate = self._queue[0]
                 if candidate.cancel_requested:
-                    cancelled.append(candidate)
+                    cancelled.append(self._queue.popleft())
+                elif fits(len(candidate.prompt_ids)):
+                    request = self._queue.popleft()
                 else:
-                    request = candidate
+                    break
         for waiting in cancelled:  # outside the engine lock: consumers take their own locks
             self._finish(waiting, "cancelled")
-        if request is None:
-            return False
-        self._prefilling = self._new_slot(request)
-        return True
+        return request
 
     def _new_slot(self, request: Request) -> _Slot:
         params = request.params
@@ -399,36 +412,52 @@ class Engine:
             seen[torch.tensor(request.prompt_ids, device=seen.device)] = True
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
         return _Slot(request=request, generator=torch.Generator().manual_seed(seed),
-                     stream=TextStream(self.tokenizer.decode, params.stop), stop_ids=stop_ids, seen=seen,
-                     cache=ModelCache.for_model(self.model, 1, self.max_context))
+                     stream=TextStream(self.tokenizer.decode, params.stop), stop_ids=stop_ids, seen=seen)
 
-    def _prefill_step(self, budget: int) -> int:
-        """Run the next piece (at most `budget` tokens) of the prefilling request's prompt; after
-        the last piece, sample its first token and move it into the running batch. Returns the
-        number of prompt tokens processed."""
-        slot = self._prefilling
-        prompt = slot.request.prompt_ids
-        start, end = slot.prefilled, min(slot.prefilled + budget, len(prompt))
+    def _prefill_step(self, width: int) -> None:
+        """Run each prefilling row's next piece (at most `width` tokens) as one batch. Rows whose
+        prompt is done sample their first token and move into the running batch."""
+        slots = self._prefilling
         device = self.model.device
-        ids = torch.tensor([prompt[start:end]], device=device)
-        positions = torch.arange(start, end, device=device)[None]
-        hidden = self.model.hidden_states(ids, positions, slot.cache.layers)
-        slot.prefilled = end
-        self._counts["prompt_tokens"] += end - start
-        if end < len(prompt):
-            return end - start
-        logits = self.model.lm_head(hidden[:, -1]).float()
-        choice = self._sample([slot], logits)[0]
-        slot.position = len(prompt)
-        if not self._advance(slot, choice):
-            if self._batch is None:
-                self._batch = slot.cache
-            else:
-                self._batch.extend(slot.cache)
+        ids = torch.zeros(len(slots), width, dtype=torch.long)
+        positions = torch.full((len(slots), width), -1, dtype=torch.long)
+        pieces = []
+        for row, slot in enumerate(slots):
+            start = slot.prefilled
+            end = min(start + width, len(slot.request.prompt_ids))
+            ids[row, :end - start] = torch.tensor(slot.request.prompt_ids[start:end])
+            positions[row, :end - start] = torch.arange(start, end)
+            pieces.append(end - start)
+        fresh = ModelCache.for_model(self.model, len(slots) - (slots[0].cache is not None), self.max_context)
+        if slots[0].cache is not None:  # the long prompt under way: its rows come first
+            cache = slots[0].cache
+            if fresh.batch_size:
+                cache.extend(fresh)
+        else:
+            cache = fresh
+        hidden = self.model.hidden_states(ids.to(device), positions.to(device), cache.layers)
+        for slot, piece in zip(slots, pieces):
+            slot.prefilled += piece
+            self._counts["prompt_tokens"] += piece
+        if slots[0].prefilled < len(slots[0].request.prompt_ids):  # more pieces to come (it ran alone)
+            slots[0].cache = cache
+            return
+        last = torch.tensor(pieces, device=device) - 1  # each row's last real token
+        logits = self.model.lm_head(hidden[torch.arange(len(slots), device=device), last]).float()
+        for slot in slots:
             slot.cache = None
-            self._running.append(slot)
-        self._prefilling = None  # only now: a failure above must still find and fail this request
-        return end - start
+            slot.position = len(slot.request.prompt_ids)
+        choices = self._sample(slots, logits)
+        keep = [row for row, (slot, choice) in enumerate(zip(slots, choices)) if not self._advance(slot, choice)]
+        if keep:
+            if len(keep) < len(slots):
+                cache.select(keep)  # stopped at their first token: never join
+            if self._batch is None:
+                self._batch = cache
+            else:
+                self._batch.extend(cache)
+            self._running.extend(slots[row] for row in keep)
+        self._prefilling = []  # only now: a failure above must still find and fail these requests
 
     def _decode_step(self) -> None:
         """One token for every running request, then let the finished ones leave."""
@@ -494,8 +523,8 @@ class Engine:
         with self._cond:
             queued = list(self._queue)
             self._queue.clear()
-        slots = self._running + ([self._prefilling] if self._prefilling is not None else [])
-        self._running, self._prefilling, self._batch = [], None, None
+        slots = self._running + self._prefilling
+        self._running, self._prefilling, self._batch = [], [], None
         for request in queued + [s.request for s in slots]:
             self._finish(request, "error", error)
 

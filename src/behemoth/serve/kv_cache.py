@@ -99,13 +99,15 @@ class LayerCache:
         slots = self._slots(positions)
         if not bool(keep.any()):
             return
-        self._reserve(int(slots[keep].max()) + 1)
-        for row in range(key.shape[0]):  # a few rows at most: prefill runs one request at a time
-            chosen = keep[row]
-            index = slots[row, chosen]
-            self.keys[row, :, index] = key[row, :, chosen]
-            self.values[row, :, index] = value[row, :, chosen]
-            self.positions[row, index] = positions[row, chosen]
+        rows, tokens = keep.nonzero(as_tuple=True)
+        index = slots[rows, tokens]
+        self._reserve(int(index.max()) + 1)
+        # One indexed write per tensor for every row of a batched prefill. The (row, slot) pairs
+        # are distinct (a row's kept positions are distinct and, in a ring, of a single chunk),
+        # so the writes never collide.
+        self.keys[rows, :, index] = key[rows, :, tokens]
+        self.values[rows, :, index] = value[rows, :, tokens]
+        self.positions[rows, index] = positions[rows, tokens]
 
     def _reserve(self, needed: int) -> None:
         """Make slots [0, needed) addressable; grow by doubling, never past the limit."""

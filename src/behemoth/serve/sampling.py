@@ -120,7 +120,9 @@ def sample_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     greedy = [i for i, p in enumerate(params) if p.temperature == 0]
     sampled = [i for i, p in enumerate(params) if p.temperature != 0]
-    if greedy:
+    if len(greedy) == len(params):  # the common all-greedy batch: no row gathering
+        tokens = logits.argmax(dim=-1)
+    elif greedy:
         tokens[greedy] = logits[greedy].argmax(dim=-1)
     if sampled:
         rows = [params[i] for i in sampled]

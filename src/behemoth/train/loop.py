@@ -28,7 +28,7 @@ from behemoth.info import model_size
 from behemoth.model import RouterOutput, Transformer
 from behemoth.train.checkpointing import TrainerState, list_checkpoints, load_checkpoint, save_checkpoint
 from behemoth.train.config import RunConfig
-from behemoth.train.metrics import MetricsLog, Progress, measure_matmul_peak
+from behemoth.train.metrics import MetricsLog, Progress, measure_matmul_peak, read_metrics
 from behemoth.train.objectives import expert_load, router_z_loss, switch_balance_loss, update_selection_bias
 from behemoth.train.optim import build_optimizer, learning_rate
 
@@ -142,6 +142,11 @@ def train_loop(run: RunConfig, out_dir: Path, model: Transformer, tokenizer: Any
                             TrainerState(step=done, tokens_seen=tokens_seen, loader=objective.loader.state_dict()),
                             run, tokenizer, keep=run.run.keep_checkpoints)
     bar.close()
+    if first_step >= total and (out_dir / "metrics.jsonl").is_file():
+        # A finished run resumed: nothing left to train, so report the numbers it ended with.
+        last = read_metrics(out_dir / "metrics.jsonl")[-1]
+        loss_value = last["loss"]
+        validation = {k: v for k, v in last.items() if k.startswith("val_")}
     model_dir = save_model(model.eval(), out_dir / "model", tokenizer=tokenizer)
     return TrainResult(out_dir, model_dir, total, loss_value, validation)
 
