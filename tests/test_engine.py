@@ -127,6 +127,35 @@ def test_concurrent_greedy_requests_equal_generate(engine, model, tokenizer) -> 
     assert stats["running"] == 0 and stats["queue_depth"] == 0
 
 
+@pytest.mark.parametrize("prefill_chunk", [512, 24])
+def test_queued_prompts_are_prefilled_together_and_equal_generate(model, tokenizer, monkeypatch,
+                                                                   prefill_chunk: int) -> None:
+    """Prompts waiting together share prefill forwards (right-padded rows at their own positions),
+    never more than `prefill_chunk` tokens counting padding; a prompt longer than that runs in
+    pieces; every request still decodes exactly as it would alone."""
+    queued = prompts(tokenizer) + [prompts(tokenizer)[1] * 2]  # the last one is longer than 24
+    real, shapes = model.hidden_states, []
+
+    def recording(ids, *args, **kwargs):
+        shapes.append(tuple(ids.shape))
+        return real(ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "hidden_states", recording)
+    engine = Engine(model, tokenizer, max_batch_size=8, prefill_chunk=prefill_chunk)
+    requests = [engine.submit(p, greedy(12)) for p in queued]  # all queued before the loop starts
+    with engine:
+        outputs = [[e.token_id for e in request] for request in requests]
+    monkeypatch.undo()
+    assert outputs == [reference(model, p, 12) for p in queued]
+    prefills = [s for s in shapes if s[1] > 1]
+    assert all(rows * width <= prefill_chunk for rows, width in prefills)
+    if prefill_chunk == 512:
+        assert prefills == [(len(queued), max(len(p) for p in queued))]  # one forward for all
+    else:  # first come, first served: a prompt that does not fit waits for the next forward
+        assert any(rows > 1 for rows, _ in prefills)
+        assert any(rows == 1 and width == prefill_chunk for rows, width in prefills)  # a piece, alone
+
+
 def test_a_request_joins_a_running_batch_and_a_finished_one_does_not_stall_others(engine, model, tokenizer) -> None:
     long_prompt, short_prompt = prompts(tokenizer)[1], prompts(tokenizer)[0]
     first = engine.submit(long_prompt, greedy(60))

@@ -79,7 +79,7 @@ def quick_tiny_runs():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("behemoth.train.loop.measure_matmul_peak", lambda **_: 1e12)
+        patch.setattr("behemoth.train.loop.machine_matmul_peak", lambda *_: 1e12)
         yield
     torch.set_num_threads(threads)
 
@@ -301,7 +301,7 @@ def _expected_learn_mask(tokenizer: Tokenizer, messages) -> list[bool]:
     text = tokenizer.apply_chat_template(messages)
     spans, position = [], len("<|begin_of_text|>")
     for message in messages:
-        start = position + len(f"<|header_start|>{message['role']}<|header_end|>\n\n")
+        start = position + len(f"<|header_start|>{message['role']}<|header_end|>")
         end = start + len(message["content"])
         if message["role"] == "assistant":
             spans.append((start, end + len("<|eot|>")))
@@ -564,3 +564,20 @@ def test_cli_distill_with_another_tokenizer_exits_2(teacher, corpus, tmp_path, c
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(other) in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("which", ["teacher", "newline-merging"])
+def test_training_ids_continue_the_inference_prompt(which, teacher, newline_tokenizer) -> None:
+    """What SFT trains on after each assistant header is exactly what a served prompt ends with,
+    so the model is never trained on one token boundary and prompted with another."""
+    from behemoth.serve.prompts import TokenText
+
+    tokenizer = Tokenizer.load(teacher) if which == "teacher" else newline_tokenizer
+    served = TokenText(tokenizer)
+    for messages in CONVERSATIONS:
+        ids, _ = render_conversation(tokenizer, messages)
+        for k, message in enumerate(messages):
+            if message["role"] == "assistant":
+                prompt = served.chat_prompt_ids(messages[:k])
+                assert prompt == render_prompt(tokenizer, messages[:k])
+                assert ids[:len(prompt)] == prompt, (messages, k)

@@ -153,10 +153,10 @@ CONVERSATIONS = [
 def test_chat_template_layout(tok):
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
     assert tok.apply_chat_template(messages) == (
-        "<|begin_of_text|><|header_start|>system<|header_end|>\n\nS<|eot|>"
-        "<|header_start|>user<|header_end|>\n\nU<|eot|>")
+        "<|begin_of_text|><|header_start|>system<|header_end|>S<|eot|>"
+        "<|header_start|>user<|header_end|>U<|eot|>")
     assert tok.apply_chat_template(messages, add_generation_prompt=True).endswith(
-        "U<|eot|><|header_start|>assistant<|header_end|>\n\n")
+        "U<|eot|><|header_start|>assistant<|header_end|>")
     ids = tok.encode(tok.apply_chat_template(messages))
     assert ids[:2] == [tok.bos_id, 3] and ids[-1] == tok.eot_id
     assert tok.apply_chat_template([]) == "<|begin_of_text|>"  # transformers refuses an empty chat

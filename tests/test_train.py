@@ -195,3 +195,14 @@ def test_sigkill_at_any_moment_then_resume_matches_uninterrupted(corpus, tmp_pat
 def test_shipped_config_file_is_valid() -> None:
     run = load_run_config(Path(__file__).parent.parent / "configs" / "cpu-small.toml")
     assert run.model["preset"] == "cpu-small" and run.run.steps == 1000
+
+
+def test_machine_peak_keeps_the_best_measurement(tmp_path, monkeypatch) -> None:
+    """A peak measured while the cores were busy must not lower the one already known."""
+    from behemoth.train import metrics
+
+    monkeypatch.setenv("BEHEMOTH_CACHE", str(tmp_path))
+    readings = iter([5e10, 2e10, 9e10])
+    monkeypatch.setattr(metrics, "measure_matmul_peak", lambda **_: next(readings))
+    assert [metrics.machine_matmul_peak("cpu") for _ in range(3)] == [5e10, 5e10, 9e10]
+    assert len(json.loads((tmp_path / "matmul_peak.json").read_text())) == 1

@@ -45,16 +45,21 @@ SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 
 # The Jinja twin of `Tokenizer.apply_chat_template`, for transformers and serving stacks. Only
 # expressions emit text (no literal text between tags), so Jinja's whitespace trimming cannot
-# change the output; '\n\n' is a Jinja string escape.
+# change the output.
+# Llama 4 puts "\n\n" between <|header_end|> and the content. We do not: byte-level BPE would
+# encode those newlines differently when content follows (a whole conversation, or SFT) than at
+# the end of a generation prompt, so the model would be trained on one token boundary and
+# prompted with another. With a special token right before the content, every way of encoding a
+# conversation (whole string, per message, the server's) gives the same ids.
 CHAT_TEMPLATE = (
     "{{ '<|begin_of_text|>' }}"
     "{% for message in messages %}"
     "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
     "{{ raise_exception('chat role must be system, user or assistant, not ' ~ message['role']) }}"
     "{% endif %}"
-    "{{ '<|header_start|>' + message['role'] + '<|header_end|>\\n\\n' + message['content'] + '<|eot|>' }}"
+    "{{ '<|header_start|>' + message['role'] + '<|header_end|>' + message['content'] + '<|eot|>' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|header_start|>assistant<|header_end|>\\n\\n' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<|header_start|>assistant<|header_end|>' }}{% endif %}"
 )
 
 
@@ -132,16 +137,17 @@ class Tokenizer:
     # -- chat -------------------------------------------------------------------------------------
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
-        """Llama 4 chat layout as text; `CHAT_TEMPLATE` renders the same for transformers.
+        """Llama 4 chat layout (without its newlines after the header, see CHAT_TEMPLATE) as text;
+        `CHAT_TEMPLATE` renders the same for transformers.
 
         Encode the result with `encode`: the special-token strings in it become their ids.
         """
         parts = [BOS]
         for i, message in enumerate(messages):
             role, content = _checked_message(i, message)
-            parts.append(f"{HEADER_START}{role}{HEADER_END}\n\n{content}{EOT}")
+            parts.append(f"{HEADER_START}{role}{HEADER_END}{content}{EOT}")
         if add_generation_prompt:
-            parts.append(f"{HEADER_START}assistant{HEADER_END}\n\n")
+            parts.append(f"{HEADER_START}assistant{HEADER_END}")
         return "".join(parts)
 
     # -- files ------------------------------------------------------------------------------------

@@ -114,22 +114,17 @@ def _answer(value: Any, where: str) -> str:
 # ------------------------------------------------------------------------------------------------
 
 def header(role: str) -> str:
-    return f"<|header_start|>{role}<|header_end|>\n\n"
+    return f"<|header_start|>{role}<|header_end|>"
 
 
 def _message_ids(tokenizer: Any, message: Message) -> tuple[list[int], int]:
     """Ids of one rendered message and how many of them (from the start) are template, not content.
 
-    The header's "\n\n" and the content are encoded as one text, as whole-string encoding sees
-    them; the template part is the longest run of leading tokens that decodes within "\n\n" (a
-    token that also holds content characters counts as content).
+    The header ends in a special token, so the content encodes the same alone as inside the
+    whole conversation (see CHAT_TEMPLATE in behemoth.tokenizer).
     """
-    head = tokenizer.encode(header(message["role"]).removesuffix("\n\n"))
-    body = tokenizer.encode("\n\n" + message["content"])
-    newlines = 0
-    while newlines < len(body) and "\n\n".startswith(tokenizer.decode(body[:newlines + 1])):
-        newlines += 1
-    return head + body + [tokenizer.eot_id], len(head) + newlines
+    head = tokenizer.encode(header(message["role"]))
+    return head + tokenizer.encode(message["content"]) + [tokenizer.eot_id], len(head)
 
 
 def render_conversation(tokenizer: Any, messages: list[Message]) -> tuple[list[int], list[bool]]:

@@ -69,6 +69,6 @@ class TokenText:
         ids = [tok.bos_id]
         for message in messages:
             ids += [self._header_start, *tok.encode(message["role"]), self._header_end,
-                    *self.encode_literal("\n\n" + message["content"]), tok.eot_id]
-        ids += [self._header_start, *tok.encode("assistant"), self._header_end, *tok.encode("\n\n")]
+                    *self.encode_literal(message["content"]), tok.eot_id]
+        ids += [self._header_start, *tok.encode("assistant"), self._header_end]
         return ids

@@ -28,7 +28,7 @@ from behemoth.info import model_size
 from behemoth.model import RouterOutput, Transformer
 from behemoth.train.checkpointing import TrainerState, list_checkpoints, load_checkpoint, save_checkpoint
 from behemoth.train.config import RunConfig
-from behemoth.train.metrics import MetricsLog, Progress, measure_matmul_peak, read_metrics
+from behemoth.train.metrics import MetricsLog, Progress, machine_matmul_peak, read_metrics
 from behemoth.train.objectives import expert_load, router_z_loss, switch_balance_loss, update_selection_bias
 from behemoth.train.optim import build_optimizer, learning_rate
 
@@ -109,7 +109,7 @@ def train_loop(run: RunConfig, out_dir: Path, model: Transformer, tokenizer: Any
     forward = torch.compile(model) if run.run.compile else model
 
     flops_per_token = 3 * model_size(model.config, run.data.seq_len).flops_per_token
-    peak = measure_matmul_peak(device=device)
+    peak = machine_matmul_peak(device)
     total = run.run.steps
     bar = Progress(total, first_step, enabled=progress)
     loss_value, validation = math.nan, {}

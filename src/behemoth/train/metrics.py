@@ -33,6 +33,35 @@ def measure_matmul_peak(size: int = 2048, repeats: int = 6, dtype: torch.dtype =
     return 2 * size**3 / best
 
 
+def machine_matmul_peak(device: str | torch.device = "cpu") -> float:
+    """The highest matmul peak ever measured on this machine (this CPU or GPU, thread count and
+    torch version), measuring again now. A peak taken while other work held the cores is low
+    and would overstate MFU; keeping the best one seen makes MFU comparable across runs.
+    """
+    import json
+    import os
+    import platform
+
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    key = f"{device.type}|{name}|{torch.get_num_threads()} threads|torch {torch.__version__}"
+    cache = Path(os.environ.get("BEHEMOTH_CACHE", Path.home() / ".cache" / "behemoth")) / "matmul_peak.json"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    peak = max(measure_matmul_peak(device=device), float(known.get(key, 0.0)))
+    known[key] = peak
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        tmp.replace(cache)
+    except OSError:
+        pass  # a read-only home only costs the cache
+    return peak
+
+
 def _sync(device: str | torch.device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
