@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from corpora import WORDS, write_phrase_corpus
+
 import behemoth
 from behemoth.cli import main
 from behemoth.data.chat import load_conversations, load_preferences, render_conversation, render_prompt
@@ -31,8 +33,6 @@ from behemoth.train.trainer import pretrain
 
 ALPACA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "alpaca-libre" / \
     "alpaca_libre_tasks_v1.jsonl"
-WORDS = ("the cat dog bird sat ran saw a on under big small red blue house tree river and then "
-         "slowly quickly happy sad morning night").split()
 BASE = ["model.preset='tiny'", "data.vocab_size=300", "data.seq_len=32", "data.batch_size=4",
         "run.eval_every=1000", "run.eval_batches=2", "run.keep_checkpoints=2", "optim.warmup_steps=2",
         "optim.lr=0.01"]
@@ -86,14 +86,7 @@ def quick_tiny_runs():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    docs = []
-    for _ in range(300):
-        subject, verb, place = rng.choice(WORDS[:6]), rng.choice(WORDS[6:9]), rng.choice(WORDS[14:18])
-        docs.append(" ".join(f"the {subject} {verb} a {place} and then the {subject} was happy." for _ in range(3)))
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n\n".join(docs))
-    return path
+    return write_phrase_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt", documents=300)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from corpora import write_phrase_corpus
+
 from behemoth.errors import CheckpointError, ConfigError
 from behemoth.train.checkpointing import list_checkpoints, verify_checkpoint
 from behemoth.train.config import load_run_config
@@ -15,23 +17,9 @@ from behemoth.train.metrics import read_metrics
 from behemoth.train.optim import learning_rate
 from behemoth.train.trainer import pretrain
 
-WORDS = ("the cat dog bird sat ran saw a on under big small red blue house tree river and then "
-         "slowly quickly happy sad morning night").split()
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    """A small synthetic corpus with learnable structure (repeated phrase patterns)."""
-    import random
-
-    rng = random.Random(0)
-    docs = []
-    for _ in range(400):
-        subject, verb, place = rng.choice(WORDS[:6]), rng.choice(WORDS[6:9]), rng.choice(WORDS[14:18])
-        docs.append(" ".join(f"the {subject} {verb} a {place} and then the {subject} was happy." for _ in range(3)))
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n\n".join(docs))
-    return path
+    return write_phrase_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt", documents=400)
 
 
 def tiny_run(corpus: Path, steps: int, *extra: str):
