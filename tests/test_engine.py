@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from behemoth.config import ModelConfig
 from behemoth.errors import BehemothError, ConfigError
-from behemoth.generate import generate
+from behemoth.generation import generate
 from behemoth.serve.engine import Engine, EngineClosed, PromptTooLong, QueueFull, SamplingParams
 from behemoth.serve.kv_cache import ModelCache
 from behemoth.serve.sampling import IncrementalDecoder, TextStream, _sample, sample_tokens

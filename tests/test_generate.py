@@ -9,7 +9,7 @@ from hf_reference import hf_model_like, random_model
 
 from behemoth.config import ModelConfig, preset
 from behemoth.errors import ConfigError
-from behemoth.generate import generate
+from behemoth.generation import generate
 from behemoth.serve.engine import PromptTooLong
 from behemoth.serve.kv_cache import ModelCache
 

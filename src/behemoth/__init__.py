@@ -8,13 +8,26 @@ Public API:
     generate(model, input_ids, ...)      new token ids (KV-cached sampling)
 """
 
-from behemoth.checkpoint import load, save
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
 from behemoth.config import PRESETS, ModelConfig, preset
 from behemoth.errors import BehemothError, CheckpointError, ConfigError
-from behemoth.generate import generate
-from behemoth.model import Transformer, init_weights
 
 __version__ = "0.1.0"
+
+# Imported on first use, so that `behemoth info` and `--help` do not pay for loading torch.
+_LAZY = {"load": "behemoth.checkpoint", "save": "behemoth.checkpoint", "generate": "behemoth.generation",
+         "Transformer": "behemoth.model", "init_weights": "behemoth.model"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'behemoth' has no attribute {name!r}")
+
 
 __all__ = ["load", "save", "generate", "ModelConfig", "preset", "PRESETS", "Transformer", "init_weights",
            "BehemothError", "CheckpointError", "ConfigError", "__version__"]

@@ -14,7 +14,6 @@ from pathlib import Path
 from behemoth.config import PRESETS, ModelConfig, preset
 from behemoth.errors import BehemothError, ConfigError
 from behemoth.info import describe, model_size
-from behemoth.tokenizer import train_tokenizer_from_files
 
 
 def resolve_model_config(name_or_path: str) -> tuple[str, ModelConfig]:
@@ -57,6 +56,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from behemoth.tokenizer import train_tokenizer_from_files
+
     tokenizer = train_tokenizer_from_files(args.data, args.vocab_size)
     out = tokenizer.save_pretrained(args.out)
     short = tokenizer.vocab_size < args.vocab_size
