@@ -66,7 +66,8 @@ def main() -> None:
     tokenizer_dir, data_dir = args.workdir / "tokenizer", args.workdir / "data"
     tokenizer = train_tokenizer_from_files([DATA], 8192)
     tokenizer.save_pretrained(tokenizer_dir)
-    prepare([DATA], tokenizer, data_dir, val_fraction=0.05, seed=0)
+    manifest = prepare([DATA], tokenizer, data_dir, val_fraction=0.05, seed=0)
+    train_tokens = manifest.tokens["train"]
 
     rows, curves, samples = [], {}, {}
     budget = args.minutes * 60
@@ -84,10 +85,12 @@ def main() -> None:
                           progress=False)
         wall = time.perf_counter() - started
         size = model_size(load(result.model_dir).config, 256)
-        rows.append(f"| {preset} | {human(size.total_params)} | {human(size.active_params)} | {per_step:.2f} s | "
-                    f"{steps} | {human(steps * 8 * 256)} | {wall / 60:.1f} min | {result.val_loss:.4f} | "
-                    f"**{result.val_bpb:.4f}** |")
         curves[preset] = read_metrics(out / "metrics.jsonl")
+        best = min((r for r in curves[preset] if "val_bpb" in r), key=lambda r: r["val_bpb"])
+        epochs = steps * 8 * 256 / train_tokens
+        rows.append(f"| {preset} | {human(size.total_params)} | {human(size.active_params)} | {per_step:.2f} s | "
+                    f"{steps} | {human(steps * 8 * 256)} ({epochs:.1f} epochs) | {wall / 60:.1f} min | "
+                    f"{result.val_loss:.4f} | **{result.val_bpb:.4f}** | {best['val_bpb']:.4f} (step {best['step']}) |")
         samples[preset] = _samples(result.model_dir)
 
     bpb = {p: [r for r in curves[p] if "val_bpb" in r][-1]["val_bpb"] for p in PRESETS}
@@ -98,8 +101,8 @@ def main() -> None:
         f"TinyStories sample (../shared/data, 794 KB, 5% of stories held out), tokenizer of 8192, "
         f"batch 8 x 256, float32, same seed; budget {args.minutes:g} minutes of training each, steps "
         f"calibrated from each model's measured step time. Command: `.venv/bin/python bench/moe_vs_dense.py`.",
-        "", "| model | total | active | s/step | steps | tokens | wall-clock | val loss | val bits/byte |",
-        "|---|---|---|---|---|---|---|---|---|", *rows, "",
+        "", "| model | total | active | s/step | steps | tokens | wall-clock | val loss | val bits/byte | best val bits/byte |",
+        "|---|---|---|---|---|---|---|---|---|---|", *rows, "",
         f"**Target (MoE lower bits/byte than dense at equal compute): {verdict}** "
         f"(MoE {bpb['cpu-small']:.4f} vs dense {bpb['dense-small']:.4f}, "
         f"ratio {bpb['cpu-small'] / bpb['dense-small']:.3f}).", "",
