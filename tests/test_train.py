@@ -194,3 +194,18 @@ def test_machine_peak_keeps_the_best_measurement(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(metrics, "measure_matmul_peak", lambda **_: next(readings))
     assert [metrics.machine_matmul_peak("cpu") for _ in range(3)] == [5e10, 5e10, 9e10]
     assert len(json.loads((tmp_path / "matmul_peak.json").read_text())) == 1
+
+
+def test_bfloat16_autocast_trains(corpus, tmp_path) -> None:
+    """run.dtype = bfloat16 runs the forward under autocast; the loss must still fall."""
+    pretrain(tiny_run(corpus, 15, "run.dtype='bfloat16'"), tmp_path / "run", progress=False)
+    values = losses(tmp_path / "run")
+    assert all(v == v for v in values) and values[-1] < values[0] - 0.5
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_eager_losses(corpus, tmp_path) -> None:
+    """run.compile = true (inductor: needs a C++ compiler, hence slow) trains like eager mode."""
+    pretrain(tiny_run(corpus, 4), tmp_path / "eager", progress=False)
+    pretrain(tiny_run(corpus, 4, "run.compile=true"), tmp_path / "compiled", progress=False)
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)

@@ -91,7 +91,8 @@ class Experts(nn.Module):
         if not outputs:
             return torch.zeros_like(x)
         routed_out = torch.cat(outputs)
-        return torch.zeros_like(x).index_add_(0, token_of_slot, routed_out)
+        # routed_out's dtype, not x's: under autocast the expert matmuls produce bfloat16.
+        return x.new_zeros(x.shape, dtype=routed_out.dtype).index_add_(0, token_of_slot, routed_out)
 
     def _one_token(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """A single token (decoding one sequence): run its top-k experts directly, since sorting,
