@@ -25,13 +25,7 @@ TEXT = ("In the beginning God created the heavens and the earth. The quick brown
         "lazy dog. Café, naïve, façade; 日本語のテキスト; emoji 😀🎉 and numbers 1234567890.\n")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small run fastest on one thread, and do not suffer from a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
