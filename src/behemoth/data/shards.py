@@ -41,6 +41,7 @@ from typing import Protocol
 import numpy as np
 from tqdm import tqdm
 
+from behemoth.hashing import sha256_file
 from behemoth.data.sources import Document, iter_documents, source_files
 from behemoth.jsonio import read_json_object
 from behemoth.errors import BehemothError, ConfigError
@@ -156,14 +157,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65535 else np.dtype(np.uint32)
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def split_score(text: str, seed: int) -> float:
     """A number in [0, 1) fixed by the document's text and the seed; below val_fraction -> val."""
     digest = hashlib.sha256(f"{seed}\n".encode() + text.encode("utf-8")).digest()
@@ -237,7 +230,7 @@ def prepare(paths: Iterable[str | Path] | str | Path, tokenizer: TokenizerLike, 
 
 def _source_info(path: Path) -> SourceInfo:
     try:
-        return SourceInfo(str(path.resolve()), path.stat().st_size, file_sha256(path))
+        return SourceInfo(str(path.resolve()), path.stat().st_size, sha256_file(path))
     except OSError as err:
         raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
 
@@ -326,7 +319,7 @@ class _ShardWriter:
         self.info = ShardInfo(
             file=self.bin_name, index=self.idx_name, tokens=int(index[-1]), documents=len(index) - 1,
             bytes=self.bin_tmp.stat().st_size, sha256=self.digest.hexdigest(),
-            index_bytes=self.idx_tmp.stat().st_size, index_sha256=file_sha256(self.idx_tmp))
+            index_bytes=self.idx_tmp.stat().st_size, index_sha256=sha256_file(self.idx_tmp))
         return self.info
 
     def commit(self) -> None:
@@ -418,7 +411,7 @@ def _check_file(path: Path, name: str, size: int, digest: str, what: str) -> lis
         change = "truncated" if actual < size else "grew"
         return [f"{what} {name} {change}: {actual} bytes, manifest says {size}"]
     try:
-        if file_sha256(path) != digest:
+        if sha256_file(path) != digest:
             return [f"{what} {name} changed: its SHA-256 differs from the manifest"]
     except OSError as err:
         return [f"{what} {name} cannot be read ({err.strerror or err})"]

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from behemoth.hashing import sha256_file
 from behemoth.eval.cache import ScoreCache, default_cache_dir, write_json_atomic
 from behemoth.eval.core import core_score
 from behemoth.eval.errors import EvalError
@@ -197,15 +198,7 @@ def model_checksum(directory: str | Path) -> str:
 
     digest = hashlib.sha256()
     for file in sorted(weight_files(Path(directory)), key=lambda p: p.name):
-        digest.update(f"{file.name}\0{_file_sha256(file)}\n".encode("utf-8"))
-    return digest.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
+        digest.update(f"{file.name}\0{sha256_file(file)}\n".encode("utf-8"))
     return digest.hexdigest()
 
 

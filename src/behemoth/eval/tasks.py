@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from behemoth.hashing import sha256_file
 from behemoth.errors import BehemothError, ConfigError
 from behemoth.eval.errors import EvalError
 from behemoth.jsonio import read_jsonl
@@ -477,15 +478,6 @@ def _load_prompts(spec: TaskSpec, limit: int | None) -> Task:
 
 
 def _data_file(path: Path) -> DataFile:
-    return DataFile(str(path), file_sha256(path))
+    return DataFile(str(path), sha256_file(path))
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    except OSError as err:
-        raise EvalError(f"{path}: cannot be read ({err.strerror or err})") from None
-    return digest.hexdigest()

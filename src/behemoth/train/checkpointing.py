@@ -15,7 +15,6 @@ or altered checkpoint is reported by name and never used. Only safetensors and J
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from behemoth.hashing import sha256_file
 from behemoth.checkpoint import write_model_files
 from behemoth.errors import CheckpointError
 from behemoth.model import Transformer
@@ -100,14 +100,6 @@ def _write_manifest(directory: Path, step: int) -> None:
     files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
              for p in sorted(directory.iterdir()) if p.is_file()}
     (directory / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_path(path: Path) -> None:

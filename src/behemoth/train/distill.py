@@ -24,7 +24,8 @@ from behemoth.model import RouterOutput, Transformer, init_weights
 from behemoth.tokenizer import Tokenizer
 from behemoth.train.config import DistillConfig, RunConfig
 from behemoth.train.loop import TrainResult, pick_device, start_run, train_loop
-from behemoth.train.trainer import LanguageModeling, _device_of
+from behemoth.train.loop import device_of
+from behemoth.train.trainer import LanguageModeling
 
 
 def soft_weight(step: int, total_steps: int, config: DistillConfig) -> float:
@@ -70,7 +71,7 @@ class Distillation(LanguageModeling):
         self.step = step
 
     def loss(self, model, batch, routers: list[RouterOutput]) -> tuple[torch.Tensor, dict[str, float], int]:
-        device = _device_of(model)
+        device = device_of(model)
         inputs, targets = (t.to(device) for t in batch)
         with torch.no_grad():
             teacher_logits = self.teacher(inputs)

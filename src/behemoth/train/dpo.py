@@ -25,7 +25,7 @@ from behemoth.model import RouterOutput, Transformer
 from behemoth.train.config import RunConfig
 from behemoth.train.loop import TrainResult, pick_device, start_run, train_loop
 from behemoth.train.sft import _ExampleLoader, load_base, split_examples
-from behemoth.train.trainer import _device_of
+from behemoth.train.loop import device_of
 
 REFERENCE_FILE = "reference_logps.safetensors"
 Pair = tuple[list[int], list[int], list[int]]  # prompt, chosen, rejected token ids
@@ -51,7 +51,7 @@ def answer_logps(model, pairs: list[Pair], pad_id: int, routers: list[RouterOutp
             sequences.append(prompt + answer)
             answer_lengths.append(len(answer))
     width = max(len(s) for s in sequences)
-    device = _device_of(model)
+    device = device_of(model)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     answer_mask = torch.zeros((len(sequences), width), dtype=torch.bool)
     for row, (sequence, n) in enumerate(zip(sequences, answer_lengths)):
@@ -77,7 +77,7 @@ class Preferences:
 
     def loss(self, model, batch, routers: list[RouterOutput]) -> tuple[torch.Tensor, dict[str, float], int]:
         pairs = [pair for pair, _, _ in batch]
-        device = _device_of(model)
+        device = device_of(model)
         ref_chosen = torch.tensor([c for _, c, _ in batch], device=device)
         ref_rejected = torch.tensor([r for _, _, r in batch], device=device)
         chosen, rejected = answer_logps(model, pairs, self.pad_id, routers)

@@ -193,6 +193,11 @@ def autocast(dtype: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+def device_of(model) -> torch.device:
+    """The device of a model or of the model inside a torch.compile wrapper."""
+    return next(model.parameters()).device
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -21,7 +21,7 @@ from behemoth.model import RouterOutput, Transformer
 from behemoth.tokenizer import Tokenizer
 from behemoth.train.config import RunConfig
 from behemoth.train.loop import TrainResult, pick_device, start_run, train_loop
-from behemoth.train.trainer import _device_of
+from behemoth.train.loop import device_of
 
 IGNORE = -100
 Example = tuple[list[int], list[bool]]
@@ -51,7 +51,7 @@ class SupervisedChat:
         pass
 
     def loss(self, model, batch, routers: list[RouterOutput]) -> tuple[torch.Tensor, dict[str, float], int]:
-        device = _device_of(model)
+        device = device_of(model)
         inputs, targets = (t.to(device) for t in sft_batch(batch, self.pad_id))
         logits = model(inputs, router_outputs=routers)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)

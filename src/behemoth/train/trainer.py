@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from behemoth.model import RouterOutput, Transformer, init_weights
 from behemoth.train.config import RunConfig
-from behemoth.train.loop import TrainingError, TrainResult, pick_device, start_run, train_loop
+from behemoth.train.loop import TrainingError, TrainResult, device_of, pick_device, start_run, train_loop
 from behemoth.train.objectives import next_token_loss
 
 __all__ = ["pretrain", "LanguageModeling", "evaluate_lm", "TrainResult", "TrainingError"]
@@ -35,7 +35,7 @@ class LanguageModeling:
         pass
 
     def loss(self, model, batch, routers: list[RouterOutput]) -> tuple[torch.Tensor, dict[str, float], int]:
-        device = _device_of(model)
+        device = device_of(model)
         inputs, targets = (t.to(device) for t in batch)
         loss = next_token_loss(model(inputs, router_outputs=routers), targets)
         return loss, {}, targets.numel()
@@ -77,8 +77,3 @@ def evaluate_lm(model: Transformer, batches, bytes_per_token: torch.Tensor, max_
     if tokens == 0:
         raise TrainingError("the validation split holds no complete sequence; lower data.seq_len or add data")
     return nats / tokens, nats / math.log(2) / max(text_bytes, 1)
-
-
-def _device_of(model) -> torch.device:
-    """The device of a model or of the model inside a torch.compile wrapper."""
-    return next(model.parameters()).device
