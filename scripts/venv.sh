@@ -8,6 +8,10 @@ PYTHON="${PYTHON:-python3}"
 STAMP="$VENV/.behemoth-installed"
 WANT="$(cat "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 
+# llama-cpp-python (a test dependency) compiles llama.cpp: only the library, on both cores.
+export CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF}"
+export CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-2}"
+
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "Setting up $VENV (first use or pyproject.toml changed)..." >&2
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"

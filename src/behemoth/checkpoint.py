@@ -47,12 +47,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
 
     dtype: None keeps the dtype the weights are stored in.
     """
-    directory = _model_directory(path)
-    config = ModelConfig.load(directory / CONFIG_NAME)
-    files = weight_files(directory)
-    entries = _index_tensors(files)
-    _check_entries(entries, expected_shapes(config), config, files)
-
+    config, files, entries = _checked_directory(path)
     with torch.device("meta"):
         model = Transformer(config)
     stored_dtype = _torch_dtype(next(iter(entries.values())).dtype)
@@ -68,6 +63,20 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
                     if entry.file == file:
                         params[name].copy_(reader.get_tensor(entry.key))
     return model
+
+
+def check_model_dir(path: str | Path) -> ModelConfig:
+    """Check a model directory without loading its weights: config, and every tensor's name, shape and dtype."""
+    return _checked_directory(path)[0]
+
+
+def _checked_directory(path: str | Path) -> tuple[ModelConfig, list[Path], dict[str, "_Entry"]]:
+    directory = _model_directory(path)
+    config = ModelConfig.load(directory / CONFIG_NAME)
+    files = weight_files(directory)
+    entries = _index_tensors(files)
+    _check_entries(entries, expected_shapes(config), config, files)
+    return config, files, entries
 
 
 @dataclass

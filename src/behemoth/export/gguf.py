@@ -1,0 +1,420 @@
+"""GGUF export: a model directory becomes one `.gguf` file that llama.cpp runs as `llama4`.
+
+llama.cpp's llama4 (src/models/llama4.cpp in the llama.cpp that llama-cpp-python 0.3.36 vendors)
+reads the sizes, head counts, RMS epsilon, RoPE base, expert count, top-k, expert width and the
+MoE interleave step from the file, but hard-codes the rest of the architecture:
+
+- chunked local attention with chunks of 8192 on three layers of every four, global attention on
+  every fourth;
+- every fourth layer (index 3, 7, ...) is NoPE, and only those layers use temperature tuning,
+  with floor scale 8192 and scale 0.1;
+- weightless QK-norm after RoPE on the RoPE layers, for every model except those with exactly
+  128 experts (Maverick), which get none;
+- layer i is a MoE layer when (i + 1) % step == 0; the shared expert is as wide as a routed one;
+- routing: top-k on raw router logits, sigmoid gates that scale the expert's input.
+
+A config that differs on any of these would load and run as a *different* model, so
+`check_exportable` refuses it by field name instead. Everything else maps one to one:
+Llama 4 rotates interleaved pairs, which is llama.cpp's "normal" RoPE, so the query and key
+projections are written unpermuted (unlike Llama 2/3 conversions).
+
+The tokenizer goes into the file too: byte-level BPE under llama.cpp's `gpt2` model with the
+`gpt-2` pre-tokenizer (the split our tokenizer uses), our six specials as control tokens, no
+automatic BOS (our prompts and chat template put `<|begin_of_text|>` where it belongs), and our
+chat template. Runtimes that render the file's template with Jinja (llama-cpp-python, llama.cpp
+with `--jinja`) prompt exactly as we do; llama.cpp's built-in C++ "llama4" template, which it
+picks for this template when Jinja is off, adds "\\n\\n" after each header (and trims messages),
+which our models were not trained with.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from behemoth import checkpoint
+from behemoth.config import ModelConfig
+from behemoth.errors import BehemothError
+from behemoth.model import Transformer
+from behemoth.model.rope import inverse_frequencies
+from behemoth.tokenizer import CHAT_TEMPLATE, TOKENIZER_FILE, Tokenizer
+
+if TYPE_CHECKING:
+    import gguf
+
+ARCHITECTURE = "llama4"
+GGUF_DTYPES = ("f32", "f16")
+TOKENIZER_MODEL = "gpt2"  # llama.cpp's name for byte-level BPE
+TOKENIZER_PRE = "gpt-2"  # llama.cpp's name for the plain GPT-2 split (its custom gpt2 splitter)
+
+# What llama.cpp hard-codes for llama4 (see the module docstring).
+LLAMA_CPP_CHUNK = 8192
+LLAMA_CPP_NOPE_INTERVAL = 4
+LLAMA_CPP_FLOOR_SCALE = 8192
+LLAMA_CPP_ATTN_SCALE = 0.1
+LLAMA_CPP_NO_QK_NORM_EXPERTS = 128  # the one expert count llama.cpp runs without QK-norm
+LLAMA_CPP_MAX_EXPERTS = 1024
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+class ExportError(BehemothError):
+    """A model cannot be exported as asked (its config, tokenizer, weights or the output path)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Public API
+# ------------------------------------------------------------------------------------------------
+
+def export_gguf(model_dir: Path, out_path: Path, dtype: str = "f32", *, overwrite: bool = False,
+                name: str | None = None) -> Path:
+    """Write the model directory `model_dir` (config, safetensors, tokenizer) as a GGUF file.
+
+    dtype "f32" keeps every weight exact; "f16" stores the matrices in float16 (norms and the
+    router stay float32, as llama.cpp's own converter keeps them). The file is assembled under a
+    temporary name in the output folder, fsynced and renamed, so `out_path` is never half written;
+    an existing `out_path` is refused unless `overwrite`. Returns `out_path`.
+    """
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    if dtype not in GGUF_DTYPES:
+        raise ExportError(f"dtype must be one of {', '.join(GGUF_DTYPES)}, got {dtype!r}")
+    _check_target(out_path, overwrite)
+    config = ModelConfig.load(model_dir)
+    check_exportable(config)
+    tokenizer = _load_tokenizer(model_dir, config)
+    model = checkpoint.load(model_dir)
+    tensors = [(n, _encode(n, t, dtype)) for n, t in gguf_tensors(model)]
+
+    def fill(writer: gguf.GGUFWriter) -> None:
+        _add_general(writer, name or model_dir.resolve().name, dtype)
+        _add_hparams(writer, config)
+        _add_vocab(writer, tokenizer, config.vocab_size)
+        for tensor_name, array in tensors:
+            writer.add_tensor(tensor_name, array)
+
+    _write_atomically(out_path, overwrite, fill)
+    return out_path
+
+
+def check_exportable(config: ModelConfig) -> None:
+    """Raise ExportError naming the first field llama.cpp's llama4 cannot represent."""
+    for check in (_check_attention, _check_layers, _check_moe):
+        problem = check(config)
+        if problem:
+            raise ExportError(f"cannot export to GGUF: {problem}")
+
+
+# ------------------------------------------------------------------------------------------------
+# What llama.cpp can run
+# ------------------------------------------------------------------------------------------------
+
+def _check_attention(config: ModelConfig) -> str | None:
+    if config.attention_chunk_size != LLAMA_CPP_CHUNK:
+        return (f"attention_chunk_size is {config.attention_chunk_size}, but llama.cpp's llama4 "
+                f"always uses chunks of {LLAMA_CPP_CHUNK}")
+    if not config.attn_temperature_tuning:
+        return "attn_temperature_tuning is false, but llama.cpp's llama4 always tunes NoPE layers"
+    if config.floor_scale != LLAMA_CPP_FLOOR_SCALE:
+        return (f"floor_scale is {config.floor_scale}, but llama.cpp's llama4 always uses "
+                f"{LLAMA_CPP_FLOOR_SCALE}")
+    if not math.isclose(config.attn_scale, LLAMA_CPP_ATTN_SCALE, rel_tol=1e-6):
+        return (f"attn_scale is {config.attn_scale}, but llama.cpp's llama4 always uses "
+                f"{LLAMA_CPP_ATTN_SCALE}")
+    wants_qk_norm = config.num_local_experts != LLAMA_CPP_NO_QK_NORM_EXPERTS
+    if config.use_qk_norm != wants_qk_norm:
+        return (f"use_qk_norm is {str(config.use_qk_norm).lower()}, but llama.cpp's llama4 applies "
+                f"QK-norm exactly when num_local_experts != {LLAMA_CPP_NO_QK_NORM_EXPERTS} "
+                f"(here {config.num_local_experts})")
+    if config.attention_bias:
+        return "attention_bias is true, but llama.cpp's llama4 has no attention biases"
+    return None
+
+
+def _check_layers(config: ModelConfig) -> str | None:
+    n = config.num_hidden_layers
+    expected = [int((i + 1) % LLAMA_CPP_NOPE_INTERVAL != 0) for i in range(n)]
+    if config.no_rope_layers[:n] != expected:
+        return (f"no_rope_layers is {config.no_rope_layers[:n]}, but llama.cpp's llama4 makes "
+                f"exactly every {LLAMA_CPP_NOPE_INTERVAL}th layer NoPE ({expected})")
+    if _moe_step(config) is None:
+        return (f"moe_layers is {config.moe_layers}, but llama.cpp's llama4 can only make every "
+                f"k-th layer a MoE layer (layers k-1, 2k-1, ...)")
+    return None
+
+
+def _check_moe(config: ModelConfig) -> str | None:
+    if not 1 <= config.num_local_experts <= LLAMA_CPP_MAX_EXPERTS:
+        # llama.cpp refuses a llama4 file without experts, even a dense one.
+        return (f"num_local_experts is {config.num_local_experts}, llama.cpp's llama4 needs "
+                f"1 to {LLAMA_CPP_MAX_EXPERTS}")
+    if not 1 <= config.num_experts_per_tok <= config.num_local_experts:
+        return (f"num_experts_per_tok is {config.num_experts_per_tok}, llama.cpp needs 1 to "
+                f"num_local_experts ({config.num_local_experts})")
+    return None
+
+
+def _moe_step(config: ModelConfig) -> int | None:
+    """llama.cpp's interleave step for this layout (0 = no MoE layer), or None if it has none."""
+    layers = list(config.moe_layers or [])
+    if not layers:
+        return 0
+    step = layers[0] + 1
+    return step if layers == list(range(step - 1, config.num_hidden_layers, step)) else None
+
+
+def _load_tokenizer(model_dir: Path, config: ModelConfig) -> Tokenizer:
+    """Our tokenizer, checked to be one llama.cpp's gpt2/gpt-2 tokenizer reproduces exactly."""
+    if not (model_dir / TOKENIZER_FILE).is_file():
+        raise ExportError(f"{model_dir}: no {TOKENIZER_FILE}; a GGUF file carries its tokenizer, "
+                          "so save the model together with it")
+    tokenizer = Tokenizer.load(model_dir)
+    problem = _tokenizer_problem(json.loads(tokenizer.backend.to_str()))
+    if problem:
+        raise ExportError(f"{model_dir / TOKENIZER_FILE}: cannot export to GGUF: {problem}")
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ExportError(f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens but "
+                          f"vocab_size is {config.vocab_size}")
+    return tokenizer
+
+
+def _tokenizer_problem(spec: dict[str, Any]) -> str | None:
+    """Why llama.cpp would tokenize differently from this tokenizer.json, or None."""
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("dropout") \
+            or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        return "the model must be plain byte-level BPE"
+    if spec.get("normalizer") is not None:
+        return "a normalizer is set; llama.cpp's gpt-2 pre-tokenizer has none"
+    if pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True):
+        return "the pre-tokenizer must be ByteLevel(add_prefix_space=False, use_regex=True)"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Metadata
+# ------------------------------------------------------------------------------------------------
+
+def _add_general(writer: gguf.GGUFWriter, name: str, dtype: str) -> None:
+    import gguf
+
+    writer.add_type("model")
+    writer.add_name(name)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_hparams(writer: gguf.GGUFWriter, config: ModelConfig) -> None:
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size_mlp)  # dense layers' MLP
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_expert_count(config.num_local_experts)
+    writer.add_expert_used_count(config.num_experts_per_tok)
+    writer.add_expert_feed_forward_length(config.intermediate_size)  # routed and shared experts
+    writer.add_interleave_moe_layer_step(_moe_step(config) or 0)
+    # No sliding_window key: llama.cpp reads its presence with value 0 as "no chunking at all".
+
+
+def _add_vocab(writer: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: int) -> None:
+    import gguf
+
+    backend = tokenizer.backend
+    by_id = {i: token for token, i in backend.get_vocab(with_added_tokens=True).items()}
+    added = backend.get_added_tokens_decoder()
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:  # embedding rows past the tokenizer: never produced by tokenizing
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model(TOKENIZER_MODEL)
+    writer.add_tokenizer_pre(TOKENIZER_PRE)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(_merges(backend))
+    writer.add_bos_token_id(tokenizer.bos_id)
+    writer.add_eos_token_id(tokenizer.eos_id)
+    writer.add_eot_token_id(tokenizer.eot_id)
+    writer.add_pad_token_id(tokenizer.pad_id)
+    # Our engine never prepends BOS: documents and chat prompts carry their own framing tokens.
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
+    writer.add_chat_template(CHAT_TEMPLATE)
+
+
+def _merges(backend: Any) -> list[str]:
+    """BPE merges as "left right" strings (byte-level symbols never contain a plain space)."""
+    merges = json.loads(backend.to_str())["model"]["merges"]
+    return [m if isinstance(m, str) else " ".join(m) for m in merges]
+
+
+# ------------------------------------------------------------------------------------------------
+# Tensors
+# ------------------------------------------------------------------------------------------------
+
+def gguf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
+    """(GGUF name, tensor in llama.cpp's layout) for every weight; raises if one is left over."""
+    state = dict(model.state_dict())
+    used: set[str] = set()
+
+    def take(name: str) -> torch.Tensor:
+        used.add(name)
+        return state[name].detach()
+
+    yield "token_embd.weight", take("model.embed_tokens.weight")
+    yield "output_norm.weight", take("model.norm.weight")
+    if model.config.tie_word_embeddings:
+        used.add("lm_head.weight")  # llama.cpp reuses token_embd when output is absent
+    else:
+        yield "output.weight", take("lm_head.weight")
+    if model.config.rope_type != "default":
+        yield "rope_freqs.weight", _rope_factors(model.config)
+    for i in range(model.config.num_hidden_layers):
+        yield from _layer_tensors(i, model.config.is_moe_layer(i), take)
+    left = sorted(set(state) - used)
+    if left:
+        raise ExportError(f"cannot export to GGUF: no GGUF name for tensor {left[0]!r}")
+
+
+def _layer_tensors(i: int, is_moe: bool, take: Callable[[str], torch.Tensor]
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
+    src, dst = f"model.layers.{i}.", f"blk.{i}."
+    # nn.Linear weights are [out, in], which is the layout llama.cpp expects for a matrix.
+    pairs = [("input_layernorm.weight", "attn_norm.weight"),
+             ("self_attn.q_proj.weight", "attn_q.weight"),
+             ("self_attn.k_proj.weight", "attn_k.weight"),
+             ("self_attn.v_proj.weight", "attn_v.weight"),
+             ("self_attn.o_proj.weight", "attn_output.weight"),
+             ("post_attention_layernorm.weight", "ffn_norm.weight")]
+    if is_moe:
+        pairs += [("feed_forward.router.weight", "ffn_gate_inp.weight"),
+                  ("feed_forward.shared_expert.gate_proj.weight", "ffn_gate_shexp.weight"),
+                  ("feed_forward.shared_expert.up_proj.weight", "ffn_up_shexp.weight"),
+                  ("feed_forward.shared_expert.down_proj.weight", "ffn_down_shexp.weight")]
+    else:
+        pairs += [(f"feed_forward.{p}_proj.weight", f"ffn_{p}.weight") for p in ("gate", "up", "down")]
+    for ours, theirs in pairs:
+        yield dst + theirs, take(src + ours)
+    if is_moe:
+        # Ours are stacked for x @ W: gate_up [E, hidden, 2I] (gate first), down [E, I, hidden].
+        # llama.cpp wants per-expert [out, in] matrices: gate/up [E, I, hidden], down [E, hidden, I].
+        gate, up = take(src + "feed_forward.experts.gate_up_proj").transpose(1, 2).chunk(2, dim=1)
+        yield dst + "ffn_gate_exps.weight", gate
+        yield dst + "ffn_up_exps.weight", up
+        yield dst + "ffn_down_exps.weight", take(src + "feed_forward.experts.down_proj").transpose(1, 2)
+
+
+def _rope_factors(config: ModelConfig) -> torch.Tensor:
+    """llama.cpp divides each pair's base frequency by its factor: base / scaled, from our own
+    frequencies so the file rotates exactly as our model does."""
+    plain = inverse_frequencies(config.replace(rope_scaling=None))
+    return plain / inverse_frequencies(config)
+
+
+def _encode(name: str, tensor: torch.Tensor, dtype: str) -> np.ndarray:
+    """The tensor as a contiguous numpy array of the type it is stored as in the file."""
+    values = tensor.to(torch.float32).contiguous().numpy()
+    if not np.isfinite(values).all():
+        raise ExportError(f"cannot export to GGUF: tensor {name} holds NaN or infinite values")
+    # As llama.cpp's converter does: vectors (norms, RoPE factors) and the router stay float32;
+    # the router's choice is a discrete decision that float16 rounding could flip.
+    if dtype == "f32" or values.ndim < 2 or name.endswith("ffn_gate_inp.weight"):
+        return values
+    peak = float(np.abs(values).max(initial=0.0))
+    if peak > FLOAT16_MAX:
+        raise ExportError(f"cannot export to GGUF f16: tensor {name} has values up to {peak:.4g}, "
+                          f"beyond float16's {FLOAT16_MAX:.0f}; export as f32")
+    return values.astype(np.float16)
+
+
+# ------------------------------------------------------------------------------------------------
+# Writing
+# ------------------------------------------------------------------------------------------------
+
+def _check_target(out_path: Path, overwrite: bool) -> None:
+    """Refuse early, before any work, what `_write_atomically` would refuse at the end."""
+    if out_path.is_dir():
+        raise ExportError(f"{out_path}: is a directory; give the path of the .gguf file to write")
+    if out_path.exists() and not overwrite:
+        raise _exists(out_path)
+
+
+def _write_atomically(out_path: Path, overwrite: bool, fill: Callable[[gguf.GGUFWriter], None]) -> None:
+    """Write to a temporary file beside `out_path`, fsync, then move it into place.
+
+    Without `overwrite` the move is a hard link, which fails if `out_path` appeared meanwhile,
+    so a file someone else wrote is never replaced.
+    """
+    try:
+        import gguf
+    except ImportError:
+        raise ExportError("GGUF export needs the gguf package: pip install 'gguf>=0.10,<1'") from None
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = _new_temporary(out_path)
+    try:
+        writer = gguf.GGUFWriter(temporary, ARCHITECTURE)
+        fill(writer)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        _fsync(temporary)
+        _move_into_place(temporary, out_path, overwrite)
+        _fsync(out_path.parent)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _new_temporary(out_path: Path) -> Path:
+    """A fresh empty file beside `out_path`, with the permissions a plain new file gets (mkstemp's
+    are 0600, which would make the released model unreadable to others)."""
+    while True:
+        temporary = out_path.with_name(f".{out_path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return temporary
+        except FileExistsError:
+            continue
+
+
+def _move_into_place(temporary: Path, out_path: Path, overwrite: bool) -> None:
+    if overwrite:
+        os.replace(temporary, out_path)
+        return
+    try:
+        os.link(temporary, out_path)
+    except FileExistsError:
+        raise _exists(out_path) from None
+
+
+def _exists(out_path: Path) -> ExportError:
+    return ExportError(f"{out_path}: already exists; choose another path or overwrite it explicitly "
+                       "(--overwrite)")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

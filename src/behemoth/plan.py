@@ -1,0 +1,465 @@
+"""Capacity planner: memory per GPU and training time for a model on a cluster, by arithmetic alone.
+
+Layout (torchtitan's FSDP2 + expert parallelism; no tensor, pipeline or context parallelism):
+
+- every GPU is a data-parallel rank with its own micro-batch; `fsdp` ranks form a sharding group
+  (default: all GPUs; fewer means HSDP, whose groups replicate each other);
+- dense parameters (everything except the routed experts) are sharded over the FSDP group;
+- the routed experts are split over `ep` ranks taken *from* the FSDP group (each holds E/ep whole
+  experts, as torchtitan's `dp_shard_in_ep`) and sharded again over the fsdp/ep ranks holding the
+  same experts (`dp_shard_mod_ep`). A rank therefore stores 1/fsdp of the expert weights whatever
+  `ep` is: EP divides what must be *gathered* to run a layer (E/ep experts instead of E) and the
+  all-gather traffic, not the stored shard.
+
+Memory per GPU (GB means GiB, 2**30 bytes, as `torch.cuda` reports):
+
+- parameters: the fp32 shard, 4 bytes/param / fsdp. Under FSDP2 mixed precision this shard *is*
+  the master copy; bf16/fp8 copies exist only for layers being computed (the "working copies").
+- gradients: fp32 shard (reduced in fp32), 4 bytes/param / fsdp.
+- optimizer: AdamW first and second moments in fp32, 8 bytes/param / fsdp.
+- working copies: FSDP all-gathers one unit (embedding, one decoder layer with its local experts,
+  or the LM head) while prefetching the next, and holds the unit's unsharded bf16 gradient before
+  the reduce-scatter: (compute-dtype bytes + 2) x the largest pair of neighbouring units
+  (nothing when the weights are not sharded). Autocast's cached bf16 weight copies without FSDP
+  are not counted.
+- activations and logits: see `layer_activation_bytes`.
+- reserve: `reserve_fraction` of the card (default 10%) for the CUDA context, NCCL buffers, the
+  all-to-all buffers of EP and allocator fragmentation, none of which is modelled item by item.
+
+Compute: training costs 6 x N_active FLOPs per token (2 forward + 4 backward per weight a token
+touches; Kaplan et al.'s 6ND). 6N ignores attention's QK^T and AV products, shown separately (3 x
+their forward FLOPs, chunked RoPE layers seeing fewer keys). Step and training times divide by
+gpus x peak x MFU, where MFU is the fraction of peak spent on the 6N FLOPs (if your MFU counts
+attention as useful work, as PaLM and torchtitan do, read the "with attention" line). The total is
+6ND / (gpus x peak x MFU) exactly; steps x step time differs only by the last partial step.
+
+Peak: the default is the H100 SXM dense peak of the matmul dtype (989 TFLOP/s bf16, 1979 fp8). The
+"390 TFLOP/s" Meta reported for Behemoth (FP8, 32K GPUs) is a rate *achieved*, so it goes with
+MFU 1: 6 x 288e9 x 30e12 / (32,768 x 390e12) s = 47 days, the issue's "about 7 weeks". At the
+default 989 x 0.40 = 396 TFLOP/s the estimate is about the same.
+
+`dtype` changes the peak and the bytes of the gathered weights only; optimizer state, gradients and
+activations are the same in both (torchtitan's float8 keeps fp32 shards and saves bf16 inputs).
+Not modelled: tensor/pipeline/context parallelism, gradient accumulation, routing imbalance (a
+busy expert's rank sees more tokens than average), communication time (assumed overlapped).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+
+from behemoth.config import ModelConfig, preset
+from behemoth.errors import ConfigError
+from behemoth.info import human, model_size
+
+GIB = 2 ** 30
+SECONDS_PER_DAY = 86_400
+# H100 SXM dense peaks (NVIDIA datasheet, without 2:4 sparsity). Meta's "390 TFLOPs/GPU" for
+# Behemoth is an *achieved* FP8 rate (about 20% of this FP8 peak, 39% of the BF16 one), so it
+# belongs in --peak-tflops only together with --mfu 1.
+PEAK_TFLOPS = {"bf16": 989.0, "fp8": 1979.0}
+COMPUTE_BYTES = {"bf16": 2, "fp8": 1}  # bytes per gathered weight for the matmuls
+MASTER_BYTES, GRAD_SHARD_BYTES, ADAM_BYTES = 4, 4, 8  # fp32 shard, fp32 gradient, two fp32 moments
+UNSHARDED_GRAD_BYTES = 2  # a layer's gradient is produced in bf16 before the reduce-scatter
+ACT_BYTES = 2  # activations stay bf16 in both modes (fp8 copies saved for backward: not modelled)
+DEFAULT_SEQ_LEN = 8192  # Llama 4's attention chunk: no chunk boundary inside a sequence
+_SUFFIXES = {"": 1, "K": 10 ** 3, "M": 10 ** 6, "B": 10 ** 9, "G": 10 ** 9, "T": 10 ** 12}
+
+
+@dataclass
+class PlanInput:
+    """A model, a cluster and a layout to plan for. Fields mirror the `behemoth plan` flags
+    (model = --preset, gpu_mem_gb = --gpu-mem, the rest by name); errors name the flag."""
+
+    model: str | ModelConfig  # a preset name or a config
+    gpus: int
+    gpu_mem_gb: float  # memory per GPU, GiB
+    tokens: int | None = None  # training tokens; None = no total time
+    fsdp: int | None = None  # sharding group size; None = all GPUs
+    ep: int = 1  # expert-parallel degree, taken from the FSDP group
+    activation_checkpointing: bool = False  # full, per decoder layer
+    dtype: str = "bf16"  # matmul dtype: bf16 or fp8
+    mfu: float = 0.40  # fraction of peak spent on the 6N FLOPs
+    peak_tflops: float | None = None  # per GPU; None = H100 SXM dense peak for dtype
+    seq_len: int | None = None  # None = min(8192, max_position_embeddings)
+    micro_batch: int = 1  # sequences per GPU per step (no gradient accumulation)
+    reserve_fraction: float = 0.10  # of gpu_mem_gb, kept free
+
+
+@dataclass
+class MemoryLine:
+    """One item of per-GPU memory, in bytes, split into the dense part and the routed experts."""
+
+    name: str
+    dense: float
+    experts: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.dense + self.experts
+
+
+@dataclass
+class Plan:
+    inp: PlanInput
+    label: str
+    config: ModelConfig
+    fsdp: int
+    replicas: int  # FSDP groups (HSDP replication degree)
+    seq_len: int
+    peak_tflops: float
+    total_params: int
+    active_params: int
+    expert_params: int  # all routed experts, all layers
+    memory: list[MemoryLine]
+    reserve_bytes: float
+    train_flops_per_token: float  # 6 x active params
+    attention_flops_per_token: float  # training (3 x forward), not in 6N
+    tokens_per_gpu: int  # per step
+    step_seconds: float  # 6N at the MFU
+    ideal_days: float | None = None  # 6ND at MFU 1
+    days: float | None = None  # 6ND at the MFU
+    days_with_attention: float | None = None
+    steps: int | None = None
+
+    @property
+    def memory_bytes(self) -> float:
+        return sum(line.total for line in self.memory)
+
+    @property
+    def headroom_bytes(self) -> float:
+        """What is left after the items and the reserve; negative when the plan does not fit."""
+        return self.inp.gpu_mem_gb * GIB - self.reserve_bytes - self.memory_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.headroom_bytes >= 0
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.tokens_per_gpu * self.inp.gpus
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_per_step / self.step_seconds
+
+    @property
+    def step_seconds_with_attention(self) -> float:
+        return self.step_seconds * (1 + self.attention_flops_per_token / self.train_flops_per_token)
+
+    def line(self, name: str) -> MemoryLine:
+        return next(line for line in self.memory if line.name == name)
+
+
+# -- input checks ---------------------------------------------------------------------------------
+
+def parse_count(text: str, flag: str = "--tokens") -> int:
+    """'30T' -> 30_000_000_000_000, '1.5B' -> 1_500_000_000; also K, M, G (= B), plain and 3e12."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBgGtT]?)\s*", text)
+    if not match:
+        raise ConfigError(f"{flag} {text!r}: expected a positive count such as 30T, 1.5B, 500M or 2e12")
+    value = Decimal(match[1]) * _SUFFIXES[match[2].upper()]  # exact: 1.5B is 1,500,000,000
+    if value < 1:
+        raise ConfigError(f"{flag} {text!r}: must be at least 1")
+    return int(value.to_integral_value())
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive(value: object, flag: str, integer: bool) -> None:
+    ok = _is_int(value) if integer else _is_number(value)
+    if not ok or value <= 0:
+        kind = "a positive integer" if integer else "a positive number"
+        raise ConfigError(f"{flag} must be {kind}, got {value!r}")
+
+
+def _resolve_model(model: str | ModelConfig) -> tuple[str, ModelConfig]:
+    if isinstance(model, ModelConfig):
+        return "custom config", model
+    try:
+        return model, preset(model)
+    except ConfigError as err:
+        raise ConfigError(f"--preset: {err}") from None
+
+
+def _check(inp: PlanInput, config: ModelConfig) -> None:
+    """One line naming the flag for the first value that cannot work."""
+    for flag, value in (("--gpus", inp.gpus), ("--micro-batch", inp.micro_batch)):
+        _positive(value, flag, integer=True)
+    for flag, value in (("--gpu-mem", inp.gpu_mem_gb), ("--mfu", inp.mfu)):
+        _positive(value, flag, integer=False)
+    for flag, value in (("--tokens", inp.tokens), ("--fsdp", inp.fsdp), ("--seq-len", inp.seq_len)):
+        if value is not None:
+            _positive(value, flag, integer=True)
+    if inp.peak_tflops is not None:
+        _positive(inp.peak_tflops, "--peak-tflops", integer=False)
+    _positive(inp.ep, "--ep", integer=True)
+    if inp.mfu > 1:
+        raise ConfigError(f"--mfu is a fraction of peak and must be at most 1, got {inp.mfu}")
+    if inp.dtype not in COMPUTE_BYTES:
+        raise ConfigError(f"--dtype must be one of {', '.join(COMPUTE_BYTES)}, got {inp.dtype!r}")
+    if not _is_number(inp.reserve_fraction) or not 0 <= inp.reserve_fraction < 1:
+        raise ConfigError(f"reserve_fraction must be in [0, 1), got {inp.reserve_fraction!r}")
+    if inp.seq_len is not None and inp.seq_len > config.max_position_embeddings:
+        raise ConfigError(f"--seq-len {inp.seq_len} exceeds the model's context "
+                          f"({config.max_position_embeddings})")
+    _check_layout(inp, config)
+
+
+def _check_layout(inp: PlanInput, config: ModelConfig) -> None:
+    fsdp = inp.fsdp or inp.gpus
+    if inp.gpus % fsdp:
+        raise ConfigError(f"--fsdp {fsdp} must divide --gpus {inp.gpus}")
+    if inp.ep == 1:
+        return
+    if not config.moe_layers:
+        raise ConfigError(f"--ep {inp.ep}: the model has no routed experts (use --ep 1)")
+    experts = config.num_local_experts
+    if experts % inp.ep:
+        raise ConfigError(f"--ep {inp.ep} must divide the number of routed experts ({experts})")
+    if inp.gpus % inp.ep:
+        raise ConfigError(f"--ep {inp.ep} must divide --gpus {inp.gpus}")
+    if fsdp % inp.ep:  # torchtitan takes the EP ranks from the FSDP group
+        raise ConfigError(f"--ep {inp.ep} must divide the FSDP degree ({fsdp})")
+
+
+# -- memory ---------------------------------------------------------------------------------------
+
+def _expert_params(c: ModelConfig) -> int:
+    return 3 * c.hidden_size * c.intermediate_size  # gate, up, down
+
+
+def _attention_params(c: ModelConfig) -> int:
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    bias = q + 2 * kv + c.hidden_size if c.attention_bias else 0
+    return c.hidden_size * (q + 2 * kv) + q * c.hidden_size + bias
+
+
+def fsdp_units(c: ModelConfig, ep: int) -> list[tuple[int, int]]:
+    """(dense, routed-expert) parameters each FSDP unit gathers, in execution order: embedding,
+    decoder layers (a MoE layer gathers only its E/ep local experts), LM head with the final norm."""
+    embedding = c.vocab_size * c.hidden_size
+    attention = _attention_params(c) + 2 * c.hidden_size  # + the two RMSNorm weights
+    units = [(embedding, 0)]
+    for layer in range(c.num_hidden_layers):
+        if c.is_moe_layer(layer):
+            dense = attention + c.hidden_size * c.num_local_experts + _expert_params(c)  # router, shared
+            units.append((dense, c.num_local_experts // ep * _expert_params(c)))
+        else:
+            units.append((attention + 3 * c.hidden_size * c.intermediate_size_mlp, 0))
+    units.append(((0 if c.tie_word_embeddings else embedding) + c.hidden_size, 0))
+    return units
+
+
+def working_copy_bytes(c: ModelConfig, ep: int, fsdp: int, dtype: str) -> tuple[float, float]:
+    """(dense, experts) bytes of the largest neighbouring pair of units (one computing, one
+    prefetched), each held as compute-dtype weights plus a bf16 gradient. Weights that are not
+    sharded (FSDP 1 for dense, fsdp/ep = 1 for experts) are whole on the rank: nothing to gather."""
+    gathered = [(d if fsdp > 1 else 0, e if fsdp // ep > 1 else 0) for d, e in fsdp_units(c, ep)]
+    pairs = [(a[0] + b[0], a[1] + b[1]) for a, b in zip(gathered, gathered[1:])]
+    dense, experts = max(pairs, key=sum)
+    per_param = COMPUTE_BYTES[dtype] + UNSHARDED_GRAD_BYTES
+    return dense * per_param, experts * per_param
+
+
+def layer_activation_bytes(c: ModelConfig, layer: int) -> tuple[float, float]:
+    """(dense, routed-expert) bytes per token that one decoder layer saves for backward.
+
+    Counted once per distinct tensor, bf16 (2 bytes) unless noted, as a fused implementation
+    (flash attention, fused SwiGLU) keeps them; eager PyTorch keeps a few more copies:
+    - each RMSNorm: its input and output, 2h per sublayer;
+    - attention: q, k, v entering attention (q + 2kv) and its output (q); the softmax
+      log-sum-exp, 4 bytes per head. Flash attention never stores the s x s scores;
+    - SwiGLU MLP of width I: gate and up outputs and their product, 3I (shared expert: I =
+      intermediate_size; dense layers: intermediate_size_mlp);
+    - routed experts, per picked expert (k = num_experts_per_tok): the gated token copy (h) and
+      3I; with balanced routing a rank runs as many token-expert pairs as it sends, whatever ep;
+    - router: fp32 logits, 4 bytes per expert.
+    """
+    h, q = c.hidden_size, c.num_attention_heads * c.head_dim
+    kv = c.num_key_value_heads * c.head_dim
+    attention = ACT_BYTES * (2 * h + q + 2 * kv + q) + 4 * c.num_attention_heads
+    if not c.is_moe_layer(layer):
+        return attention + ACT_BYTES * (2 * h + 3 * c.intermediate_size_mlp), 0.0
+    shared = ACT_BYTES * (2 * h + 3 * c.intermediate_size) + 4 * c.num_local_experts
+    routed = c.num_experts_per_tok * ACT_BYTES * (h + 3 * c.intermediate_size)
+    return attention + shared, routed
+
+
+def activation_bytes_per_token(c: ModelConfig, checkpointing: bool) -> tuple[float, float]:
+    """(dense, routed-expert) activation bytes per token for all decoder layers.
+
+    Without checkpointing: the sum of `layer_activation_bytes`. With full checkpointing (one
+    checkpoint per decoder layer): each layer keeps only its input (h, bf16), and backward
+    recomputes one layer at a time, so the largest layer's activations are added once.
+    """
+    per_layer = [layer_activation_bytes(c, i) for i in range(c.num_hidden_layers)]
+    if not checkpointing:
+        return sum(d for d, _ in per_layer), sum(e for _, e in per_layer)
+    dense, experts = max(per_layer, key=sum)
+    return c.num_hidden_layers * ACT_BYTES * c.hidden_size + dense, experts
+
+
+def head_activation_bytes(c: ModelConfig) -> float:
+    """Bytes per token for the final norm (input and output, 2h bf16) and the loss: bf16
+    logits plus the fp32 copy cross-entropy works on, 6 bytes per vocabulary entry. Not
+    checkpointed (torchtitan checkpoints decoder layers only)."""
+    return ACT_BYTES * 2 * c.hidden_size + 6 * c.vocab_size
+
+
+def _memory_lines(inp: PlanInput, c: ModelConfig, fsdp: int, tokens: int,
+                  expert_params: int, dense_params: int) -> list[MemoryLine]:
+    def shard(bytes_per_param: int) -> tuple[float, float]:
+        return dense_params * bytes_per_param / fsdp, expert_params * bytes_per_param / fsdp
+
+    act_dense, act_experts = activation_bytes_per_token(c, inp.activation_checkpointing)
+    return [
+        MemoryLine("parameters", *shard(MASTER_BYTES)),
+        MemoryLine("gradients", *shard(GRAD_SHARD_BYTES)),
+        MemoryLine("optimizer", *shard(ADAM_BYTES)),
+        MemoryLine("working copies", *working_copy_bytes(c, inp.ep, fsdp, inp.dtype)),
+        MemoryLine("activations", act_dense * tokens, act_experts * tokens),
+        MemoryLine("logits and loss", head_activation_bytes(c) * tokens),
+    ]
+
+
+# -- the plan -------------------------------------------------------------------------------------
+
+def plan(inp: PlanInput) -> Plan:
+    """Memory per GPU, whether it fits, and step and training time for `inp`."""
+    label, c = _resolve_model(inp.model)
+    _check(inp, c)
+    fsdp = inp.fsdp or inp.gpus
+    seq_len = inp.seq_len or min(DEFAULT_SEQ_LEN, c.max_position_embeddings)
+    peak = inp.peak_tflops or PEAK_TFLOPS[inp.dtype]
+    size = model_size(c, seq_len)
+    tokens_per_gpu = inp.micro_batch * seq_len
+    memory = _memory_lines(inp, c, fsdp, tokens_per_gpu, size.expert_params,
+                           size.total_params - size.expert_params)
+    flops_6n = 6 * size.active_params
+    attention = 3 * size.attention_flops_per_token  # backward does twice the forward's work
+    rate = peak * 1e12 * inp.mfu  # FLOP/s per GPU
+    result = Plan(
+        inp=inp, label=label, config=c, fsdp=fsdp, replicas=inp.gpus // fsdp, seq_len=seq_len,
+        peak_tflops=peak, total_params=size.total_params, active_params=size.active_params,
+        expert_params=size.expert_params, memory=memory,
+        reserve_bytes=inp.reserve_fraction * inp.gpu_mem_gb * GIB,
+        train_flops_per_token=flops_6n, attention_flops_per_token=attention,
+        tokens_per_gpu=tokens_per_gpu, step_seconds=flops_6n * tokens_per_gpu / rate)
+    if inp.tokens is not None:
+        _add_totals(result, inp.tokens, peak)
+    return result
+
+
+def _add_totals(p: Plan, tokens: int, peak: float) -> None:
+    """Training time from 6ND directly (not steps x step time), so it equals the formula exactly."""
+    cluster = p.inp.gpus * peak * 1e12  # FLOP/s at 100% utilisation
+    p.ideal_days = p.train_flops_per_token * tokens / cluster / SECONDS_PER_DAY
+    p.days = p.ideal_days / p.inp.mfu
+    p.days_with_attention = p.days * (1 + p.attention_flops_per_token / p.train_flops_per_token)
+    p.steps = math.ceil(tokens / p.tokens_per_step)
+
+
+# -- the table ------------------------------------------------------------------------------------
+
+def _gb(n: float) -> str:
+    return f"{n / GIB:10.2f}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.3g} ms"
+    if seconds < 120:
+        return f"{seconds:.2f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 2 * SECONDS_PER_DAY:
+        return f"{seconds / 3600:.1f} h"
+    days = seconds / SECONDS_PER_DAY
+    return f"{days:,.1f} days ({days / 7:,.1f} weeks)"
+
+
+def _days(days: float) -> str:
+    return _duration(days * SECONDS_PER_DAY)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
+def _layout(p: Plan) -> list[str]:
+    i, c = p.inp, p.config
+    dense = f"dense weights sharded over FSDP {p.fsdp:,}" if p.fsdp > 1 else "no sharding (FSDP 1)"
+    if p.replicas > 1:
+        dense += f", {_plural(p.replicas, 'replica')} (HSDP)"
+    rows = [f"  layout      {dense}"]
+    if c.moe_layers and i.ep > 1:
+        rows.append(f"  experts     {c.num_local_experts} routed over EP {i.ep}: {c.num_local_experts // i.ep} "
+                    f"per rank, each sharded over {p.fsdp // i.ep:,} ranks")
+    elif c.moe_layers:
+        rows.append(f"  experts     {c.num_local_experts} routed, sharded like the dense weights (EP 1)")
+    return rows
+
+
+def _header(p: Plan) -> list[str]:
+    i = p.inp
+    return [
+        f"plan: {p.label} on {_plural(i.gpus, 'GPU')} x {i.gpu_mem_gb:g} GB, {i.dtype}, "
+        f"activation checkpointing {'on' if i.activation_checkpointing else 'off'}",
+        f"  parameters  {human(p.total_params)} total, {human(p.active_params)} active",
+        *_layout(p),
+        f"  batch       {i.micro_batch} x {p.seq_len:,} tokens per GPU = "
+        f"{p.tokens_per_step:,} tokens per step",
+    ]
+
+
+def _memory_table(p: Plan) -> list[str]:
+    rows = ["", f"  {'memory per GPU (GB)':<28}{'dense':>10}{'experts':>10}{'total':>10}"]
+    for line in p.memory:
+        rows.append(f"  {line.name:<28}{_gb(line.dense)}{_gb(line.experts)}{_gb(line.total)}")
+    reserve = f"reserve ({p.inp.reserve_fraction:.0%} of card)"
+    rows.append(f"  {reserve:<28}{'':>20}{_gb(p.reserve_bytes)}")
+    rows.append(f"  {'total':<28}{'':>20}{_gb(p.memory_bytes + p.reserve_bytes)}")
+    verdict = (f"yes, {p.headroom_bytes / GIB:.1f} GB headroom" if p.fits
+               else f"NO, {-p.headroom_bytes / GIB:.1f} GB over")
+    rows.append(f"  fits in {p.inp.gpu_mem_gb:g} GB: {verdict}")
+    return rows
+
+
+def _compute_table(p: Plan) -> list[str]:
+    i = p.inp
+    share = p.attention_flops_per_token / p.train_flops_per_token
+    rows = [
+        "",
+        f"  {'training FLOPs/token (6N)':<34}{human(p.train_flops_per_token)}",
+        f"  {'attention FLOPs/token (not in 6N)':<34}{human(p.attention_flops_per_token)} "
+        f"(+{share:.1%} at seq len {p.seq_len:,})",
+        f"  {'per-GPU rate':<34}{p.peak_tflops:g} TFLOP/s peak x MFU {i.mfu:.2f} = "
+        f"{p.peak_tflops * i.mfu:,.0f} TFLOP/s",
+        f"  {'step time':<34}{_duration(p.step_seconds)} "
+        f"(with attention {_duration(p.step_seconds_with_attention)})",
+        f"  {'throughput':<34}{human(p.tokens_per_second)} tokens/s "
+        f"({p.tokens_per_second / i.gpus:,.0f} per GPU)",
+    ]
+    if p.days is None:
+        return rows + [f"  {'training time':<34}pass --tokens to see it"]
+    return rows + [
+        f"  {'tokens':<34}{human(i.tokens)} in {p.steps:,} steps",
+        f"  {'ideal, 6ND at MFU 1':<34}{_days(p.ideal_days)}",
+        f"  {f'6ND at MFU {i.mfu:.2f}':<34}{_days(p.days)}",
+        f"  {f'with attention, MFU {i.mfu:.2f}':<34}{_days(p.days_with_attention)}",
+    ]
+
+
+def format_plan(p: Plan) -> str:
+    """A readable table: layout, memory per GPU by item, fit, step time, throughput, total time."""
+    return "\n".join(_header(p) + _memory_table(p) + _compute_table(p))

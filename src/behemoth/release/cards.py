@@ -1,0 +1,122 @@
+"""Markdown for people: the decision record (`decision.md`) and the model card (`README.md`).
+
+Both are built only from the record and the files beside it, so they never disagree with the JSON.
+The model card follows the Hugging Face layout: a YAML front matter block (license, datasets,
+tags, `model-index` evaluation results) and then prose sections.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+DECISION_WORDS = {
+    "open": "release the weights openly",
+    "closed": "keep the weights closed and serve the model behind API keys",
+    "hold": "hold the model back (no release)",
+}
+
+
+def decision_markdown(record: dict[str, Any]) -> str:
+    """decision.md: what was decided, by which rule and why, and the evidence."""
+    model, policy = record["model"], record["policy"]
+    lines = [f"# Release decision: {record['decision'].upper()}", "",
+             f"**{DECISION_WORDS[record['decision']]}**, by rule `{record['rule']}`: {record['reason']}.", "",
+             "This decision takes effect only after sign-off: "
+             f"`behemoth release approve {record.get('record_path', 'RECORD')} --by NAME`.", "",
+             "| | |", "|---|---|",
+             f"| model | `{model['path']}` |",
+             f"| weights SHA-256 | `{model['weights_sha256']}` |",
+             f"| baseline | {_baseline(record)} |",
+             f"| policy | `{policy['path']}` ({policy['name']}, SHA-256 `{policy['sha256'][:16]}...`) |",
+             f"| inputs SHA-256 | `{record['inputs_sha256']}` |",
+             f"| created | {record['created']} |", "",
+             "## Rules, in order", "",
+             "| rule | decision | condition | fired | why |", "|---|---|---|---|---|"]
+    for rule in record["rules"]:
+        lines.append(f"| {rule['name']} | {rule['decision']} | {rule['condition']} | "
+                     f"{'**yes**' if rule['fired'] else 'no'} | {rule['why']} |")
+    lines += ["", "## Evaluations", ""]
+    for name, entry in record["evaluations"].items():
+        lines += [f"### {name}: `{entry['tasks']}`", "", "| task | metrics |", "|---|---|"]
+        for task, metrics in entry["metrics"].items():
+            lines.append(f"| {task} | {_metric_text(metrics)} |")
+        comparison = entry.get("comparison")
+        if comparison:
+            lines += ["", f"Against the baseline: **{comparison['verdict']}** ({comparison['metric']} "
+                          f"{comparison['a']:.4f} -> {comparison['b']:.4f})."]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _baseline(record: dict[str, Any]) -> str:
+    base = record.get("baseline")
+    return "none (first release)" if base is None else f"`{base['path']}` (`{base['weights_sha256'][:16]}...`)"
+
+
+def _metric_text(metrics: dict[str, Any]) -> str:
+    shown = [(k, v) for k, v in metrics.items() if k != "n"]
+    text = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown)
+    return f"{text} (n={metrics['n']})" if "n" in metrics else text
+
+
+def model_card(record: dict[str, Any], approval: dict[str, Any], *, name: str, files: list[str],
+               training: dict[str, Any] | None = None, license: str = "apache-2.0") -> str:
+    """README.md of an open release: Hugging Face metadata, then what the model is and is not."""
+    results = _model_index(record, name)
+    front = {"license": license, "library_name": "transformers", "pipeline_tag": "text-generation",
+             "tags": ["llama4", "mixture-of-experts", "behemoth", "gguf"],
+             "datasets": sorted((training or {}).get("datasets", [])) or None,
+             "model-index": [{"name": name, "results": results}] if results else None}
+    yaml = ["---"] + [_yaml_entry(k, v) for k, v in front.items() if v is not None] + ["---"]
+    info = training or {}
+    lines = [*yaml, "", f"# {name}", "",
+             f"A Llama 4 architecture model trained with Behemoth and released openly "
+             f"after its release gate decided **{record['decision']}** (rule `{record['rule']}`) and "
+             f"{approval['by']} approved it on {approval['time']}.", "",
+             "## Files", "", *[f"- `{f}`" for f in files], "",
+             "Load it with `transformers` (`AutoModelForCausalLM.from_pretrained(folder)`), with llama.cpp "
+             "(the `.gguf` file), or with `behemoth serve --model folder`.", "",
+             "## Training", "", *(f"- {k}: {v}" for k, v in info.get("facts", {}).items()), "",
+             "## Evaluation", "",
+             "| evaluation | task | metric | value |", "|---|---|---|---|",
+             *[f"| {r['evaluation']} | {r['task']} | {r['metric']} | {r['value']:.4f} |" for r in _rows(record)], "",
+             "## Intended use", "",
+             "Research on small language models: training recipes, distillation, evaluation and release tooling. "
+             "It is a toy-scale model unless the training section says otherwise.", "",
+             "## Limitations", "",
+             "Small models trained briefly produce fluent-looking but unreliable text: they state falsehoods, "
+             "repeat themselves and follow instructions poorly. They have had no safety tuning beyond what the "
+             "training section lists. Do not use the output for decisions about people.", "",
+             "## Release gate", "",
+             f"Policy `{record['policy']['name']}` (SHA-256 `{record['policy']['sha256']}`), decision "
+             f"**{record['decision']}**: {record['reason']}. The full record is `release/decision.json` "
+             f"(SHA-256 in the audit log entry `{approval['record_sha256'][:16]}...`), readable as "
+             "`release/decision.md`.", ""]
+    return "\n".join(lines)
+
+
+def _rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for evaluation, entry in record["evaluations"].items():
+        for task, metrics in entry["metrics"].items():
+            for metric, value in metrics.items():
+                if metric not in ("n", "chance") and isinstance(value, (int, float)):
+                    rows.append({"evaluation": evaluation, "task": task, "metric": metric, "value": float(value)})
+    return rows
+
+
+def _model_index(record: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    seen, results = set(), []
+    for row in _rows(record):
+        if (row["task"], row["metric"]) in seen:
+            continue
+        seen.add((row["task"], row["metric"]))
+        results.append({"task": {"type": "text-generation"}, "dataset": {"name": row["task"], "type": row["task"]},
+                        "metrics": [{"type": row["metric"], "value": round(row["value"], 6)}]})
+    return results
+
+
+def _yaml_entry(key: str, value: Any) -> str:
+    # JSON is valid YAML (flow style), and json.dumps quotes every string safely.
+    return f"{key}: {json.dumps(value, ensure_ascii=False)}"
