@@ -585,3 +585,14 @@ def test_embedded_corpus_end_to_end(tmp_path):
     assert manifest.documents["val"] >= 1 and manifest.tokens["train"] > 500_000
     inputs, targets = PackedLoader(tmp_path / "data", "train", 2, 64, seed=0).next_batch()
     assert torch.equal(inputs[:, 1:], targets[:, :-1])
+
+
+def test_split_documents_recovers_the_held_out_text(prepared, docs, tok):
+    from behemoth.data.shards import split_documents, split_score
+
+    held_out = list(split_documents(prepared, "val", tok.decode))
+    expected = [d for d in docs if split_score(d, 0) < 0.1]
+    assert held_out == expected and 0 < len(held_out) < len(docs)
+    assert len(list(split_documents(prepared, "train", tok.decode))) == len(docs) - len(held_out)
+    with pytest.raises(ConfigError, match="no split 'test'"):
+        list(split_documents(prepared, "test", tok.decode))

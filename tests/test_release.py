@@ -492,3 +492,22 @@ def test_cli_gate_end_to_end(world, tmp_path, capsys):
     assert main(["gate", "--model", str(world["strong"]), "--policy", str(policy), "--var", "oops",
                  "--out", str(tmp_path / "rec2")]) == 2
     assert "expected NAME=VALUE" in capsys.readouterr().err
+
+
+def test_cli_export_hf_and_gguf(world, tmp_path, capsys):
+    pytest.importorskip("gguf", reason="the GGUF writer (pip package gguf) is not installed")
+    hf = tmp_path / "hf"
+    assert main(["export", "--model", str(world["strong"]), "--format", "hf", "--out", str(hf)]) == 0
+    assert {p.name for p in hf.iterdir()} == {"config.json", "generation_config.json", "model.safetensors",
+                                               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+    reloaded, original = behemoth.load(hf), behemoth.load(world["strong"])
+    assert all(torch.equal(a, b) for a, b in zip(reloaded.state_dict().values(), original.state_dict().values()))
+    assert main(["export", "--model", str(world["strong"]), "--format", "hf", "--out", str(hf)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    gguf_file = tmp_path / "m.gguf"
+    assert main(["export", "--model", str(world["strong"]), "--format", "gguf", "--out", str(gguf_file),
+                 "--dtype", "f16"]) == 0
+    assert gguf_file.read_bytes()[:4] == b"GGUF"
+    assert main(["export", "--model", str(tmp_path / "none"), "--format", "gguf", "--out",
+                 str(tmp_path / "x.gguf")]) == 2
+    assert not (tmp_path / "x.gguf").exists()
