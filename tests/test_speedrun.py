@@ -1,0 +1,44 @@
+"""The whole speedrun at its smallest budget: every stage, the gate on teacher and student, the release.
+
+Slow (several minutes on 2 cores): `./test -m slow tests/test_speedrun.py`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from behemoth.release import load_policy, registered_models, verify_log, verify_manifest
+from behemoth.release.audit import read_entries
+from behemoth.speedrun import speedrun
+
+
+@pytest.mark.slow
+def test_speedrun_gates_and_releases(tmp_path):
+    out = tmp_path / "run"
+    report = speedrun(out, minutes=0.2, approve_as="CI Operator", progress=False)
+    text = report.read_text()
+    assert "## Release gate" in text and "CI Operator" in text
+    assert (out / "report.html").is_file()
+
+    threshold = next(r.at_most for r in load_policy().rules if r.when == "threshold")
+    decisions = {}
+    for name in ("teacher", "student"):
+        record = json.loads((out / "releases" / "records" / name / "decision.json").read_text())
+        bpb = record["evaluations"]["capability"]["metrics"]["heldout"]["bpb"]
+        # no baseline on a first run: the policy's capability threshold alone decides
+        assert record["decision"] == ("closed" if bpb <= threshold else "open")
+        decisions[name] = record["decision"]
+
+    events = [(e["event"], e.get("decision")) for e in read_entries(out / "releases" / "audit.jsonl")]
+    assert [e for e, _ in events] == ["decision", "approval", "publish"] * 2  # teacher, then student
+    verify_log(out / "releases" / "audit.jsonl")
+    for name, decision in decisions.items():
+        if decision == "open":
+            bundle = out / "releases" / "open" / name
+            assert verify_manifest(bundle) == [] and list(bundle.glob("*.gguf"))
+        else:
+            assert f"speedrun-{name}" in registered_models(out / "releases" / "registry.json")
+    held_out = (out / "heldout.jsonl").read_text().splitlines()
+    assert held_out and all(json.loads(line)["text"] for line in held_out)
