@@ -13,7 +13,9 @@ to a temporary folder and renamed into place, so a failure never leaves a half-w
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -58,10 +60,13 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     params = model.state_dict()
     with torch.no_grad():
         for file in files:
-            with safe_open(str(file), framework="pt") as reader:
-                for name, entry in entries.items():
-                    if entry.file == file:
-                        params[name].copy_(reader.get_tensor(entry.key))
+            try:
+                with safe_open(str(file), framework="pt") as reader:
+                    for name, entry in entries.items():
+                        if entry.file == file:
+                            params[name].copy_(reader.get_tensor(entry.key))
+            except (SafetensorError, OSError) as err:  # e.g. the file changed since its header was checked
+                raise CheckpointError(f"{file}: cannot be read ({err})") from None
     return model
 
 
@@ -93,21 +98,128 @@ def _index_tensors(files: list[Path]) -> dict[str, _Entry]:
     """Text-model tensors by our name (multimodal prefixes stripped, vision tensors skipped)."""
     entries: dict[str, _Entry] = {}
     for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as reader:
-                for key in reader.keys():
-                    if key.startswith(IGNORED_PREFIXES):
-                        continue
-                    name = key[len(TEXT_PREFIX):] if key.startswith(TEXT_PREFIX) else key
-                    view = reader.get_slice(key)
-                    entries[name] = _Entry(file, key, tuple(view.get_shape()), view.get_dtype())
-        except SafetensorError as err:
-            raise CheckpointError(f"{file}: not a valid safetensors file ({err})") from None
-        except OSError as err:
-            raise CheckpointError(f"{file}: cannot be read ({err})") from None
+        for key, info in read_safetensors_header(file).items():
+            if key.startswith(IGNORED_PREFIXES):
+                continue
+            name = key[len(TEXT_PREFIX):] if key.startswith(TEXT_PREFIX) else key
+            entries[name] = _Entry(file, key, info.shape, info.dtype)
     if not entries:
         raise CheckpointError(f"{files[0]}: holds no text-model tensors")
     return entries
+
+
+# ------------------------------------------------------------------------------------------------
+# The safetensors header, read and checked by us before the library maps the file
+# ------------------------------------------------------------------------------------------------
+
+# Bytes per element of every dtype the safetensors format defines.
+SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2,
+                           "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8,
+                           "F64": 8, "C64": 8}
+# The reference implementation's cap: a header larger than this is refused before it is read.
+MAX_HEADER_BYTES = 100_000_000
+MAX_RANK = 16
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as its safetensors header describes it (offsets relative to the data section)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
+    """The tensors a safetensors file holds, after checking that its header tells the truth.
+
+    The header length is checked against the file size before anything is read, so a lying
+    length never makes us read past the file or allocate what it claims. Every tensor must have
+    a known dtype, a non-negative shape whose size matches its byte range, and the ranges must
+    tile the data section exactly (no gap, no overlap, nothing past the end).
+    """
+    try:
+        with open(file, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{file}: not a valid safetensors file ({size} bytes, shorter than "
+                                      "its 8-byte header length)")
+            length = int.from_bytes(prefix, "little")
+            if length > min(size - 8, MAX_HEADER_BYTES):
+                raise CheckpointError(f"{file}: not a valid safetensors file (header length {length} exceeds "
+                                      f"the file's {size} bytes or the {MAX_HEADER_BYTES}-byte cap)")
+            raw = handle.read(length)
+    except OSError as err:
+        raise CheckpointError(f"{file}: cannot be read ({err.strerror or err})") from None
+    if len(raw) != length:
+        raise CheckpointError(f"{file}: not a valid safetensors file (the file shrank while being read)")
+    tensors = _parse_header(file, raw)
+    _check_layout(file, tensors, size - 8 - length)
+    return tensors
+
+
+def _parse_header(file: Path, raw: bytes) -> dict[str, TensorInfo]:
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise CheckpointError(f"{file}: not a valid safetensors file (header is not JSON: "
+                              f"{str(err)[:200]})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: not a valid safetensors file (header is not a JSON object)")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{file}: not a valid safetensors file (__metadata__ must map names to strings)")
+    return {key: _tensor_info(file, key, value) for key, value in header.items()}
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key[:100]!r}")
+        result[key] = value
+    return result
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _tensor_info(file: Path, key: str, value: Any) -> TensorInfo:
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(f"{file}: tensor {key[:200]!r}: {problem} (not a valid safetensors file)")
+
+    if not isinstance(value, dict):
+        raise bad("its entry is not an object")
+    dtype, shape, offsets = value.get("dtype"), value.get("shape"), value.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_BYTES:
+        raise bad(f"unknown dtype {str(dtype)[:32]!r}")
+    if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(_is_count(d) for d in shape):
+        raise bad(f"shape must be a list of at most {MAX_RANK} non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets)
+            or offsets[0] > offsets[1]):
+        raise bad("data_offsets must be [begin, end] with 0 <= begin <= end")
+    count = math.prod(shape)
+    if (offsets[1] - offsets[0]) != count * SAFETENSORS_DTYPE_BYTES[dtype]:
+        raise bad(f"shape {shape} of {dtype} needs {count * SAFETENSORS_DTYPE_BYTES[dtype]} bytes, "
+                  f"its range holds {offsets[1] - offsets[0]}")
+    return TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _check_layout(file: Path, tensors: dict[str, TensorInfo], data_bytes: int) -> None:
+    """The byte ranges must tile the data section: sorted, each starting where the last ended."""
+    position = 0
+    for key, info in sorted(tensors.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if info.begin != position:
+            problem = "overlaps another tensor" if info.begin < position else f"leaves a gap before byte {info.begin}"
+            raise CheckpointError(f"{file}: tensor {key[:200]!r}: its byte range {problem} "
+                                  "(not a valid safetensors file)")
+        position = info.end
+    if position != data_bytes:
+        raise CheckpointError(f"{file}: not a valid safetensors file (tensors end at byte {position} of a "
+                              f"{data_bytes}-byte data section)")
 
 
 _SAFETENSORS_FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -229,16 +341,45 @@ def write_model_files(model: Transformer, directory: Path, *, config_form: str =
     shards = _split_into_shards(state, max_shard_bytes)
     metadata = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], str(directory / WEIGHTS_NAME), metadata=metadata)
+        save_safetensors(shards[0], directory / WEIGHTS_NAME, metadata=metadata)
         return
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / name), metadata=metadata)
+        save_safetensors(shard, directory / name, metadata=metadata)
         weight_map.update({key: name for key in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file`, with its I/O failures (a full disk) raised as the OSError they are,
+    so callers handle one exception type for every write."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:
+        code = _os_error_code(err)
+        if code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from None
+
+
+# What a failed write raises: OSError, or safetensors' own error wrapping one (its writer is Rust).
+WRITE_ERRORS = (OSError, SafetensorError)
+
+
+def write_failure(err: BaseException) -> str | None:
+    """The system's reason a write failed ("No space left on device"), or None if `err` is no I/O error."""
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    code = _os_error_code(err) if isinstance(err, SafetensorError) else None
+    return os.strerror(code) if code is not None else None
+
+
+def _os_error_code(err: BaseException) -> int | None:
+    found = re.search(r"os error (\d+)", str(err))
+    return int(found.group(1)) if found else None
 
 
 def _split_into_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:

@@ -98,6 +98,10 @@ def _run_config(args: argparse.Namespace, extra: list[str] | None = None):
 
 
 def _print_result(result) -> None:
+    from behemoth.distributed.runtime import is_main_process
+
+    if not is_main_process():  # under torchrun, one summary for the whole job
+        return
     numbers = ", ".join(f"{k} {v:.4f}" for k, v in result.validation.items())
     print(f"trained {result.steps} steps: loss {result.final_loss:.4f}" + (f"; {numbers}" if numbers else ""))
     print(f"model: {result.model_dir}")
@@ -125,11 +129,21 @@ def cmd_dpo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_consolidate(args: argparse.Namespace) -> int:
+    from behemoth.checkpoint import DTYPES
+    from behemoth.distributed import consolidate
+
+    print(f"model: {consolidate(args.checkpoint, args.out, dtype=DTYPES[args.dtype] if args.dtype else None)}")
+    return 0
+
+
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="run folder")
     parser.add_argument("--steps", type=int, help="optimizer steps in total")
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest complete checkpoint in --out (written by any number of "
+                             "processes; see README, Multi-GPU)")
     parser.add_argument("--config", type=Path, metavar="FILE", help="run configuration (TOML)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. --set optim.lr=1e-3 (repeatable)")
@@ -481,6 +495,14 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--text-field", default="text", metavar="NAME",
                          help="JSONL field / Parquet column holding the text (default text)")
     prepare.set_defaults(run=cmd_data_prepare)
+    consolidate = commands.add_parser(
+        "consolidate", help="turn a distributed (multi-process) checkpoint into a model directory",
+        description="Gather the weights of checkpoints/step-N of a multi-process run into one Hugging Face "
+                    "model directory, with its tokenizer, in one process.")
+    consolidate.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a checkpoints/step-N folder")
+    consolidate.add_argument("--out", type=Path, required=True, metavar="DIR", help="model directory to write")
+    consolidate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: as trained")
+    consolidate.set_defaults(run=cmd_consolidate)
     _add_serving_commands(commands)
     _add_eval_commands(commands)
     add_release_commands(commands)

@@ -173,6 +173,8 @@ class ModelConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object")
         architectures = data.get("architectures") or []
+        if not isinstance(architectures, list) or not all(isinstance(a, str) for a in architectures):
+            raise ConfigError(f"{source}: architectures must be a list of names, got {architectures!r}")
         model_type = data.get("model_type")
         if MULTIMODAL_ARCHITECTURE in architectures or model_type == "llama4":
             text = data.get("text_config")

@@ -57,9 +57,59 @@ def route(logits: torch.Tensor, top_k: int, selection_bias: torch.Tensor | None 
     return expert_ids, gates
 
 
+def sort_by_expert(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor, num_experts: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lay the (token, pick) slots out grouped by expert, in expert order.
+
+    Returns (routed_in [slots, hidden]: each slot's token already scaled by its gate,
+    token_of_slot [slots], counts [num_experts]: how many slots each expert got). Within an
+    expert, slots keep token order (stable sort).
+    """
+    top_k = expert_ids.shape[-1]
+    flat_ids = expert_ids.reshape(-1)
+    order = flat_ids.argsort(stable=True)
+    token_of_slot = order // top_k
+    counts = torch.bincount(flat_ids, minlength=num_experts)
+    routed_in = x[token_of_slot] * gates.reshape(-1, 1)[order].to(x.dtype)
+    return routed_in, token_of_slot, counts
+
+
+def grouped_experts(routed_in: torch.Tensor, counts: list[int], gate_up_proj: torch.Tensor,
+                    down_proj: torch.Tensor, skip_empty: bool = True) -> torch.Tensor:
+    """SwiGLU expert e applied to the e-th contiguous group of `routed_in` (sizes `counts`).
+
+    gate_up_proj [E, hidden, 2I] and down_proj [E, I, hidden] hold the experts the groups refer
+    to (all of them, or a contiguous subset of them). With `skip_empty=False` every expert takes
+    part in the graph even with no tokens, so each gets a zero gradient rather than none.
+    """
+    # unbind, not indexing: the backward of W[e] would allocate (and zero) a full [E, ...]
+    # gradient per expert; unbind's backward stacks the per-expert gradients once.
+    gate_up_weights, down_weights = gate_up_proj.unbind(0), down_proj.unbind(0)
+    outputs = []
+    for expert, tokens in enumerate(routed_in.split(counts)):
+        if skip_empty and tokens.shape[0] == 0:
+            continue
+        gate, up = (tokens @ gate_up_weights[expert]).chunk(2, dim=-1)
+        outputs.append((F.silu(gate) * up) @ down_weights[expert])
+    if not outputs:
+        return routed_in.new_zeros((0, down_proj.shape[-1]))
+    return torch.cat(outputs)
+
+
+def combine(x: torch.Tensor, token_of_slot: torch.Tensor, routed_out: torch.Tensor) -> torch.Tensor:
+    """Sum each token's expert outputs back into its row: [tokens, hidden]."""
+    # routed_out's dtype, not x's: under autocast the expert matmuls produce bfloat16.
+    return x.new_zeros(x.shape, dtype=routed_out.dtype).index_add_(0, token_of_slot, routed_out)
+
+
 class Experts(nn.Module):
     """E SwiGLU experts stored as stacked weights, laid out as in Hugging Face checkpoints:
-    gate_up_proj [E, hidden, 2 * I] (gate first, used as x @ W) and down_proj [E, I, hidden]."""
+    gate_up_proj [E, hidden, 2 * I] (gate first, used as x @ W) and down_proj [E, I, hidden].
+
+    The forward is three steps, each a function in this module, so that a wrapper (expert
+    parallelism, say) can reuse them and put its own transport between the first two:
+    sort_by_expert -> grouped_experts -> combine.
+    """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -69,30 +119,12 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """x [tokens, hidden]; expert_ids, gates [tokens, top_k] -> summed expert outputs [tokens, hidden]."""
-        top_k = expert_ids.shape[-1]
         if x.shape[0] == 1:
             return self._one_token(x, expert_ids[0], gates[0])
-        flat_ids = expert_ids.reshape(-1)
-        order = flat_ids.argsort(stable=True)
-        token_of_slot = order // top_k
+        routed_in, token_of_slot, counts = sort_by_expert(x, expert_ids, gates, self.num_experts)
         # The one host sync of the layer: slice sizes must be known to split the sorted tokens.
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
-        routed_in = x[token_of_slot] * gates.reshape(-1, 1)[order].to(x.dtype)
-
-        # unbind, not indexing: the backward of W[e] would allocate (and zero) a full [E, ...]
-        # gradient per expert; unbind's backward stacks the per-expert gradients once.
-        gate_up_weights, down_weights = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
-        outputs = []
-        for expert, tokens in enumerate(routed_in.split(counts)):
-            if tokens.shape[0] == 0:
-                continue
-            gate, up = (tokens @ gate_up_weights[expert]).chunk(2, dim=-1)
-            outputs.append((F.silu(gate) * up) @ down_weights[expert])
-        if not outputs:
-            return torch.zeros_like(x)
-        routed_out = torch.cat(outputs)
-        # routed_out's dtype, not x's: under autocast the expert matmuls produce bfloat16.
-        return x.new_zeros(x.shape, dtype=routed_out.dtype).index_add_(0, token_of_slot, routed_out)
+        routed_out = grouped_experts(routed_in, counts.tolist(), self.gate_up_proj, self.down_proj)
+        return combine(x, token_of_slot, routed_out)
 
     def _one_token(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """A single token (decoding one sequence): run its top-k experts directly, since sorting,

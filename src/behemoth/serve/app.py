@@ -63,7 +63,8 @@ PAGE_HEADERS = {
     "Cache-Control": "no-store",
 }
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "invalid_request_error", 405: "invalid_request_error", 413: "invalid_request_error",
+               404: "invalid_request_error", 405: "invalid_request_error", 408: "invalid_request_error",
+               413: "invalid_request_error",
                415: "invalid_request_error", 429: "rate_limit_error", 503: "server_overloaded"}
 NEG_INF_LOGPROB = -9999.0  # what OpenAI reports for a token of probability zero
 
@@ -84,6 +85,7 @@ class Settings:
     max_top_logprobs: int = 20        # /v1/chat/completions `top_logprobs`, as OpenAI
     max_stop: int = 4                 # stop strings, as OpenAI
     max_stop_chars: int = 256
+    body_timeout_s: int = 30          # a body still arriving after this gets 408 (a trickling client)
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -194,18 +196,24 @@ def _validation_error(err: ValidationError) -> ApiError:
                     param or None)
 
 
-async def _read_json(request: Request, limit: int) -> Any:
-    """The JSON body, read with a running size check (a missing or lying Content-Length too)."""
+async def _read_json(request: Request, limit: int, timeout: float) -> Any:
+    """The JSON body, read with a running size check (a missing or lying Content-Length too) and a
+    deadline: a client trickling its body would otherwise hold a connection and a task forever."""
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if content_type not in ("application/json", ""):
         raise ApiError(415, f"Content-Type must be application/json, not {content_type[:64]!r}.",
                        "unsupported_media_type")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"Request body too large: the limit is {limit} bytes.", "request_too_large")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"Request body too large: the limit is {limit} bytes.", "request_too_large")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ApiError(408, f"The request body did not arrive within {timeout:g} seconds.", "request_timeout",
+                       headers={"Connection": "close"}) from None
     try:
         data = json.loads(b"".join(chunks))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -500,6 +508,9 @@ async def _run_job(state: _State, call: _Call, job: _Job, ticket: Any) -> Respon
                 async for choice, event in events:
                     call.token_seen()
                     _apply(job, choice, event)
+        except EngineClosed:  # the server is stopping: a clean, retryable error rather than a 500
+            finish(503, "EngineClosed")
+            raise _shutting_down() from None
         except BaseException as err:
             finish(500 if isinstance(err, Exception) else 499, type(err).__name__)
             raise
@@ -536,6 +547,10 @@ async def _run_job(state: _State, call: _Call, job: _Job, ticket: Any) -> Respon
                 yield _sse({**chunk, "choices": [], "usage": _usage(job)})
             yield "data: [DONE]\n\n"
             status, error = 200, None
+        except EngineClosed:
+            status, error = 503, "EngineClosed"
+            failure = _shutting_down()
+            yield _sse({"error": {"message": str(failure), "type": failure.type, "param": None, "code": failure.code}})
         except Exception:
             log.exception("generation failed in %s", job.id)
             status, error = 500, "engine error"
@@ -546,6 +561,11 @@ async def _run_job(state: _State, call: _Call, job: _Job, ticket: Any) -> Respon
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "x-request-id": job.id})
+
+
+def _shutting_down() -> ApiError:
+    return ApiError(503, "The server is shutting down; retry shortly.", "server_shutting_down",
+                    headers={"Retry-After": "1"})
 
 
 def _sse(payload: dict[str, Any]) -> str:
@@ -844,7 +864,7 @@ def create_app(models: Iterable[ServedModel], keys: KeyStore, settings: Settings
         async def work() -> Response:
             ticket = admit(call)
             try:
-                data = await _read_json(request, state.settings.max_body_bytes)
+                data = await _read_json(request, state.settings.max_body_bytes, state.settings.body_timeout_s)
                 try:
                     body = (ChatBody if chat else CompletionBody).model_validate(data)
                 except ValidationError as err:

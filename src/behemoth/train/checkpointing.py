@@ -68,7 +68,7 @@ def save_checkpoint(root: Path, model: Transformer, optimizer: torch.optim.Optim
         _write_manifest(staging, state.step)
         _fsync_dir_files(staging)
         if final.exists():  # re-saving the same step (a resumed run's first save): replace it
-            shutil.rmtree(final)
+            _remove(final)
         os.rename(staging, final)
         _fsync_path(root)
     except BaseException:
@@ -97,8 +97,10 @@ def _trainer_tensors(model: Transformer, optimizer: torch.optim.Optimizer) -> tu
 
 
 def _write_manifest(directory: Path, step: int) -> None:
-    files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-             for p in sorted(directory.iterdir()) if p.is_file()}
+    """SHA-256 and size of every file, subfolders included (a distributed checkpoint keeps its
+    shards in `dcp/`), named by their path relative to `directory`."""
+    files = {p.relative_to(directory).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+             for p in sorted(directory.rglob("*")) if p.is_file()}
     (directory / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
 
 
@@ -111,15 +113,25 @@ def _fsync_path(path: Path) -> None:
 
 
 def _fsync_dir_files(directory: Path) -> None:
-    for file in directory.iterdir():
-        if file.is_file():
-            _fsync_path(file)
+    for entry in directory.iterdir():
+        if entry.is_file():
+            _fsync_path(entry)
+        elif entry.is_dir():
+            _fsync_dir_files(entry)
     _fsync_path(directory)
+
+
+def _remove(directory: Path) -> None:
+    """Rename aside, then delete: a kill mid-delete leaves a hidden .step-*.tmp folder (cleaned up by
+    the next save), never a step-N folder with files missing."""
+    aside = directory.with_name(f".{directory.name}.{os.getpid()}.old.tmp")
+    os.rename(directory, aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _prune(root: Path, keep: int) -> None:
     for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     for leftover in root.glob(f".{PREFIX}*.tmp"):  # from a run killed mid-save
         shutil.rmtree(leftover, ignore_errors=True)
 

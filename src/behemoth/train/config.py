@@ -7,6 +7,7 @@
     [distill]          teacher temperature and the soft/hard weighting schedule
     [dpo]              beta
     [run]              steps, seed, evaluation and checkpoint cadence, dtype, compile
+    [parallel]         multi-process runs (torchrun): data-parallel kind, expert-parallel degree, timeout
 
 Every value is checked before any work starts; an unknown key or a wrong type is one line naming
 the key. The resolved configuration is saved with every checkpoint.
@@ -86,9 +87,20 @@ class RunSettings:
     eval_batches: int = 8
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
+    max_bad_steps: int = 3  # NaN/Inf loss or gradient: such steps are skipped; this many in a row stop the run
     dtype: str = "float32"  # or "bfloat16" (autocast)
     compile: bool = False
     device: str = "auto"  # "auto", "cpu", "cuda", ...
+
+
+@dataclass
+class ParallelConfig:
+    """How a run launched with torchrun (WORLD_SIZE > 1) spreads over its processes; a
+    single-process run ignores it, so a run can be resumed with more or fewer processes."""
+
+    data_parallel: str = "fsdp"  # "fsdp": shard weights, gradients and optimizer state; "ddp": replicate
+    expert_parallel: int = 1  # ranks that split the routed experts; divides the processes and the experts
+    timeout_s: float = 600.0  # a collective waiting longer (a rank died or hung) stops the job
 
 
 @dataclass
@@ -100,6 +112,7 @@ class RunConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     dpo: PreferenceConfig = field(default_factory=PreferenceConfig)
     run: RunSettings = field(default_factory=RunSettings)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def model_config(self, tokenizer: Any = None) -> ModelConfig:
         """The preset with this run's overrides; with a tokenizer, its vocabulary and token ids."""
@@ -121,9 +134,10 @@ class RunConfig:
 
 
 _SECTIONS = {"data": DataConfig, "optim": OptimConfig, "balance": BalanceConfig, "distill": DistillConfig,
-             "dpo": PreferenceConfig, "run": RunSettings}
+             "dpo": PreferenceConfig, "run": RunSettings, "parallel": ParallelConfig}
 _CHOICES = {("optim", "schedule"): ("cosine", "wsd"), ("run", "dtype"): ("float32", "bfloat16"),
-            ("distill", "alpha_schedule"): ("constant", "linear", "cosine", "adaptive")}
+            ("distill", "alpha_schedule"): ("constant", "linear", "cosine", "adaptive"),
+            ("parallel", "data_parallel"): ("fsdp", "ddp")}
 
 
 def load_run_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -185,7 +199,7 @@ def validate(config: RunConfig, source: str = "config") -> None:
     """Reject values that cannot work, before any data is read or any model is built."""
     positive = [("data", "seq_len"), ("data", "batch_size"), ("data", "vocab_size"), ("optim", "grad_accum"),
                 ("run", "steps"), ("run", "eval_every"), ("run", "eval_batches"), ("run", "checkpoint_every"),
-                ("run", "keep_checkpoints")]
+                ("run", "keep_checkpoints"), ("run", "max_bad_steps")]
     for section, key in positive:
         if getattr(getattr(config, section), key) <= 0:
             raise ConfigError(f"{source}: {section}.{key} must be positive")
@@ -205,6 +219,10 @@ def validate(config: RunConfig, source: str = "config") -> None:
             raise ConfigError(f"{source}: distill.{key} must be between 0 and 1")
     if config.distill.temperature <= 0 or config.dpo.beta <= 0:
         raise ConfigError(f"{source}: distill.temperature and dpo.beta must be positive")
+    if config.parallel.expert_parallel < 1 or config.parallel.timeout_s <= 0:
+        raise ConfigError(f"{source}: parallel.expert_parallel and parallel.timeout_s must be positive")
+    if config.parallel.expert_parallel > 1 and config.parallel.data_parallel != "fsdp":
+        raise ConfigError(f"{source}: parallel.expert_parallel > 1 needs parallel.data_parallel = \"fsdp\"")
     name = config.model.get("preset")
     if name not in PRESETS:
         raise ConfigError(f"{source}: model.preset {name!r} is unknown (known: {', '.join(PRESETS)})")

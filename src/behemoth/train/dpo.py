@@ -119,7 +119,7 @@ def reference_logps(model: Transformer, pairs: list[Pair], pad_id: int, batch_si
         chosen += c.tolist()
         rejected += r.tolist()
     model.train()
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # every data-parallel rank computes and writes the same file
     save_file({"chosen": torch.tensor(chosen, dtype=torch.float64), "rejected": torch.tensor(rejected, dtype=torch.float64)},
               str(tmp))
     os.replace(tmp, path)

@@ -16,21 +16,25 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
+from behemoth.checkpoint import WRITE_ERRORS, write_failure
 from behemoth.checkpoint import save as save_model
+from behemoth.distributed.mesh import local_device
+from behemoth.distributed.runtime import Parallelism, is_main_process, join
 from behemoth.errors import BehemothError, ConfigError
 from behemoth.info import model_size
 from behemoth.model import RouterOutput, Transformer
-from behemoth.train.checkpointing import TrainerState, list_checkpoints, load_checkpoint, save_checkpoint
+from behemoth.train.checkpointing import TrainerState, list_checkpoints, save_checkpoint
 from behemoth.train.config import RunConfig
 from behemoth.train.metrics import MetricsLog, Progress, machine_matmul_peak, read_metrics
-from behemoth.train.objectives import expert_load, router_z_loss, switch_balance_loss, update_selection_bias
-from behemoth.train.optim import build_optimizer, learning_rate
+from behemoth.train.objectives import router_z_loss, switch_balance_loss, update_selection_bias
+from behemoth.train.optim import learning_rate
 
 
 class TrainingError(BehemothError):
@@ -46,7 +50,13 @@ class Loader(Protocol):
 
 
 class Objective(Protocol):
-    """What a training stage trains for."""
+    """What a training stage trains for.
+
+    Optional: `loss_weight(batch) -> float`, how many units (tokens, pairs) a micro-batch's loss
+    averages over. With several processes each rank's loss then counts by its share of the global
+    batch, so the step is the one a single process takes; without it, ranks count equally, which is
+    the same thing whenever every rank's share holds as many units (packed windows, pairs).
+    """
 
     loader: Loader
 
@@ -82,88 +92,159 @@ class TrainResult:
 
 
 def start_run(out_dir: Path, run: RunConfig, resume: bool) -> list[Path]:
-    """Create the run folder; refuse to overwrite a run unless resuming. Returns its checkpoints."""
+    """Create the run folder; refuse to overwrite a run unless resuming. Returns its checkpoints.
+
+    Launched by torchrun with several processes, this joins them; rank 0 goes first through the
+    stage's setup (which may write files) while the others wait for it in `join`.
+    """
     existing = list_checkpoints(out_dir / "checkpoints")
     if existing and not resume:
         raise ConfigError(f"{out_dir}: already holds checkpoints; pass --resume to continue, or choose another --out")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run.save(out_dir / "config.toml")
+    join(run)
+    if is_main_process():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        run.save(out_dir / "config.toml")
     return existing
 
 
 def train_loop(run: RunConfig, out_dir: Path, model: Transformer, tokenizer: Any, objective: Objective,
                resume: bool = False, progress: bool | None = None) -> TrainResult:
-    """Train `model` for run.run.steps optimizer steps of `objective`; resumable at any checkpoint."""
-    out_dir = Path(out_dir)
+    """Train `model` for run.run.steps optimizer steps of `objective`; resumable at any checkpoint.
+
+    With several processes (see `start_run`), every rank runs this together on the same global
+    batches, each on its share; rank 0 alone writes metrics and progress."""
+    parallel = Parallelism.start(run, model)
+    with parallel.failures(Path(out_dir) / "checkpoints"):
+        return _train_loop(run, Path(out_dir), model, tokenizer, objective, resume, progress, parallel)
+
+
+def _train_loop(run: RunConfig, out_dir: Path, model: Transformer, tokenizer: Any, objective: Objective,
+                resume: bool, progress: bool | None, parallel: Parallelism) -> TrainResult:
     checkpoints = out_dir / "checkpoints"
     existing = list_checkpoints(checkpoints)
     device = model.device
-    model.train()
-    optimizer = build_optimizer(model, run.optim)
+    model, optimizer, state = parallel.prepare(model, existing[-1] if resume and existing else None)
     first_step, tokens_seen = 0, 0
-    if resume and existing:
-        state = load_checkpoint(existing[-1], model, optimizer)
+    if state is not None:
         objective.loader.load_state_dict(state.loader)
         first_step, tokens_seen = state.step, state.tokens_seen
-    metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=first_step if resume else None)
     forward = torch.compile(model) if run.run.compile else model
 
     flops_per_token = 3 * model_size(model.config, run.data.seq_len).flops_per_token
-    peak = machine_matmul_peak(device)
     total = run.run.steps
-    bar = Progress(total, first_step, enabled=progress)
+    if parallel.is_main:
+        metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=first_step if resume else None)
+        bar = Progress(total, first_step, enabled=progress)
+        peak = machine_matmul_peak(device) * parallel.world_size  # MFU of the whole job
+    else:
+        metrics, bar, peak = _Silent(), _Silent(), math.inf
     loss_value, validation = math.nan, {}
+    bad_steps = BadSteps(run.run.max_bad_steps)
     for step in range(first_step, total):
         started = time.perf_counter()
         lr = learning_rate(step, total, run.optim)
         for group in optimizer.param_groups:
             group["lr"] = lr
         objective.start_step(step)
-        loss_value, loads, logged, tokens = _optimizer_step(forward, model, optimizer, objective, run)
-        if not math.isfinite(loss_value):
-            raise TrainingError(f"step {step + 1}: loss is {loss_value}; last good checkpoint kept in {checkpoints}")
-        if run.balance.bias_update_rate > 0 and loads:
+        loss_value, loads, logged, tokens = _optimizer_step(forward, model, optimizer, objective, run, parallel)
+        skipped = bad_steps.check(step, loss_value, logged["grad_norm"], checkpoints)
+        if run.balance.bias_update_rate > 0 and loads and not skipped:
             update_selection_bias(model, loads, run.balance.bias_update_rate)
         elapsed = time.perf_counter() - started
         tokens_seen += tokens
         done = step + 1
-        record = {"step": done, "loss": loss_value, "lr": lr, **logged, "tokens_per_s": tokens / elapsed,
+        record = {"step": done, "loss": loss_value, "lr": lr, **logged, "skipped": int(skipped),
+                  "tokens_per_s": tokens / elapsed,
                   "mfu": flops_per_token * tokens / elapsed / peak, "tokens_seen": tokens_seen,
                   "expert_load": [[round(x, 4) for x in load.tolist()] for load in loads]}
         if done % run.run.eval_every == 0 or done == total:
-            validation = objective.evaluate(model)
+            validation = parallel.evaluate(objective, model)
             model.train()
             record.update(validation)
             bar.note(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in validation.items()))
         metrics.write(record)
         bar.update(done, total, f"loss {loss_value:.3f} lr {lr:.2e} {record['tokens_per_s']:.0f} tok/s")
         if done % run.run.checkpoint_every == 0 or done == total:
-            save_checkpoint(checkpoints, model, optimizer,
-                            TrainerState(step=done, tokens_seen=tokens_seen, loader=objective.loader.state_dict()),
-                            run, tokenizer, keep=run.run.keep_checkpoints)
+            trainer_state = TrainerState(step=done, tokens_seen=tokens_seen, loader=objective.loader.state_dict())
+            with _disk_errors(f"checkpoint of step {done}", checkpoints):
+                if parallel.distributed:  # every rank writes its shards
+                    parallel.save_checkpoint(checkpoints, model, optimizer, trainer_state, tokenizer,
+                                             keep=run.run.keep_checkpoints)
+                else:
+                    save_checkpoint(checkpoints, model, optimizer, trainer_state, run, tokenizer,
+                                    keep=run.run.keep_checkpoints)
     bar.close()
     if first_step >= total and (out_dir / "metrics.jsonl").is_file():
         # A finished run resumed: nothing left to train, so report the numbers it ended with.
         last = read_metrics(out_dir / "metrics.jsonl")[-1]
         loss_value = last["loss"]
         validation = {k: v for k, v in last.items() if k.startswith("val_")}
-    model_dir = save_model(model.eval(), out_dir / "model", tokenizer=tokenizer)
+    with _disk_errors("final model", checkpoints):
+        if parallel.distributed:  # weights gathered to rank 0, which writes the directory
+            model_dir = parallel.save_model(model, out_dir / "model", tokenizer=tokenizer)
+        else:
+            model_dir = save_model(model.eval(), out_dir / "model", tokenizer=tokenizer)
     return TrainResult(out_dir, model_dir, total, loss_value, validation)
 
 
+@contextlib.contextmanager
+def _disk_errors(what: str, checkpoints: Path) -> Iterator[None]:
+    """A full disk (or any write error) while saving: one line, not a traceback. The savers write
+    into a temporary folder and rename it, so what was saved before is still whole."""
+    try:
+        yield
+    except WRITE_ERRORS as err:
+        reason = write_failure(err)
+        if reason is None:
+            raise
+        kept = list_checkpoints(checkpoints)
+        where = f"last complete checkpoint: {kept[-1]}" if kept else "no checkpoint was written yet"
+        raise TrainingError(f"cannot write the {what} under {checkpoints.parent} ({reason}); {where}") from None
+
+
+@dataclass
+class BadSteps:
+    """Steps whose loss or gradient norm is NaN or Inf: `_optimizer_step` leaves the weights and the
+    optimizer untouched for them, the loop logs them as skipped, and `limit` of them in a row stop
+    the run (a single bad batch is survivable; a run that keeps producing them has diverged)."""
+
+    limit: int
+    in_row: int = 0
+
+    def check(self, step: int, loss: float, grad_norm: float, checkpoints: Path) -> bool:
+        """True when step `step` (0-based) was bad and so skipped; raise at the limit."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            self.in_row = 0
+            return False
+        self.in_row += 1
+        if self.in_row >= self.limit:
+            kept = list_checkpoints(checkpoints)
+            where = f"last good checkpoint kept: {kept[-1]}" if kept else "no checkpoint was written yet"
+            raise TrainingError(f"step {step + 1}: loss {loss}, gradient norm {grad_norm}; {self.in_row} bad steps "
+                                f"in a row (run.max_bad_steps = {self.limit}), stopping; {where}")
+        return True
+
+
 def _optimizer_step(forward, model: Transformer, optimizer: torch.optim.Optimizer, objective: Objective,
-                    run: RunConfig) -> tuple[float, list[torch.Tensor], dict[str, float], int]:
-    """One optimizer step over `grad_accum` micro-batches: loss, expert loads, logged values, tokens."""
+                    run: RunConfig, parallel: Parallelism) -> tuple[float, list[torch.Tensor], dict[str, float], int]:
+    """One optimizer step over `grad_accum` micro-batches: loss, expert loads, logged values, tokens.
+
+    With several processes, each takes its share of every global batch; the numbers returned are
+    global (mean loss, summed tokens, expert loads from the summed counts), the same on every rank."""
     accum = run.optim.grad_accum
     num_experts = model.config.num_local_experts
     totals: dict[str, float] = {}
     loss_sum, tokens = 0.0, 0
-    loads: list[torch.Tensor] = []
+    counts: list[torch.Tensor] = []
     optimizer.zero_grad(set_to_none=True)
-    for _ in range(accum):
-        routers: list[RouterOutput] = []
+    for micro in range(accum):
+        routers = RouterLog()
+        parallel.gradient_sync(model, micro == accum - 1)
         with autocast(run.run.dtype, model.device):
-            loss, logged, batch_tokens = objective.loss(forward, objective.loader.next_batch(), routers)
+            batch = parallel.shard(objective.loader.next_batch())
+            loss, logged, batch_tokens = objective.loss(forward, batch, routers)
+        if parallel.distributed and hasattr(objective, "loss_weight"):
+            loss = loss * parallel.loss_share(objective.loss_weight(batch))
         total = loss
         if routers and run.balance.aux_loss_coef > 0:
             aux = sum(switch_balance_loss(r, num_experts) for r in routers) / len(routers)
@@ -178,12 +259,63 @@ def _optimizer_step(forward, model: Transformer, optimizer: torch.optim.Optimize
         tokens += batch_tokens
         for key, value in logged.items():
             totals[key] = totals.get(key, 0.0) + value / accum
-        micro_loads = [expert_load(r, num_experts) for r in routers]
-        loads = micro_loads if not loads else [a + b for a, b in zip(loads, micro_loads, strict=True)]
+        micro_counts = [torch.bincount(r.expert_ids.flatten(), minlength=num_experts).double() for r in routers]
+        counts = micro_counts if not counts else [a + b for a, b in zip(counts, micro_counts, strict=True)]
+    loss_sum, tokens, totals, counts = _global_numbers(parallel, loss_sum, tokens, totals, counts)
+    # Load = share of the step's routed slots: from counts summed over micro-batches and ranks, so
+    # every rank moves its expert biases identically.
+    loads = [c / c.sum().clamp(min=1) for c in counts]
     clip = run.optim.grad_clip if run.optim.grad_clip > 0 else math.inf
-    totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
-    optimizer.step()
-    return loss_sum / accum, [load / accum for load in loads], totals, tokens
+    totals["grad_norm"] = parallel.clip_grad_norm(model, clip)
+    if math.isfinite(loss_sum) and math.isfinite(totals["grad_norm"]):  # else BadSteps skips this step
+        optimizer.step()
+    return loss_sum / accum, [load.float() for load in loads], totals, tokens
+
+
+class RouterLog:
+    """Where MoE layers append their RouterOutput (the model only calls `append`); iterates like a
+    list. Not a list on purpose: FSDP's hooks rebuild the lists, tuples, dicts and dataclasses they
+    find in a layer's arguments as new objects, so appends to a list would land in a copy."""
+
+    def __init__(self) -> None:
+        self._items: list[RouterOutput] = []
+
+    def append(self, item: RouterOutput) -> None:
+        self._items.append(item)
+
+    def __iter__(self) -> Iterator[RouterOutput]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> RouterOutput:
+        return self._items[index]
+
+
+def _global_numbers(parallel: Parallelism, loss_sum: float, tokens: int, totals: dict[str, float],
+                    counts: list[torch.Tensor]) -> tuple[float, int, dict[str, float], list[torch.Tensor]]:
+    """Loss and logged values averaged over ranks, tokens and expert counts summed (one all-reduce)."""
+    if parallel.world_size == 1:
+        return loss_sum, tokens, totals, counts
+    keys = sorted(totals)
+    flat = [loss_sum, float(tokens), *(totals[k] for k in keys), *(x for c in counts for x in c.tolist())]
+    summed = parallel.all_reduce(flat)
+    world = parallel.world_size
+    width = len(counts[0]) if counts else 0
+    start = 2 + len(keys)
+    reduced = [torch.tensor(summed[start + i * width:start + (i + 1) * width], dtype=torch.float64,
+                            device=counts[i].device) for i in range(len(counts))]
+    return summed[0] / world, int(summed[1]), {k: summed[2 + i] / world for i, k in enumerate(keys)}, reduced
+
+
+class _Silent:
+    """Metrics and progress on ranks other than 0: they compute the same numbers and say nothing."""
+
+    def write(self, record: dict) -> None: ...
+    def update(self, *args: Any) -> None: ...
+    def note(self, text: str) -> None: ...
+    def close(self) -> None: ...
 
 
 def autocast(dtype: str, device: torch.device):
@@ -199,6 +331,5 @@ def device_of(model) -> torch.device:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """"auto": CUDA when there is a GPU; under torchrun, each process's own GPU (LOCAL_RANK)."""
+    return local_device(name)

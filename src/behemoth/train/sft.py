@@ -57,6 +57,11 @@ class SupervisedChat:
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
         return loss, {"assistant_tokens": float((targets != IGNORE).sum())}, inputs.numel()
 
+    def loss_weight(self, batch) -> float:
+        """The assistant tokens this batch's loss averages over: data-parallel ranks hold different
+        numbers of them, so the loop weighs each rank's mean by this to get the global mean."""
+        return float(sum(sum(learn[1:]) for _, learn in batch))
+
     @torch.no_grad()
     def evaluate(self, model: Transformer) -> dict[str, float]:
         model.eval()

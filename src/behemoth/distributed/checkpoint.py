@@ -1,0 +1,305 @@
+"""Distributed checkpoints with torch.distributed.checkpoint (DCP), and their consolidation.
+
+    checkpoints/step-000100/
+      config.json, generation_config.json, tokenizer files   the model's description (no weights)
+      dcp/.metadata, dcp/__<rank>_0.distcp                  weights, optimizer moments, expert biases
+      rng.<rank>.safetensors                                 each rank's RNG state
+      trainer.json, config.toml, manifest.json               as in a single-process checkpoint
+
+Every rank writes only the shards it holds; DCP records the global shape and offset of every
+piece, so a checkpoint saved by N processes loads into M processes (any mesh), or into one plain
+process, and `consolidate` turns it into a Hugging Face model directory for release. DCP holds
+tensors only: optimizer hyper-parameters, the training step and the loader position go to
+trainer.json.
+
+Writing is atomic as for single-process checkpoints: all ranks write into `.step-N.dcp.tmp`, rank
+0 adds the small files and the manifest, fsyncs and renames the folder into place. A job killed
+at any moment leaves complete checkpoints only, and `--resume` takes the newest.
+
+Pickle: DCP's `.metadata` file is a pickle (the shard files hold tensors read with
+`torch.load(weights_only=True)`). We do not unpickle it freely: `SafeFileSystemReader` admits only
+the few DCP metadata classes, torch.Size, dtypes and paths, and refuses checkpoints that declare
+non-tensor ("bytes") entries, which DCP would otherwise load with `torch.load(weights_only=False)`.
+The manifest's SHA-256 is checked before DCP reads anything. So a crafted checkpoint runs no code
+of its choosing; the worst it can do is fail to load (or load wrong numbers, as any file can).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pickle
+import shutil
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+
+from behemoth.config import ModelConfig
+from behemoth.errors import CheckpointError
+from behemoth.distributed.mesh import DistributedError
+from behemoth.model import Transformer
+from behemoth.train.checkpointing import (TRAINER_STATE, TrainerState, _fsync_dir_files, _fsync_path, _prune,
+                                          _write_manifest, checkpoint_name, verify_checkpoint)
+from behemoth.train.config import RunConfig
+
+SHARDS = "dcp"
+FORMAT = "dcp"
+T = TypeVar("T")
+
+
+def is_sharded_checkpoint(directory: Path) -> bool:
+    """True for a checkpoint written by a distributed run (DCP shards), False for a single-process one."""
+    return (directory / SHARDS).is_dir()
+
+
+# ------------------------------------------------------------------------------------------------
+# Saving
+# ------------------------------------------------------------------------------------------------
+
+def save_sharded_checkpoint(root: Path, model: Transformer, optimizer: torch.optim.Optimizer, state: TrainerState,
+                            run_config: RunConfig, tokenizer: Any = None, keep: int = 2) -> Path:
+    """Write checkpoint `step-N` under `root` from every rank (a collective); keep the newest `keep`."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    final = root / checkpoint_name(state.step)
+    # One name every rank can compute: no need to broadcast a random temporary name.
+    staging = root / f".{final.name}.{FORMAT}.tmp"
+    run_on_main(lambda: _fresh_directory(staging))
+    tensors, groups = _state_tensors(model, optimizer)
+    dcp.save(tensors, storage_writer=FileSystemWriter(staging / SHARDS))
+    save_file(_rng_state(), str(staging / f"rng.{rank}.safetensors"))
+    dist.barrier()
+
+    def finish() -> None:
+        trainer = {"format": FORMAT, "world_size": world, "step": state.step, "tokens_seen": state.tokens_seen,
+                   "loader": state.loader, "optimizer": {"param_groups": groups}}
+        _write_model_description(model, staging, tokenizer)
+        (staging / TRAINER_STATE).write_text(json.dumps(trainer, indent=1) + "\n")
+        run_config.save(staging / "config.toml")
+        _write_manifest(staging, state.step)
+        _fsync_dir_files(staging)
+        if final.exists():  # re-saving the same step (a resumed run's first save): replace it
+            shutil.rmtree(final)
+        staging.rename(final)
+        _fsync_path(root)
+        _prune(root, keep)
+
+    try:
+        run_on_main(finish)
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def _fresh_directory(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)  # left by a job killed while saving this step
+    path.mkdir(parents=True)
+
+
+def _state_tensors(model: Transformer, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], list[dict]]:
+    """(the tensors DCP saves, the optimizer's hyper-parameters for trainer.json)."""
+    optim = get_optimizer_state_dict(model, optimizer)
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params"}
+              for group in optim["param_groups"]]
+    tensors = {"model": get_model_state_dict(model), "optimizer": optim["state"], "selection_bias": _biases(model)}
+    return tensors, groups
+
+
+def _biases(model: Transformer) -> dict[str, torch.Tensor]:
+    """The aux-loss-free selection biases (identical on every rank), by layer index."""
+    return {str(i): layer.feed_forward.selection_bias for i, layer in enumerate(model.model.layers) if layer.is_moe}
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    tensors = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    return tensors
+
+
+def _write_model_description(model: Transformer, directory: Path, tokenizer: Any) -> None:
+    """config.json and generation_config.json (what `consolidate` needs besides the shards) and the
+    tokenizer: the checkpoint becomes a model directory once consolidated."""
+    config = model.config
+    dtype = str(model.dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps({**config.to_hf_dict(), "dtype": dtype}, indent=2) + "\n")
+    generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                  if getattr(config, k) is not None}
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading (resume)
+# ------------------------------------------------------------------------------------------------
+
+def load_sharded_checkpoint(directory: Path, model: Transformer, optimizer: torch.optim.Optimizer) -> TrainerState:
+    """Restore weights, optimizer, expert biases (and RNG, when the world size is unchanged) from a
+    distributed checkpoint into `model`, which may be laid out over any number of processes or be
+    a plain single-process model. Collective when distributed."""
+    distributed = dist.is_initialized()
+    run_on_main(lambda: verify_checkpoint(directory))
+    trainer = _read_trainer_state(directory)
+    # The optimizer template first: initialising its state steps the optimizer with zero
+    # gradients, which must not touch weights loaded afterwards.
+    optim = get_optimizer_state_dict(model, optimizer)
+    tensors = {"model": get_model_state_dict(model), "optimizer": optim["state"], "selection_bias": _biases(model)}
+    with _single_process_quiet():
+        dcp.load(tensors, storage_reader=SafeFileSystemReader(directory / SHARDS), no_dist=not distributed)
+    set_model_state_dict(model, tensors["model"])
+    groups = [{**group, **_hyper_parameters(saved)}
+              for group, saved in zip(optim["param_groups"], trainer["optimizer"]["param_groups"], strict=True)]
+    set_optimizer_state_dict(model, optimizer, {"state": tensors["optimizer"], "param_groups": groups})
+    with torch.no_grad():
+        for name, bias in _biases(model).items():
+            bias.copy_(tensors["selection_bias"][name])
+    _restore_rng(directory, trainer, dist.get_rank() if distributed else 0,
+                 dist.get_world_size() if distributed else 1)
+    return TrainerState(step=trainer["step"], tokens_seen=trainer["tokens_seen"], loader=trainer["loader"])
+
+
+def _read_trainer_state(directory: Path) -> dict:
+    try:
+        trainer = json.loads((directory / TRAINER_STATE).read_text())
+        if trainer.get("format") != FORMAT:
+            raise KeyError("format")
+        return trainer
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{directory / TRAINER_STATE}: not a distributed trainer state ({err})") from None
+
+
+def _hyper_parameters(saved: dict) -> dict:
+    return {k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "params"}
+
+
+def _restore_rng(directory: Path, trainer: dict, rank: int, world: int) -> None:
+    """Each rank's RNG as it was, when the job has as many ranks as the one that saved (with another
+    count there is no rank to take it from; training draws no random numbers after init anyway)."""
+    path = directory / f"rng.{rank}.safetensors"
+    if trainer.get("world_size") != world or not path.is_file():
+        return
+    saved = load_file(str(path))
+    torch.set_rng_state(saved["cpu"])
+    if "cuda" in saved and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["cuda"])
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns each time it loads without a process group; here that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def run_on_main(work: Callable[[], T]) -> T | None:
+    """Run `work` on rank 0 while the others wait; every rank raises if it failed (no rank is left
+    waiting in a collective for one that gave up). Without a process group, just run it."""
+    if not dist.is_initialized():
+        return work()
+    result, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = work()
+        except Exception as err:  # re-raised below, after telling the other ranks
+            error = err
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32)
+    dist.broadcast(flag, src=0)
+    if error is not None:
+        raise error
+    if flag.item():
+        raise DistributedError(f"rank {dist.get_rank()}: stopping because rank 0 failed (its message says why)")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading DCP metadata without unpickling arbitrary objects
+# ------------------------------------------------------------------------------------------------
+
+_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+                 "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+     ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata: its own classes, torch.Size, dtypes and paths; anything else is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_CLASSES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader with a restricted unpickler for `.metadata` and tensor entries only.
+    `read_metadata` does what FileSystemReader's does (torch 2.13) but for the unpickler."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        try:
+            with self.fs.create_stream(path, "rb") as stream:
+                metadata = _MetadataUnpickler(stream).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path}: not valid checkpoint metadata ({err})") from None
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{path}: not valid checkpoint metadata (holds {type(metadata).__name__})")
+        for key, entry in metadata.state_dict_metadata.items():
+            if isinstance(entry, BytesStorageMetadata):  # DCP would torch.load it with weights_only=False
+                raise CheckpointError(f"{path}: entry {key!r} is not a tensor; only tensors are loaded")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+# ------------------------------------------------------------------------------------------------
+# Consolidation: a distributed checkpoint -> a Hugging Face model directory
+# ------------------------------------------------------------------------------------------------
+
+def consolidate(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None) -> Path:
+    """Write the weights of distributed checkpoint `checkpoint` as a model directory (our Hugging
+    Face layout, with the tokenizer when the checkpoint has one) at `out_dir`, from one process.
+
+    Needs the whole model in this process's CPU memory. Works whether or not a process group is
+    up (it never communicates), so rank 0 of a job can call it alone.
+    """
+    from behemoth.checkpoint import save as save_model
+    from behemoth.tokenizer import Tokenizer
+
+    checkpoint = Path(checkpoint)
+    if not is_sharded_checkpoint(checkpoint):
+        raise CheckpointError(f"{checkpoint}: not a distributed checkpoint (no {SHARDS}/ folder)")
+    verify_checkpoint(checkpoint)
+    config = ModelConfig.load(checkpoint / "config.json")
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    model.reset_buffers()
+    weights = model.state_dict()
+    if config.tie_word_embeddings:
+        weights.pop("lm_head.weight", None)  # the same tensor as the embedding
+    with _single_process_quiet():
+        dcp.load({"model": weights}, storage_reader=SafeFileSystemReader(checkpoint / SHARDS), no_dist=True)
+    if dtype is not None:
+        model.to(dtype)
+    tokenizer = Tokenizer.load(checkpoint) if (checkpoint / "tokenizer.json").is_file() else None
+    return save_model(model.eval(), out_dir, tokenizer=tokenizer)

@@ -1,0 +1,125 @@
+"""The process group and the device mesh of a run launched by torchrun.
+
+torchrun starts one process per device and tells each who it is through environment variables
+(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). A process that finds WORLD_SIZE > 1
+joins the process group (NCCL between GPUs, gloo on CPU); anything else is a single-process run and
+never touches torch.distributed.
+
+Mesh: world = dp_mod_ep x ep ranks, named ("dp_mod_ep", "ep"). Every rank is a data-parallel
+replica (its own share of each batch), and every parameter outside the routed experts is sharded
+over all of them (the flattened "dp" mesh). The routed experts are split over the ranks of "ep"
+(expert parallelism borrows data-parallel ranks, as torchtitan does) and sharded further over
+"dp_mod_ep". With expert_parallel = 1 the "ep" dimension has size 1 and changes nothing.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from behemoth.errors import BehemothError, ConfigError
+from behemoth.train.config import ParallelConfig
+
+if TYPE_CHECKING:  # the device mesh pulls in DTensor, slow to import; single-process runs skip it
+    from torch.distributed.device_mesh import DeviceMesh
+
+
+class DistributedError(BehemothError):
+    """Another rank failed, vanished or stopped answering: the job cannot continue."""
+
+
+def launched_world_size() -> int:
+    """WORLD_SIZE as torchrun set it; 1 when not launched by torchrun."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number") from None
+
+
+def local_device(name: str) -> torch.device:
+    """The device this process trains on: under torchrun, "auto" and "cuda" mean cuda:LOCAL_RANK,
+    so that every process of a node gets its own GPU."""
+    cuda = torch.cuda.is_available()
+    if name == "auto":
+        name = "cuda" if cuda else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None and launched_world_size() > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def init_from_env(config: ParallelConfig, device: torch.device) -> bool:
+    """Join the process group when launched with more than one process; True if distributed.
+
+    Idempotent: the group is created once per process. `config.timeout_s` bounds every
+    collective, so a rank that dies or hangs makes the others fail instead of waiting forever.
+    """
+    if launched_world_size() <= 1:
+        return False
+    if dist.is_initialized():
+        return True
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if name not in os.environ:
+            raise ConfigError(f"WORLD_SIZE is set but {name} is not: launch distributed runs with torchrun")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        # gloo beside NCCL: small CPU-side collectives (barriers, flags) work on either device.
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=config.timeout_s))
+    atexit.register(close)
+    return True
+
+
+@dataclass
+class ParallelMesh:
+    """Who this process is and the meshes its parameters live on."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    expert_parallel: int
+    mesh: DeviceMesh  # 2D: ("dp_mod_ep", "ep")
+    dp: DeviceMesh  # 1D over every rank: data parallelism, sharding of non-expert parameters
+
+    @property
+    def ep(self) -> DeviceMesh:
+        """The ranks that split the routed experts between them."""
+        return self.mesh["ep"]
+
+    @property
+    def dp_mod_ep(self) -> DeviceMesh:
+        """The ranks that hold the same experts: expert weights are sharded over these."""
+        return self.mesh["dp_mod_ep"]
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def build_mesh(config: ParallelConfig, device: torch.device, num_experts: int) -> ParallelMesh:
+    """The mesh for `config` over the initialised process group; checks the degrees fit."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    ep = config.expert_parallel
+    if world % ep:
+        raise ConfigError(f"parallel.expert_parallel = {ep} must divide the number of processes ({world})")
+    if ep > 1 and num_experts % ep:
+        raise ConfigError(f"parallel.expert_parallel = {ep} must divide the routed experts ({num_experts})")
+    mesh = init_device_mesh(device.type, (world // ep, ep), mesh_dim_names=("dp_mod_ep", "ep"))
+    dp = mesh["dp_mod_ep", "ep"]._flatten("dp")
+    return ParallelMesh(dist.get_rank(), world, device, ep, mesh, dp)
+
+
+def close() -> None:
+    """Leave the process group (at the end of a distributed run)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

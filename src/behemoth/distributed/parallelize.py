@@ -1,0 +1,71 @@
+"""`parallelize(model, mesh, config)`: spread a built model over the ranks, from outside the model.
+
+Order matters: expert parallelism first (it swaps the routed experts for their expert-parallel
+version, whose weights are DTensors on the "ep" mesh), then data parallelism, bottom-up:
+
+- FSDP2 (`fully_shard`): each decoder layer is one unit (its weights are all-gathered for its
+  forward and backward, its gradients reduce-scattered), the root holds embeddings, final norm and
+  LM head. Expert weights under expert parallelism are their own unit on the "dp_mod_ep" mesh,
+  since the "ep" ranks already split them.
+- DDP (`replicate`, FSDP2's replicated variant): every rank keeps whole weights; gradients are
+  all-reduced. Cheaper than FSDP for models that fit on one device.
+
+Parameter names do not change, so optimizer groups, state dicts and checkpoints see the same
+Hugging Face names as a single-process model.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import Shard
+
+from behemoth.distributed.expert_parallel import ExpertParallelExperts, apply_expert_parallel
+from behemoth.distributed.mesh import ParallelMesh
+from behemoth.model import Transformer
+from behemoth.train.config import ParallelConfig
+
+
+def parallelize(model: Transformer, mesh: ParallelMesh, config: ParallelConfig) -> Transformer:
+    """Apply expert and data parallelism to `model` in place (it must be identical on every rank)."""
+    model.to(mesh.device)
+    if mesh.expert_parallel > 1:
+        apply_expert_parallel(model, mesh.ep)
+    if config.data_parallel == "fsdp":
+        _apply_fsdp(model, mesh)
+    else:
+        _apply_ddp(model, mesh)
+    return model
+
+
+def _apply_fsdp(model: Transformer, mesh: ParallelMesh) -> None:
+    for layer in model.model.layers:
+        experts = getattr(layer.feed_forward, "experts", None)
+        if isinstance(experts, ExpertParallelExperts):
+            _shard_experts(experts, mesh)
+        fully_shard(layer, mesh=mesh.dp)
+    fully_shard(model, mesh=mesh.dp)
+
+
+def _shard_experts(experts: ExpertParallelExperts, mesh: ParallelMesh) -> None:
+    """FSDP over the ranks that hold the same experts ("dp_mod_ep")."""
+    ranks = mesh.dp_mod_ep.size()
+
+    def placement(param: nn.Parameter) -> Shard:
+        # Dim 0 (local experts) when it splits evenly, else dim 1 (hidden / intermediate size):
+        # uneven expert shards would pad whole experts.
+        return Shard(0) if experts.local_experts % ranks == 0 else Shard(1)
+
+    fully_shard(experts, mesh=mesh.dp_mod_ep, shard_placement_fn=placement)
+    # An expert's gradient sums the contributions of the tokens every ep rank sent it, and FSDP
+    # averages over the dp_mod_ep ranks only; the mean over all data-parallel replicas (what a
+    # single process computes on the global batch) divides by the whole world.
+    experts.set_gradient_divide_factor(float(mesh.world_size))
+
+
+def _apply_ddp(model: Transformer, mesh: ParallelMesh) -> None:
+    from torch.distributed._composable.replicate_with_fsdp import replicate
+
+    for layer in model.model.layers:
+        replicate(layer, mesh=mesh.dp)
+    replicate(model, mesh=mesh.dp)
