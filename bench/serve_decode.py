@@ -1,16 +1,18 @@
-"""Decode throughput of our serving engine against transformers' `generate`, same weights.
+"""Decode throughput of our serving engine against transformers' `generate` and llama.cpp, same weights.
 
 `cpu-small` with random weights (seed 0), float32, greedy, end of text ignored, prompts of 32
-random tokens. Two settings, each measured for both sides within one run, alternating:
-- batch 1: one request, 96 new tokens -> tokens/s;
+random tokens. Two settings, every side measured within one run, alternating:
+- batch 1: one request, 96 new tokens -> tokens/s; ours, transformers, and llama.cpp (through
+  llama-cpp-python) running our own f32 GGUF export of the same weights with an f32 KV cache and
+  as many threads as torch;
 - 16 streams: ours = 16 requests submitted together to one Engine(max_batch_size=16)
-  (continuous batching); theirs = `generate` on a batch of the same 16 prompts -> aggregate
-  new tokens/s.
-Time includes the prompt (submit to last token), as a client sees it. Also reported: the
-engine's time to first token (batch 1, and the median of the 16 streams), and whether both sides
-produced the same tokens (greedy on the same weights should).
+  (continuous batching); transformers = `generate` on a batch of the same 16 prompts -> aggregate
+  new tokens/s. llama.cpp is compared here through its single stream: our aggregate against
+  4 x llama.cpp's batch-1 rate.
+Time includes the prompt (submit to last token), as a client sees it. Also reported: time to
+first token, and whether the sides produced the same tokens (greedy on the same weights should).
 
-    .venv/bin/python bench/serve_decode.py [--repeats 3] [--quick] [--no-write]
+    .venv/bin/python bench/serve_decode.py [--repeats 5] [--quick] [--no-write]
 """
 
 from __future__ import annotations
@@ -18,21 +20,27 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import summary, write_section  # noqa: E402
+from common import Figure, bench_arguments, finish, paired_ratio, start, summary  # noqa: E402
+from llama_cpp_side import export_f32, open_llama, run_llama  # noqa: E402
 from model_step import transformers_twin  # noqa: E402
 
 from behemoth.config import preset  # noqa: E402
 from behemoth.model import Transformer, init_weights  # noqa: E402
 from behemoth.serve.engine import Engine, SamplingParams  # noqa: E402
 
-SECTION = "Decode: engine vs transformers"
-TARGETS = {"batch 1": 3.0, "16 streams": 8.0}
+SECTION = "Decode: engine vs transformers and llama.cpp"
+OLD_SECTION = "Decode: engine vs transformers"  # the section's earlier name, replaced when written
+TARGETS = {"batch 1": 3.0, "streams": 8.0}  # engine / transformers, at least
+LLAMA_TARGETS = {"batch 1": 0.5, "streams": 1.0}  # engine / llama.cpp (streams: / 4 x its batch 1), at least
+LLAMA_STREAMS = 4  # the aggregate is compared with this many llama.cpp single streams
 
 
 class IdText:
@@ -84,19 +92,8 @@ def mismatch(ours: list[list[int]], theirs: list[list[int]]) -> str | None:
     return f"{len(bad)} of {len(ours)} rows differ (row {bad[0]} from new token {first} of {len(a)})"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
-    parser.add_argument("--new-tokens", type=int, default=96)
-    parser.add_argument("--streams", type=int, default=16)
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke check: 16 new tokens, 1 repeat; never written to RESULTS.md")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
-    args = parser.parse_args()
-    if args.quick:
-        args.new_tokens, args.repeats = 16, 1
-
+def build_models():
+    """Our model (seed 0) and transformers' twin with the same weights, set up for greedy decoding."""
     import transformers
     transformers.logging.set_verbosity_error()
 
@@ -110,72 +107,137 @@ def main() -> None:
     # eos id set, min_new_tokens would forbid it and could change the argmax).
     theirs.generation_config.eos_token_id = None
     theirs.config.eos_token_id = None
+    return ours, theirs
 
+
+def measure(sides: dict, settings: dict, repeats: int, new_tokens: int) -> dict[tuple[str, str], list[dict]]:
+    """Every (setting, side) pair once per repeat; the order of the sides rotates every repeat."""
+    for setting, batch in settings.items():  # warm-up, short
+        for side in sides[setting].values():
+            side(batch, 4)
+    results: dict[tuple[str, str], list[dict]] = {(s, side): [] for s in settings for side in sides[s]}
+    for repeat in range(repeats):
+        for setting, batch in settings.items():
+            names = list(sides[setting])
+            for side in names[repeat % len(names):] + names[:repeat % len(names)]:
+                results[setting, side].append(sides[setting][side](batch, new_tokens))
+                r = results[setting, side][-1]
+                print(f"  repeat {repeat + 1} {setting:>10} {side:>12}: {r['time']:.2f} s", file=sys.stderr)
+    return results
+
+
+def rates(results: list[dict], new_tokens: int) -> list[float]:
+    return [len(r["tokens"]) * new_tokens / r["time"] for r in results]
+
+
+def comparison_row(label: str, ours: list[float], base: list[float], target: float) -> tuple[str, Figure]:
+    """A table row and a Figure for ours / base (per-repeat rate lists), against `target`."""
+    ratio, spread = paired_ratio(ours, base)
+    met = ratio >= target
+    row = (f"| {label} | {statistics.median(ours):,.0f} ({summary(ours)[1]:.0%}) | "
+           f"{statistics.median(base):,.0f} ({summary(base)[1]:.0%}) | **{ratio:.2f}x** ({spread:.0%}) | "
+           f">= {target:g}x | {'yes' if met else '**no**'} |")
+    return row, Figure(f"decode {label}", ratio, "x", spread, f">= {target:g}x", met, runs=len(ours))
+
+
+def rate_figure(name: str, values: list[float]) -> Figure:
+    median, spread = summary(values)
+    return Figure(name, median, "tokens/s", spread, runs=len(values))
+
+
+def token_warnings(results: dict, pairs: list[tuple[str, str, str]]) -> list[str]:
+    """Greedy on the same weights should give the same tokens; say where it does not."""
+    warnings = []
+    for setting, side, other in pairs:
+        for a, b in zip(results[setting, side], results[setting, other]):
+            diff = mismatch(a["tokens"], b["tokens"])
+            if diff is not None:
+                warnings.append(f"- {setting}: {side} and {other} tokens differ: {diff}. With random weights "
+                                f"near-tied logits can tip either way; the timing is unaffected.")
+                break
+    return warnings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    bench_arguments(parser, repeats=5)
+    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens")
+    parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("--streams", type=int, default=16)
+    args = parser.parse_args()
+    if args.quick:
+        args.new_tokens, args.repeats = 16, 1
+    start(args)
+
+    ours, theirs = build_models()
     vocab = ours.config.vocab_size
     prompts = torch.randint(0, vocab, (args.streams, args.prompt), generator=torch.Generator().manual_seed(0))
-    settings = {"batch 1": prompts[:1], f"{args.streams} streams": prompts}
-    names = list(settings)
-    targets = {names[0]: TARGETS["batch 1"], names[1]: TARGETS["16 streams"]}
+    one, many = "batch 1", f"{args.streams} streams"
+    settings = {one: prompts[:1], many: prompts}
 
-    results: dict[tuple[str, str], list[dict]] = {(s, side): [] for s in settings for side in ("ours", "theirs")}
-    with Engine(ours, IdText(), max_batch_size=args.streams) as engine:
-        sides = {"ours": lambda p, n: run_engine(engine, p, n),
-                 "theirs": lambda p, n: run_transformers(theirs, p, n)}
-        for batch in settings.values():  # warm-up, short
-            for run in sides.values():
-                run(batch, 4)
-        for repeat in range(args.repeats):
-            order = ["ours", "theirs"] if repeat % 2 == 0 else ["theirs", "ours"]
-            for setting, batch in settings.items():
-                for side in order:
-                    results[setting, side].append(sides[side](batch, args.new_tokens))
-                    r = results[setting, side][-1]
-                    print(f"  repeat {repeat + 1} {setting:>10} {side:>6}: {r['time']:.2f} s", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="behemoth-decode-") as tmp, \
+            Engine(ours, IdText(), max_batch_size=args.streams) as engine:
+        llm = open_llama(export_f32(ours, Path(tmp)), n_ctx=args.prompt + args.new_tokens + 8)
+        try:
+            def llama_side(batch: torch.Tensor, new_tokens: int) -> dict:  # one stream only
+                return run_llama(llm, batch[0].tolist(), new_tokens)
 
-    rows = ["| setting | engine tokens/s | spread | transformers tokens/s | spread | ratio | target | met |",
-            "|---|---|---|---|---|---|---|---|"]
-    lines, warnings = [], []
-    for setting, batch in settings.items():
-        new = batch.shape[0] * args.new_tokens
-        rate, spread = {}, {}
-        for side in ("ours", "theirs"):
-            median, spread[side] = summary([r["time"] for r in results[setting, side]])
-            rate[side] = new / median
-        ratio = rate["ours"] / rate["theirs"]
-        met = ratio >= targets[setting]
-        rows.append(f"| {setting} | {rate['ours']:,.0f} | {spread['ours']:.0%} | {rate['theirs']:,.0f} | "
-                    f"{spread['theirs']:.0%} | **{ratio:.2f}x** | {targets[setting]:.0f}x | "
-                    f"{'yes' if met else 'no'} |")
-        lines.append(f"- {setting}: engine / transformers **{ratio:.2f}x** (target at least "
-                     f"{targets[setting]:.0f}x): {'met' if met else 'NOT met'}.")
-        for r_ours, r_theirs in zip(results[setting, "ours"], results[setting, "theirs"]):
-            diff = mismatch(r_ours["tokens"], r_theirs["tokens"])
-            if diff is not None:
-                warnings.append(f"**Warning: {setting}: engine and transformers tokens differ: {diff}.**")
-                break
+            engine_side, hf_side = partial(run_engine, engine), partial(run_transformers, theirs)
+            sides = {one: {"engine": engine_side, "transformers": hf_side, "llama.cpp": llama_side},
+                     many: {"engine": engine_side, "transformers": hf_side}}
+            results = measure(sides, settings, args.repeats, args.new_tokens)
+        finally:
+            llm.close()
+    report(args, results, one, many)
 
-    ttft_1 = statistics.median(r["ttft"][0] for r in results[names[0], "ours"])
-    ttft_n = statistics.median(statistics.median(r["ttft"]) for r in results[names[1], "ours"])
-    ttft_n_max = statistics.median(max(r["ttft"]) for r in results[names[1], "ours"])
+
+def report(args: argparse.Namespace, results: dict, one: str, many: str) -> None:
+    rate = {key: rates(r, args.new_tokens) for key, r in results.items()}
+    rows = ["| comparison | engine tokens/s (spread) | baseline tokens/s (spread) | ratio (spread) | target | met |",
+            "|---|---|---|---|---|---|"]
+    figures = [rate_figure(f"decode {one} tokens/s, engine", rate[one, "engine"]),
+               rate_figure(f"decode {many} aggregate tokens/s, engine", rate[many, "engine"]),
+               rate_figure(f"decode {one} tokens/s, llama.cpp", rate[one, "llama.cpp"])]
+    four_llamas = [LLAMA_STREAMS * r for r in rate[one, "llama.cpp"]]
+    for label, ours, base, target in [
+            (f"{one}: engine / transformers", rate[one, "engine"], rate[one, "transformers"], TARGETS["batch 1"]),
+            (f"{many}: engine / transformers", rate[many, "engine"], rate[many, "transformers"], TARGETS["streams"]),
+            (f"{one}: engine / llama.cpp", rate[one, "engine"], rate[one, "llama.cpp"], LLAMA_TARGETS["batch 1"]),
+            (f"{many}: engine aggregate / ({LLAMA_STREAMS} x llama.cpp {one})", rate[many, "engine"], four_llamas,
+             LLAMA_TARGETS["streams"])]:
+        row, figure = comparison_row(label, ours, base, target)
+        rows.append(row)
+        figures.append(figure)
+
+    ttft = {side: statistics.median(r["ttft"][0] for r in results[one, side]) for side in ("engine", "llama.cpp")}
+    ttft_n = statistics.median(statistics.median(r["ttft"]) for r in results[many, "engine"])
+    ttft_n_max = statistics.median(max(r["ttft"]) for r in results[many, "engine"])
+    warnings = token_warnings(results, [(one, "engine", "transformers"), (many, "engine", "transformers"),
+                                        (one, "engine", "llama.cpp")])
     body = "\n".join([
-        f"Greedy decoding, `cpu-small` (random weights, seed 0, same weights both sides), float32, "
-        f"{torch.get_num_threads()} torch threads, prompts of {args.prompt} random tokens, {args.new_tokens} new "
-        f"tokens per stream, end of text ignored. Ours: the serving `Engine` (continuous batching, "
-        f"max_batch_size {args.streams}), all requests submitted together; theirs: `Llama4ForCausalLM` "
-        f"(sdpa attention, KV cache) `generate(do_sample=False)` on the same prompts as one batch. "
-        f"Tokens/s = new tokens / wall time from submit to the last token (prompt included); median of "
-        f"{args.repeats} alternating runs, spread = (max - min) / median. "
-        f"Command: `.venv/bin/python bench/serve_decode.py`.",
+        f"Greedy decoding, `cpu-small` (random weights, seed 0, the same weights on every side), float32, "
+        f"{torch.get_num_threads()} thread(s) on every side, prompts of {args.prompt} random tokens, "
+        f"{args.new_tokens} new tokens per stream, end of text ignored. Engine: the serving `Engine` (continuous "
+        f"batching, max_batch_size {args.streams}), all requests submitted together. Transformers: "
+        f"`Llama4ForCausalLM` (sdpa attention, KV cache) `generate(do_sample=False)` on the same prompts as one "
+        f"batch. llama.cpp: llama-cpp-python {llama_cpp_version()} on our own f32 GGUF export (`behemoth export "
+        f"--format gguf`) of the same weights, f32 KV cache, `Llama.generate(temp=0)` (llama-cpp-python's Python loop included), one stream. Tokens/s = new "
+        f"tokens / wall time from submit to the last token (prompt included), median of {args.repeats} repeats "
+        f"with the order of the sides rotating; spread = (max - min) / median, for a ratio over the per-repeat "
+        f"ratios. Command: `.venv/bin/python bench/serve_decode.py`.",
         "", *rows, "",
-        *lines,
-        f"- Engine time to first token: {ttft_1 * 1000:.0f} ms at batch 1; {ttft_n * 1000:.0f} ms median "
-        f"(slowest {ttft_n_max * 1000:.0f} ms) with {args.streams} streams submitted together.",
-        "- Tokens: " + ("identical on both sides in every run." if not warnings else "see warnings below."),
-        *([""] + warnings if warnings else []),
+        f"- Time to first token: engine {ttft['engine'] * 1000:.0f} ms, llama.cpp {ttft['llama.cpp'] * 1000:.0f} ms "
+        f"at batch 1; engine {ttft_n * 1000:.0f} ms median (slowest {ttft_n_max * 1000:.0f} ms) with "
+        f"{args.streams} streams submitted together.",
+        "- Tokens: " + ("identical on every side in every run." if not warnings else "differ, see below."),
+        *warnings,
     ])
-    print(body)
-    if not (args.no_write or args.quick):
-        write_section(SECTION, body)
+    finish(args, SECTION, body, figures, replaces=OLD_SECTION)
+
+
+def llama_cpp_version() -> str:
+    import llama_cpp
+    return llama_cpp.__version__
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Load test of `behemoth serve` on loopback: many concurrent clients, mixed streaming and not.
 
-    .venv/bin/python bench/serve_load.py [--model DIR] [--clients 64] [--requests 2000] [--no-write]
+    .venv/bin/python bench/serve_load.py [--model DIR] [--clients 64] [--requests 2000] [--repeats 3]
+                                         [--quick] [--no-write]
 
 Starts `behemoth serve` in a subprocess on 127.0.0.1 (a free port, a fresh keys file with one
 unlimited key), then runs `--clients` concurrent clients that together send exactly `--requests`
@@ -22,6 +23,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import random
 import signal
 import socket
@@ -32,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_section  # noqa: E402
+from common import Figure, bench_arguments, finish, summary  # noqa: E402
 
 HOST = "127.0.0.1"  # loopback only, by construction
 PROMPTS = ["In the beginning", "Tell me a story about a fox.", "What is two plus two?",
@@ -209,8 +211,59 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
+def run_stats(results: list[Result], elapsed: float, requests: int) -> dict:
+    """The figures of one load run."""
+    ok = [r for r in results if r.ok]
+    ids = [r.response_id for r in ok]
+    tokens = sum(r.completion_tokens for r in ok)
+    latencies = [r.latency for r in ok]
+    first = [r.first_token for r in ok if r.first_token is not None]
+    return {"sent": len(results), "completed": len(ok), "errors": len(results) - len(ok),
+            "lost": requests - len(ok), "not_sent": requests - len(results), "duplicated": len(ids) - len(set(ids)),
+            "wall": elapsed, "p50": percentile(latencies, 50), "p99": percentile(latencies, 99),
+            "ttft50": percentile(first, 50), "ttft99": percentile(first, 99), "tokens": tokens,
+            "tokens_per_s": tokens / elapsed, "requests_per_s": len(ok) / elapsed,
+            "kinds": {kind: sum(1 for r in ok if r.kind == kind) for kind in sorted({r.kind for r in results})}}
+
+
+def load_runs(args: argparse.Namespace) -> tuple[list[dict], list[Result], dict]:
+    """Start the server, warm it up, run the load `repeats` times. Returns each run's figures,
+    the failed results, and the server's memory and audit-log facts."""
+    with tempfile.TemporaryDirectory(prefix="behemoth-serve-load-") as tmp:
+        work = Path(tmp)
+        model_dir = args.model or tiny_model_dir(work / "model")
+        process, url, key = start_server(model_dir, work, args.max_batch_size)
+        runs, errors, peak = [], [], 0.0
+        try:
+            warm = argparse.Namespace(**{**vars(args), "requests": 4, "clients": 2})
+            asyncio.run(run_load(url, key, warm, process.pid))     # first-call costs out of the way
+            rss_before = rss_mib(process.pid)
+            for repeat in range(args.repeats):
+                results, elapsed, run_peak = asyncio.run(run_load(url, key, args, process.pid))
+                runs.append(run_stats(results, elapsed, args.requests))
+                errors += [r for r in results if not r.ok]
+                peak = max(peak, run_peak)
+                print(f"  repeat {repeat + 1}: {runs[-1]['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+            rss_after = rss_mib(process.pid)
+        finally:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        audit = work / "keys.audit.jsonl"
+        audit_lines = sum(1 for _ in audit.open()) if audit.exists() else 0
+    return runs, errors, dict(rss_before=rss_before, rss_peak=peak, rss_after=rss_after, audit_lines=audit_lines)
+
+
+def median_cell(runs: list[dict], key: str, fmt: str, unit: str) -> str:
+    median, spread = summary([run[key] for run in runs])
+    return f"{format(median, fmt)} {unit} ({spread:.0%})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    bench_arguments(parser, repeats=3)
     parser.add_argument("--model", type=Path, help="a model directory (default: tiny random model)")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--requests", type=int, default=2000)
@@ -220,63 +273,53 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=1200, help="no new request after this many seconds")
     parser.add_argument("--request-timeout", type=float, default=300)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.clients, args.requests = 1, 8, 40
     if not (1 <= args.clients <= 256 and 1 <= args.requests <= 20000):
         raise SystemExit("--clients must be 1..256 and --requests 1..20000")
+    if args.threads:  # the server is a child process: torch reads this when it starts
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
-    with tempfile.TemporaryDirectory(prefix="behemoth-serve-load-") as tmp:
-        work = Path(tmp)
-        model_dir = args.model or tiny_model_dir(work / "model")
-        process, url, key = start_server(model_dir, work, args.max_batch_size)
-        try:
-            warm = argparse.Namespace(**{**vars(args), "requests": 4, "clients": 2})
-            asyncio.run(run_load(url, key, warm, process.pid))     # first-call costs out of the way
-            rss_before = rss_mib(process.pid)
-            results, elapsed, rss_peak = asyncio.run(run_load(url, key, args, process.pid))
-            rss_after = rss_mib(process.pid)
-        finally:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        audit_lines = sum(1 for _ in (work / "keys.audit.jsonl").open()) if (work / "keys.audit.jsonl").exists() else 0
-
-    ok = [r for r in results if r.ok]
-    errors = [r for r in results if not r.ok]
-    ids = [r.response_id for r in ok]
-    duplicated = len(ids) - len(set(ids))
-    lost = args.requests - len(ok)
-    not_sent = args.requests - len(results)
-    tokens = sum(r.completion_tokens for r in ok)
-    latencies = [r.latency for r in ok]
-    first = [r.first_token for r in ok if r.first_token is not None]
-    by_kind = {kind: sum(1 for r in ok if r.kind == kind) for kind in sorted({r.kind for r in results})}
+    runs, errors, server = load_runs(args)
+    total = {key: sum(run[key] for run in runs) for key in ("sent", "completed", "errors", "lost", "not_sent",
+                                                             "duplicated")}
+    kinds = {kind: sum(run["kinds"].get(kind, 0) for run in runs) for kind in runs[0]["kinds"]}
+    failures = total["lost"] + total["duplicated"]  # lost counts every request without a good response
     model_name = str(args.model) if args.model else "tiny preset, random weights"
-    body = f"""`.venv/bin/python bench/serve_load.py --clients {args.clients} --requests {args.requests} --max-tokens {args.max_tokens}`
-against `behemoth serve` on 127.0.0.1 ({model_name}, --max-batch-size {args.max_batch_size}).
+    ttft99 = median_cell(runs, "ttft99", ".3f", "s")
+    requests_per_s = median_cell(runs, "requests_per_s", ".1f", "requests/s")
+    body = f"""`.venv/bin/python bench/serve_load.py --clients {args.clients} --requests {args.requests} --max-tokens {args.max_tokens} --repeats {args.repeats}`
+against `behemoth serve` on 127.0.0.1 ({model_name}, --max-batch-size {args.max_batch_size}); {args.repeats} load
+run(s) against one warmed-up server; timings are the median over the runs, spread (max - min) / median in
+brackets; counts are totals over all runs. Target: no error, lost or duplicated response.
 
 | measure | value |
 |---|---|
-| requests sent / completed | {len(results)} / {len(ok)} ({', '.join(f'{k} {v}' for k, v in by_kind.items())}) |
-| errors | {len(errors)} |
-| lost (no complete response) / not sent (time limit) | {lost} / {not_sent} |
-| duplicated responses | {duplicated} |
-| wall time | {elapsed:.1f} s |
-| latency p50 / p99 | {percentile(latencies, 50):.3f} s / {percentile(latencies, 99):.3f} s |
-| time to first token p50 / p99 (streams) | {percentile(first, 50):.3f} s / {percentile(first, 99):.3f} s |
-| completion tokens | {tokens} |
-| aggregate throughput | {tokens / elapsed:.1f} tokens/s, {len(ok) / elapsed:.1f} requests/s |
-| server RSS before / peak / after | {rss_before:.0f} / {rss_peak:.0f} / {rss_after:.0f} MiB |
-| audit log lines | {audit_lines} |
+| requests sent / completed | {total['sent']} / {total['completed']} ({', '.join(f'{k} {v}' for k, v in kinds.items())}) |
+| errors | {total['errors']} |
+| lost (no complete response) / not sent (time limit) | {total['lost']} / {total['not_sent']} |
+| duplicated responses | {total['duplicated']} |
+| wall time per run | {median_cell(runs, 'wall', '.1f', 's')} |
+| latency p50 / p99 | {median_cell(runs, 'p50', '.3f', 's')} / {median_cell(runs, 'p99', '.3f', 's')} |
+| time to first token p50 / p99 (streams) | {median_cell(runs, 'ttft50', '.3f', 's')} / {ttft99} |
+| completion tokens | {sum(run['tokens'] for run in runs)} |
+| aggregate throughput | {median_cell(runs, 'tokens_per_s', '.1f', 'tokens/s')}, {requests_per_s} |
+| server RSS before / peak / after | {server['rss_before']:.0f} / {server['rss_peak']:.0f} / {server['rss_after']:.0f} MiB |
+| audit log lines | {server['audit_lines']} |
 """
+    body += (f"\n**Target (no error, lost or duplicated response): {'met' if not failures else 'NOT met'}** "
+             f"({failures} in {args.repeats * args.requests} requests).\n")
     if errors:
         body += "\nFirst errors:\n\n" + "\n".join(f"- #{r.index} {r.kind}: {r.error}" for r in errors[:5]) + "\n"
-    print(body)
-    if not args.no_write:
-        write_section("Serving load test", body)
-    if errors or duplicated or lost:
+    rate, rate_spread = summary([run["tokens_per_s"] for run in runs])
+    p99, p99_spread = summary([run["p99"] for run in runs])
+    figures = [Figure("serve load: aggregate completion tokens/s", rate, "tokens/s", rate_spread, runs=len(runs)),
+               Figure("serve load: latency p99", p99, "s", p99_spread, runs=len(runs)),
+               Figure("serve load: failed, lost or duplicated responses", failures, "responses", None, "= 0",
+                      failures == 0, runs=len(runs))]
+    finish(args, "Serving load test", body, figures)
+    if failures:
         sys.exit(1)
 
 
