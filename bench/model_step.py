@@ -32,7 +32,8 @@ from behemoth.train.metrics import measure_matmul_peak  # noqa: E402
 from behemoth.train.optim import build_optimizer  # noqa: E402
 
 SECTION = "Training step: behemoth vs transformers"
-TARGET = 3.0  # behemoth / transformers tokens/s, at least
+TARGET = 4.0  # behemoth / transformers tokens/s, at least (issue #9; the model issue asked for 3)
+MFU_TARGET = 0.40  # of the float32 matmul peak measured in the same run
 
 
 def transformers_twin(model: Transformer):
@@ -135,7 +136,8 @@ def main() -> None:
         "",
         f"MFU: float32 matmul peak measured in this run {peak / 1e9:.0f} GFLOP/s (best of {len(peaks)} "
         f"measurements, one before each repeat; 2048 x 2048, as the training loop measures it). Our step does "
-        f"{flops['behemoth'] / 1e9:.0f} GFLOP of model matmuls: **MFU {mfu['behemoth']:.0%}** (no target). "
+        f"{flops['behemoth'] / 1e9:.0f} GFLOP of model matmuls: **MFU {mfu['behemoth']:.0%}** (target at least "
+        f"{MFU_TARGET:.0%}: {'met' if mfu['behemoth'] >= MFU_TARGET else 'NOT met'}). "
         f"Transformers runs every token through all {ours.config.num_local_experts} experts, "
         f"{flops['transformers'] / 1e9:.0f} GFLOP ({mfu['transformers']:.0%} of peak). Even at 100% of peak our "
         f"step would be {ceiling:.2f}x transformers: the dense-expert work transformers does is "
@@ -148,7 +150,8 @@ def main() -> None:
         Figure("training step tokens/s, transformers", rate["transformers"], "tokens/s", spread["transformers"],
                runs=n),
         Figure("training step behemoth / transformers", ratio, "x", ratio_spread, f">= {TARGET:g}x", met, runs=n),
-        Figure("training step MFU (vs matmul peak of this run)", mfu["behemoth"], "%", spread["behemoth"], runs=n),
+        Figure("training step MFU (vs matmul peak of this run)", mfu["behemoth"], "%", spread["behemoth"],
+               f">= {MFU_TARGET:.0%}", mfu["behemoth"] >= MFU_TARGET, runs=n),
     ]
     finish(args, SECTION, body, figures)
 

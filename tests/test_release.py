@@ -511,3 +511,10 @@ def test_cli_export_hf_and_gguf(world, tmp_path, capsys):
     assert main(["export", "--model", str(tmp_path / "none"), "--format", "gguf", "--out",
                  str(tmp_path / "x.gguf")]) == 2
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_serve_needs_a_model_or_a_usable_registry(tmp_path, capsys):
+    assert main(["serve", "--registry", str(tmp_path / "registry.json")]) == 2
+    assert "no registered models" in capsys.readouterr().err
+    assert main(["serve"]) == 2
+    assert "give --model DIR or --registry FILE" in capsys.readouterr().err

@@ -8,7 +8,7 @@
 - Shutdown with requests in flight (a real `behemoth serve` process and SIGTERM; and the engine
   closing under running requests): every request finishes or gets a clean 503, and every audit
   line is whole.
-- The soak (slow): 64 concurrent clients for BEHEMOTH_SOAK_SECONDS (default 300): no errors, no
+- The soak (in the default suite, as the issue asks): 64 concurrent clients for BEHEMOTH_SOAK_SECONDS (default 300): no errors, no
   lost responses, RSS and open descriptors flat.
 """
 
@@ -388,7 +388,7 @@ class Soak:
             sampler.join(timeout=10)
 
 
-@pytest.mark.slow
+# Not marked slow: the reliability issue asks for it in CI (about 5 minutes).
 def test_soak_64_clients(model_dir, tmp_path) -> None:
     seconds = float(os.environ.get("BEHEMOTH_SOAK_SECONDS", "300"))
     keys_file = tmp_path / "keys.json"

@@ -1,0 +1,64 @@
+"""Profile one model decode step (the numbers behind RESULTS.md's "Missed targets" section).
+
+`cpu-small`, random weights, a 32-token prompt in the serving KV cache, then decode steps of the
+model alone (no engine bookkeeping): time per step and, with --profile, torch.profiler's table of
+the ops that take the time.
+
+    .venv/bin/python bench/profile_decode.py --batch 1 --dtype float32 --threads 1 --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from behemoth.config import preset
+from behemoth.model import Transformer, init_weights
+from behemoth.serve.kv_cache import ModelCache
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--profile", action="store_true", help="also print torch.profiler's op table")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = Transformer(preset("cpu-small"))
+    init_weights(model, seed=0)
+    model.eval().to(getattr(torch, args.dtype))
+    cache = ModelCache.for_model(model, args.batch, 512)
+    prompt = torch.randint(0, model.config.vocab_size, (args.batch, 32))
+    token = torch.randint(0, model.config.vocab_size, (args.batch, 1))
+    position = 32
+
+    def step() -> None:
+        nonlocal position
+        model(token, torch.full((args.batch, 1), position), kv_caches=cache.layers)
+        position += 1
+
+    with torch.inference_mode():
+        model(prompt, torch.arange(32).expand(args.batch, 32), kv_caches=cache.layers)
+        for _ in range(5):
+            step()
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        seconds = (time.perf_counter() - started) / args.steps
+        print(f"batch {args.batch}, {args.dtype}, {args.threads} thread(s): {seconds * 1000:.2f} ms per step, "
+              f"{args.batch / seconds:,.0f} tokens/s")
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(10):
+                    step()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
+if __name__ == "__main__":
+    main()
