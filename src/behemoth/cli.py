@@ -42,7 +42,7 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
     from behemoth.speedrun import speedrun
 
     report = speedrun(args.out, minutes=args.minutes, seed=args.seed, overrides=args.set, resume=args.resume,
-                      previous=args.previous, approve_as=args.approve_as)
+                      previous=args.previous, approve_as=args.approve_as, fit_to_machine=args.fit_to_machine)
     print(f"report: {report}")
     return 0
 
@@ -409,7 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "run the release gate on teacher and student under the default policy, and write "
                     "OUT/report.md. The stages share the --minutes budget.")
     speedrun.add_argument("--out", type=Path, default=Path("runs/speedrun"), help="output folder (default runs/speedrun)")
-    speedrun.add_argument("--minutes", type=float, default=10.0, help="time budget the stages share (default 10)")
+    speedrun.add_argument("--minutes", type=float, default=10.0,
+                          help="time budget the stages share, at the reference 2-core machine's speed (default 10)")
+    speedrun.add_argument("--fit-to-machine", action="store_true",
+                          help="plan steps from this machine's measured speed (fits the budget here; results "
+                               "then vary with the machine) instead of the reference speed (same results everywhere)")
     speedrun.add_argument("--seed", type=int, default=0)
     speedrun.add_argument("--resume", action="store_true", help="continue a killed speedrun where it stopped")
     speedrun.add_argument("--previous", type=Path, metavar="DIR",

@@ -18,9 +18,13 @@
                     expert-load heatmaps, the evaluation table with verdicts, the release decisions,
                     samples
 
-The stages share `--minutes`: each gets a fixed share, turned into a step count from a short
-measurement of its step time on this machine before the runs start. `--set` overrides apply to
-every stage.
+The stages share `--minutes`: each gets a fixed share, turned into a step count at the step
+times of the reference machine (2 cores, float32; `REFERENCE_SECONDS_PER_STEP`), so the same
+budget and seed train the same models on every machine and the default release policy's
+calibrated threshold means the same thing everywhere; the wall-clock time is what varies.
+`fit_to_machine=True` (`--fit-to-machine`) measures this machine's step times instead, so the run
+fits the budget here, with results that move with the machine's speed and load. `--set` overrides
+apply to every stage.
 """
 
 from __future__ import annotations
@@ -101,8 +105,17 @@ def seconds_per_step(preset: str, seq_len: int, sequences: int, teacher: str | N
     return sum(times) / len(times)
 
 
-def plan_steps(minutes: float) -> dict[str, int]:
-    """Steps per stage that fill each stage's share of the budget at the measured speeds."""
+# Seconds per step of each stage on the reference machine (2-core AMD EPYC, torch 2.13 CPU, float32),
+# measured on an idle machine: the default 10 minutes give 274 / 193 / 524 / 277 steps.
+REFERENCE_SECONDS_PER_STEP = {"teacher": 1.095, "student": 0.622, "sft": 0.0802, "dpo": 0.130}
+
+
+def plan_steps(minutes: float, fit_to_machine: bool = False) -> dict[str, int]:
+    """Steps per stage that fill each stage's share of the budget, at the reference machine's
+    speeds or (fit_to_machine) at speeds measured here now."""
+    if not fit_to_machine:
+        return {stage: max(10, round(minutes * 60 * SHARES[stage] / REFERENCE_SECONDS_PER_STEP[stage]))
+                for stage in SHARES}
     per_step = {
         "teacher": seconds_per_step(TEACHER, TEXT_SEQ, BATCH),
         "student": seconds_per_step(STUDENT, TEXT_SEQ, BATCH, teacher=TEACHER),
@@ -114,7 +127,7 @@ def plan_steps(minutes: float) -> dict[str, int]:
 
 def speedrun(out_dir: Path, minutes: float = 10.0, seed: int = 0, overrides: list[str] | None = None,
              resume: bool = False, progress: bool | None = None, previous: Path | None = None,
-             approve_as: str | None = None) -> Path:
+             approve_as: str | None = None, fit_to_machine: bool = False) -> Path:
     """Teacher -> student -> SFT -> DPO on the embedded corpus, then evaluation, the release gate and
     the report card.
 
@@ -122,6 +135,7 @@ def speedrun(out_dir: Path, minutes: float = 10.0, seed: int = 0, overrides: lis
     run's teacher, and the gate uses that run's models as the last release (the baselines).
     approve_as: sign the gate's decisions off as this person, then publish them (open bundle,
     closed registry); without it the decisions wait for `behemoth release approve`.
+    fit_to_machine: plan steps from this machine's measured speed rather than the reference's.
     Returns the path of report.md.
     """
     out_dir = Path(out_dir)
@@ -135,7 +149,7 @@ def speedrun(out_dir: Path, minutes: float = 10.0, seed: int = 0, overrides: lis
     if resume and plan_path.is_file():
         plan = json.loads(plan_path.read_text())
     else:
-        plan = plan_steps(minutes)
+        plan = plan_steps(minutes, fit_to_machine)
         plan_path.write_text(json.dumps(plan, indent=1) + "\n")
     corpus = embedded_corpus(out_dir / "corpus")
     sft_data, dpo_data = write_chat_data(out_dir / "chat", seed=seed)
