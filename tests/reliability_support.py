@@ -85,7 +85,7 @@ def _install_hooks() -> None:
     loop.machine_matmul_peak = lambda device: 1e12
     checkpointing.write_model_files = _announcing("model-files", checkpointing.write_model_files)
     checkpointing._write_manifest = _announcing("manifest", checkpointing._write_manifest)
-    checkpointing._fsync_dir_files = _announcing("fsync", checkpointing._fsync_dir_files)
+    checkpointing.fsync_tree = _announcing("fsync", checkpointing.fsync_tree)
     checkpointing._prune = _announcing("prune", checkpointing._prune)
     cap = os.environ.get("RELIABILITY_FSIZE_AFTER_SAVES")
     if cap:

@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from behemoth.config import ModelConfig
+from behemoth.durable import fsync_tree
 from behemoth.errors import CheckpointError, ConfigError
 from behemoth.model import Transformer
 
@@ -313,7 +314,7 @@ def save(model: Transformer, path: str | Path, tokenizer: Any = None, *, config_
         write_model_files(model, staging, config_form=config_form, max_shard_bytes=max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
-        _fsync_tree(staging)
+        fsync_tree(staging)
         _replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -393,18 +394,6 @@ def _split_into_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[d
         shards[-1][name] = tensor
         size += nbytes
     return shards
-
-
-def _fsync_tree(directory: Path) -> None:
-    for file in directory.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _replace_directory(staging: Path, target: Path) -> None:

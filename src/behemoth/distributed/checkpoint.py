@@ -45,10 +45,11 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from behemoth.config import ModelConfig
+from behemoth.durable import fsync_path, fsync_tree
 from behemoth.errors import CheckpointError
 from behemoth.distributed.mesh import DistributedError
 from behemoth.model import Transformer
-from behemoth.train.checkpointing import (TRAINER_STATE, TrainerState, _fsync_dir_files, _fsync_path, _prune,
+from behemoth.train.checkpointing import (TRAINER_STATE, TrainerState, _prune,
                                           _write_manifest, checkpoint_name, verify_checkpoint)
 from behemoth.train.config import RunConfig
 
@@ -86,11 +87,11 @@ def save_sharded_checkpoint(root: Path, model: Transformer, optimizer: torch.opt
         (staging / TRAINER_STATE).write_text(json.dumps(trainer, indent=1) + "\n")
         run_config.save(staging / "config.toml")
         _write_manifest(staging, state.step)
-        _fsync_dir_files(staging)
+        fsync_tree(staging)
         if final.exists():  # re-saving the same step (a resumed run's first save): replace it
             shutil.rmtree(final)
         staging.rename(final)
-        _fsync_path(root)
+        fsync_path(root)
         _prune(root, keep)
 
     try:

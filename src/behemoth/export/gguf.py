@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from behemoth.durable import fsync_path
 from behemoth import checkpoint
 from behemoth.config import ModelConfig
 from behemoth.errors import BehemothError
@@ -378,9 +379,9 @@ def _write_atomically(out_path: Path, overwrite: bool, fill: Callable[[gguf.GGUF
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        _fsync(temporary)
+        fsync_path(temporary)
         _move_into_place(temporary, out_path, overwrite)
-        _fsync(out_path.parent)
+        fsync_path(out_path.parent)
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -412,9 +413,3 @@ def _exists(out_path: Path) -> ExportError:
                        "(--overwrite)")
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

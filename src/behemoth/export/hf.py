@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from behemoth.durable import fsync_tree
 from behemoth.errors import CheckpointError
 
 CONFIG_FILES = ("config.json", "generation_config.json")
@@ -56,9 +57,7 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, overwrite: bool = Fals
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         copy_hf_files(model_dir, staging)
-        for file in staging.iterdir():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
+        fsync_tree(staging)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from behemoth.durable import fsync_tree
 from behemoth.errors import BehemothError
 from behemoth.hashing import sha256_file
 from behemoth.release import audit
@@ -118,10 +119,7 @@ def _new_folder(target: Path, build: Callable[[Path], None]) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         build(staging)
-        for path in staging.rglob("*"):
-            if path.is_file():
-                with open(path, "rb") as handle:
-                    os.fsync(handle.fileno())
+        fsync_tree(staging)
         os.rename(staging, target)  # fails rather than replaces if target appeared meanwhile
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from behemoth.hashing import sha256_file
 from behemoth.checkpoint import write_model_files
+from behemoth.durable import fsync_path, fsync_tree
 from behemoth.errors import CheckpointError
 from behemoth.model import Transformer
 from behemoth.train.config import RunConfig
@@ -66,11 +67,11 @@ def save_checkpoint(root: Path, model: Transformer, optimizer: torch.optim.Optim
         (staging / TRAINER_STATE).write_text(json.dumps(trainer, indent=1) + "\n")
         run_config.save(staging / "config.toml")
         _write_manifest(staging, state.step)
-        _fsync_dir_files(staging)
+        fsync_tree(staging)
         if final.exists():  # re-saving the same step (a resumed run's first save): replace it
             _remove(final)
         os.rename(staging, final)
-        _fsync_path(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -102,23 +103,6 @@ def _write_manifest(directory: Path, step: int) -> None:
     files = {p.relative_to(directory).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
              for p in sorted(directory.rglob("*")) if p.is_file()}
     (directory / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir_files(directory: Path) -> None:
-    for entry in directory.iterdir():
-        if entry.is_file():
-            _fsync_path(entry)
-        elif entry.is_dir():
-            _fsync_dir_files(entry)
-    _fsync_path(directory)
 
 
 def _remove(directory: Path) -> None:
