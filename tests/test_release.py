@@ -346,6 +346,7 @@ def test_gate_decides_from_evaluations_and_is_deterministic(world, tmp_path):
         assert (tmp_path / "one" / name).is_file()
     markdown = (tmp_path / "one" / "decision.md").read_text()
     assert "CLOSED" in markdown and "capable" in markdown
+    assert f"behemoth release approve {tmp_path / 'one'} --by NAME" in markdown
     entries = read_entries(tmp_path / "audit.jsonl")
     assert [e["event"] for e in entries] == ["decision", "decision"]
     with pytest.raises(GateError, match="never overwritten"):

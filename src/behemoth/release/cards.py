@@ -8,6 +8,7 @@ tags, `model-index` evaluation results) and then prose sections.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 DECISION_WORDS = {
@@ -17,13 +18,13 @@ DECISION_WORDS = {
 }
 
 
-def decision_markdown(record: dict[str, Any]) -> str:
-    """decision.md: what was decided, by which rule and why, and the evidence."""
+def decision_markdown(record: dict[str, Any], folder: Path) -> str:
+    """decision.md (in `folder`): what was decided, by which rule and why, and the evidence."""
     model, policy = record["model"], record["policy"]
     lines = [f"# Release decision: {record['decision'].upper()}", "",
              f"**{DECISION_WORDS[record['decision']]}**, by rule `{record['rule']}`: {record['reason']}.", "",
              "This decision takes effect only after sign-off: "
-             f"`behemoth release approve {record.get('record_path', 'RECORD')} --by NAME`.", "",
+             f"`behemoth release approve {folder} --by NAME`.", "",
              "| | |", "|---|---|",
              f"| model | `{model['path']}` |",
              f"| weights SHA-256 | `{model['weights_sha256']}` |",

@@ -60,7 +60,7 @@ def run_gate(model_dir: str | Path, policy: Policy | str | Path | None, out_dir:
              baseline: str | Path | None = None, variables: dict[str, str] | None = None,
              log: str | Path = DEFAULT_LOG, progress: bool | None = None) -> dict[str, Any]:
     """Evaluate, apply the policy's rules in order, write the record and log the decision."""
-    from behemoth.eval import compare_results, run_eval
+    from behemoth.eval import compare_results, run_eval, write_json_atomic
 
     policy = policy if isinstance(policy, Policy) else load_policy(policy)
     variables = dict(variables or {})
@@ -71,16 +71,23 @@ def run_gate(model_dir: str | Path, policy: Policy | str | Path | None, out_dir:
     unknown = sorted(set(variables) - policy.variables())
     if unknown:
         raise PolicyError(f"--var {unknown[0]}: the policy {policy.name!r} uses no such variable")
-    task_lists = {name: e.task_list(variables) for name, e in policy.evaluations.items()}  # all given?
+    task_lists = {name: e.task_list(variables) for name, e in policy.evaluations.items()}  # every ${VAR} given
     audit.verify_log(log)  # a broken log stops the gate before any work
     model = model_identity(model_dir)
     base = model_identity(baseline) if baseline is not None else None
 
     evaluations: dict[str, dict[str, Any]] = {}
+    done: dict[tuple, dict[str, Any]] = {}  # evaluations with the same tasks and settings run once
     for name, evaluation in policy.evaluations.items():
         settings = dict(limit=evaluation.limit, max_length=evaluation.max_length,
                         batch_size=evaluation.batch_size, seed=evaluation.seed, progress=progress)
-        results = run_eval(model_dir, task_lists[name], out=out / "evals" / f"{name}.json", **settings)
+        key = (task_lists[name], evaluation.limit, evaluation.max_length, evaluation.batch_size, evaluation.seed)
+        if key in done:
+            results = done[key]
+            write_json_atomic(out / "evals" / f"{name}.json", results)
+        else:
+            results = done[key] = run_eval(model_dir, task_lists[name], out=out / "evals" / f"{name}.json",
+                                           **settings)
         entry = {"tasks": task_lists[name], "results": f"evals/{name}.json", "baseline_results": None,
                  "metrics": _metrics(results), "comparison": None, "data": _data_hashes(results)}
         if base is not None and policy.needs_baseline(name):
@@ -218,7 +225,7 @@ def write_record(out: Path, record: dict[str, Any]) -> None:
     from behemoth.release.cards import decision_markdown
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / RECORD_MARKDOWN).write_text(decision_markdown(record), encoding="utf-8")
+    (out / RECORD_MARKDOWN).write_text(decision_markdown(record, out), encoding="utf-8")
     write_json_atomic(out / RECORD_FILE, record)  # last: its presence means the record is complete
 
 
