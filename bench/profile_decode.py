@@ -4,7 +4,7 @@
 model alone (no engine bookkeeping): time per step and, with --profile, torch.profiler's table of
 the ops that take the time.
 
-    .venv/bin/python bench/profile_decode.py --batch 1 --dtype float32 --threads 1 --profile
+    .venv/bin/python bench/profile_decode.py --batch 1 --weights float32 --threads 1 --profile
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ import torch
 from behemoth.config import preset
 from behemoth.model import Transformer, init_weights
 from behemoth.serve.kv_cache import ModelCache
+from behemoth.serve.weights import WEIGHT_FORMATS, prepare_weights
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=1, help="sequences decoded together")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--weights", choices=WEIGHT_FORMATS, default="float32", help="serving weight format")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's op table")
@@ -30,7 +31,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = Transformer(preset("cpu-small"))
     init_weights(model, seed=0)
-    model.eval().to(getattr(torch, args.dtype))
+    prepare_weights(model, args.weights)
     cache = ModelCache.for_model(model, args.batch, 512)
     prompt = torch.randint(0, model.config.vocab_size, (args.batch, 32))
     token = torch.randint(0, model.config.vocab_size, (args.batch, 1))
@@ -49,7 +50,7 @@ def main() -> None:
         for _ in range(args.steps):
             step()
         seconds = (time.perf_counter() - started) / args.steps
-        print(f"batch {args.batch}, {args.dtype}, {args.threads} thread(s): {seconds * 1000:.2f} ms per step, "
+        print(f"batch {args.batch}, {args.weights}, {args.threads} thread(s): {seconds * 1000:.2f} ms per step, "
               f"{args.batch / seconds:,.0f} tokens/s")
         if args.profile:
             from torch.profiler import ProfilerActivity, profile

@@ -1,16 +1,22 @@
 """Decode throughput of our serving engine against transformers' `generate` and llama.cpp, same weights.
 
-`cpu-small` with random weights (seed 0), float32, greedy, end of text ignored, prompts of 32
-random tokens. Two settings, every side measured within one run, alternating:
-- batch 1: one request, 96 new tokens -> tokens/s; ours, transformers, and llama.cpp (through
-  llama-cpp-python) running our own f32 GGUF export of the same weights with an f32 KV cache and
-  as many threads as torch;
-- 16 streams: ours = 16 requests submitted together to one Engine(max_batch_size=16)
-  (continuous batching); transformers = `generate` on a batch of the same 16 prompts -> aggregate
-  new tokens/s. llama.cpp is compared here through its single stream: our aggregate against
-  4 x llama.cpp's batch-1 rate.
+`cpu-small` with random weights (seed 0), greedy, end of text ignored, prompts of 32 random
+tokens. Two settings, every side measured within one run, in rotating order:
+- batch 1: one request, 96 new tokens -> tokens/s; the engine with float32 weights (as trained)
+  and with int8 weight-only weights (`behemoth serve --weights int8`), transformers in float32,
+  and llama.cpp (through llama-cpp-python) running our own f32 GGUF export of the same weights
+  with an f32 KV cache and as many threads as torch;
+- 16 streams: the engine = 16 requests submitted together to one Engine(max_batch_size=16)
+  (continuous batching), both weight formats; transformers = `generate` on a batch of the same
+  16 prompts -> aggregate new tokens/s. llama.cpp is compared here through its single stream:
+  our aggregate against 4 x llama.cpp's batch-1 rate.
 Time includes the prompt (submit to last token), as a client sees it. Also reported: time to
-first token, and whether the sides produced the same tokens (greedy on the same weights should).
+first token, whether float32 sides produced the same tokens (greedy on the same weights should),
+and how closely int8 weights follow float32 ones.
+
+Every torch side runs in a thread of its own, started for the measurement, with the same thread
+count, while the main thread keeps one: two OpenMP thread teams on two cores would slow whichever
+side runs beside an idle team (see `behemoth.serve.engine`).
 
     .venv/bin/python bench/serve_decode.py [--repeats 5] [--quick] [--no-write]
 """
@@ -18,11 +24,12 @@ first token, and whether the sides produced the same tokens (greedy on the same 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
+import threading
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,11 +41,12 @@ from model_step import transformers_twin  # noqa: E402
 
 from behemoth.config import preset  # noqa: E402
 from behemoth.model import Transformer, init_weights  # noqa: E402
-from behemoth.serve.engine import Engine, SamplingParams  # noqa: E402
+from behemoth.serve.engine import Engine, SamplingParams, leave_cores_to_engines  # noqa: E402
+from behemoth.serve.weights import prepare_weights  # noqa: E402
 
 SECTION = "Decode: engine vs transformers and llama.cpp"
 OLD_SECTION = "Decode: engine vs transformers"  # the section's earlier name, replaced when written
-TARGETS = {"batch 1": 3.0, "streams": 8.0}  # engine / transformers, at least
+TARGETS = {"batch 1": 3.0, "streams": 8.0}  # engine / transformers, at least (both weight formats shown)
 LLAMA_TARGETS = {"batch 1": 0.5, "streams": 1.0}  # engine / llama.cpp (streams: / 4 x its batch 1), at least
 LLAMA_STREAMS = 4  # the aggregate is compared with this many llama.cpp single streams
 
@@ -55,13 +63,15 @@ class IdText:
         return "".join(f" t{i}" for i in ids)
 
 
-def run_engine(engine: Engine, prompts: torch.Tensor, new_tokens: int) -> dict:
-    """Submit every prompt at once; wait for all. Returns wall time, TTFTs and the tokens."""
+def run_engine(model: Transformer, threads: int, prompts: torch.Tensor, new_tokens: int) -> dict:
+    """A fresh engine (its own thread); submit every prompt at once; wait for all. Returns wall
+    time, TTFTs and the tokens."""
     params = SamplingParams(temperature=0.0, ignore_eos=True, max_new_tokens=new_tokens)
     rows = prompts.tolist()
-    start = time.monotonic()
-    requests = [engine.submit(row, params) for row in rows]
-    tokens = [[event.token_id for event in request] for request in requests]
+    with Engine(model, IdText(), max_batch_size=len(rows), threads=threads) as engine:
+        start = time.monotonic()
+        requests = [engine.submit(row, params) for row in rows]
+        tokens = [[event.token_id for event in request] for request in requests]
     for request in requests:
         if request.finish_reason != "length":
             raise RuntimeError(f"engine request ended with {request.finish_reason!r}")
@@ -70,12 +80,36 @@ def run_engine(engine: Engine, prompts: torch.Tensor, new_tokens: int) -> dict:
                 ttft=[request.first_token_at - start for request in requests])
 
 
-def run_transformers(twin, prompts: torch.Tensor, new_tokens: int) -> dict:
-    start = time.monotonic()
-    with torch.inference_mode():
-        out = twin.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False, use_cache=True,
-                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
-    elapsed = time.monotonic() - start
+def in_fresh_thread(threads: int, work, *args) -> dict:
+    """Run work(*args) on a new thread with `threads` torch threads (its own OpenMP team, gone
+    when the thread ends), as the engine runs."""
+    result: dict = {}
+
+    def body() -> None:
+        torch.set_num_threads(threads)
+        try:
+            result["value"] = work(*args)
+        except BaseException as err:  # re-raised on the caller's thread
+            result["error"] = err
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def run_transformers(twin, threads: int, prompts: torch.Tensor, new_tokens: int) -> dict:
+    def work() -> dict:
+        start = time.monotonic()
+        with torch.inference_mode():
+            out = twin.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False, use_cache=True,
+                                max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+        return dict(time=time.monotonic() - start, out=out)
+
+    result = in_fresh_thread(threads, work)
+    elapsed, out = result["time"], result["out"]
     new = out[:, prompts.shape[1]:]
     if new.shape[1] != new_tokens:
         raise RuntimeError(f"transformers generated {new.shape[1]} tokens, expected {new_tokens}")
@@ -168,69 +202,113 @@ def main() -> None:
     if args.quick:
         args.new_tokens, args.repeats = 16, 1
     start(args)
+    threads = args.threads_used = leave_cores_to_engines()  # every side gets a fresh thread with this many
 
     ours, theirs = build_models()
+    int8 = prepare_weights(copy.deepcopy(ours), "int8")
     vocab = ours.config.vocab_size
     prompts = torch.randint(0, vocab, (args.streams, args.prompt), generator=torch.Generator().manual_seed(0))
     one, many = "batch 1", f"{args.streams} streams"
     settings = {one: prompts[:1], many: prompts}
 
-    with tempfile.TemporaryDirectory(prefix="behemoth-decode-") as tmp, \
-            Engine(ours, IdText(), max_batch_size=args.streams) as engine:
-        llm = open_llama(export_f32(ours, Path(tmp)), n_ctx=args.prompt + args.new_tokens + 8)
+    with tempfile.TemporaryDirectory(prefix="behemoth-decode-") as tmp:
+        llm = open_llama(export_f32(ours, Path(tmp)), n_ctx=args.prompt + args.new_tokens + 8, threads=threads)
         try:
             def llama_side(batch: torch.Tensor, new_tokens: int) -> dict:  # one stream only
-                return run_llama(llm, batch[0].tolist(), new_tokens)
+                # A fresh thread too: llama.cpp's OpenMP team would otherwise live on in the main thread.
+                return in_fresh_thread(threads, run_llama, llm, batch[0].tolist(), new_tokens)
 
-            engine_side, hf_side = partial(run_engine, engine), partial(run_transformers, theirs)
-            sides = {one: {"engine": engine_side, "transformers": hf_side, "llama.cpp": llama_side},
-                     many: {"engine": engine_side, "transformers": hf_side}}
+            def side(run, model):
+                return lambda batch, new_tokens: run(model, threads, batch, new_tokens)
+
+            engines = {"engine": side(run_engine, ours), "engine int8": side(run_engine, int8)}
+            hf_side = side(run_transformers, theirs)
+            sides = {one: {**engines, "transformers": hf_side, "llama.cpp": llama_side},
+                     many: {**engines, "transformers": hf_side}}
             results = measure(sides, settings, args.repeats, args.new_tokens)
         finally:
             llm.close()
-    report(args, results, one, many)
+    quality = int8_quality(ours, int8, prompts, results[many, "engine"][0]["tokens"],
+                           results[many, "engine int8"][0]["tokens"], threads)
+    report(args, results, one, many, quality)
 
 
-def report(args: argparse.Namespace, results: dict, one: str, many: str) -> None:
+def int8_quality(ours: Transformer, int8: Transformer, prompts: torch.Tensor, tokens: list[list[int]],
+                 int8_tokens: list[list[int]], threads: int) -> dict:
+    """How closely int8 weights follow float32 on the float32 engine's own continuations: the
+    share of positions where both pick the same next token (teacher-forced), the logit error
+    relative to the logits' spread, and how many greedy tokens the two engines share before
+    they first differ."""
+    def work() -> dict:
+        text = torch.cat([prompts, torch.tensor(tokens)], dim=1)
+        with torch.inference_mode():
+            exact, approx = ours(text).float(), int8(text).float()
+        agree = (exact.argmax(-1) == approx.argmax(-1)).float().mean().item()
+        error = ((approx - exact).pow(2).mean() / exact.var(dim=-1).mean()).sqrt().item()
+        return dict(agree=agree, error=error)
+
+    quality = in_fresh_thread(threads, work)
+    shared = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(tokens, int8_tokens)]
+    quality["shared_prefix"] = statistics.median(shared)
+    return quality
+
+
+def report(args: argparse.Namespace, results: dict, one: str, many: str, quality: dict) -> None:
     rate = {key: rates(r, args.new_tokens) for key, r in results.items()}
     rows = ["| comparison | engine tokens/s (spread) | baseline tokens/s (spread) | ratio (spread) | target | met |",
             "|---|---|---|---|---|---|"]
-    figures = [rate_figure(f"decode {one} tokens/s, engine", rate[one, "engine"]),
-               rate_figure(f"decode {many} aggregate tokens/s, engine", rate[many, "engine"]),
-               rate_figure(f"decode {one} tokens/s, llama.cpp", rate[one, "llama.cpp"])]
+    figures = [rate_figure(f"decode {setting} tokens/s, {side}", rate[setting, side])
+               for setting, side in [(one, "engine int8"), (one, "engine"), (many, "engine int8"), (many, "engine"),
+                                     (one, "transformers"), (many, "transformers"), (one, "llama.cpp")]]
     four_llamas = [LLAMA_STREAMS * r for r in rate[one, "llama.cpp"]]
-    for label, ours, base, target in [
-            (f"{one}: engine / transformers", rate[one, "engine"], rate[one, "transformers"], TARGETS["batch 1"]),
-            (f"{many}: engine / transformers", rate[many, "engine"], rate[many, "transformers"], TARGETS["streams"]),
-            (f"{one}: engine / llama.cpp", rate[one, "engine"], rate[one, "llama.cpp"], LLAMA_TARGETS["batch 1"]),
-            (f"{many}: engine aggregate / ({LLAMA_STREAMS} x llama.cpp {one})", rate[many, "engine"], four_llamas,
-             LLAMA_TARGETS["streams"])]:
+    comparisons = []
+    for setting, target in ((one, TARGETS["batch 1"]), (many, TARGETS["streams"])):
+        for side, weights in (("engine int8", "int8 weights"), ("engine", "float32 weights")):
+            comparisons.append((f"{setting}: engine ({weights}) / transformers (float32)", rate[setting, side],
+                                rate[setting, "transformers"], target))
+    for side, weights in (("engine int8", "int8 weights"), ("engine", "float32 weights")):
+        comparisons.append((f"{one}: engine ({weights}) / llama.cpp (f32)", rate[one, side], rate[one, "llama.cpp"],
+                            LLAMA_TARGETS["batch 1"]))
+        comparisons.append((f"{many}: engine ({weights}) aggregate / ({LLAMA_STREAMS} x llama.cpp {one})",
+                            rate[many, side], four_llamas, LLAMA_TARGETS["streams"]))
+    for label, ours, base, target in comparisons:
         row, figure = comparison_row(label, ours, base, target)
         rows.append(row)
         figures.append(figure)
 
-    ttft = {side: statistics.median(r["ttft"][0] for r in results[one, side]) for side in ("engine", "llama.cpp")}
-    ttft_n = statistics.median(statistics.median(r["ttft"]) for r in results[many, "engine"])
-    ttft_n_max = statistics.median(max(r["ttft"]) for r in results[many, "engine"])
+    ttft = {side: statistics.median(r["ttft"][0] for r in results[one, side])
+            for side in ("engine", "engine int8", "llama.cpp")}
+    ttft_n = statistics.median(statistics.median(r["ttft"]) for r in results[many, "engine int8"])
+    ttft_n_max = statistics.median(max(r["ttft"]) for r in results[many, "engine int8"])
     warnings = token_warnings(results, [(one, "engine", "transformers"), (many, "engine", "transformers"),
                                         (one, "engine", "llama.cpp")])
     body = "\n".join([
-        f"Greedy decoding, `cpu-small` (random weights, seed 0, the same weights on every side), float32, "
-        f"{torch.get_num_threads()} thread(s) on every side, prompts of {args.prompt} random tokens, "
-        f"{args.new_tokens} new tokens per stream, end of text ignored. Engine: the serving `Engine` (continuous "
-        f"batching, max_batch_size {args.streams}), all requests submitted together. Transformers: "
-        f"`Llama4ForCausalLM` (sdpa attention, KV cache) `generate(do_sample=False)` on the same prompts as one "
-        f"batch. llama.cpp: llama-cpp-python {llama_cpp_version()} on our own f32 GGUF export (`behemoth export "
-        f"--format gguf`) of the same weights, f32 KV cache, `Llama.generate(temp=0)` (llama-cpp-python's Python loop included), one stream. Tokens/s = new "
-        f"tokens / wall time from submit to the last token (prompt included), median of {args.repeats} repeats "
-        f"with the order of the sides rotating; spread = (max - min) / median, for a ratio over the per-repeat "
-        f"ratios. Command: `.venv/bin/python bench/serve_decode.py`.",
+        f"Greedy decoding, `cpu-small` (random weights, seed 0, the same weights on every side), "
+        f"{args.threads_used} thread(s) on every side, prompts of {args.prompt} random tokens, {args.new_tokens} new tokens "
+        f"per stream, end of text ignored. Engine: the serving `Engine` (continuous batching, max_batch_size "
+        f"{args.streams}), all requests submitted together, with the weights as trained (float32) and with int8 "
+        f"weight-only weights (`behemoth serve --weights int8`: per-channel int8 projections, experts and LM "
+        f"head; embeddings, norms, router, attention and KV cache in float32). Transformers: `Llama4ForCausalLM` "
+        f"in float32 (sdpa attention, KV cache) `generate(do_sample=False)` on the same prompts as one batch. "
+        f"llama.cpp: llama-cpp-python {llama_cpp_version()} on our own f32 GGUF export (`behemoth export --format "
+        f"gguf`) of the same weights, f32 KV cache, `Llama.generate(temp=0)` (llama-cpp-python's Python loop "
+        f"included), one stream. Every torch side runs on a fresh thread of its own. Tokens/s = new tokens / wall "
+        f"time from submit to the last token (prompt included), median of {args.repeats} repeats with the order "
+        f"of the sides rotating; spread = (max - min) / median, for a ratio over the per-repeat ratios. Command: "
+        f"`.venv/bin/python bench/serve_decode.py`.",
         "", *rows, "",
-        f"- Time to first token: engine {ttft['engine'] * 1000:.0f} ms, llama.cpp {ttft['llama.cpp'] * 1000:.0f} ms "
-        f"at batch 1; engine {ttft_n * 1000:.0f} ms median (slowest {ttft_n_max * 1000:.0f} ms) with "
-        f"{args.streams} streams submitted together.",
-        "- Tokens: " + ("identical on every side in every run." if not warnings else "differ, see below."),
+        f"- Time to first token at batch 1: engine {ttft['engine int8'] * 1000:.0f} ms with int8 weights, "
+        f"{ttft['engine'] * 1000:.0f} ms with float32, llama.cpp {ttft['llama.cpp'] * 1000:.0f} ms; with "
+        f"{args.streams} streams submitted together (int8): {ttft_n * 1000:.0f} ms median, slowest "
+        f"{ttft_n_max * 1000:.0f} ms.",
+        "- Tokens: " + ("identical on every float32 side in every run." if not warnings else "differ, see below."),
         *warnings,
+        f"- int8 against float32 weights, teacher-forced on the float32 engine's {args.streams} continuations: "
+        f"the same next token at {quality['agree']:.1%} of positions; logit error {quality['error']:.1%} of the "
+        f"logits' standard deviation; greedy outputs share a median of {quality['shared_prefix']:.0f} of "
+        f"{args.new_tokens} tokens before they first differ. The weights are random, so the logits are nearly "
+        f"tied and the top token flips easily: a trained model is the harder test, and the serving tests bound "
+        f"the error on one.",
     ])
     finish(args, SECTION, body, figures, replaces=OLD_SECTION)
 

@@ -63,7 +63,8 @@ def test_chat_drops_old_turns_when_the_context_fills(model_dir):
 
 
 def test_chat_command(model_dir):
-    result = subprocess.run(behemoth("chat", "--model", str(model_dir), "--temperature", "0", "--max-tokens", "6"),
+    result = subprocess.run(behemoth("chat", "--model", str(model_dir), "--temperature", "0", "--max-tokens", "6",
+                                     "--weights", "bfloat16"),
                             input="Hello\n/exit\n", capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "behemoth chat with model" in result.stdout and "assistant> " in result.stdout
@@ -111,7 +112,7 @@ def test_serve_command_with_keys_file(model_dir, tmp_path):
     keys_file = tmp_path / "keys.json"
     key, record = create_key(keys_file, "cli")
     process, url = _start_server(["--model", f"mine={model_dir}", "--model", str(model_dir.parent / "model"),
-                                  "--api-keys", str(keys_file)])
+                                  "--api-keys", str(keys_file), "--weights", "int8"])
     try:
         headers = {"Authorization": f"Bearer {key}"}
         models = httpx.get(url + "/v1/models", headers=headers, timeout=10).json()

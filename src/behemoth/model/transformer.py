@@ -103,11 +103,12 @@ class Transformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        """The dtype of the hidden states (projections may store their weights otherwise)."""
+        return self.model.embed_tokens.weight.dtype
 
 
 @torch.no_grad()

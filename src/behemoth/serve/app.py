@@ -41,7 +41,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from behemoth.errors import ConfigError
 from behemoth.serve.audit import AuditLog
-from behemoth.serve.engine import Engine, EngineClosed, PromptTooLong, QueueFull, SamplingParams
+from behemoth.serve.engine import (Engine, EngineClosed, PromptTooLong, QueueFull, SamplingParams,
+                                   leave_cores_to_engines)
+from behemoth.serve.weights import prepare_weights
 from behemoth.serve.keys import AuthError, KeyRecord, KeyStore
 from behemoth.serve.limits import RateLimited, RateLimiter
 from behemoth.serve.metrics import CONTENT_TYPE, Gauge, ServerMetrics
@@ -919,16 +921,17 @@ def parse_model_specs(specs: list[str]) -> dict[str, Path]:
 
 
 def load_served_model(name: str, directory: str | Path, max_batch_size: int = 16, max_queue: int = 256,
-                      max_context: int | None = None) -> ServedModel:
-    """Load a model directory (weights + tokenizer) and wrap it in an engine (not started yet)."""
+                      max_context: int | None = None, threads: int | None = None,
+                      weights: str = "float32") -> ServedModel:
+    """Load a model directory (weights + tokenizer) and wrap it in an engine (not started yet),
+    decoding with the weight format `weights` (see behemoth.serve.weights)."""
     from behemoth.checkpoint import load
 
     folder = Path(directory)
     if not (folder / "tokenizer.json").is_file():
         raise ConfigError(f"{folder}: no tokenizer.json; serve a model directory written with its tokenizer")
     tokenizer = Tokenizer.load(folder)
-    model = load(folder)
-    model.eval()
+    model = prepare_weights(load(folder), weights)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ConfigError(f"{folder}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
                           f"{model.config.vocab_size}")
@@ -937,7 +940,8 @@ def load_served_model(name: str, directory: str | Path, max_batch_size: int = 16
         if max_context < 2:
             raise ConfigError(f"--max-context must be at least 2, got {max_context}")
         context = min(context, max_context)
-    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue, max_context=context)
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue, max_context=context,
+                    threads=threads)
     return ServedModel(name=name, engine=engine, tokenizer=tokenizer, context=context)
 
 
@@ -948,13 +952,14 @@ def default_audit_path(keys_file: Path) -> Path:
 def serve(model_specs: list[str], host: str = "127.0.0.1", port: int = 8000, api_keys: str | Path | None = None,
           audit_log: str | Path | None = None, settings: Settings | None = None, max_batch_size: int = 16,
           max_queue: int = 256, max_context: int | None = None, log_prompts: bool = False,
-          announce: Any = print) -> None:
+          weights: str = "float32", announce: Any = print) -> None:
     """`behemoth serve`: load the models, check the keys, run uvicorn until interrupted."""
     import uvicorn
 
     from behemoth.serve.audit import tokens_used
 
     settings = settings or Settings()
+    threads = leave_cores_to_engines()  # before loading: the main thread only loads, tokenizes and answers
     named = parse_model_specs(model_specs)
     if api_keys is not None:
         keys = KeyStore(api_keys)
@@ -968,7 +973,7 @@ def serve(model_specs: list[str], host: str = "127.0.0.1", port: int = 8000, api
         audit_path = Path(audit_log) if audit_log else None
     audit = AuditLog(audit_path, log_prompts=log_prompts) if audit_path else None
     limiter = RateLimiter(used=tokens_used(audit_path) if audit_path else None)
-    models = [load_served_model(name, directory, max_batch_size, max_queue, max_context)
+    models = [load_served_model(name, directory, max_batch_size, max_queue, max_context, threads, weights)
               for name, directory in named.items()]
     app = create_app(models, keys, settings, audit, limiter)
     shown_host = f"[{host}]" if ":" in host else host

@@ -20,6 +20,14 @@ The loop (continuous batching), one iteration at a time:
 The KV cache (`kv_cache.py`) addresses entries by absolute position, so rows of different
 lengths need no padding and no common write pointer. Everything the model computes runs on the
 engine thread; torch releases the GIL inside its kernels, so an asyncio server stays responsive.
+
+Threads: torch's CPU kernels use OpenMP, and every thread that runs a parallel kernel gets its own
+team of workers. When the teams together hold more threads than there are cores, GNU OpenMP stops
+letting idle workers spin and puts them to sleep after each kernel, and waking them costs more
+than a small matmul: a 16-row decode step ran at half speed on a 2-core machine once the main
+thread had a team of its own. So the engine thread sets its own thread count (`threads`), and
+programs that serve (`behemoth serve`, `behemoth chat`) call `leave_cores_to_engines()` before
+loading anything, which keeps their main thread to one.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ from behemoth.serve.sampling import (MAX_LOGPROBS, Choice, InvalidParameter, Sam
                                      sample_tokens)
 
 __all__ = ["Engine", "Request", "SamplingParams", "TokenEvent", "PromptTooLong", "QueueFull", "EngineClosed",
-           "InvalidParameter", "MAX_LOGPROBS", "check_context"]
+           "InvalidParameter", "MAX_LOGPROBS", "check_context", "leave_cores_to_engines"]
 
 log = logging.getLogger("behemoth.serve")
 
@@ -67,6 +75,15 @@ class QueueFull(BehemothError):
 
 class EngineClosed(BehemothError):
     """The engine was closed before (or while) the request ran."""
+
+
+def leave_cores_to_engines() -> int:
+    """Keep the calling thread (a server's main thread, which only loads and tokenizes) to one torch
+    thread, so that it never starts an OpenMP team beside the engines' (see the module notes).
+    Returns the thread count it had, for `Engine(threads=...)`. Call it before any torch work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return threads
 
 
 def check_context(prompt_tokens: int, max_new_tokens: int, max_context: int) -> None:
@@ -223,10 +240,10 @@ class Engine:
     """Continuous-batching generation over one model on a background thread."""
 
     def __init__(self, model: Transformer, tokenizer, max_batch_size: int = 16, max_queue: int = 256,
-                 max_context: int | None = None, prefill_chunk: int = 512):
+                 max_context: int | None = None, prefill_chunk: int = 512, threads: int | None = None):
         model_context = model.config.max_position_embeddings
         for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue),
-                            ("prefill_chunk", prefill_chunk)):
+                            ("prefill_chunk", prefill_chunk), ("threads", 1 if threads is None else threads)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if max_context is not None and not 1 <= max_context <= model_context:
@@ -238,6 +255,7 @@ class Engine:
         self.max_queue = max_queue
         self.max_context = max_context or model_context
         self.prefill_chunk = prefill_chunk
+        self.threads = threads if threads is not None else torch.get_num_threads()  # of the engine thread
         self.vocab_size = model.config.vocab_size
         self.eos_token_ids = frozenset(_end_token_ids(tokenizer, model))
 
@@ -329,6 +347,7 @@ class Engine:
             self._cond.notify_all()
 
     def _run(self) -> None:
+        torch.set_num_threads(self.threads)  # per thread in OpenMP: the creator's setting does not carry over
         with torch.inference_mode():
             while self._wait_for_work():
                 try:

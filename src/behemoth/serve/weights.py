@@ -1,0 +1,188 @@
+"""Weight formats for serving: as trained (float32), bfloat16, or int8 weight-only.
+
+    model = load("runs/speedrun/model")
+    prepare_weights(model, "int8")   # in place; the model is for inference from here on
+
+Decoding one token reads every weight it uses once and does little arithmetic with it, so on a
+CPU its speed is set by the bytes of weights read per token (see bench/RESULTS.md). Halving or
+quartering those bytes is the largest speed-up there is:
+
+- "bfloat16": every parameter cast to bfloat16 (norms, router and attention scores are still
+  computed in float32 by the model itself).
+- "int8": the matrices of every projection, shared and routed expert and the LM head are stored
+  as int8 with one float scale per output channel (symmetric, round to nearest), and multiplied
+  by torch's int8 weight-only kernel (`aten._weight_int8pack_mm`, activations in bfloat16).
+  Everything else stays as trained: embeddings, norms, the router (its float32 logits pick the
+  experts), the KV cache and attention. A layer whose input width is not a multiple of 16 (the
+  kernel's requirement) keeps its float weights.
+
+Quantised weights are an approximation of the trained ones: `bench/serve_decode.py` reports how
+often greedy decoding still picks the same tokens, and the tests bound the logit error.
+The model code knows nothing of this: the projections are swapped for modules with the same call
+signature, and the experts for a module with the same forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from behemoth.errors import ConfigError
+from behemoth.model import Transformer
+from behemoth.model.moe import MLP, Experts, combine, sort_by_expert
+
+WEIGHT_FORMATS: tuple[str, ...] = ("float32", "bfloat16", "int8")
+INT8_BLOCK = 16  # the int8 kernel reads its input in blocks of 16: other widths give wrong results
+
+
+def prepare_weights(model: Transformer, weights: str = "float32") -> Transformer:
+    """Convert `model` in place to the serving weight format `weights` (see WEIGHT_FORMATS)."""
+    if weights not in WEIGHT_FORMATS:
+        raise ConfigError(f"unknown weight format {weights!r} (choose from {', '.join(WEIGHT_FORMATS)})")
+    model.eval()
+    if weights == "bfloat16":
+        model.to(torch.bfloat16)
+    elif weights == "int8":
+        if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+            raise ConfigError(f"int8 weights need torch's _weight_int8pack_mm kernel, which torch "
+                              f"{torch.__version__} does not have; use bfloat16")
+        model.float()
+        _quantize_int8(model)
+    else:
+        model.float()
+    return model
+
+
+def _quantize_int8(model: Transformer) -> None:
+    """Swap every eligible projection, MLP and expert bank for its int8 twin. Projections that read
+    the same input are fused into one matrix (q, k and v; gate and up), so each is one kernel call."""
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        if all(_eligible(getattr(attention, name)) for name in ("q_proj", "k_proj", "v_proj")):
+            attention.qkv_proj = Int8Linear.fused([attention.q_proj, attention.k_proj, attention.v_proj])
+            del attention.q_proj, attention.k_proj, attention.v_proj
+        if _eligible(attention.o_proj):
+            attention.o_proj = Int8Linear.fused([attention.o_proj])
+        feed_forward = layer.feed_forward
+        if layer.is_moe:
+            if Int8MLP.eligible(feed_forward.shared_expert):
+                feed_forward.shared_expert = Int8MLP(feed_forward.shared_expert)
+            if Int8Experts.eligible(feed_forward.experts):
+                feed_forward.experts = Int8Experts(feed_forward.experts)
+        elif Int8MLP.eligible(feed_forward):
+            layer.feed_forward = Int8MLP(feed_forward)
+    if _eligible(model.lm_head):  # a tied LM head gets its own int8 copy; the embedding stays float
+        model.lm_head = Int8Linear.fused([model.lm_head])
+
+
+def _eligible(linear: nn.Module) -> bool:
+    return isinstance(linear, nn.Linear) and linear.in_features % INT8_BLOCK == 0
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row (output channel) of weight [..., out, in]: (int8 values, scales [..., out]).
+
+    The scale is stored in bfloat16, as the kernel wants it, and the values are rounded against
+    that stored scale, so the error is only the rounding of each weight (at most half a step).
+    """
+    weight = weight.detach().float()
+    scales = (weight.abs().amax(dim=-1) / 127).clamp(min=torch.finfo(torch.bfloat16).tiny).to(torch.bfloat16)
+    values = (weight / scales.float()[..., None]).round().clamp(-127, 127).to(torch.int8)
+    return values.contiguous(), scales.contiguous()
+
+
+def int8_matmul(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [..., in] (bfloat16) times the int8 matrix values [out, in] with per-row scales: [..., out] bfloat16."""
+    out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), values, scales)
+    return out.view(*x.shape[:-1], values.shape[0])
+
+
+class Int8Linear(nn.Module):
+    """One or more nn.Linear of the same input, fused: int8 weights [sum of outputs, in] with
+    per-output-channel scales, biases kept as trained; float in, float out."""
+
+    def __init__(self, values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight", values)
+        self.register_buffer("scales", scales)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def fused(cls, linears: list[nn.Linear]) -> Int8Linear:
+        values, scales = quantize_rows(torch.cat([linear.weight for linear in linears]))
+        biases = [linear.bias for linear in linears]
+        bias = None if all(b is None for b in biases) else torch.cat([
+            b.detach() if b is not None else torch.zeros(linear.out_features) for b, linear in zip(biases, linears)])
+        return cls(values, scales, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = int8_matmul(x.to(torch.bfloat16), self.weight, self.scales).to(x.dtype)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+
+class Int8MLP(nn.Module):
+    """The SwiGLU `MLP` with gate and up fused into one int8 matrix; the hidden activations stay
+    in bfloat16 between the two products (the kernel's input and output type)."""
+
+    def __init__(self, mlp: MLP):
+        super().__init__()
+        _register_int8(self, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), mlp.down_proj.weight)
+
+    @staticmethod
+    def eligible(mlp: nn.Module) -> bool:
+        return isinstance(mlp, MLP) and _eligible(mlp.gate_proj) and _eligible(mlp.down_proj)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return swiglu_int8(x.to(torch.bfloat16), self.gate_up, self.gate_up_scales, self.down,
+                           self.down_scales).to(x.dtype)
+
+
+def _register_int8(module: nn.Module, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+    """Quantise a SwiGLU's [.., 2I, hidden] and [.., hidden, I] matrices into the module's buffers
+    gate_up, gate_up_scales, down and down_scales."""
+    for name, weight in (("gate_up", gate_up), ("down", down)):
+        values, scales = quantize_rows(weight)
+        module.register_buffer(name, values)
+        module.register_buffer(f"{name}_scales", scales)
+
+
+def swiglu_int8(x: torch.Tensor, gate_up: torch.Tensor, gate_up_scales: torch.Tensor, down: torch.Tensor,
+                down_scales: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) with int8 matrices, bfloat16 in and out."""
+    gate, up = int8_matmul(x, gate_up, gate_up_scales).chunk(2, dim=-1)
+    return int8_matmul(F.silu(gate) * up, down, down_scales)
+
+
+class Int8Experts(nn.Module):
+    """`Experts` with int8 weights: the same routing arithmetic (the gate scales the input, expert
+    outputs summed in expert order), int8 matrix products, bfloat16 inside each expert."""
+
+    def __init__(self, experts: Experts):
+        super().__init__()
+        self.num_experts = experts.num_experts
+        # Stored [E, out, in], as the kernel wants each matrix (Hugging Face's layout is [E, in, out]).
+        _register_int8(self, experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2))
+
+    @staticmethod
+    def eligible(experts: Experts) -> bool:
+        hidden, intermediate = experts.down_proj.shape[2], experts.down_proj.shape[1]
+        return hidden % INT8_BLOCK == 0 and intermediate % INT8_BLOCK == 0
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """SwiGLU expert e on (already gated) inputs x [tokens, hidden], float in and out."""
+        return swiglu_int8(x.to(torch.bfloat16), self.gate_up[e], self.gate_up_scales[e], self.down[e],
+                           self.down_scales[e]).to(x.dtype)
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:  # one token: run its experts directly (as Experts does)
+            out = None
+            for e, gate in sorted(zip(expert_ids[0].tolist(), gates[0].unbind())):
+                y = self.expert(e, x * gate.to(x.dtype))
+                out = y if out is None else out + y
+            return out
+        routed_in, token_of_slot, counts = sort_by_expert(x, expert_ids, gates, self.num_experts)
+        groups = routed_in.split(counts.tolist())
+        outputs = [self.expert(e, tokens) for e, tokens in enumerate(groups) if tokens.shape[0]]
+        routed_out = torch.cat(outputs) if outputs else routed_in.new_zeros((0, x.shape[-1]))
+        return combine(x, token_of_slot, routed_out)

@@ -1,0 +1,171 @@
+"""Serving weight formats (behemoth.serve.weights) and the engine's own torch threads."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hf_reference import random_model
+
+from behemoth import cli
+from behemoth.config import ModelConfig
+from behemoth.errors import ConfigError
+from behemoth.generation import generate
+from behemoth.model import Transformer
+from behemoth.serve.engine import Engine, SamplingParams, leave_cores_to_engines
+from behemoth.serve.weights import WEIGHT_FORMATS, Int8Linear, prepare_weights, quantize_rows
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+CONFIG = ModelConfig(
+    vocab_size=96, hidden_size=64, intermediate_size=96, intermediate_size_mlp=160, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
+    interleave_moe_layer_step=2, max_position_embeddings=128, attention_chunk_size=8, initializer_range=0.1)
+
+
+class Digits:
+    """Token ids as text, for the engine; no end-of-text ids."""
+
+    eos_id = eot_id = None
+
+    @staticmethod
+    def decode(ids) -> str:
+        return "".join(f" {i}" for i in ids)
+
+
+def pattern_text(length: int, seed: int) -> torch.Tensor:
+    """A learnable sequence: a repeating phrase of 12 ids, with a random start."""
+    phrase = torch.randperm(CONFIG.vocab_size, generator=torch.Generator().manual_seed(0))[:12]
+    start = int(torch.randint(0, 12, (1,), generator=torch.Generator().manual_seed(seed)))
+    return phrase.repeat(length // 12 + 2)[start:start + length]
+
+
+@pytest.fixture(scope="module")
+def trained() -> Transformer:
+    """A model trained until it predicts the phrase: int8 must keep what it learned."""
+    model = random_model(CONFIG, seed=1)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(60):
+        batch = torch.stack([pattern_text(33, seed=step * 8 + row) for row in range(8)])
+        loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def test_weight_formats_are_the_cli_choices() -> None:
+    assert cli.WEIGHT_FORMATS == WEIGHT_FORMATS
+
+
+def test_unknown_format_is_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown weight format 'int4'"):
+        prepare_weights(random_model(CONFIG, seed=0), "int4")
+
+
+def test_quantized_rows_are_within_half_a_step() -> None:
+    weight = torch.randn(3, 40, 64) * torch.logspace(-3, 1, 40)[None, :, None]  # rows of very different sizes
+    values, scales = quantize_rows(weight)
+    assert values.dtype == torch.int8 and scales.shape == (3, 40)
+    restored = values.float() * scales.float()[..., None]
+    assert ((restored - weight).abs() <= scales.float()[..., None] / 2 + 1e-6).all()
+    assert (values.abs().amax(dim=-1) >= 126).all()  # each row uses the whole range
+
+
+def test_fused_int8_linear_follows_the_float_projections() -> None:
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(64, n, bias=True) for n in (64, 32, 32)]
+    fused = Int8Linear.fused(linears)
+    x = torch.randn(5, 7, 64)
+    exact = torch.cat([linear(x) for linear in linears], dim=-1)
+    out = fused(x)
+    assert out.shape == exact.shape and out.dtype == torch.float32
+    assert (out - exact).norm() / exact.norm() < 0.02
+
+
+def test_int8_model_keeps_what_the_trained_model_learned(trained) -> None:
+    int8 = prepare_weights(copy.deepcopy(trained), "int8")
+    assert int8.model.layers[0].self_attn.qkv_proj is not None and not hasattr(int8.model.layers[0].self_attn, "q_proj")
+    assert int8.dtype == torch.float32  # hidden states and KV cache stay float
+    text = torch.stack([pattern_text(40, seed=1000 + row) for row in range(4)])
+    with torch.no_grad():
+        exact, approx = trained(text), int8(text)
+    assert (exact.argmax(-1) == approx.argmax(-1)).float().mean() > 0.97
+    loss_exact = F.cross_entropy(exact[:, :-1].flatten(0, 1), text[:, 1:].flatten())
+    loss_int8 = F.cross_entropy(approx[:, :-1].flatten(0, 1), text[:, 1:].flatten())
+    assert loss_exact < 1.0  # it did learn the phrase...
+    assert abs(loss_int8 - loss_exact) < 0.05 * loss_exact + 0.01  # ...and int8 keeps it
+
+
+def test_int8_greedy_continues_the_phrase(trained) -> None:
+    int8 = prepare_weights(copy.deepcopy(trained), "int8")
+    text = pattern_text(60, seed=7)
+    out = generate(int8, text[None, :20], max_new_tokens=40)
+    assert out[0].tolist() == text[20:60].tolist()
+
+
+def test_layers_of_unsupported_width_keep_float_weights() -> None:
+    # hidden 72 is not a multiple of 16: projections reading it stay float; o_proj (64 in) is int8
+    config = CONFIG.replace(hidden_size=72)
+    model = random_model(config, seed=0)
+    int8 = prepare_weights(copy.deepcopy(model), "int8")
+    attention = int8.model.layers[0].self_attn
+    assert attention.qkv_proj is None and isinstance(attention.q_proj, torch.nn.Linear)
+    assert isinstance(attention.o_proj, Int8Linear)
+    ids = torch.randint(0, config.vocab_size, (2, 12))
+    with torch.no_grad():
+        exact, approx = model(ids), int8(ids)
+    assert (approx - exact).norm() / exact.norm() < 0.05
+
+
+@pytest.mark.parametrize("weights", ["int8", "bfloat16"])
+def test_engine_decodes_with_each_format_as_generate_does(trained, weights) -> None:
+    model = prepare_weights(copy.deepcopy(trained), weights)
+    prompt = pattern_text(16, seed=3)
+    expected = generate(model, prompt[None], max_new_tokens=12)[0].tolist()
+    with Engine(model, Digits(), max_batch_size=4) as engine:
+        request = engine.submit(prompt.tolist(), SamplingParams(temperature=0.0, max_new_tokens=12))
+        tokens = [event.token_id for event in request]
+    assert tokens == expected
+    assert request.finish_reason == "length"
+
+
+def test_bfloat16_format_halves_the_weights(trained) -> None:
+    model = prepare_weights(copy.deepcopy(trained), "bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.dtype == torch.bfloat16
+
+
+def test_engine_thread_uses_its_own_thread_count(trained) -> None:
+    seen: list[tuple[str, int]] = []
+    model = copy.deepcopy(trained)
+    forward = model.hidden_states
+
+    def spy(*args, **kwargs):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return forward(*args, **kwargs)
+
+    model.hidden_states = spy
+    with Engine(model, Digits(), threads=1) as engine:
+        list(engine.submit([1, 2, 3], SamplingParams(max_new_tokens=3)))
+    assert seen and all(entry == ("behemoth-engine", 1) for entry in seen)
+    with pytest.raises(ConfigError, match="threads must be a positive integer"):
+        Engine(model, Digits(), threads=0)
+
+
+def test_leave_cores_to_engines_returns_the_count_and_keeps_one() -> None:
+    result: dict[str, int] = {}
+
+    def body() -> None:  # on a thread of its own: the test process keeps its setting
+        torch.set_num_threads(2)
+        result["returned"] = leave_cores_to_engines()
+        result["after"] = torch.get_num_threads()
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    assert result == {"returned": 2, "after": 1}
