@@ -54,7 +54,7 @@ BENCHMARKS = [
               "9 alternating repeats of batch 8 x 256, matmul peak before each"),
     Benchmark("moe_layer", "MoE layer vs dense MLP of the same active parameters", 0.5,
               "40 alternating repeats of 8 x 256 tokens"),
-    Benchmark("serve_decode", "decode: engine vs transformers generate and llama.cpp", 2.0,
+    Benchmark("serve_decode", "decode: engine (float32, int8, int8 compiled) vs transformers and llama.cpp", 3.0,
               "5 repeats, sides in rotating order, 96 new tokens per stream"),
     Benchmark("pipeline_throughput", "tokenizer, data prepare, training loop tokens/s and MFU", 1.5,
               "5 repeats of the tokenizer and data stages; steps 4-30 of one training run"),

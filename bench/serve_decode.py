@@ -2,12 +2,13 @@
 
 `cpu-small` with random weights (seed 0), greedy, end of text ignored, prompts of 32 random
 tokens. Two settings, every side measured within one run, in rotating order:
-- batch 1: one request, 96 new tokens -> tokens/s; the engine with float32 weights (as trained)
-  and with int8 weight-only weights (`behemoth serve --weights int8`), transformers in float32,
-  and llama.cpp (through llama-cpp-python) running our own f32 GGUF export of the same weights
-  with an f32 KV cache and as many threads as torch;
+- batch 1: one request, 96 new tokens -> tokens/s; the engine with float32 weights (as trained),
+  with int8 weight-only weights (`behemoth serve --weights int8`) and with int8 and a compiled
+  decode step (`--weights int8 --compile`); transformers in float32; and llama.cpp (through
+  llama-cpp-python) running our own f32 GGUF export of the same weights with an f32 KV cache and
+  as many threads as torch;
 - 16 streams: the engine = 16 requests submitted together to one Engine(max_batch_size=16)
-  (continuous batching), both weight formats; transformers = `generate` on a batch of the same
+  (continuous batching), all three configurations; transformers = `generate` on a batch of the same
   16 prompts -> aggregate new tokens/s. llama.cpp is compared here through its single stream:
   our aggregate against 4 x llama.cpp's batch-1 rate.
 Time includes the prompt (submit to last token), as a client sees it. Also reported: time to
@@ -42,6 +43,7 @@ from model_step import transformers_twin  # noqa: E402
 from behemoth.config import preset  # noqa: E402
 from behemoth.model import Transformer, init_weights  # noqa: E402
 from behemoth.serve.engine import Engine, SamplingParams, leave_cores_to_engines  # noqa: E402
+from behemoth.serve.compiled import CompiledDecoder  # noqa: E402
 from behemoth.serve.weights import prepare_weights  # noqa: E402
 
 SECTION = "Decode: engine vs transformers and llama.cpp"
@@ -63,12 +65,13 @@ class IdText:
         return "".join(f" t{i}" for i in ids)
 
 
-def run_engine(model: Transformer, threads: int, prompts: torch.Tensor, new_tokens: int) -> dict:
+def run_engine(model: Transformer, threads: int, prompts: torch.Tensor, new_tokens: int,
+               decoder: CompiledDecoder | None = None) -> dict:
     """A fresh engine (its own thread); submit every prompt at once; wait for all. Returns wall
     time, TTFTs and the tokens."""
     params = SamplingParams(temperature=0.0, ignore_eos=True, max_new_tokens=new_tokens)
     rows = prompts.tolist()
-    with Engine(model, IdText(), max_batch_size=len(rows), threads=threads) as engine:
+    with Engine(model, IdText(), max_batch_size=len(rows), threads=threads, decoder=decoder) as engine:
         start = time.monotonic()
         requests = [engine.submit(row, params) for row in rows]
         tokens = [[event.token_id for event in request] for request in requests]
@@ -100,7 +103,7 @@ def in_fresh_thread(threads: int, work, *args) -> dict:
     return result["value"]
 
 
-def run_transformers(twin, threads: int, prompts: torch.Tensor, new_tokens: int) -> dict:
+def run_transformers(twin, threads: int, prompts: torch.Tensor, new_tokens: int, decoder=None) -> dict:
     def work() -> dict:
         start = time.monotonic()
         with torch.inference_mode():
@@ -206,6 +209,7 @@ def main() -> None:
 
     ours, theirs = build_models()
     int8 = prepare_weights(copy.deepcopy(ours), "int8")
+    compiled = CompiledDecoder(int8, threads=threads)  # built here, before any timing
     vocab = ours.config.vocab_size
     prompts = torch.randint(0, vocab, (args.streams, args.prompt), generator=torch.Generator().manual_seed(0))
     one, many = "batch 1", f"{args.streams} streams"
@@ -218,10 +222,12 @@ def main() -> None:
                 # A fresh thread too: llama.cpp's OpenMP team would otherwise live on in the main thread.
                 return in_fresh_thread(threads, run_llama, llm, batch[0].tolist(), new_tokens)
 
-            def side(run, model):
-                return lambda batch, new_tokens: run(model, threads, batch, new_tokens)
+            def side(run, model, decoder=None):
+                return lambda batch, new_tokens: run(model, threads, batch, new_tokens, decoder)
 
-            engines = {"engine": side(run_engine, ours), "engine int8": side(run_engine, int8)}
+            engines = {name: side(run_engine, model, decoder) for name, (model, decoder) in
+                       {"engine": (ours, None), "engine int8": (int8, None),
+                        "engine int8 compiled": (int8, compiled)}.items()}
             hf_side = side(run_transformers, theirs)
             sides = {one: {**engines, "transformers": hf_side, "llama.cpp": llama_side},
                      many: {**engines, "transformers": hf_side}}
@@ -253,54 +259,62 @@ def int8_quality(ours: Transformer, int8: Transformer, prompts: torch.Tensor, to
     return quality
 
 
+CONFIGS = {  # engine side -> how the table names it
+    "engine int8 compiled": "int8 weights, compiled",
+    "engine int8": "int8 weights",
+    "engine": "float32 weights",
+}
+
+
 def report(args: argparse.Namespace, results: dict, one: str, many: str, quality: dict) -> None:
     rate = {key: rates(r, args.new_tokens) for key, r in results.items()}
     rows = ["| comparison | engine tokens/s (spread) | baseline tokens/s (spread) | ratio (spread) | target | met |",
             "|---|---|---|---|---|---|"]
     figures = [rate_figure(f"decode {setting} tokens/s, {side}", rate[setting, side])
-               for setting, side in [(one, "engine int8"), (one, "engine"), (many, "engine int8"), (many, "engine"),
-                                     (one, "transformers"), (many, "transformers"), (one, "llama.cpp")]]
+               for setting in (one, many) for side in [*CONFIGS, "transformers"]]
+    figures.append(rate_figure(f"decode {one} tokens/s, llama.cpp", rate[one, "llama.cpp"]))
     four_llamas = [LLAMA_STREAMS * r for r in rate[one, "llama.cpp"]]
-    comparisons = []
-    for setting, target in ((one, TARGETS["batch 1"]), (many, TARGETS["streams"])):
-        for side, weights in (("engine int8", "int8 weights"), ("engine", "float32 weights")):
-            comparisons.append((f"{setting}: engine ({weights}) / transformers (float32)", rate[setting, side],
-                                rate[setting, "transformers"], target))
-    for side, weights in (("engine int8", "int8 weights"), ("engine", "float32 weights")):
-        comparisons.append((f"{one}: engine ({weights}) / llama.cpp (f32)", rate[one, side], rate[one, "llama.cpp"],
-                            LLAMA_TARGETS["batch 1"]))
-        comparisons.append((f"{many}: engine ({weights}) aggregate / ({LLAMA_STREAMS} x llama.cpp {one})",
+    comparisons = [(f"{setting}: engine ({label}) / transformers (float32)", rate[setting, side],
+                    rate[setting, "transformers"], target)
+                   for setting, target in ((one, TARGETS["batch 1"]), (many, TARGETS["streams"]))
+                   for side, label in CONFIGS.items()]
+    for side in ("engine int8 compiled", "engine"):
+        comparisons.append((f"{one}: engine ({CONFIGS[side]}) / llama.cpp (f32)", rate[one, side],
+                            rate[one, "llama.cpp"], LLAMA_TARGETS["batch 1"]))
+        comparisons.append((f"{many}: engine ({CONFIGS[side]}) aggregate / ({LLAMA_STREAMS} x llama.cpp {one})",
                             rate[many, side], four_llamas, LLAMA_TARGETS["streams"]))
     for label, ours, base, target in comparisons:
         row, figure = comparison_row(label, ours, base, target)
         rows.append(row)
         figures.append(figure)
 
-    ttft = {side: statistics.median(r["ttft"][0] for r in results[one, side])
-            for side in ("engine", "engine int8", "llama.cpp")}
-    ttft_n = statistics.median(statistics.median(r["ttft"]) for r in results[many, "engine int8"])
-    ttft_n_max = statistics.median(max(r["ttft"]) for r in results[many, "engine int8"])
+    ttft = {side: statistics.median(r["ttft"][0] for r in results[one, side]) for side in [*CONFIGS, "llama.cpp"]}
+    best = "engine int8 compiled"
+    ttft_n = statistics.median(statistics.median(r["ttft"]) for r in results[many, best])
+    ttft_n_max = statistics.median(max(r["ttft"]) for r in results[many, best])
     warnings = token_warnings(results, [(one, "engine", "transformers"), (many, "engine", "transformers"),
                                         (one, "engine", "llama.cpp")])
     body = "\n".join([
         f"Greedy decoding, `cpu-small` (random weights, seed 0, the same weights on every side), "
-        f"{args.threads_used} thread(s) on every side, prompts of {args.prompt} random tokens, {args.new_tokens} new tokens "
-        f"per stream, end of text ignored. Engine: the serving `Engine` (continuous batching, max_batch_size "
-        f"{args.streams}), all requests submitted together, with the weights as trained (float32) and with int8 "
-        f"weight-only weights (`behemoth serve --weights int8`: per-channel int8 projections, experts and LM "
-        f"head; embeddings, norms, router, attention and KV cache in float32). Transformers: `Llama4ForCausalLM` "
-        f"in float32 (sdpa attention, KV cache) `generate(do_sample=False)` on the same prompts as one batch. "
-        f"llama.cpp: llama-cpp-python {llama_cpp_version()} on our own f32 GGUF export (`behemoth export --format "
-        f"gguf`) of the same weights, f32 KV cache, `Llama.generate(temp=0)` (llama-cpp-python's Python loop "
-        f"included), one stream. Every torch side runs on a fresh thread of its own. Tokens/s = new tokens / wall "
-        f"time from submit to the last token (prompt included), median of {args.repeats} repeats with the order "
-        f"of the sides rotating; spread = (max - min) / median, for a ratio over the per-repeat ratios. Command: "
+        f"{args.threads_used} thread(s) on every side, prompts of {args.prompt} random tokens, "
+        f"{args.new_tokens} new tokens per stream, end of text ignored. Engine: the serving `Engine` (continuous "
+        f"batching, max_batch_size {args.streams}), all requests submitted together, in three configurations: "
+        f"the weights as trained (float32, `behemoth serve`); int8 weight-only (`--weights int8`: per-channel "
+        f"int8 projections, experts and LM head; embeddings, norms, router, attention and KV cache in float32); "
+        f"and int8 with the decode step compiled (`--weights int8 --compile`, built once before timing). "
+        f"Transformers: `Llama4ForCausalLM` in float32 (sdpa attention, KV cache) `generate(do_sample=False)` on "
+        f"the same prompts as one batch. llama.cpp: llama-cpp-python {llama_cpp_version()} on our own f32 GGUF "
+        f"export (`behemoth export --format gguf`) of the same weights, f32 KV cache, `Llama.generate(temp=0)` "
+        f"(llama-cpp-python's Python loop included), one stream. Every side runs on a fresh thread of its own "
+        f"with the same thread count. Tokens/s = new tokens / wall time from submit to the last token (prompt "
+        f"included), median of {args.repeats} repeats with the order of the sides rotating; spread = "
+        f"(max - min) / median, for a ratio over the per-repeat ratios. Command: "
         f"`.venv/bin/python bench/serve_decode.py`.",
         "", *rows, "",
-        f"- Time to first token at batch 1: engine {ttft['engine int8'] * 1000:.0f} ms with int8 weights, "
-        f"{ttft['engine'] * 1000:.0f} ms with float32, llama.cpp {ttft['llama.cpp'] * 1000:.0f} ms; with "
-        f"{args.streams} streams submitted together (int8): {ttft_n * 1000:.0f} ms median, slowest "
-        f"{ttft_n_max * 1000:.0f} ms.",
+        "- Time to first token at batch 1: " + ", ".join(
+            f"{CONFIGS.get(side, side)} {ttft[side] * 1000:.0f} ms" for side in ttft) +
+        f"; with {args.streams} streams submitted together ({CONFIGS[best]}): {ttft_n * 1000:.0f} ms median, "
+        f"slowest {ttft_n_max * 1000:.0f} ms.",
         "- Tokens: " + ("identical on every float32 side in every run." if not warnings else "differ, see below."),
         *warnings,
         f"- int8 against float32 weights, teacher-forced on the float32 engine's {args.streams} continuations: "

@@ -14,3 +14,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """Commands run in-process (`behemoth serve`, `behemoth chat`) keep their main thread to one
+    torch thread; restore the count so that later tests compute as they would alone."""
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)

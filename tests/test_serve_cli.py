@@ -64,8 +64,8 @@ def test_chat_drops_old_turns_when_the_context_fills(model_dir):
 
 def test_chat_command(model_dir):
     result = subprocess.run(behemoth("chat", "--model", str(model_dir), "--temperature", "0", "--max-tokens", "6",
-                                     "--weights", "bfloat16"),
-                            input="Hello\n/exit\n", capture_output=True, text=True, timeout=120)
+                                     "--weights", "int8", "--compile"),
+                            input="Hello\n/exit\n", capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "behemoth chat with model" in result.stdout and "assistant> " in result.stdout
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hf_reference import random_model
+from phrase_model import CONFIG, Digits, pattern_text, train_phrase_model
 
 from behemoth import cli
-from behemoth.config import ModelConfig
 from behemoth.errors import ConfigError
 from behemoth.generation import generate
 from behemoth.model import Transformer
@@ -20,42 +20,9 @@ from behemoth.serve.weights import WEIGHT_FORMATS, Int8Linear, prepare_weights, 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-CONFIG = ModelConfig(
-    vocab_size=96, hidden_size=64, intermediate_size=96, intermediate_size_mlp=160, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
-    interleave_moe_layer_step=2, max_position_embeddings=128, attention_chunk_size=8, initializer_range=0.1)
-
-
-class Digits:
-    """Token ids as text, for the engine; no end-of-text ids."""
-
-    eos_id = eot_id = None
-
-    @staticmethod
-    def decode(ids) -> str:
-        return "".join(f" {i}" for i in ids)
-
-
-def pattern_text(length: int, seed: int) -> torch.Tensor:
-    """A learnable sequence: a repeating phrase of 12 ids, with a random start."""
-    phrase = torch.randperm(CONFIG.vocab_size, generator=torch.Generator().manual_seed(0))[:12]
-    start = int(torch.randint(0, 12, (1,), generator=torch.Generator().manual_seed(seed)))
-    return phrase.repeat(length // 12 + 2)[start:start + length]
-
-
 @pytest.fixture(scope="module")
 def trained() -> Transformer:
-    """A model trained until it predicts the phrase: int8 must keep what it learned."""
-    model = random_model(CONFIG, seed=1)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(60):
-        batch = torch.stack([pattern_text(33, seed=step * 8 + row) for row in range(8)])
-        loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+    return train_phrase_model()
 
 
 def test_weight_formats_are_the_cli_choices() -> None:
@@ -82,8 +49,9 @@ def test_fused_int8_linear_follows_the_float_projections() -> None:
     fused = Int8Linear.fused(linears)
     x = torch.randn(5, 7, 64)
     exact = torch.cat([linear(x) for linear in linears], dim=-1)
-    out = fused(x)
-    assert out.shape == exact.shape and out.dtype == torch.float32
+    out = fused(x).float()
+    assert out.shape == exact.shape and fused(x).dtype == torch.bfloat16
+    assert Int8Linear.fused(linears, float_output=True)(x).dtype == torch.float32
     assert (out - exact).norm() / exact.norm() < 0.02
 
 
@@ -93,7 +61,7 @@ def test_int8_model_keeps_what_the_trained_model_learned(trained) -> None:
     assert int8.dtype == torch.float32  # hidden states and KV cache stay float
     text = torch.stack([pattern_text(40, seed=1000 + row) for row in range(4)])
     with torch.no_grad():
-        exact, approx = trained(text), int8(text)
+        exact, approx = trained(text), int8(text).float()
     assert (exact.argmax(-1) == approx.argmax(-1)).float().mean() > 0.97
     loss_exact = F.cross_entropy(exact[:, :-1].flatten(0, 1), text[:, 1:].flatten())
     loss_int8 = F.cross_entropy(approx[:, :-1].flatten(0, 1), text[:, 1:].flatten())
@@ -118,7 +86,7 @@ def test_layers_of_unsupported_width_keep_float_weights() -> None:
     assert isinstance(attention.o_proj, Int8Linear)
     ids = torch.randint(0, config.vocab_size, (2, 12))
     with torch.no_grad():
-        exact, approx = model(ids), int8(ids)
+        exact, approx = model(ids), int8(ids).float()
     assert (approx - exact).norm() / exact.norm() < 0.05
 
 

@@ -32,6 +32,12 @@ class KVCache(Protocol):
         [batch, new]; return all keys, values and their positions [batch, keys] (-1 = empty slot)."""
         ...
 
+    def mask(self, query_positions: torch.Tensor, key_positions: torch.Tensor, chunk_size: int | None
+             ) -> torch.Tensor:
+        """`visibility_mask(query_positions, key_positions, chunk_size)`: a cache whose layers hold
+        the same positions may compute it once per forward and hand it to every such layer."""
+        ...
+
 
 def rms_normalize(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
     """RMS normalisation over the last dimension, computed in float32, then times `weight`."""
@@ -87,6 +93,14 @@ class Attention(nn.Module):
                 rope: tuple[torch.Tensor, torch.Tensor] | None,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
         """x [batch, seq, hidden]; positions [batch|1, seq] absolute; rope = (cos, sin) for them."""
+        q, k, v = self.project(x, positions, rope)
+        return self.o_proj(self.attend(q, k, v, positions, kv_cache))
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries [batch, heads, seq, head_dim], keys and values [batch, kv_heads, seq, head_dim]:
+        projected, then rotated and normalised (RoPE layers) or temperature-scaled (NoPE layers).
+        A pure function of its inputs (no cache), so it can be compiled on its own."""
         batch, seq, _ = x.shape
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
@@ -107,11 +121,17 @@ class Attention(nn.Module):
         elif self.temperature_tuning:
             scales = temperature_scales(positions, self.floor_scale, self.attn_scale)
             q = (q * scales[:, :, None, None]).to(q.dtype)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+               kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Attention of the projected q, k, v (through the cache, if any): [batch, seq, heads * head_dim],
+        the input of o_proj."""
+        batch, _, seq, _ = q.shape
         if kv_cache is not None:
-            k, v, key_positions = kv_cache.update(k, v, positions.expand(batch, seq))
-            mask = visibility_mask(positions.expand(batch, seq), key_positions, self.chunk_size)
+            query_positions = positions.expand(batch, seq)
+            k, v, key_positions = kv_cache.update(k, v, query_positions)
+            mask = kv_cache.mask(query_positions, key_positions, self.chunk_size)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         elif self.chunk_size is None or seq <= self.chunk_size and _starts_at_zero(positions):
             # Plain causal attention: the fast path of training and prefill.
@@ -119,8 +139,7 @@ class Attention(nn.Module):
         else:
             mask = visibility_mask(positions.expand(batch, seq), positions.expand(batch, seq), self.chunk_size)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
-        return self.o_proj(out)
+        return out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
 
 
 def _starts_at_zero(positions: torch.Tensor) -> bool:

@@ -45,15 +45,21 @@ def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 
 def rotation_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position x frequency, float32, shape [*positions.shape, head_dim // 2]."""
+    """The rotation of every position, laid out for `apply_rotary`: (cos, signed sin), float32,
+    shape [*positions.shape, 1, head_dim], each pair's angle repeated for both of its dimensions and
+    the sine negated for the first: (cos a, cos a) and (-sin a, sin a). Computed once per forward
+    and shared by every RoPE layer, so each layer's rotation is three multiply-adds."""
     angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return (torch.stack((cos, cos), dim=-1).flatten(-2)[..., None, :],
+            torch.stack((-sin, sin), dim=-1).flatten(-2)[..., None, :])
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x [batch, seq, heads, head_dim] by angles [batch|1, seq, head_dim/2]."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    real, imag = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    rotated = torch.stack((real * cos - imag * sin, real * sin + imag * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    """Rotate interleaved pairs of x [batch, seq, heads, head_dim] by `rotation_angles` [batch|1, seq, 1, head_dim].
+
+    Pair (a, b) becomes (a cos - b sin, b cos + a sin): x * cos + (x with each pair swapped) * signed
+    sin. Bit for bit the complex product written out (negating is exact, adding commutes)."""
+    x32 = x.float()
+    swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return (x32 * cos + swapped * sin).type_as(x)

@@ -922,9 +922,10 @@ def parse_model_specs(specs: list[str]) -> dict[str, Path]:
 
 def load_served_model(name: str, directory: str | Path, max_batch_size: int = 16, max_queue: int = 256,
                       max_context: int | None = None, threads: int | None = None,
-                      weights: str = "float32") -> ServedModel:
+                      weights: str = "float32", compile: bool = False) -> ServedModel:
     """Load a model directory (weights + tokenizer) and wrap it in an engine (not started yet),
-    decoding with the weight format `weights` (see behemoth.serve.weights)."""
+    decoding with the weight format `weights` (see behemoth.serve.weights), and with a compiled
+    decode step if `compile` (behemoth.serve.compiled; compiles before returning)."""
     from behemoth.checkpoint import load
 
     folder = Path(directory)
@@ -940,8 +941,13 @@ def load_served_model(name: str, directory: str | Path, max_batch_size: int = 16
         if max_context < 2:
             raise ConfigError(f"--max-context must be at least 2, got {max_context}")
         context = min(context, max_context)
+    decoder = None
+    if compile:
+        from behemoth.serve.compiled import CompiledDecoder
+
+        decoder = CompiledDecoder(model, threads=threads)
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue, max_context=context,
-                    threads=threads)
+                    threads=threads, decoder=decoder)
     return ServedModel(name=name, engine=engine, tokenizer=tokenizer, context=context)
 
 
@@ -952,14 +958,13 @@ def default_audit_path(keys_file: Path) -> Path:
 def serve(model_specs: list[str], host: str = "127.0.0.1", port: int = 8000, api_keys: str | Path | None = None,
           audit_log: str | Path | None = None, settings: Settings | None = None, max_batch_size: int = 16,
           max_queue: int = 256, max_context: int | None = None, log_prompts: bool = False,
-          weights: str = "float32", announce: Any = print) -> None:
+          weights: str = "float32", compile: bool = False, announce: Any = print) -> None:
     """`behemoth serve`: load the models, check the keys, run uvicorn until interrupted."""
     import uvicorn
 
     from behemoth.serve.audit import tokens_used
 
     settings = settings or Settings()
-    threads = leave_cores_to_engines()  # before loading: the main thread only loads, tokenizes and answers
     named = parse_model_specs(model_specs)
     if api_keys is not None:
         keys = KeyStore(api_keys)
@@ -973,7 +978,10 @@ def serve(model_specs: list[str], host: str = "127.0.0.1", port: int = 8000, api
         audit_path = Path(audit_log) if audit_log else None
     audit = AuditLog(audit_path, log_prompts=log_prompts) if audit_path else None
     limiter = RateLimiter(used=tokens_used(audit_path) if audit_path else None)
-    models = [load_served_model(name, directory, max_batch_size, max_queue, max_context, threads, weights)
+    threads = leave_cores_to_engines()  # before loading: the main thread only loads, tokenizes and answers
+    if compile:
+        announce("compiling the decode step (about half a minute per model)...")
+    models = [load_served_model(name, directory, max_batch_size, max_queue, max_context, threads, weights, compile)
               for name, directory in named.items()]
     app = create_app(models, keys, settings, audit, limiter)
     shown_host = f"[{host}]" if ":" in host else host

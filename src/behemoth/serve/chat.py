@@ -37,13 +37,14 @@ class ChatSession:
 
     @classmethod
     def load(cls, model_dir: str | Path, max_context: int | None = None, threads: int | None = None,
-             weights: str = "float32", **options: Any) -> ChatSession:
+             weights: str = "float32", compile: bool = False, **options: Any) -> ChatSession:
         """Load a model directory (weights + tokenizer) and start an engine for it (with `threads`
-        torch threads, default the caller's count, and the weight format `weights`)."""
+        torch threads, default the caller's count, the weight format `weights`, and a compiled
+        decode step if `compile`)."""
         from behemoth.serve.app import load_served_model
 
         served = load_served_model("chat", model_dir, max_batch_size=1, max_queue=1, max_context=max_context,
-                                   threads=threads, weights=weights)
+                                   threads=threads, weights=weights, compile=compile)
         served.engine.start()
         return cls(served.engine, served.tokenizer, served.context, **options)
 
@@ -133,7 +134,8 @@ def run_chat(session: ChatSession, read: Callable[[str], str] = input, out: Text
 
 
 def chat_main(model_dir: str | Path, temperature: float = 0.7, max_tokens: int = 256, system: str | None = None,
-              seed: int | None = None, max_context: int | None = None, weights: str = "float32") -> None:
+              seed: int | None = None, max_context: int | None = None, weights: str = "float32",
+              compile: bool = False) -> None:
     """`behemoth chat`: load, loop, close."""
     if not 0 <= temperature <= 2:
         raise ConfigError(f"--temperature must be between 0 and 2, got {temperature}")
@@ -142,7 +144,8 @@ def chat_main(model_dir: str | Path, temperature: float = 0.7, max_tokens: int =
     from behemoth.serve.engine import leave_cores_to_engines
 
     session = ChatSession.load(model_dir, max_context=max_context, threads=leave_cores_to_engines(),
-                               weights=weights, temperature=temperature, max_tokens=max_tokens, system=system, seed=seed)
+                               weights=weights, compile=compile, temperature=temperature, max_tokens=max_tokens,
+                               system=system, seed=seed)
     try:
         try:
             import readline  # noqa: F401  (line editing and history for input())

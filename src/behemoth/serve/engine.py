@@ -41,12 +41,15 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from behemoth.errors import BehemothError, ConfigError
 from behemoth.model import Transformer
 from behemoth.serve.kv_cache import ModelCache
+if TYPE_CHECKING:
+    from behemoth.serve.compiled import CompiledDecoder
 from behemoth.serve.sampling import (MAX_LOGPROBS, Choice, InvalidParameter, SamplingParams, TextStream,
                                      sample_tokens)
 
@@ -240,7 +243,8 @@ class Engine:
     """Continuous-batching generation over one model on a background thread."""
 
     def __init__(self, model: Transformer, tokenizer, max_batch_size: int = 16, max_queue: int = 256,
-                 max_context: int | None = None, prefill_chunk: int = 512, threads: int | None = None):
+                 max_context: int | None = None, prefill_chunk: int = 512, threads: int | None = None,
+                 decoder: CompiledDecoder | None = None):
         model_context = model.config.max_position_embeddings
         for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue),
                             ("prefill_chunk", prefill_chunk), ("threads", 1 if threads is None else threads)):
@@ -256,6 +260,7 @@ class Engine:
         self.max_context = max_context or model_context
         self.prefill_chunk = prefill_chunk
         self.threads = threads if threads is not None else torch.get_num_threads()  # of the engine thread
+        self.decoder = decoder  # a compiled decode step (behemoth.serve.compiled), or None: eager
         self.vocab_size = model.config.vocab_size
         self.eos_token_ids = frozenset(_end_token_ids(tokenizer, model))
 
@@ -483,8 +488,11 @@ class Engine:
         device = self.model.device
         tokens = torch.tensor([[s.last_token] for s in self._running], device=device)
         positions = torch.tensor([[s.position] for s in self._running], device=device)
-        hidden = self.model.hidden_states(tokens, positions, self._batch.layers)
-        logits = self.model.lm_head(hidden[:, -1]).float()
+        if self.decoder is not None:
+            logits = self.decoder(tokens, positions, self._batch, max(s.position for s in self._running))
+        else:
+            hidden = self.model.hidden_states(tokens, positions, self._batch.layers)
+            logits = self.model.lm_head(hidden[:, -1]).float()
         for slot in self._running:
             slot.position += 1  # the token sampled now is fed one position further on
         choices = self._sample(self._running, logits)

@@ -60,7 +60,9 @@ def _quantize_int8(model: Transformer) -> None:
     for layer in model.model.layers:
         attention = layer.self_attn
         if all(_eligible(getattr(attention, name)) for name in ("q_proj", "k_proj", "v_proj")):
-            attention.qkv_proj = Int8Linear.fused([attention.q_proj, attention.k_proj, attention.v_proj])
+            # float out: keys and values go into the float KV cache
+            attention.qkv_proj = Int8Linear.fused([attention.q_proj, attention.k_proj, attention.v_proj],
+                                                  float_output=True)
             del attention.q_proj, attention.k_proj, attention.v_proj
         if _eligible(attention.o_proj):
             attention.o_proj = Int8Linear.fused([attention.o_proj])
@@ -100,30 +102,36 @@ def int8_matmul(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> 
 
 class Int8Linear(nn.Module):
     """One or more nn.Linear of the same input, fused: int8 weights [sum of outputs, in] with
-    per-output-channel scales, biases kept as trained; float in, float out."""
+    per-output-channel scales, biases kept as trained. Any float in; out in bfloat16, the kernel's
+    type (a residual add or the engine's logits cast promotes it for free), or in the input's type
+    with `float_output`."""
 
-    def __init__(self, values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                 float_output: bool = False):
         super().__init__()
         self.register_buffer("weight", values)
         self.register_buffer("scales", scales)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.float_output = float_output
 
     @classmethod
-    def fused(cls, linears: list[nn.Linear]) -> Int8Linear:
+    def fused(cls, linears: list[nn.Linear], float_output: bool = False) -> Int8Linear:
         values, scales = quantize_rows(torch.cat([linear.weight for linear in linears]))
         biases = [linear.bias for linear in linears]
         bias = None if all(b is None for b in biases) else torch.cat([
             b.detach() if b is not None else torch.zeros(linear.out_features) for b, linear in zip(biases, linears)])
-        return cls(values, scales, bias)
+        return cls(values, scales, bias, float_output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = int8_matmul(x.to(torch.bfloat16), self.weight, self.scales).to(x.dtype)
-        return out if self.bias is None else out + self.bias.to(out.dtype)
+        out = int8_matmul(x.to(torch.bfloat16), self.weight, self.scales)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.to(x.dtype) if self.float_output else out
 
 
 class Int8MLP(nn.Module):
-    """The SwiGLU `MLP` with gate and up fused into one int8 matrix; the hidden activations stay
-    in bfloat16 between the two products (the kernel's input and output type)."""
+    """The SwiGLU `MLP` with gate and up fused into one int8 matrix; activations in bfloat16 (the
+    kernel's type) from the input's cast to the output, which the residual add promotes."""
 
     def __init__(self, mlp: MLP):
         super().__init__()
@@ -134,8 +142,7 @@ class Int8MLP(nn.Module):
         return isinstance(mlp, MLP) and _eligible(mlp.gate_proj) and _eligible(mlp.down_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu_int8(x.to(torch.bfloat16), self.gate_up, self.gate_up_scales, self.down,
-                           self.down_scales).to(x.dtype)
+        return swiglu_int8(x.to(torch.bfloat16), self.gate_up, self.gate_up_scales, self.down, self.down_scales)
 
 
 def _register_int8(module: nn.Module, gate_up: torch.Tensor, down: torch.Tensor) -> None:
@@ -156,7 +163,7 @@ def swiglu_int8(x: torch.Tensor, gate_up: torch.Tensor, gate_up_scales: torch.Te
 
 class Int8Experts(nn.Module):
     """`Experts` with int8 weights: the same routing arithmetic (the gate scales the input, expert
-    outputs summed in expert order), int8 matrix products, bfloat16 inside each expert."""
+    outputs summed in expert order), int8 matrix products, bfloat16 activations and output."""
 
     def __init__(self, experts: Experts):
         super().__init__()
@@ -170,19 +177,41 @@ class Int8Experts(nn.Module):
         return hidden % INT8_BLOCK == 0 and intermediate % INT8_BLOCK == 0
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """SwiGLU expert e on (already gated) inputs x [tokens, hidden], float in and out."""
-        return swiglu_int8(x.to(torch.bfloat16), self.gate_up[e], self.gate_up_scales[e], self.down[e],
-                           self.down_scales[e]).to(x.dtype)
+        """SwiGLU expert e on (already gated) inputs x [tokens, hidden] in bfloat16."""
+        return swiglu_int8(x, self.gate_up[e], self.gate_up_scales[e], self.down[e], self.down_scales[e])
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1 and torch.compiler.is_compiling():
+            return self._one_token_in_graph(x.to(torch.bfloat16), expert_ids[0], gates[0])
         if x.shape[0] == 1:  # one token: run its experts directly (as Experts does)
-            out = None
+            out, x = None, x.to(torch.bfloat16)
             for e, gate in sorted(zip(expert_ids[0].tolist(), gates[0].unbind())):
-                y = self.expert(e, x * gate.to(x.dtype))
+                y = self.expert(e, x * gate)  # a 0-d float32 gate keeps x's bfloat16
                 out = y if out is None else out + y
             return out
-        routed_in, token_of_slot, counts = sort_by_expert(x, expert_ids, gates, self.num_experts)
+        return self._grouped(x, expert_ids, gates)
+
+    @torch.compiler.disable
+    def _grouped(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Several tokens: sorted by expert, one product per expert that got any. Never compiled:
+        the group sizes are data (a compiled step calls this eagerly between two programs)."""
+        routed_in, token_of_slot, counts = sort_by_expert(x.to(torch.bfloat16), expert_ids, gates, self.num_experts)
         groups = routed_in.split(counts.tolist())
         outputs = [self.expert(e, tokens) for e, tokens in enumerate(groups) if tokens.shape[0]]
         routed_out = torch.cat(outputs) if outputs else routed_in.new_zeros((0, x.shape[-1]))
         return combine(x, token_of_slot, routed_out)
+
+    def _one_token_in_graph(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """One token's experts with the weights picked by tensor indexing instead of a host read,
+        so that a compiled decode step stays one program (behemoth.serve.compiled)."""
+        out = None
+        for k in range(expert_ids.shape[0]):
+            pick = expert_ids[k:k + 1]
+
+            def weight(name: str) -> torch.Tensor:
+                return getattr(self, name).index_select(0, pick)[0]
+
+            y = swiglu_int8(x * gates[k].to(x.dtype), weight("gate_up"), weight("gate_up_scales"), weight("down"),
+                            weight("down_scales"))
+            out = y if out is None else out + y
+        return out

@@ -1,0 +1,87 @@
+"""Compiled decoding: a whole decode step as one program (`behemoth serve --compile`).
+
+    decoder = CompiledDecoder(model)            # compiles now (tens of seconds), on a warm-up
+    engine = Engine(model, tokenizer, decoder=decoder)
+
+A decode step of a small model is hundreds of small operations (norms, rotations, casts, cache
+writes, masks), each launched from Python; on a CPU that launching, not arithmetic, is most of
+the step (bench/RESULTS.md). `torch.compile` turns the step (every layer, the LM head) into a few
+fused loops around the matrix products. What makes that possible is a cache that needs no host
+reads inside the step: the engine knows every row's position as a Python int, so
+`ModelCache.reserved` makes room before the forward and the layers then write and attend over
+whole buffers. Shapes are symbolic (batch rows, cache slots), so the program is built twice,
+for one row and for several, and reused as requests come and go and the cache grows. Where a
+decode step routes several tokens to experts, the grouped expert products run eagerly between
+two compiled pieces (their sizes depend on the routing).
+
+Prompts (prefill) are not compiled: they run once per request. The compiled arithmetic equals
+the eager one up to floating-point reassociation (logits agree to about 1e-5 in float32), so
+greedy choices can only differ where two tokens are nearly tied. Needs a C++ compiler at run
+time, as inductor's CPU backend does.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from behemoth.model import Transformer
+from behemoth.model.moe import Experts
+from behemoth.serve.kv_cache import ModelCache
+
+
+class CompiledDecoder:
+    """Next-token logits for one token per row, compiled; `decoder(tokens, positions, cache, highest)`."""
+
+    def __init__(self, model: Transformer, threads: int | None = None, warm_up: bool = True):
+        self.model = model.eval()
+        for layer in model.model.layers:
+            if layer.is_moe and isinstance(layer.feed_forward.experts, Experts):
+                # float experts pick their weights with a host read; they run eagerly in between
+                experts = layer.feed_forward.experts
+                experts.forward = torch.compiler.disable(experts.forward)
+        self.threads = threads or torch.get_num_threads()  # compiled programs are specific to it
+        self._step = torch.compile(self._logits, dynamic=True)
+        if warm_up:
+            self.warm_up()
+
+    def _logits(self, tokens: torch.Tensor, positions: torch.Tensor, layers: list) -> torch.Tensor:
+        hidden = self.model.hidden_states(tokens, positions, layers)
+        return self.model.lm_head(hidden[:, -1]).float()
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: ModelCache,
+                 highest_position: int) -> torch.Tensor:
+        """tokens, positions [batch, 1] (real positions, no padding); highest_position = their
+        maximum, as a Python int. Returns float32 logits [batch, vocab]."""
+        with cache.reserved(highest_position):
+            return self._step(tokens, positions, cache.layers)
+
+    def warm_up(self, batches: tuple[int, ...] = (1, 2)) -> None:
+        """Build the programs now (one row, several rows) rather than on the first requests, on a
+        thread of their own with the engine's thread count (a program is built for one count)."""
+        errors: list[BaseException] = []
+
+        def build() -> None:
+            torch.set_num_threads(self.threads)
+            try:
+                self._decode_a_little(batches)
+            except BaseException as err:  # re-raised on the caller's thread
+                errors.append(err)
+
+        thread = threading.Thread(target=build, name="behemoth-compile")
+        thread.start()
+        thread.join()
+        if errors:
+            raise errors[0]
+
+    @torch.inference_mode()
+    def _decode_a_little(self, batches: tuple[int, ...]) -> None:
+        device = self.model.device
+        for batch in batches:
+            cache = ModelCache.for_model(self.model, batch, 16)
+            self.model.hidden_states(torch.zeros(batch, 2, dtype=torch.long, device=device),
+                                     torch.arange(2, device=device).expand(batch, 2), cache.layers)
+            for position in range(2, 4):
+                ids = torch.full((batch, 1), position, dtype=torch.long, device=device)
+                self(ids, torch.full((batch, 1), position, device=device), cache, position)
