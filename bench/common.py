@@ -135,7 +135,8 @@ def finish(args: argparse.Namespace, section: str, body: str, figures: list[Figu
     """Print the section, write it to RESULTS.md if this run should, hand the figures over."""
     print(body)
     if should_write(args):
-        write_section(section, body, replaces=replaces)
+        # threads_used: a benchmark whose sides run on threads of their own says how many they had
+        write_section(section, body, replaces=replaces, threads=getattr(args, "threads_used", None))
     if args.json:
         args.json.write_text(json.dumps([dataclasses.asdict(f) for f in figures], indent=1))
 
