@@ -10,9 +10,11 @@ fused loops around the matrix products. What makes that possible is a cache that
 reads inside the step: the engine knows every row's position as a Python int, so
 `ModelCache.reserved` makes room before the forward and the layers then write and attend over
 whole buffers. Shapes are symbolic (batch rows, cache slots), so the program is built twice,
-for one row and for several, and reused as requests come and go and the cache grows. Where a
-decode step routes several tokens to experts, the grouped expert products run eagerly between
-two compiled pieces (their sizes depend on the routing).
+for one row and for several, and reused as requests come and go and the cache grows. With int8
+weights the routed experts are inside the program too: one row's expert weights are picked by
+tensor indexing, and several rows go through one opaque operator (`weights.int8_experts`: its
+group sizes are data, its output shape is not). Float experts pick their weights with a host
+read, so they run eagerly between two compiled pieces.
 
 Prompts (prefill) are not compiled: they run once per request. The compiled arithmetic equals
 the eager one up to floating-point reassociation (logits agree to about 1e-5 in float32), so

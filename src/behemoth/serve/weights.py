@@ -176,42 +176,57 @@ class Int8Experts(nn.Module):
         hidden, intermediate = experts.down_proj.shape[2], experts.down_proj.shape[1]
         return hidden % INT8_BLOCK == 0 and intermediate % INT8_BLOCK == 0
 
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """SwiGLU expert e on (already gated) inputs x [tokens, hidden] in bfloat16."""
-        return swiglu_int8(x, self.gate_up[e], self.gate_up_scales[e], self.down[e], self.down_scales[e])
-
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1 and torch.compiler.is_compiling():
+        weights = (self.gate_up, self.gate_up_scales, self.down, self.down_scales)
+        if not torch.compiler.is_compiling():
+            return run_int8_experts(x, expert_ids, gates, *weights)
+        if x.shape[0] == 1:  # a program for one row (sizes 1 are specialised): pick weights in the graph
             return self._one_token_in_graph(x.to(torch.bfloat16), expert_ids[0], gates[0])
-        if x.shape[0] == 1:  # one token: run its experts directly (as Experts does)
-            out, x = None, x.to(torch.bfloat16)
-            for e, gate in sorted(zip(expert_ids[0].tolist(), gates[0].unbind())):
-                y = self.expert(e, x * gate)  # a 0-d float32 gate keeps x's bfloat16
-                out = y if out is None else out + y
-            return out
-        return self._grouped(x, expert_ids, gates)
-
-    @torch.compiler.disable
-    def _grouped(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """Several tokens: sorted by expert, one product per expert that got any. Never compiled:
-        the group sizes are data (a compiled step calls this eagerly between two programs)."""
-        routed_in, token_of_slot, counts = sort_by_expert(x.to(torch.bfloat16), expert_ids, gates, self.num_experts)
-        groups = routed_in.split(counts.tolist())
-        outputs = [self.expert(e, tokens) for e, tokens in enumerate(groups) if tokens.shape[0]]
-        routed_out = torch.cat(outputs) if outputs else routed_in.new_zeros((0, x.shape[-1]))
-        return combine(x, token_of_slot, routed_out)
+        return int8_experts(x, expert_ids, gates, *weights)  # one opaque call: no graph break
 
     def _one_token_in_graph(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """One token's experts with the weights picked by tensor indexing instead of a host read,
-        so that a compiled decode step stays one program (behemoth.serve.compiled)."""
+        """One token's experts, their weights picked by tensor indexing rather than a host read,
+        so that the compiler sees (and fuses around) every product."""
         out = None
         for k in range(expert_ids.shape[0]):
             pick = expert_ids[k:k + 1]
-
-            def weight(name: str) -> torch.Tensor:
-                return getattr(self, name).index_select(0, pick)[0]
-
-            y = swiglu_int8(x * gates[k].to(x.dtype), weight("gate_up"), weight("gate_up_scales"), weight("down"),
-                            weight("down_scales"))
+            gate_up, gate_up_scales, down, down_scales = (
+                bank.index_select(0, pick)[0] for bank in (self.gate_up, self.gate_up_scales, self.down,
+                                                           self.down_scales))
+            y = swiglu_int8(x * gates[k].to(x.dtype), gate_up, gate_up_scales, down, down_scales)
             out = y if out is None else out + y
         return out
+
+
+def run_int8_experts(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor, gate_up: torch.Tensor,
+                     gate_up_scales: torch.Tensor, down: torch.Tensor, down_scales: torch.Tensor) -> torch.Tensor:
+    """x [tokens, hidden] through its picked experts ([E, ...] int8 banks): [tokens, hidden] bfloat16."""
+    x = x.to(torch.bfloat16)
+
+    def expert(e: int, tokens: torch.Tensor) -> torch.Tensor:
+        return swiglu_int8(tokens, gate_up[e], gate_up_scales[e], down[e], down_scales[e])
+
+    if x.shape[0] == 1:  # one token: run its experts directly, summed in expert order (as Experts does)
+        out = None
+        for e, gate in sorted(zip(expert_ids[0].tolist(), gates[0].unbind())):
+            y = expert(e, x * gate)  # a 0-d float32 gate keeps x's bfloat16
+            out = y if out is None else out + y
+        return out
+    routed_in, token_of_slot, counts = sort_by_expert(x, expert_ids, gates, gate_up.shape[0])
+    groups = routed_in.split(counts.tolist())  # the group sizes are data: why this is an opaque op
+    outputs = [expert(e, tokens) for e, tokens in enumerate(groups) if tokens.shape[0]]
+    routed_out = torch.cat(outputs) if outputs else routed_in.new_zeros((0, x.shape[-1]))
+    return combine(x, token_of_slot, routed_out)
+
+
+@torch.library.custom_op("behemoth::int8_experts", mutates_args=())
+def int8_experts(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor, gate_up: torch.Tensor,
+                 gate_up_scales: torch.Tensor, down: torch.Tensor, down_scales: torch.Tensor) -> torch.Tensor:
+    """`run_int8_experts` as an operator the compiler calls without looking inside: its output has
+    the input's shape whatever the routing, which is all a compiled decode step needs to know."""
+    return run_int8_experts(x, expert_ids, gates, gate_up, gate_up_scales, down, down_scales)
+
+
+@int8_experts.register_fake
+def _int8_experts_shape(x, expert_ids, gates, gate_up, gate_up_scales, down, down_scales):
+    return x.new_empty(x.shape, dtype=torch.bfloat16)
