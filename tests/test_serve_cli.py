@@ -64,10 +64,40 @@ def test_chat_drops_old_turns_when_the_context_fills(model_dir):
 
 def test_chat_command(model_dir):
     result = subprocess.run(behemoth("chat", "--model", str(model_dir), "--temperature", "0", "--max-tokens", "6",
-                                     "--weights", "int8", "--compile"),
-                            input="Hello\n/exit\n", capture_output=True, text=True, timeout=300)
+                                     "--weights", "int8"),
+                            input="Hello\n/exit\n", capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "behemoth chat with model" in result.stdout and "assistant> " in result.stdout
+
+
+def test_compile_option_gives_the_engine_a_compiled_decoder(model_dir, monkeypatch):
+    """--compile's plumbing, without paying for a compile here (tests/test_serve_compiled.py
+    compiles for real): the loader builds a CompiledDecoder for the prepared model and the engine
+    decodes through it."""
+    import behemoth.serve.compiled as compiled
+
+    built, calls = [], []
+
+    class RecordingDecoder:
+        def __init__(self, model, threads=None):
+            built.append((model, threads))
+            self.model = model
+
+        def __call__(self, tokens, positions, cache, highest_position):
+            calls.append(highest_position)
+            hidden = self.model.hidden_states(tokens, positions, cache.layers)
+            return self.model.lm_head(hidden[:, -1]).float()
+
+    monkeypatch.setattr(compiled, "CompiledDecoder", RecordingDecoder)
+    session = ChatSession.load(model_dir, temperature=0.0, max_tokens=4, threads=1, weights="int8", compile=True)
+    try:
+        assert isinstance(session.engine.decoder, RecordingDecoder)
+        (model, threads), = built
+        assert threads == 1 and model.model.layers[0].self_attn.qkv_proj is not None  # int8 before compiling
+        "".join(session.reply("Hello"))
+        assert calls  # every decode step went through it
+    finally:
+        session.close()
 
 
 def test_chat_command_refuses_a_missing_model(tmp_path, capsys):
