@@ -75,6 +75,13 @@ def test_engine_with_the_compiled_step_equals_generate(int8_model, decoder) -> N
     assert got == expected
 
 
+def test_a_decoder_of_another_model_is_refused(decoder) -> None:
+    from behemoth.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="another model"):
+        Engine(train_phrase_model(), Digits(), decoder=decoder)
+
+
 def test_reserved_cache_reads_no_tensor(int8_model) -> None:
     cache = ModelCache.for_model(int8_model, 2, 64)
     layer = next(layer for layer in cache.layers if layer.window is None)  # global: slot = position

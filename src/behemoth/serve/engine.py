@@ -253,6 +253,8 @@ class Engine:
         if max_context is not None and not 1 <= max_context <= model_context:
             raise ConfigError(f"max_context must be between 1 and the model's context ({model_context}), "
                               f"got {max_context!r}")
+        if decoder is not None and getattr(decoder, "model", None) is not model:
+            raise ConfigError("the compiled decoder was built for another model than the engine's")
         self.model = model.eval()  # the engine owns the model from here: inference only
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
