@@ -32,11 +32,6 @@ class KVCache(Protocol):
         [batch, new]; return all keys, values and their positions [batch, keys] (-1 = empty slot)."""
         ...
 
-    def mask(self, query_positions: torch.Tensor, key_positions: torch.Tensor, chunk_size: int | None
-             ) -> torch.Tensor:
-        """`visibility_mask(query_positions, key_positions, chunk_size)`: a cache whose layers hold
-        the same positions may compute it once per forward and hand it to every such layer."""
-        ...
 
 
 def rms_normalize(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -131,7 +126,7 @@ class Attention(nn.Module):
         if kv_cache is not None:
             query_positions = positions.expand(batch, seq)
             k, v, key_positions = kv_cache.update(k, v, query_positions)
-            mask = kv_cache.mask(query_positions, key_positions, self.chunk_size)
+            mask = visibility_mask(query_positions, key_positions, self.chunk_size)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         elif self.chunk_size is None or seq <= self.chunk_size and _starts_at_zero(positions):
             # Plain causal attention: the fast path of training and prefill.

@@ -16,12 +16,6 @@ write pointer (each request has its own positions, and padding is simply "no ent
 Buffers grow on demand (doubling, capped by the layer's limit) instead of being allocated for
 the whole context up front, so a batch of short requests stays small and attention only reads
 the slots in use.
-
-The layers of a `ModelCache` are always written together, with the same positions, so all layers
-of one kind (global, or chunked with the same chunk) hold the same positions. What follows from
-positions alone (the slots a decode step writes, the visibility mask) is therefore computed by
-the first layer of a kind in each forward and reused by the others (`SharedWork`): a decode step
-of a small model is mostly such small operations.
 """
 
 from __future__ import annotations
@@ -32,31 +26,8 @@ from contextlib import contextmanager
 import torch
 
 from behemoth.model import Transformer
-from behemoth.model.attention import visibility_mask
 
 MIN_CAPACITY = 64  # first allocation, in slots: avoids regrowing on every token of a short prompt
-
-
-class SharedWork:
-    """Results derived from one forward's query positions, shared by the layers of a ModelCache.
-
-    Keyed on the positions tensor's memory (every layer of a forward gets views of the same
-    tensor); the tensor itself is kept while its results are, so no later tensor can occupy the
-    same memory and be mistaken for it. A new positions tensor (the next forward) starts afresh.
-    """
-
-    def __init__(self):
-        self._signature: tuple | None = None
-        self._anchor: torch.Tensor | None = None
-        self._results: dict = {}
-
-    def get(self, positions: torch.Tensor, key: tuple, compute):
-        signature = (positions.data_ptr(), positions.shape, positions.stride(), positions.device)
-        if signature != self._signature:
-            self._signature, self._anchor, self._results = signature, positions, {}
-        if key not in self._results:
-            self._results[key] = compute()
-        return self._results[key]
 
 
 class LayerCache:
@@ -68,9 +39,8 @@ class LayerCache:
     """
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, window: int | None, max_length: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu", shared: SharedWork | None = None):
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
         self.window = window
-        self.shared = shared or SharedWork()  # with the other layers of the same ModelCache
         self.limit = min(window, max_length) if window is not None else max_length
         self.keys = torch.zeros(batch, kv_heads, 0, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
@@ -107,13 +77,6 @@ class LayerCache:
             self._store_many(key, value, positions)
         return self.keys[:, :, :self.used], self.values[:, :, :self.used], self.positions[:, :self.used]
 
-    def mask(self, query_positions: torch.Tensor, key_positions: torch.Tensor, chunk_size: int | None
-             ) -> torch.Tensor:
-        if self.reserved:  # compiled: the compiler fuses the mask into a couple of loops anyway
-            return visibility_mask(query_positions, key_positions, chunk_size)
-        return self.shared.get(query_positions, ("mask", self.window, chunk_size, key_positions.shape),
-                               lambda: visibility_mask(query_positions, key_positions, chunk_size))
-
     # -- writing --------------------------------------------------------------------------------
 
     def _slots(self, positions: torch.Tensor) -> torch.Tensor:
@@ -121,29 +84,20 @@ class LayerCache:
 
     def _store_one(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor) -> None:
         """Decode step: one token per row, one scatter per tensor for the whole batch."""
-        low, high, slot, index = self.shared.get(positions, ("slots", self.window, key.shape),
-                                                 lambda: self._decode_slots(positions, key.shape))
+        low, high = positions.aminmax()
+        low, high = int(low), int(high)  # the one host read of the step (it sizes the buffers)
         if low < 0:  # a padding row among them: rare, take the careful path
             self._store_many(key, value, positions)
             return
         self._reserve(min(high + 1, self.window) if self.window is not None else high + 1)
-        self._write_one(key, value, positions, slot, index)
+        self._write_one(key, value, positions, self._slots(positions))
 
-    def _write_one(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
-                   index: torch.Tensor | None = None) -> None:
+    def _write_one(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor) -> None:
         """One scatter per tensor for the whole batch: row r's entry goes to slot[r]."""
-        if index is None:
-            index = slot[:, None, :, None].expand(key.shape)
+        index = slot[:, None, :, None].expand(key.shape)
         self.keys.scatter_(2, index, key)
         self.values.scatter_(2, index, value)
         self.positions.scatter_(1, slot, positions)
-
-    def _decode_slots(self, positions: torch.Tensor, shape: torch.Size) -> tuple:
-        """(lowest, highest position, slot [batch, 1], its scatter index for keys and values)."""
-        low, high = positions.aminmax()
-        batch, heads, _, dim = shape
-        slot = self._slots(positions)
-        return int(low), int(high), slot, slot[:, None, :, None].expand(batch, heads, 1, dim)
 
     def _store_many(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor) -> None:
         """Prefill: several tokens per row. A chunked layer keeps only the entries of each row's
@@ -239,10 +193,9 @@ class ModelCache:
         layers up to `max_length` slots (default: the model's context)."""
         config = model.config
         max_length = max_length or config.max_position_embeddings
-        shared = SharedWork()
         return cls([
             LayerCache(batch_size, config.num_key_value_heads, config.head_dim,
-                       config.chunk_size_for_layer(i), max_length, model.dtype, model.device, shared)
+                       config.chunk_size_for_layer(i), max_length, model.dtype, model.device)
             for i in range(config.num_hidden_layers)])
 
     @property
