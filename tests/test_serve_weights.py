@@ -106,6 +106,7 @@ def test_bfloat16_format_halves_the_weights(trained) -> None:
     model = prepare_weights(copy.deepcopy(trained), "bfloat16")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.dtype == torch.bfloat16
+    assert model.rope_inv_freq.dtype == torch.float32  # angles at long positions stay exact
 
 
 def test_engine_thread_uses_its_own_thread_count(trained) -> None:

@@ -51,6 +51,9 @@ def prepare_weights(model: Transformer, weights: str = "float32") -> Transformer
         _quantize_int8(model)
     else:
         model.float()
+    # RoPE frequencies recomputed in float32 whatever the weights (a bfloat16 checkpoint loads them
+    # rounded to bfloat16, which turns into angle errors of a radian at a few thousand positions)
+    model.reset_buffers()
     return model
 
 
