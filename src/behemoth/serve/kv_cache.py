@@ -69,7 +69,7 @@ class LayerCache:
         # One token per row (decode), or a global layer: slots are distinct and what they
         # overwrite is invisible to every query of this step, so write first and read in place.
         if self.reserved:
-            self._write_one(key, value, positions, self._slots(positions))
+            self._write_one(key, value, positions)
             return self.keys, self.values, self.positions
         if key.shape[2] == 1:
             self._store_one(key, value, positions)
@@ -89,11 +89,12 @@ class LayerCache:
         if low < 0:  # a padding row among them: rare, take the careful path
             self._store_many(key, value, positions)
             return
-        self._reserve(min(high + 1, self.window) if self.window is not None else high + 1)
-        self._write_one(key, value, positions, self._slots(positions))
+        self._reserve_through(high)
+        self._write_one(key, value, positions)
 
-    def _write_one(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor) -> None:
-        """One scatter per tensor for the whole batch: row r's entry goes to slot[r]."""
+    def _write_one(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor) -> None:
+        """One scatter per tensor for the whole batch: row r's entry goes to its position's slot."""
+        slot = self._slots(positions)
         index = slot[:, None, :, None].expand(key.shape)
         self.keys.scatter_(2, index, key)
         self.values.scatter_(2, index, value)
@@ -118,6 +119,11 @@ class LayerCache:
         self.keys[rows, :, index] = key[rows, :, tokens]
         self.values[rows, :, index] = value[rows, :, tokens]
         self.positions[rows, index] = positions[rows, tokens]
+
+    def _reserve_through(self, position: int) -> None:
+        """Make the slot of every position up to `position` addressable (a ring: at most its chunk)."""
+        needed = position + 1
+        self._reserve(min(needed, self.window) if self.window is not None else needed)
 
     def _reserve(self, needed: int) -> None:
         """Make slots [0, needed) addressable; grow by doubling, never past the limit."""
@@ -220,8 +226,7 @@ class ModelCache:
         return whole buffers without looking at the positions (see LayerCache.reserved). Only
         for steps of one real token per row."""
         for layer in self.layers:
-            needed = highest_position + 1
-            layer._reserve(min(needed, layer.window) if layer.window is not None else needed)
+            layer._reserve_through(highest_position)
             layer.reserved = True
         try:
             yield self
