@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hf_reference import hf_model_like, random_model
 
 from behemoth.config import ModelConfig, preset
 from behemoth.errors import ConfigError
 from behemoth.generation import generate
+from behemoth.model.attention import attend_one_query
 from behemoth.serve.engine import PromptTooLong
 from behemoth.serve.kv_cache import ModelCache
 
@@ -64,6 +66,22 @@ def test_incremental_logits_equal_full_recomputation(case: str, pieces: list[int
             outputs.append(model(ids[:, start:start + size], positions, cache.layers))
             start += size
     assert (torch.cat(outputs, dim=1) - full).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_query_attention_equals_grouped_sdpa_and_a_blind_query_gets_zeros(dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, heads, length, 16, generator=generator).to(dtype)
+               for heads, length in ((6, 1), (2, 9), (2, 9)))
+    mask = torch.rand(3, 1, 1, 9, generator=generator) > 0.5
+    mask[0, ..., 0] = True  # at least one visible key
+    mask[2] = False  # row 2 sees nothing (a padding query)
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
+    got = attend_one_query(q, k, v, mask)
+    assert got.dtype == dtype and got.shape == (3, 6, 1, 16)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    assert (got.float() - expected).abs().max().item() <= tolerance
+    assert torch.equal(got[2], torch.zeros_like(got[2]))
 
 
 def test_chunked_layers_keep_one_chunk_and_global_layers_keep_everything() -> None:

@@ -127,7 +127,10 @@ class Attention(nn.Module):
             query_positions = positions.expand(batch, seq)
             k, v, key_positions = kv_cache.update(k, v, query_positions)
             mask = visibility_mask(query_positions, key_positions, self.chunk_size)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            if seq == 1:
+                out = attend_one_query(q, k, v, mask)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         elif self.chunk_size is None or seq <= self.chunk_size and _starts_at_zero(positions):
             # Plain causal attention: the fast path of training and prefill.
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -140,3 +143,20 @@ class Attention(nn.Module):
 def _starts_at_zero(positions: torch.Tensor) -> bool:
     """True when positions are 0..seq-1 (so chunk boundaries fall after the last query)."""
     return positions.shape[-1] == 0 or bool((positions[:, 0] == 0).all())
+
+
+def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per row (a decode step): q [batch, heads, 1, head_dim], k and v
+    [batch, kv_heads, keys, head_dim], mask [batch, 1, 1, keys]; returns [batch, heads, 1, head_dim].
+
+    The heads sharing a key/value head are stacked as that head's queries, so the cache is read
+    as it is instead of being repeated per query head (what SDPA's grouped-query path does, a copy
+    of the whole cache per layer and step). Scores are computed in float32; a query that sees no
+    key gets zeros, as SDPA gives.
+    """
+    batch, heads, _, dim = q.shape
+    kv_heads = k.shape[1]
+    queries = q.reshape(batch, kv_heads, heads // kv_heads, dim).float()
+    scores = (queries @ k.float().transpose(-1, -2)) * dim ** -0.5
+    weights = torch.where(mask, scores.masked_fill(~mask, float("-inf")).softmax(-1), 0.0)
+    return (weights @ v.float()).to(v.dtype).view(batch, heads, 1, dim)

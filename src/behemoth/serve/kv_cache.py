@@ -93,12 +93,14 @@ class LayerCache:
         self._write_one(key, value, positions)
 
     def _write_one(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor) -> None:
-        """One scatter per tensor for the whole batch: row r's entry goes to its position's slot."""
-        slot = self._slots(positions)
-        index = slot[:, None, :, None].expand(key.shape)
-        self.keys.scatter_(2, index, key)
-        self.values.scatter_(2, index, value)
-        self.positions.scatter_(1, slot, positions)
+        """One indexed write per tensor for the whole batch: row r's entry goes to its position's
+        slot. (An indexed write, not a scatter: the compiler does it in place, where a scatter
+        became a copy of the whole buffer in every layer of a compiled step.)"""
+        slot = self._slots(positions)[:, 0]
+        rows = torch.arange(slot.shape[0], device=slot.device)
+        self.keys[rows, :, slot] = key[:, :, 0]
+        self.values[rows, :, slot] = value[:, :, 0]
+        self.positions[rows, slot] = positions[:, 0]
 
     def _store_many(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor) -> None:
         """Prefill: several tokens per row. A chunked layer keeps only the entries of each row's
