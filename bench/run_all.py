@@ -54,6 +54,8 @@ BENCHMARKS = [
               "9 alternating repeats of batch 8 x 256, matmul peak before each"),
     Benchmark("moe_layer", "MoE layer vs dense MLP of the same active parameters", 0.5,
               "40 alternating repeats of 8 x 256 tokens"),
+    Benchmark("decode_kernels", "every matrix product of a decode step (1 and 16 rows) with every kernel", 0.5,
+              "7 alternating repeats of each product"),
     Benchmark("serve_decode", "decode: engine (float32, int8, int8 compiled) vs transformers and llama.cpp", 3.0,
               "5 repeats, sides in rotating order, 96 new tokens per stream"),
     Benchmark("pipeline_throughput", "tokenizer, data prepare, training loop tokens/s and MFU", 1.5,

@@ -16,7 +16,7 @@ from behemoth.errors import ConfigError
 from behemoth.generation import generate
 from behemoth.model import Transformer
 from behemoth.serve.engine import Engine, SamplingParams, leave_cores_to_engines
-from behemoth.serve.weights import WEIGHT_FORMATS, Int8Linear, prepare_weights, quantize_rows
+from behemoth.serve.weights import WEIGHT_FORMATS, BFloat16Linear, Int8Linear, prepare_weights, quantize_rows
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -53,6 +53,29 @@ def test_fused_int8_linear_follows_the_float_projections() -> None:
     assert out.shape == exact.shape and fused(x).dtype == torch.bfloat16
     assert Int8Linear.fused(linears, float_output=True)(x).dtype == torch.float32
     assert (out - exact).norm() / exact.norm() < 0.02
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_bfloat16_linear_equals_the_linear_in_bfloat16_at_any_row_count(bias: bool) -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48, bias=bias)
+    head = BFloat16Linear(linear)
+    if torch.backends.mkldnn.is_available():
+        assert head._packed is not None  # the reordered weights are what this module is for
+    reference = torch.nn.Linear(64, 48, bias=bias).to(torch.bfloat16)
+    reference.load_state_dict(linear.state_dict())
+    for rows in (1, 3, 16, 40):
+        x = torch.randn(rows, 64)
+        out = head(x)
+        assert out.dtype == torch.bfloat16 and out.shape == (rows, 48)
+        assert torch.equal(out, reference(x.to(torch.bfloat16)))
+
+
+def test_int8_and_bfloat16_formats_give_the_lm_head_bfloat16_weights(trained) -> None:
+    for weights in ("int8", "bfloat16"):
+        model = prepare_weights(copy.deepcopy(trained), weights)
+        assert isinstance(model.lm_head, BFloat16Linear) and model.lm_head.weight.dtype == torch.bfloat16
+        assert torch.equal(model.lm_head.weight, trained.lm_head.weight.to(torch.bfloat16))
 
 
 def test_int8_model_keeps_what_the_trained_model_learned(trained) -> None:

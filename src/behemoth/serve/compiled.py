@@ -5,8 +5,8 @@
 
 A decode step of a small model is hundreds of small operations (norms, rotations, casts, cache
 writes, masks), each launched from Python; on a CPU that launching, not arithmetic, is most of
-the step (bench/RESULTS.md). `torch.compile` turns the step (every layer, the LM head) into a few
-fused loops around the matrix products. What makes that possible is a cache that needs no host
+the step (bench/RESULTS.md). `torch.compile` turns the step (every layer; the LM head follows
+it) into a few fused loops around the matrix products. What makes that possible is a cache that needs no host
 reads inside the step: the engine knows every row's position as a Python int, so
 `ModelCache.reserved` makes room before the forward and the layers then write and attend over
 whole buffers. Shapes are symbolic (batch rows, cache slots), so the program is built twice,
@@ -44,20 +44,22 @@ class CompiledDecoder:
                 experts = layer.feed_forward.experts
                 experts.forward = torch.compiler.disable(experts.forward)
         self.threads = threads or torch.get_num_threads()  # compiled programs are specific to it
-        self._step = torch.compile(self._logits, dynamic=True)
+        self._step = torch.compile(self._last_hidden, dynamic=True)
         if warm_up:
             self.warm_up()
 
-    def _logits(self, tokens: torch.Tensor, positions: torch.Tensor, layers: list) -> torch.Tensor:
-        hidden = self.model.hidden_states(tokens, positions, layers)
-        return self.model.lm_head(hidden[:, -1]).float()
+    def _last_hidden(self, tokens: torch.Tensor, positions: torch.Tensor, layers: list) -> torch.Tensor:
+        return self.model.hidden_states(tokens, positions, layers)[:, -1]
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: ModelCache,
                  highest_position: int) -> torch.Tensor:
         """tokens, positions [batch, 1] (real positions, no padding); highest_position = their
         maximum, as a Python int. Returns float32 logits [batch, vocab]."""
         with cache.reserved(highest_position):
-            return self._step(tokens, positions, cache.layers)
+            hidden = self._step(tokens, positions, cache.layers)
+        # The LM head is one large product, which gains nothing from being compiled; outside the
+        # program it may use weights a program cannot take (weights.BFloat16Linear).
+        return self.model.lm_head(hidden).float()
 
     def warm_up(self, batches: tuple[int, ...] = (1, 2)) -> None:
         """Build the programs now (one row, several rows) rather than on the first requests, on a
