@@ -162,14 +162,25 @@ def report(products: list[Product], times: dict[tuple[str, str], list[float]], r
         lines.append(f"| {product.name} | {product.rows} x {product.inputs} x {product.outputs} | {product.count} | "
                      + " | ".join(f"**{c * 1e6:.1f}**" if c == fastest else f"{c * 1e6:.1f}" for c in cells) + " |")
     lines.append("| **per step** | | | " + " | ".join(f"{totals[k] * 1e3:.2f} ms" for k in names) + " |")
+    served = served_int8(products, median, names)
     spread = max(summary(values)[1] for values in times.values())
-    lines += ["", f"Fastest kernel for each product: {best_total * 1e3:.2f} ms of products per step, a ceiling of "
+    lines += ["", f"As `--weights int8` serves (int8 products, the LM head in {served[1]}): {served[0] * 1e3:.2f} ms "
+                  f"of products per step. Fastest kernel for each product: {best_total * 1e3:.2f} ms, a ceiling of "
                   f"{rows / best_total:,.0f} tokens/s at {rows} row(s) with nothing else in the step (largest "
                   f"spread of any cell: {spread:.0%})."]
     figures = [Figure(f"decode products per step, {rows} row(s), {kernel}", totals[kernel] * 1e3, "ms")
                for kernel in ("float32", "int8")]
+    figures.append(Figure(f"decode products per step, {rows} row(s), int8 as served", served[0] * 1e3, "ms"))
     figures.append(Figure(f"decode products per step, {rows} row(s), fastest kernel each", best_total * 1e3, "ms"))
     return "\n".join(lines), figures
+
+
+def served_int8(products: list[Product], median: dict[tuple[str, str], float], names: list[str]
+                ) -> tuple[float, str]:
+    """Seconds of products per step with the kernels `--weights int8` uses (weights.py): int8,
+    and the LM head in bfloat16, packed where oneDNN is available. Also names the LM head's kernel."""
+    head = "bfloat16 packed" if "bfloat16 packed" in names else "bfloat16"
+    return sum(median[p.name, head if p.name == "LM head" else "int8"] * p.count for p in products), head
 
 
 if __name__ == "__main__":
