@@ -55,13 +55,19 @@ def test_fused_int8_linear_follows_the_float_projections() -> None:
     assert (out - exact).norm() / exact.norm() < 0.02
 
 
+@pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("bias", [False, True])
-def test_bfloat16_linear_equals_the_linear_in_bfloat16_at_any_row_count(bias: bool) -> None:
+def test_bfloat16_linear_equals_the_linear_in_bfloat16_at_any_row_count(bias: bool, onednn: bool,
+                                                                        monkeypatch) -> None:
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48, bias=bias)
+    if not onednn:  # a torch or CPU without oneDNN: plain bfloat16 products
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
     head = BFloat16Linear(linear)
-    if torch.backends.mkldnn.is_available():
+    if onednn and torch.backends.mkldnn.is_available():
         assert head._packed is not None  # the reordered weights are what this module is for
+    if not onednn:
+        assert head._packed is None
     reference = torch.nn.Linear(64, 48, bias=bias).to(torch.bfloat16)
     reference.load_state_dict(linear.state_dict())
     for rows in (1, 3, 16, 40):

@@ -161,13 +161,22 @@ class BFloat16Linear(nn.Module):
 
 def _onednn_packed(weight: torch.Tensor, rows_hint: int = 16) -> torch.Tensor | None:
     """`weight` reordered for oneDNN's linear, or None where that is not available (not a CPU
-    tensor, or a torch without oneDNN). The layout is chosen for `rows_hint` rows; any row count
-    gives the same products."""
+    tensor, a torch without oneDNN, a CPU oneDNN has no bfloat16 products for). The layout is
+    chosen for `rows_hint` rows; any row count gives the same products."""
+    mkldnn = torch.ops.mkldnn
     if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return None
-    if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+    if not all(hasattr(mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise",
+                                               "_is_mkldnn_bf16_supported")):
         return None
-    return torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint)
+    if not mkldnn._is_mkldnn_bf16_supported():
+        return None
+    try:  # a trial product: some builds list the operators but refuse them on this CPU
+        packed = mkldnn._reorder_linear_weight(weight, rows_hint)
+        mkldnn._linear_pointwise(weight.new_zeros(1, weight.shape[1]), packed, None, "none", [], "")
+    except RuntimeError:
+        return None
+    return packed
 
 
 class Int8MLP(nn.Module):
