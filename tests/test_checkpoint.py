@@ -64,6 +64,7 @@ def test_save_then_load_is_bit_exact(tmp_path: Path, variant: str) -> None:
     model = random_model(tiny(tie_word_embeddings=variant.startswith("tied")), seed=1)
     if variant.endswith("bfloat16"):
         model = model.to(torch.bfloat16)
+        model.reset_buffers()  # RoPE frequencies back in float32, as load() gives them
     directory = behemoth.save(model, tmp_path / "model")
 
     loaded = behemoth.load(directory)
@@ -104,6 +105,17 @@ def test_transformers_loads_our_save_unchanged(tmp_path: Path, tied: bool) -> No
     assert type(hf).__name__ == "Llama4ForCausalLM"
     assert hf.dtype == torch.float32
     assert max_diff(logits(hf), logits(model)) <= 1e-4
+
+
+def test_bfloat16_checkpoint_loads_with_float32_rope_frequencies_as_transformers_does(tmp_path: Path) -> None:
+    model = random_model(tiny(rope_scaling=dict(LLAMA3)), seed=5)
+    directory = behemoth.save(model.to(torch.bfloat16), tmp_path / "model")
+    ours = behemoth.load(directory)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.bfloat16)
+    assert ours.dtype == torch.bfloat16 and hf.dtype == torch.bfloat16
+    assert ours.rope_inv_freq.dtype == torch.float32 == hf.model.rotary_emb.inv_freq.dtype
+    assert torch.allclose(ours.rope_inv_freq, hf.model.rotary_emb.inv_freq, rtol=1e-6, atol=0)
+    assert not torch.equal(ours.rope_inv_freq, ours.rope_inv_freq.bfloat16().float())  # rounding would show
 
 
 def test_config_form_4_with_llama3_rope_loads_identically(tmp_path: Path) -> None:

@@ -56,8 +56,11 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     stored_dtype = _torch_dtype(next(iter(entries.values())).dtype)
     model.to_empty(device=device)
     model.tie_weights()
-    model.reset_buffers()
     model.to(dtype or stored_dtype)
+    # After the cast: RoPE frequencies stay float32 whatever the weights' dtype, as transformers'
+    # from_pretrained keeps them (rounded to bfloat16 they are off by a radian at a few thousand
+    # positions).
+    model.reset_buffers()
     params = model.state_dict()
     with torch.no_grad():
         for file in files:

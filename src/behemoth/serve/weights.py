@@ -59,8 +59,8 @@ def prepare_weights(model: Transformer, weights: str = "float32") -> Transformer
     if weights != "float32" and isinstance(model.lm_head, nn.Linear):
         # a tied LM head gets its own copy; the embedding stays as it is
         model.lm_head = BFloat16Linear(model.lm_head)
-    # RoPE frequencies recomputed in float32 whatever the weights (a bfloat16 checkpoint loads them
-    # rounded to bfloat16, which turns into angle errors of a radian at a few thousand positions)
+    # RoPE frequencies recomputed in float32 whatever the weights (casting the model to bfloat16
+    # rounds them, which turns into angle errors of a radian at a few thousand positions)
     model.reset_buffers()
     return model
 
