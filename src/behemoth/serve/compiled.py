@@ -6,8 +6,8 @@
 A decode step of a small model is hundreds of small operations (norms, rotations, casts, cache
 writes, masks), each launched from Python; on a CPU that launching, not arithmetic, is most of
 the step (bench/RESULTS.md). `torch.compile` turns the step (every layer; the LM head follows
-it) into a few fused loops around the matrix products. What makes that possible is a cache that needs no host
-reads inside the step: the engine knows every row's position as a Python int, so
+it) into a few fused loops around the matrix products. What makes that possible is a cache that
+needs no host reads inside the step: the engine knows every row's position as a Python int, so
 `ModelCache.reserved` makes room before the forward and the layers then write and attend over
 whole buffers. Shapes are symbolic (batch rows, cache slots), so the program is built twice,
 for one row and for several, and reused as requests come and go and the cache grows. With int8

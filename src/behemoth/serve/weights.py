@@ -18,7 +18,7 @@ quartering those bytes is the largest speed-up there is:
 
 In both formats the LM head is a `BFloat16Linear`: bfloat16 weights which, on a CPU with oneDNN,
 are reordered once into oneDNN's blocked layout. That is the fastest product this machine has for
-the LM head at one row and at sixteen (`bench/decode_kernels.py`: about 1.3x and 3.5x faster than
+the LM head at one row and at sixteen (`bench/decode_kernels.py`: about 1.3x and 3x faster than
 the int8 kernel), and it keeps the largest product of a decode step at bfloat16's precision.
 
 Quantised weights are an approximation of the trained ones: `bench/serve_decode.py` reports how
