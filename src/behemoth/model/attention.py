@@ -33,7 +33,6 @@ class KVCache(Protocol):
         ...
 
 
-
 def rms_normalize(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
     """RMS normalisation over the last dimension, computed in float32, then times `weight`."""
     if x.dtype == torch.float32 and (weight is None or weight.dtype == torch.float32):

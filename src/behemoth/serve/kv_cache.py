@@ -83,7 +83,7 @@ class LayerCache:
         return positions % self.window if self.window is not None else positions
 
     def _store_one(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor) -> None:
-        """Decode step: one token per row, one scatter per tensor for the whole batch."""
+        """Decode step: one token per row, one indexed write per tensor for the whole batch."""
         low, high = positions.aminmax()
         low, high = int(low), int(high)  # the one host read of the step (it sizes the buffers)
         if low < 0:  # a padding row among them: rare, take the careful path
