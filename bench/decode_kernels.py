@@ -2,10 +2,15 @@
 
 A decode step of `cpu-small` is a fixed list of matrix products (q/k/v, o, the MLPs, the shared and
 routed experts, the LM head) plus small operations. This benchmark times each product of a step
-alone, at the row counts a step of 1 and of 16 streams gives it, with every kernel torch offers on
-this CPU:
+alone, at the row counts a step of 1 and of 16 streams gives it, and a prompt of 512 tokens, with
+every kernel torch offers on this CPU:
 - float32: `F.linear` on the weights as trained (`behemoth serve`);
-- int8: torch's int8 weight-only kernel, bfloat16 activations (`--weights int8`);
+- int8: torch's int8 weight-only kernel, bfloat16 activations (`--weights int8`, decode steps);
+- int8 cast to bfloat16: the int8 matrix cast to bfloat16 at each call, then one bfloat16
+  product (`--weights int8`, prompts: from `weights.DEQUANTIZED_ROWS` rows on);
+- int8 x int8: `torch._int_mm` on inputs quantised to int8 beforehand (the quantisation is not
+  timed: a compiled step would fuse it); not served, as its error is larger (it rounds the
+  activations too) and a compiled step with it was not measurably faster;
 - bfloat16: `F.linear` in bfloat16;
 - bfloat16 packed: oneDNN's linear on weights reordered once into its blocked layout (what
   inductor's freezing pass produces; the packed weight is an opaque tensor, so it cannot be an
@@ -36,9 +41,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import Figure, bench_arguments, finish, start, summary  # noqa: E402
 
 from behemoth.config import ModelConfig, preset  # noqa: E402
+from behemoth.serve.weights import DEQUANTIZED_ROWS  # noqa: E402
 
 SECTION = "Decode matrix products: kernel by kernel"
 STREAMS = 16
+PROMPT = 512
 
 
 @dataclass(frozen=True)
@@ -88,9 +95,12 @@ def kernels(product: Product) -> dict[str, Callable[[], torch.Tensor]]:
     x16, weight16 = x.bfloat16(), weight.bfloat16()
     int8 = (weight / (weight.abs().amax(1, keepdim=True) / 127)).round().to(torch.int8)
     scales = (weight.abs().amax(1) / 127).bfloat16()
+    x_int8 = (x / (x.abs().amax(1, keepdim=True) / 127)).round().to(torch.int8)
     calls = {
         "float32": lambda: F.linear(x, weight),
         "int8": lambda: torch.ops.aten._weight_int8pack_mm(x16, int8, scales),
+        "int8 cast to bfloat16": lambda: F.linear(x16, int8.to(torch.bfloat16)) * scales,
+        "int8 x int8": lambda: torch._int_mm(x_int8, int8.t()),
         "bfloat16": lambda: F.linear(x16, weight16),
     }
     if has_packed_bfloat16():
@@ -132,15 +142,16 @@ def main() -> None:
     start(args)
     config = preset("cpu-small")
     sections, figures = [], []
-    for rows in (1, STREAMS):
+    for rows in (1, STREAMS, PROMPT):
         products = step_products(config, rows)
         times = measure(products, args.repeats)
         body, step_figures = report(products, times, rows)
         sections.append(body)
         figures += step_figures
-    intro = (f"`cpu-small`, every matrix product of one decode step timed alone (median of {args.repeats} "
-             f"repeats, kernels alternating; spread = (max - min) / median). Per step = time per call x calls "
-             f"per step. Command: `.venv/bin/python bench/decode_kernels.py`.")
+    intro = (f"`cpu-small`, every matrix product of one decode step (1 and {STREAMS} rows) and of a prompt of "
+             f"{PROMPT} tokens timed alone (median of {args.repeats} repeats, kernels alternating; spread = "
+             f"(max - min) / median). Per step = time per call x calls per step. int8 x int8 excludes quantising "
+             f"the input. Command: `.venv/bin/python bench/decode_kernels.py`.")
     finish(args, SECTION, "\n\n".join([intro, *sections]), figures)
 
 
@@ -164,7 +175,7 @@ def report(products: list[Product], times: dict[tuple[str, str], list[float]], r
     lines.append("| **per step** | | | " + " | ".join(f"{totals[k] * 1e3:.2f} ms" for k in names) + " |")
     served = served_int8(products, median, names)
     spread = max(summary(values)[1] for values in times.values())
-    lines += ["", f"As `--weights int8` serves (int8 products, the LM head in {served[1]}): {served[0] * 1e3:.2f} ms "
+    lines += ["", f"As `--weights int8` serves ({served[2]}, the LM head in {served[1]}): {served[0] * 1e3:.2f} ms "
                   f"of products per step. Fastest kernel for each product: {best_total * 1e3:.2f} ms, a ceiling of "
                   f"{rows / best_total:,.0f} tokens/s at {rows} row(s) with nothing else in the step (largest "
                   f"spread of any cell: {spread:.0%})."]
@@ -176,11 +187,19 @@ def report(products: list[Product], times: dict[tuple[str, str], list[float]], r
 
 
 def served_int8(products: list[Product], median: dict[tuple[str, str], float], names: list[str]
-                ) -> tuple[float, str]:
-    """Seconds of products per step with the kernels `--weights int8` uses (weights.py): int8,
-    and the LM head in bfloat16, packed where oneDNN is available. Also names the LM head's kernel."""
+                ) -> tuple[float, str, str]:
+    """Seconds of products per step with the kernels `--weights int8` uses (weights.py): int8 (cast
+    to bfloat16 from DEQUANTIZED_ROWS rows on), the LM head in bfloat16, packed where oneDNN is
+    available. Also names the kernels."""
     head = "bfloat16 packed" if "bfloat16 packed" in names else "bfloat16"
-    return sum(median[p.name, head if p.name == "LM head" else "int8"] * p.count for p in products), head
+
+    def kernel(product: Product) -> str:
+        if product.name == "LM head":
+            return head
+        return "int8 cast to bfloat16" if product.rows >= DEQUANTIZED_ROWS else "int8"
+
+    seconds = sum(median[p.name, kernel(p)] * p.count for p in products)
+    return seconds, head, " and ".join(dict.fromkeys(kernel(p) for p in products if p.name != "LM head"))
 
 
 if __name__ == "__main__":

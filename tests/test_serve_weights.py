@@ -16,7 +16,8 @@ from behemoth.errors import ConfigError
 from behemoth.generation import generate
 from behemoth.model import Transformer
 from behemoth.serve.engine import Engine, SamplingParams, leave_cores_to_engines
-from behemoth.serve.weights import WEIGHT_FORMATS, BFloat16Linear, Int8Linear, prepare_weights, quantize_rows
+from behemoth.serve.weights import (DEQUANTIZED_ROWS, WEIGHT_FORMATS, BFloat16Linear, Int8Linear, int8_matmul,
+                                    prepare_weights, quantize_rows)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -53,6 +54,20 @@ def test_fused_int8_linear_follows_the_float_projections() -> None:
     assert out.shape == exact.shape and fused(x).dtype == torch.bfloat16
     assert Int8Linear.fused(linears, float_output=True)(x).dtype == torch.float32
     assert (out - exact).norm() / exact.norm() < 0.02
+
+
+def test_int8_prompt_products_equal_the_decode_kernel_up_to_bfloat16_rounding() -> None:
+    # prompts (DEQUANTIZED_ROWS rows or more) multiply by the int8 matrix cast to bfloat16; decode
+    # steps use the weight-only kernel; both are the same product of the same int8 values
+    torch.manual_seed(0)
+    values, scales = quantize_rows(torch.randn(48, 64))
+    prompt = torch.randn(DEQUANTIZED_ROWS + 3, 64).to(torch.bfloat16)
+    together = int8_matmul(prompt, values, scales)
+    one_at_a_time = torch.cat([int8_matmul(row[None], values, scales) for row in prompt])
+    assert together.dtype == torch.bfloat16 and together.shape == (DEQUANTIZED_ROWS + 3, 48)
+    assert not torch.equal(together, one_at_a_time)  # the two paths were both taken...
+    scale = one_at_a_time.float().abs().amax(dim=-1, keepdim=True)
+    assert ((together.float() - one_at_a_time.float()).abs() <= 2 ** -7 * scale).all()  # ...and agree
 
 
 @pytest.mark.parametrize("onednn", [True, False])
