@@ -113,11 +113,12 @@ def test_int8_model_keeps_what_the_trained_model_learned(trained) -> None:
     assert abs(loss_int8 - loss_exact) < 0.05 * loss_exact + 0.01  # ...and int8 keeps it
 
 
-def test_int8_greedy_continues_the_phrase(trained) -> None:
+@pytest.mark.parametrize("prompt_length", [20, DEQUANTIZED_ROWS + 8])  # both kinds of prompt product
+def test_int8_greedy_continues_the_phrase(trained, prompt_length) -> None:
     int8 = prepare_weights(copy.deepcopy(trained), "int8")
-    text = pattern_text(60, seed=7)
-    out = generate(int8, text[None, :20], max_new_tokens=40)
-    assert out[0].tolist() == text[20:60].tolist()
+    text = pattern_text(prompt_length + 40, seed=7)
+    out = generate(int8, text[None, :prompt_length], max_new_tokens=40)
+    assert out[0].tolist() == text[prompt_length:].tolist()
 
 
 def test_layers_of_unsupported_width_keep_float_weights() -> None:
@@ -134,10 +135,11 @@ def test_layers_of_unsupported_width_keep_float_weights() -> None:
     assert (approx - exact).norm() / exact.norm() < 0.05
 
 
+@pytest.mark.parametrize("prompt_length", [16, DEQUANTIZED_ROWS + 8])  # int8: both kinds of prompt product
 @pytest.mark.parametrize("weights", ["int8", "bfloat16"])
-def test_engine_decodes_with_each_format_as_generate_does(trained, weights) -> None:
+def test_engine_decodes_with_each_format_as_generate_does(trained, weights, prompt_length) -> None:
     model = prepare_weights(copy.deepcopy(trained), weights)
-    prompt = pattern_text(16, seed=3)
+    prompt = pattern_text(prompt_length, seed=3)
     expected = generate(model, prompt[None], max_new_tokens=12)[0].tolist()
     with Engine(model, Digits(), max_batch_size=4) as engine:
         request = engine.submit(prompt.tolist(), SamplingParams(temperature=0.0, max_new_tokens=12))
