@@ -10,7 +10,7 @@ every kernel torch offers on this CPU:
   product (`--weights int8`, prompts: from `weights.DEQUANTIZED_ROWS` rows on);
 - int8 x int8: `torch._int_mm` on inputs quantised to int8 beforehand (the quantisation is not
   timed: a compiled step would fuse it); not served, as its error is larger (it rounds the
-  activations too) and a compiled step with it was not measurably faster;
+  activations too) and it made a compiled 16-row step at most 1.13x faster (RESULTS.md);
 - bfloat16: `F.linear` in bfloat16;
 - bfloat16 packed: oneDNN's linear on weights reordered once into its blocked layout (what
   inductor's freezing pass produces; the packed weight is an opaque tensor, so it cannot be an
