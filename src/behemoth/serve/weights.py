@@ -13,9 +13,9 @@ quartering those bytes is the largest speed-up there is:
   int8 with one float scale per output channel (symmetric, round to nearest), and multiplied by
   torch's int8 weight-only kernel (`aten._weight_int8pack_mm`, activations in bfloat16). Prompts
   multiply by the int8 matrix cast to bfloat16 instead: the same product, 1.5-3x faster at 64 to
-  512 rows (`int8_matmul`). Everything else stays as trained: embeddings, norms,
-  the router (its float32 logits pick the experts), the KV cache and attention. A layer whose
-  input width is not a multiple of 16 (the kernel's requirement) keeps its float weights.
+  512 rows (`int8_matmul`). Everything else stays as trained: embeddings, norms, the router (its
+  float32 logits pick the experts), the KV cache and attention. A layer whose input width is not
+  a multiple of 16 (the kernel's requirement) keeps its float weights.
 
 In both formats the LM head is a `BFloat16Linear`: bfloat16 weights which, on a CPU with oneDNN,
 are reordered once into oneDNN's blocked layout. Of the products that keep the activations in
