@@ -5,12 +5,14 @@ tokens. Two settings, every side measured within one run, in rotating order:
 - batch 1: one request, 96 new tokens -> tokens/s; the engine with float32 weights (as trained),
   with int8 weight-only weights (`behemoth serve --weights int8`) and with int8 and a compiled
   decode step (`--weights int8 --compile`); transformers in float32; and llama.cpp (through
-  llama-cpp-python) running our own f32 GGUF export of the same weights with an f32 KV cache and
-  as many threads as torch;
+  llama-cpp-python's bindings to its C API) running our own f32 GGUF export of the same weights
+  and llama.cpp's Q8_0 quantisation of it, with an f32 KV cache and as many threads as torch;
 - 16 streams: the engine = 16 requests submitted together to one Engine(max_batch_size=16)
   (continuous batching), all three configurations; transformers = `generate` on a batch of the same
-  16 prompts -> aggregate new tokens/s. llama.cpp is compared here through its single stream:
-  our aggregate against 4 x llama.cpp's batch-1 rate.
+  16 prompts; llama.cpp = the 16 sequences decoded together, one `llama_decode` per step
+  -> aggregate new tokens/s.
+The engine is compared with llama.cpp at the same weight precision: float32 with f32, int8 with
+Q8_0.
 Time includes the prompt (submit to last token), as a client sees it. Also reported: time to
 first token, whether float32 sides produced the same tokens (greedy on the same weights should),
 and how closely int8 weights follow float32 ones.
@@ -37,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import Figure, bench_arguments, finish, paired_ratio, start, summary  # noqa: E402
-from llama_cpp_side import export_f32, open_llama, run_llama  # noqa: E402
+from llama_cpp_side import LlamaStreams, export_f32, quantize_q8_0  # noqa: E402
 from model_step import transformers_twin  # noqa: E402
 
 from behemoth.config import preset  # noqa: E402
@@ -49,8 +51,12 @@ from behemoth.serve.weights import prepare_weights  # noqa: E402
 SECTION = "Decode: engine vs transformers and llama.cpp"
 OLD_SECTION = "Decode: engine vs transformers"  # the section's earlier name, replaced when written
 TARGETS = {"batch 1": 3.0, "streams": 8.0}  # engine / transformers, at least (both weight formats shown)
-LLAMA_TARGETS = {"batch 1": 0.5, "streams": 1.0}  # engine / llama.cpp (streams: / 4 x its batch 1), at least
-LLAMA_STREAMS = 4  # the aggregate is compared with this many llama.cpp single streams
+LLAMA_TARGETS = {"batch 1": 0.5, "streams": 1.0}  # engine / llama.cpp at the same setting, at least
+LLAMA_PAIRS = {  # engine side -> the llama.cpp side of the same weight precision
+    "engine int8 compiled": "llama.cpp q8_0",
+    "engine": "llama.cpp",
+}
+LLAMA_NAMES = {"llama.cpp": "f32", "llama.cpp q8_0": "Q8_0"}
 
 
 class IdText:
@@ -216,11 +222,15 @@ def main() -> None:
     settings = {one: prompts[:1], many: prompts}
 
     with tempfile.TemporaryDirectory(prefix="behemoth-decode-") as tmp:
-        llm = open_llama(export_f32(ours, Path(tmp)), n_ctx=args.prompt + args.new_tokens + 8, threads=threads)
+        f32 = export_f32(ours, Path(tmp))
+        files = {"llama.cpp": f32, "llama.cpp q8_0": quantize_q8_0(f32, Path(tmp) / "model-q8_0.gguf")}
+        n_ctx = args.prompt + args.new_tokens + 8
+        llamas = {(setting, name): LlamaStreams(path, len(batch), n_ctx, args.prompt, threads)
+                  for setting, batch in settings.items() for name, path in files.items()}
         try:
-            def llama_side(batch: torch.Tensor, new_tokens: int) -> dict:  # one stream only
+            def llama_side(llama: LlamaStreams):
                 # A fresh thread too: llama.cpp's OpenMP team would otherwise live on in the main thread.
-                return in_fresh_thread(threads, run_llama, llm, batch[0].tolist(), new_tokens)
+                return lambda batch, new_tokens: in_fresh_thread(threads, llama.run, batch.tolist(), new_tokens)
 
             def side(run, model, decoder=None):
                 return lambda batch, new_tokens: run(model, threads, batch, new_tokens, decoder)
@@ -229,11 +239,13 @@ def main() -> None:
                        {"engine": (ours, None), "engine int8": (int8, None),
                         "engine int8 compiled": (int8, compiled)}.items()}
             hf_side = side(run_transformers, theirs)
-            sides = {one: {**engines, "transformers": hf_side, "llama.cpp": llama_side},
-                     many: {**engines, "transformers": hf_side}}
+            sides = {setting: {**engines, "transformers": hf_side,
+                               **{name: llama_side(llamas[setting, name]) for name in files}}
+                     for setting in settings}
             results = measure(sides, settings, args.repeats, args.new_tokens)
         finally:
-            llm.close()
+            for llama in llamas.values():
+                llama.close()
     quality = int8_quality(ours, int8, prompts, results[many, "engine"][0]["tokens"],
                            results[many, "engine int8"][0]["tokens"], threads)
     report(args, results, one, many, quality)
@@ -272,28 +284,30 @@ def report(args: argparse.Namespace, results: dict, one: str, many: str, quality
             "|---|---|---|---|---|---|"]
     figures = [rate_figure(f"decode {setting} tokens/s, {side}", rate[setting, side])
                for setting in (one, many) for side in [*CONFIGS, "transformers"]]
-    figures.append(rate_figure(f"decode {one} tokens/s, llama.cpp", rate[one, "llama.cpp"]))
-    four_llamas = [LLAMA_STREAMS * r for r in rate[one, "llama.cpp"]]
+    figures += [rate_figure(f"decode {setting} tokens/s, {side}", rate[setting, side])
+                for setting in (one, many) for side in LLAMA_NAMES]
     comparisons = [(f"{setting}: engine ({label}) / transformers (float32)", rate[setting, side],
                     rate[setting, "transformers"], target)
                    for setting, target in ((one, TARGETS["batch 1"]), (many, TARGETS["streams"]))
                    for side, label in CONFIGS.items()]
-    for side in ("engine int8 compiled", "engine"):
-        comparisons.append((f"{one}: engine ({CONFIGS[side]}) / llama.cpp (f32)", rate[one, side],
-                            rate[one, "llama.cpp"], LLAMA_TARGETS["batch 1"]))
-        comparisons.append((f"{many}: engine ({CONFIGS[side]}) aggregate / ({LLAMA_STREAMS} x llama.cpp {one})",
-                            rate[many, side], four_llamas, LLAMA_TARGETS["streams"]))
+    comparisons += [(f"{setting}: engine ({CONFIGS[side]}) / llama.cpp ({LLAMA_NAMES[llama]})", rate[setting, side],
+                     rate[setting, llama], target)
+                    for setting, target in ((one, LLAMA_TARGETS["batch 1"]), (many, LLAMA_TARGETS["streams"]))
+                    for side, llama in LLAMA_PAIRS.items()]
     for label, ours, base, target in comparisons:
         row, figure = comparison_row(label, ours, base, target)
         rows.append(row)
         figures.append(figure)
 
-    ttft = {side: statistics.median(r["ttft"][0] for r in results[one, side]) for side in [*CONFIGS, "llama.cpp"]}
+    ttft = {side: statistics.median(r["ttft"][0] for r in results[one, side]) for side in [*CONFIGS, *LLAMA_NAMES]}
     best = "engine int8 compiled"
     ttft_n = statistics.median(statistics.median(r["ttft"]) for r in results[many, best])
     ttft_n_max = statistics.median(max(r["ttft"]) for r in results[many, best])
-    warnings = token_warnings(results, [(one, "engine", "transformers"), (many, "engine", "transformers"),
-                                        (one, "engine", "llama.cpp")])
+    ttft_llama = statistics.median(r["ttft"][0] for r in results[many, "llama.cpp q8_0"])
+    warnings = token_warnings(results, [(setting, "engine", other) for setting in (one, many)
+                                        for other in ("transformers", "llama.cpp")])
+    llama_vs_hf = {setting: paired_ratio(rate[setting, "llama.cpp q8_0"], rate[setting, "transformers"])[0]
+                   for setting in (one, many)}
     body = "\n".join([
         f"Greedy decoding, `cpu-small` (random weights, seed 0, the same weights on every side), "
         f"{args.threads_used} thread(s) on every side, prompts of {args.prompt} random tokens, "
@@ -305,8 +319,11 @@ def report(args: argparse.Namespace, results: dict, one: str, many: str, quality
         f"and int8 with the decode step compiled (`--weights int8 --compile`, built once before timing). "
         f"Transformers: `Llama4ForCausalLM` in float32 (sdpa attention, KV cache) `generate(do_sample=False)` on "
         f"the same prompts as one batch. llama.cpp: llama-cpp-python {llama_cpp_version()} on our own f32 GGUF "
-        f"export (`behemoth export --format gguf`) of the same weights, f32 KV cache, `Llama.generate(temp=0)` "
-        f"(llama-cpp-python's Python loop included), one stream. Every side runs on a fresh thread of its own "
+        f"export (`behemoth export --format gguf`) of the same weights, and on llama.cpp's Q8_0 quantisation of it "
+        f"(int8 with a scale per 32 values, its counterpart of `--weights int8`), f32 KV cache, every sequence "
+        f"decoded together: one `llama_decode` per step with a new token for each sequence (llama.cpp's batched "
+        f"API, as its server runs parallel requests), greedy picks in numpy. Every side runs on a fresh thread "
+        f"of its own "
         f"with the same thread count. Tokens/s = new tokens / wall time from submit to the last token (prompt "
         f"included), median of {args.repeats} repeats with the order of the sides rotating; spread = "
         f"(max - min) / median, for a ratio over the per-repeat ratios. Command: "
@@ -315,7 +332,9 @@ def report(args: argparse.Namespace, results: dict, one: str, many: str, quality
         "- Time to first token at batch 1: " + ", ".join(
             f"{CONFIGS.get(side, side)} {ttft[side] * 1000:.0f} ms" for side in ttft) +
         f"; with {args.streams} streams submitted together ({CONFIGS[best]}): {ttft_n * 1000:.0f} ms median, "
-        f"slowest {ttft_n_max * 1000:.0f} ms.",
+        f"slowest {ttft_n_max * 1000:.0f} ms; llama.cpp (Q8_0) {ttft_llama * 1000:.0f} ms.",
+        f"- llama.cpp itself (Q8_0) against transformers: {llama_vs_hf[one]:.2f}x at {one}, "
+        f"{llama_vs_hf[many]:.2f}x with {many}.",
         "- Tokens: " + ("identical on every float32 side in every run." if not warnings else "differ, see below."),
         *warnings,
         f"- int8 against float32 weights, teacher-forced on the float32 engine's {args.streams} continuations: "
