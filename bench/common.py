@@ -1,5 +1,6 @@
 """Shared pieces of the benchmarks: machine facts, statistics, RESULTS.md sections, the flags
-every performance benchmark takes, and running a child process with its peak memory.
+every performance benchmark takes, running torch work on a fresh thread, and running a child
+process with its peak memory.
 
 torch is imported only where needed: run_all.py and peak_memory.py import this module in a
 parent process that must stay small (see run_measured).
@@ -56,6 +57,28 @@ def paired_ratio(numerator: list[float], denominator: list[float]) -> tuple[floa
     ratio = statistics.median(numerator) / statistics.median(denominator)
     _, spread = summary([a / b for a, b in zip(numerator, denominator)])
     return ratio, spread
+
+
+def in_fresh_thread(threads: int, work, *args):
+    """work(*args) run on a new thread with `threads` torch threads (its own OpenMP team, gone
+    when the thread ends), as the serving engine runs; its exception is re-raised here."""
+    import torch
+
+    result: dict = {}
+
+    def body() -> None:
+        torch.set_num_threads(threads)
+        try:
+            result["value"] = work(*args)
+        except BaseException as err:  # re-raised on the caller's thread
+            result["error"] = err
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
 
 
 def section_pattern(name: str) -> re.Pattern:

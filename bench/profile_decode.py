@@ -13,16 +13,20 @@ small operations; compare versions by time per step, in one process.
 from __future__ import annotations
 
 import argparse
-import threading
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from behemoth.config import preset
-from behemoth.model import Transformer, init_weights
-from behemoth.serve.compiled import CompiledDecoder
-from behemoth.serve.kv_cache import ModelCache
-from behemoth.serve.weights import WEIGHT_FORMATS, prepare_weights
+sys.path.insert(0, str(Path(__file__).parent))
+from common import in_fresh_thread  # noqa: E402
+
+from behemoth.config import preset  # noqa: E402
+from behemoth.model import Transformer, init_weights  # noqa: E402
+from behemoth.serve.compiled import CompiledDecoder  # noqa: E402
+from behemoth.serve.kv_cache import ModelCache  # noqa: E402
+from behemoth.serve.weights import WEIGHT_FORMATS, prepare_weights  # noqa: E402
 
 
 def main() -> None:
@@ -41,20 +45,7 @@ def main() -> None:
     init_weights(model, seed=0)
     prepare_weights(model, args.weights)
     decoder = CompiledDecoder(model, threads=args.threads) if args.compile else None
-    errors: list[BaseException] = []
-
-    def body() -> None:
-        torch.set_num_threads(args.threads)
-        try:
-            measure(model, decoder, args)
-        except BaseException as err:  # re-raised on the main thread
-            errors.append(err)
-
-    thread = threading.Thread(target=body)
-    thread.start()
-    thread.join()
-    if errors:
-        raise errors[0]
+    in_fresh_thread(args.threads, measure, model, decoder, args)
 
 
 @torch.inference_mode()

@@ -31,14 +31,13 @@ import copy
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import Figure, bench_arguments, finish, paired_ratio, start, summary  # noqa: E402
+from common import Figure, bench_arguments, finish, in_fresh_thread, paired_ratio, start, summary  # noqa: E402
 from llama_cpp_side import LlamaStreams, export_f32, quantize_q8_0  # noqa: E402
 from model_step import transformers_twin  # noqa: E402
 
@@ -87,26 +86,6 @@ def run_engine(model: Transformer, threads: int, prompts: torch.Tensor, new_toke
     end = max(request.finished_at for request in requests)
     return dict(time=end - start, tokens=tokens,
                 ttft=[request.first_token_at - start for request in requests])
-
-
-def in_fresh_thread(threads: int, work, *args) -> dict:
-    """Run work(*args) on a new thread with `threads` torch threads (its own OpenMP team, gone
-    when the thread ends), as the engine runs."""
-    result: dict = {}
-
-    def body() -> None:
-        torch.set_num_threads(threads)
-        try:
-            result["value"] = work(*args)
-        except BaseException as err:  # re-raised on the caller's thread
-            result["error"] = err
-
-    thread = threading.Thread(target=body)
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
 
 
 def run_transformers(twin, threads: int, prompts: torch.Tensor, new_tokens: int, decoder=None) -> dict:
@@ -323,9 +302,8 @@ def report(args: argparse.Namespace, results: dict, one: str, many: str, quality
         f"(int8 with a scale per 32 values, its counterpart of `--weights int8`), f32 KV cache, every sequence "
         f"decoded together: one `llama_decode` per step with a new token for each sequence (llama.cpp's batched "
         f"API, as its server runs parallel requests), greedy picks in numpy. Every side runs on a fresh thread "
-        f"of its own "
-        f"with the same thread count. Tokens/s = new tokens / wall time from submit to the last token (prompt "
-        f"included), median of {args.repeats} repeats with the order of the sides rotating; spread = "
+        f"of its own with the same thread count. Tokens/s = new tokens / wall time from submit to the last token "
+        f"(prompt included), median of {args.repeats} repeats with the order of the sides rotating; spread = "
         f"(max - min) / median, for a ratio over the per-repeat ratios. Command: "
         f"`.venv/bin/python bench/serve_decode.py`.",
         "", *rows, "",
