@@ -59,6 +59,6 @@ def _inject(objective, kind: str, at: str) -> None:
 
 if __name__ == "__main__":
     _install()
-    from behemoth.cli import main
+    from behemoth.cli import entry
 
-    sys.exit(main(sys.argv[1:]))
+    entry(sys.argv[1:])

@@ -1,3 +1,3 @@
-from behemoth.cli import main
+from behemoth.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from behemoth.config import PRESETS, ModelConfig, preset
 from behemoth.errors import BehemothError, ConfigError
@@ -529,6 +530,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_release_commands(commands)
     add_plan_command(commands)
     return parser
+
+
+def entry(argv: list[str] | None = None) -> NoReturn:
+    """The `behemoth` executable (and `python -m behemoth`, which torchrun launches): `main`, then
+    the exit status; a distributed process ends without interpreter finalization (see
+    `behemoth.distributed.mesh.exit_if_distributed`)."""
+    code = main(argv)
+    if "torch.distributed" in sys.modules:  # a command that never imported torch never joined a group
+        from behemoth.distributed.mesh import exit_if_distributed
+        exit_if_distributed(code)
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,9 @@ over all of them (the flattened "dp" mesh). The routed experts are split over th
 from __future__ import annotations
 
 import atexit
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -123,3 +125,23 @@ def close() -> None:
     """Leave the process group (at the end of a distributed run)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_if_distributed(code: int) -> None:
+    """End a torchrun-launched process with `code` without finalizing the interpreter; returns
+    (doing nothing) in a process that never joined a process group.
+
+    gloo's worker threads drop a collective's work, and with it the last reference to the
+    tensors it carried, a moment after the caller sees the collective complete. If that happens
+    while the interpreter is finalizing, the thread cannot take the GIL to free those Python
+    tensors and the process aborts ("terminate called without an active exception", about one
+    run in a hundred here after the final collective). By now every file is written and synced,
+    so the process leaves the group, flushes its output and exits at once.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    close()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
