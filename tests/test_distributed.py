@@ -283,3 +283,28 @@ def test_parallel_settings_are_ignored_by_a_single_process(data, tmp_path) -> No
     """A run saved by N processes resumes in one with the same configuration file."""
     one_process(data, tmp_path / "run", 2, *EP)
     assert len(losses(tmp_path / "run")) == 2
+
+
+EXIT_SCRIPT = """
+import atexit, sys
+import torch
+import torch.distributed as dist
+from behemoth.distributed.mesh import exit_if_distributed
+exit_if_distributed(5)  # no process group yet: returns
+atexit.register(lambda: print("finalized"))
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+dist.broadcast(torch.ones(1), src=0)  # a collective, as a run ends with
+print("done", end="")  # no newline: only an explicit flush gets it out of a pipe
+exit_if_distributed(3)
+print("still running")
+"""
+
+
+def test_a_distributed_process_exits_with_its_status_and_output_but_no_finalization(tmp_path) -> None:
+    """What `behemoth` does after a torchrun command: the process group is left, buffered output
+    flushed, the status kept, and the interpreter is not finalized (no atexit handlers run), so no
+    gloo thread can be caught freeing a tensor while Python shuts down."""
+    process = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(tmp_path / "store")], capture_output=True,
+                             text=True, timeout=60)
+    assert process.returncode == 3, process.stderr[-2000:]
+    assert process.stdout == "done"
