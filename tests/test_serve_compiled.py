@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from phrase_model import Digits, pattern_text, train_phrase_model
+from phrase_model import CONFIG, Digits, pattern_text, random_model, train_phrase_model
 
 from behemoth.generation import generate
 from behemoth.serve.engine import Engine, SamplingParams
@@ -80,6 +80,28 @@ def test_a_decoder_of_another_model_is_refused(decoder) -> None:
 
     with pytest.raises(ConfigError, match="another model"):
         Engine(train_phrase_model(), Digits(), decoder=decoder)
+
+
+@torch.inference_mode()
+def test_each_decoder_keeps_its_own_programs(int8_model, decoder) -> None:
+    """torch.compile keeps programs per code object, at most 8 of them: decoders of several
+    models must not share one list (each call would check the others' guards first, and a fifth
+    model would find the limit reached and run uncompiled)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from behemoth.serve.compiled import CompiledDecoder
+
+    def programs(of: CompiledDecoder) -> int:
+        return len(_debug_get_cache_entry_list(of._step._torchdynamo_orig_callable.__code__))
+
+    before = programs(decoder)
+    assert before >= 2  # at least the warm-up's: one row, several rows
+    other_model = prepare_weights(random_model(CONFIG, seed=5), "int8")
+    other = CompiledDecoder(other_model, threads=1, warm_up=False)
+    cache = ModelCache.for_model(other_model, 2, 16)
+    other_model.hidden_states(torch.zeros(2, 3, dtype=torch.long), torch.arange(3).expand(2, 3), cache.layers)
+    other(torch.ones(2, 1, dtype=torch.long), torch.full((2, 1), 3), cache, 3)
+    assert programs(other) == 1 and programs(decoder) == before
 
 
 def test_reserved_cache_reads_no_tensor(int8_model) -> None:

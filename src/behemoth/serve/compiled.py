@@ -25,6 +25,8 @@ time, as inductor's CPU backend does.
 from __future__ import annotations
 
 import threading
+import types
+from collections.abc import Callable
 
 import torch
 
@@ -44,7 +46,7 @@ class CompiledDecoder:
                 experts = layer.feed_forward.experts
                 experts.forward = torch.compiler.disable(experts.forward)
         self.threads = threads or torch.get_num_threads()  # compiled programs are specific to it
-        self._step = torch.compile(self._last_hidden, dynamic=True)
+        self._step = torch.compile(_with_own_code(self._last_hidden), dynamic=True)
         if warm_up:
             self.warm_up()
 
@@ -89,3 +91,18 @@ class CompiledDecoder:
             for position in range(2, 4):
                 ids = torch.full((batch, 1), position, dtype=torch.long, device=device)
                 self(ids, torch.full((batch, 1), position, device=device), cache, position)
+
+
+def _with_own_code(method: Callable) -> Callable:
+    """A bound method whose function has a code object of its own.
+
+    torch.compile keeps its programs per code object and allows 8 per code object
+    (`torch._dynamo.config.recompile_limit`). Every decoder's `_last_hidden` would otherwise
+    share one code object, and with it one list of programs. Each call would then check the
+    guards of other models' programs before finding its own, and a fifth model served with
+    --compile would hit the limit and silently run uncompiled.
+    """
+    function = method.__func__
+    own = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                             function.__defaults__, function.__closure__)
+    return types.MethodType(own, method.__self__)
