@@ -12,8 +12,8 @@ needs no host reads inside the step: the engine knows every row's position as a 
 whole buffers. Shapes are symbolic (batch rows, cache slots), so the program is built twice,
 for one row and for several, and reused as requests come and go and the cache grows. With int8
 weights the routed experts are inside the program too: one row's expert weights are picked by
-tensor indexing, and several rows go through one opaque operator (`weights.int8_experts`: its
-group sizes are data, its output shape is not). Float experts pick their weights with a host
+tensor indexing; several rows are grouped by expert in the program, the group sizes read from
+the routing as data-dependent (unbacked) sizes, so no routing needs a program of its own. Float experts pick their weights with a host
 read, so they run eagerly between two compiled pieces.
 
 Prompts (prefill) are not compiled: they run once per request. The compiled arithmetic equals
@@ -57,7 +57,10 @@ class CompiledDecoder:
                  highest_position: int) -> torch.Tensor:
         """tokens, positions [batch, 1] (real positions, no padding); highest_position = their
         maximum, as a Python int. Returns float32 logits [batch, vocab]."""
-        with cache.reserved(highest_position):
+        # Data-dependent sizes (the int8 experts' group sizes) traced as unbacked sizes rather
+        # than a graph break. Set per call: dynamo's settings are per thread, and a program may
+        # be built on whichever thread runs the engine.
+        with cache.reserved(highest_position), torch._dynamo.config.patch(capture_scalar_outputs=True):
             hidden = self._step(tokens, positions, cache.layers)
         # The LM head is one large product, which gains nothing from being compiled; outside the
         # program it may use weights a program cannot take (weights.BFloat16Linear).

@@ -246,7 +246,7 @@ class Int8Experts(nn.Module):
             return run_int8_experts(x, expert_ids, gates, *weights)
         if x.shape[0] == 1:  # a program for one row (sizes 1 are specialised): pick weights in the graph
             return self._one_token_in_graph(x.to(torch.bfloat16), expert_ids[0], gates[0])
-        return int8_experts(x, expert_ids, gates, *weights)  # one opaque call: no graph break
+        return self._groups_in_graph(x.to(torch.bfloat16), expert_ids, gates)
 
     def _one_token_in_graph(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """One token's experts, their weights picked by tensor indexing rather than a host read,
@@ -260,6 +260,28 @@ class Int8Experts(nn.Module):
             y = swiglu_int8(x * gates[k].to(x.dtype), gate_up, gate_up_scales, down, down_scales)
             out = y if out is None else out + y
         return out
+
+    def _groups_in_graph(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Several rows grouped by expert inside the compiled program. The group sizes are data:
+        they enter the program as unbacked sizes (the decoder compiles with
+        `capture_scalar_outputs`), so one program serves every routing, with no guard on them.
+        Every expert runs, an empty group as a product of zero rows. (Counted with a scatter, not
+        `bincount`, whose output size would be data too.)"""
+        num_experts = self.gate_up.shape[0]
+        flat_ids = expert_ids.reshape(-1)
+        order = flat_ids.argsort(stable=True)
+        token_of_slot = order // expert_ids.shape[-1]
+        counts = torch.zeros(num_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat_ids, torch.ones_like(flat_ids))
+        routed_in = x[token_of_slot] * gates.reshape(-1, 1)[order].to(x.dtype)
+        sizes = counts.tolist()
+        for size in sizes:
+            torch._check(size >= 0)
+            torch._check(size <= routed_in.shape[0])
+        torch._check(sum(sizes) == routed_in.shape[0])
+        outputs = [swiglu_int8(tokens, self.gate_up[e], self.gate_up_scales[e], self.down[e], self.down_scales[e])
+                   for e, tokens in enumerate(routed_in.split(sizes))]
+        return combine(x, token_of_slot, torch.cat(outputs))
 
 
 def run_int8_experts(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor, gate_up: torch.Tensor,
@@ -281,16 +303,3 @@ def run_int8_experts(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Ten
     outputs = [expert(e, tokens) for e, tokens in enumerate(groups) if tokens.shape[0]]
     routed_out = torch.cat(outputs) if outputs else routed_in.new_zeros((0, x.shape[-1]))
     return combine(x, token_of_slot, routed_out)
-
-
-@torch.library.custom_op("behemoth::int8_experts", mutates_args=())
-def int8_experts(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor, gate_up: torch.Tensor,
-                 gate_up_scales: torch.Tensor, down: torch.Tensor, down_scales: torch.Tensor) -> torch.Tensor:
-    """`run_int8_experts` as an operator the compiler calls without looking inside: its output has
-    the input's shape whatever the routing, which is all a compiled decode step needs to know."""
-    return run_int8_experts(x, expert_ids, gates, gate_up, gate_up_scales, down, down_scales)
-
-
-@int8_experts.register_fake
-def _int8_experts_shape(x, expert_ids, gates, gate_up, gate_up_scales, down, down_scales):
-    return x.new_empty(x.shape, dtype=torch.bfloat16)
