@@ -13,8 +13,9 @@ whole buffers. Shapes are symbolic (batch rows, cache slots), so the program is 
 for one row and for several, and reused as requests come and go and the cache grows. With int8
 weights the routed experts are inside the program too: one row's expert weights are picked by
 tensor indexing; several rows are grouped by expert in the program, the group sizes read from
-the routing as data-dependent (unbacked) sizes, so no routing needs a program of its own. Float experts pick their weights with a host
-read, so they run eagerly between two compiled pieces.
+the routing as data-dependent (unbacked) sizes, so no routing needs a program of its own.
+Float experts pick their weights with a host read, so they run eagerly between two compiled
+pieces.
 
 Prompts (prefill) are not compiled: they run once per request. The compiled arithmetic equals
 the eager one up to floating-point reassociation (logits agree to about 1e-5 in float32), so
