@@ -69,7 +69,9 @@ def sort_by_expert(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tenso
     flat_ids = expert_ids.reshape(-1)
     order = flat_ids.argsort(stable=True)
     token_of_slot = order // top_k
-    counts = torch.bincount(flat_ids, minlength=num_experts)
+    # A scatter rather than bincount: its output size is fixed, so a compiled program can count
+    # (bincount's size depends on the data).
+    counts = flat_ids.new_zeros(num_experts).scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
     routed_in = x[token_of_slot] * gates.reshape(-1, 1)[order].to(x.dtype)
     return routed_in, token_of_slot, counts
 

@@ -58,10 +58,12 @@ class CompiledDecoder:
                  highest_position: int) -> torch.Tensor:
         """tokens, positions [batch, 1] (real positions, no padding); highest_position = their
         maximum, as a Python int. Returns float32 logits [batch, vocab]."""
-        # Data-dependent sizes (the int8 experts' group sizes) traced as unbacked sizes rather
-        # than a graph break. Set per call: dynamo's settings are per thread, and a program may
-        # be built on whichever thread runs the engine.
-        with cache.reserved(highest_position), torch._dynamo.config.patch(capture_scalar_outputs=True):
+        if not torch._dynamo.config.capture_scalar_outputs:
+            # Data-dependent sizes (the int8 experts' group sizes) traced as unbacked sizes rather
+            # than a graph break. dynamo's settings are per thread, and a program may be built on
+            # whichever thread runs the steps: set once in each (a patch per call costs 20 us).
+            torch._dynamo.config.capture_scalar_outputs = True
+        with cache.reserved(highest_position):
             hidden = self._step(tokens, positions, cache.layers)
         # The LM head is one large product, which gains nothing from being compiled; outside the
         # program it may use weights a program cannot take (weights.BFloat16Linear).

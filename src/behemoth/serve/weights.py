@@ -265,15 +265,8 @@ class Int8Experts(nn.Module):
         """Several rows grouped by expert inside the compiled program. The group sizes are data:
         they enter the program as unbacked sizes (the decoder compiles with
         `capture_scalar_outputs`), so one program serves every routing, with no guard on them.
-        Every expert runs, an empty group as a product of zero rows. (Counted with a scatter, not
-        `bincount`, whose output size would be data too.)"""
-        num_experts = self.gate_up.shape[0]
-        flat_ids = expert_ids.reshape(-1)
-        order = flat_ids.argsort(stable=True)
-        token_of_slot = order // expert_ids.shape[-1]
-        counts = torch.zeros(num_experts, dtype=torch.long, device=x.device).scatter_add_(
-            0, flat_ids, torch.ones_like(flat_ids))
-        routed_in = x[token_of_slot] * gates.reshape(-1, 1)[order].to(x.dtype)
+        Every expert runs, an empty group as a product of zero rows."""
+        routed_in, token_of_slot, counts = sort_by_expert(x, expert_ids, gates, self.gate_up.shape[0])
         sizes = counts.tolist()
         for size in sizes:
             torch._check(size >= 0)
