@@ -237,7 +237,7 @@ def _add_weights_option(parser: argparse.ArgumentParser) -> None:
                              "small loss of accuracy (bench/RESULTS.md); bfloat16 halves memory")
     parser.add_argument("--compile", action="store_true",
                         help="compile the decode step with torch.compile (about 30 s at start, needs a C++ "
-                             "compiler); with --weights int8, single-stream decoding is about 1.7x faster again")
+                             "compiler); with --weights int8, single-stream decoding is about 2x faster again")
 
 
 def _add_serving_commands(commands) -> None:

@@ -294,8 +294,8 @@ def write_speedrun_report(out_dir: Path, stages: dict, evals: dict[str, dict], p
         report.markdown(f"Teacher, against the previous run's teacher ({previous}), first {limit} items per task:")
         report.markdown(markdown_table(evals["teacher"], compare_results(load_results(previous), evals["teacher"])))
     else:
-        report.markdown(f"Teacher, first {limit} items per task (pass --previous EVAL.json for a verdict "
-                        "against an earlier run):")
+        report.markdown(f"Teacher, first {limit} items per task (pass --previous RUN_DIR, an earlier "
+                        "speedrun, for a verdict against it):")
         report.markdown(markdown_table(evals["teacher"]))
     report.markdown("Distilled student, against its teacher:")
     report.markdown(markdown_table(evals["student"], compare_results(evals["teacher"], evals["student"])))

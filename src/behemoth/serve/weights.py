@@ -20,7 +20,7 @@ quartering those bytes is the largest speed-up there is:
 In both formats the LM head is a `BFloat16Linear`: bfloat16 weights which, on a CPU with oneDNN,
 are reordered once into oneDNN's blocked layout. Of the products that keep the activations in
 bfloat16 (rather than rounding them to int8), that is the fastest this machine has for the LM
-head at one row and at sixteen (`bench/decode_kernels.py`: about 1.3x and 3x faster than the
+head at one row and at sixteen (`bench/decode_kernels.py`: about 1.1-1.3x and 3x faster than the
 int8 kernel), and it keeps the largest product of a decode step at bfloat16's precision.
 
 Quantised weights are an approximation of the trained ones: `bench/serve_decode.py` reports how
@@ -292,7 +292,7 @@ def run_int8_experts(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Ten
             out = y if out is None else out + y
         return out
     routed_in, token_of_slot, counts = sort_by_expert(x, expert_ids, gates, gate_up.shape[0])
-    groups = routed_in.split(counts.tolist())  # the group sizes are data: why this is an opaque op
+    groups = routed_in.split(counts.tolist())  # a host read: eager only (compiled steps use _groups_in_graph)
     outputs = [expert(e, tokens) for e, tokens in enumerate(groups) if tokens.shape[0]]
     routed_out = torch.cat(outputs) if outputs else routed_in.new_zeros((0, x.shape[-1]))
     return combine(x, token_of_slot, routed_out)
