@@ -37,15 +37,18 @@ def eager_logits(model, tokens, positions, cache) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def test_compiled_step_gives_the_eager_logits(int8_model, decoder) -> None:
-    # Rows at different positions (one past a chunk boundary of 8), as continuous batching has them.
-    prompts = [pattern_text(n, seed=n) for n in (5, 11, 17)]
+@pytest.mark.parametrize("rows", [3, 1])
+def test_compiled_step_gives_the_eager_logits(int8_model, decoder, rows) -> None:
+    # Rows at different positions (one past a chunk boundary of 8), as continuous batching has
+    # them; then one row, which must find the one-row program again (the programs check their
+    # inputs and the cache, not the model's modules).
+    prompts = [pattern_text(n, seed=n) for n in (5, 11, 17)][:rows]
     caches = []
     for _ in range(2):
-        cache = ModelCache.for_model(int8_model, 3, 64)
+        cache = ModelCache.for_model(int8_model, rows, 64)
         width = max(len(p) for p in prompts)
-        ids = torch.zeros(3, width, dtype=torch.long)
-        positions = torch.full((3, width), -1)
+        ids = torch.zeros(rows, width, dtype=torch.long)
+        positions = torch.full((rows, width), -1)
         for row, prompt in enumerate(prompts):
             ids[row, :len(prompt)] = prompt
             positions[row, :len(prompt)] = torch.arange(len(prompt))
