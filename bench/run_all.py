@@ -12,8 +12,8 @@ and writes its own section of RESULTS.md; this driver collects their figures, ea
 memory (ru_maxrss) and wall time, prints a summary table, and, on a full run of every benchmark,
 writes that table as the first section of RESULTS.md.
 
-The long quality benchmarks (moe_vs_dense.py, distill_vs_scratch.py: about an hour) are not
-performance benchmarks and are run by hand.
+The long quality benchmarks (moe_vs_dense.py, distill_vs_scratch.py: about an hour;
+bf16_vs_f32.py: about 25 minutes) are not performance benchmarks and are run by hand.
 
 This module never imports torch before the children have run: a child's ru_maxrss counts the
 parent's memory at the moment it was started (see common.run_measured).
