@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_section  # noqa: E402
+from common import plot_validation_loss, write_section  # noqa: E402
 
 from behemoth.data import prepare  # noqa: E402
 from behemoth.tokenizer import train_tokenizer_from_files  # noqa: E402
@@ -93,7 +93,9 @@ def main() -> None:
 
     speedup = statistics.median(speed["bfloat16"]) / statistics.median(speed["float32"])
     plot = Path(__file__).with_name("bf16_vs_f32.png")
-    _plot(curves, plot)
+    styles = {"float32": "o-", "bfloat16": "s--"}
+    lines = {f"{dtype}, seed {seed}": (records, styles[dtype]) for (dtype, seed), records in curves.items()}
+    plot_validation_loss(lines, "cpu-small: bf16 autocast vs float32", plot)
     body = "\n".join([
         f"`cpu-small` on the TinyStories sample (../shared/data, 5% of stories held out), tokenizer of "
         f"8192, batch 8 x 256, {args.steps} steps, seeds {', '.join(map(str, args.seeds))} in each precision, "
@@ -108,28 +110,6 @@ def main() -> None:
     print(body)
     if not args.no_write:
         write_section(SECTION, body)
-
-
-def _plot(curves: dict[tuple[str, int], list[dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    styles = {"float32": "o-", "bfloat16": "s--"}
-    for (dtype, seed), records in curves.items():
-        points = [r for r in records if "val_loss" in r]
-        ax.plot([r["tokens_seen"] / 1e6 for r in points], [r["val_loss"] for r in points], styles[dtype],
-                label=f"{dtype}, seed {seed}", markersize=3)
-    ax.set_xlabel("training tokens (M)")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("cpu-small: bf16 autocast vs float32")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -202,3 +202,26 @@ def _end_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def plot_validation_loss(curves: dict[str, tuple[list[dict], str]], title: str, path: Path) -> None:
+    """Validation loss against training tokens, one line per run: `curves` maps a line's label to
+    the run's metrics records (metrics.jsonl) and a matplotlib format such as "o-"."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for label, (records, style) in curves.items():
+        points = [r for r in records if "val_loss" in r]
+        ax.plot([r["tokens_seen"] / 1e6 for r in points], [r["val_loss"] for r in points], style,
+                label=label, markersize=3)
+    ax.set_xlabel("training tokens (M)")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

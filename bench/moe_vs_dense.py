@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_section  # noqa: E402
+from common import plot_validation_loss, write_section  # noqa: E402
 
 from behemoth.checkpoint import load  # noqa: E402
 from behemoth.data import prepare  # noqa: E402
@@ -96,7 +96,8 @@ def main() -> None:
     bpb = {p: [r for r in curves[p] if "val_bpb" in r][-1]["val_bpb"] for p in PRESETS}
     verdict = "met" if bpb["cpu-small"] < bpb["dense-small"] else "missed"
     plot = Path(__file__).with_name("moe_vs_dense.png")
-    _plot(curves, plot)
+    plot_validation_loss({f"{p} (validation)": (records, "o-") for p, records in curves.items()},
+                         "Equal wall-clock budget: MoE vs dense", plot)
     body = "\n".join([
         f"TinyStories sample (../shared/data, 794 KB, 5% of stories held out), tokenizer of 8192, "
         f"batch 8 x 256, float32, same seed; budget {args.minutes:g} minutes of training each, steps "
@@ -124,26 +125,6 @@ def _samples(model_dir: Path) -> list[str]:
                        stop_token_ids={tokenizer.eos_id})
         out.append((prompt + tokenizer.decode(new[0].tolist())).replace("\n", " "))
     return out
-
-
-def _plot(curves: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    for preset, records in curves.items():
-        tokens = [r["tokens_seen"] / 1e6 for r in records if "val_loss" in r]
-        ax.plot(tokens, [r["val_loss"] for r in records if "val_loss" in r], "o-", label=f"{preset} (validation)")
-    ax.set_xlabel("training tokens (M)")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("Equal wall-clock budget: MoE vs dense")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 if __name__ == "__main__":
