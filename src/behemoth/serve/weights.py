@@ -241,12 +241,20 @@ class Int8Experts(nn.Module):
         return hidden % INT8_BLOCK == 0 and intermediate % INT8_BLOCK == 0
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        weights = (self.gate_up, self.gate_up_scales, self.down, self.down_scales)
-        if not torch.compiler.is_compiling():
-            return run_int8_experts(x, expert_ids, gates, *weights)
-        if x.shape[0] == 1:  # a program for one row (sizes 1 are specialised): pick weights in the graph
-            return self._one_token_in_graph(x.to(torch.bfloat16), expert_ids[0], gates[0])
-        return self._groups_in_graph(x.to(torch.bfloat16), expert_ids, gates)
+        """x [tokens, hidden] through its picked experts: [tokens, hidden] bfloat16."""
+        x = x.to(torch.bfloat16)
+        if x.shape[0] != 1:
+            return self._grouped(x, expert_ids, gates)
+        if torch.compiler.is_compiling():  # a program for one row (sizes 1 are specialised)
+            return self._one_token_in_graph(x, expert_ids[0], gates[0])
+        out = None
+        for e, gate in sorted(zip(expert_ids[0].tolist(), gates[0].unbind())):  # expert order, as Experts sums
+            y = self._expert(e, x * gate)  # a 0-d float32 gate keeps x's bfloat16
+            out = y if out is None else out + y
+        return out
+
+    def _expert(self, e: int, tokens: torch.Tensor) -> torch.Tensor:
+        return swiglu_int8(tokens, self.gate_up[e], self.gate_up_scales[e], self.down[e], self.down_scales[e])
 
     def _one_token_in_graph(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """One token's experts, their weights picked by tensor indexing rather than a host read,
@@ -261,38 +269,16 @@ class Int8Experts(nn.Module):
             out = y if out is None else out + y
         return out
 
-    def _groups_in_graph(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """Several rows grouped by expert inside the compiled program. The group sizes are data:
-        they enter the program as unbacked sizes (the decoder compiles with
-        `capture_scalar_outputs`), so one program serves every routing, with no guard on them.
-        Every expert runs, an empty group as a product of zero rows."""
+    def _grouped(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Rows grouped by expert, one product per expert (an empty group is a product of zero
+        rows). Eagerly the group sizes are a host read; in a compiled step they enter the program
+        as unbacked sizes (the decoder compiles with `capture_scalar_outputs`), bounded by the
+        checks below, so one program serves every routing, with no guard on them."""
         routed_in, token_of_slot, counts = sort_by_expert(x, expert_ids, gates, self.gate_up.shape[0])
         sizes = counts.tolist()
         for size in sizes:
             torch._check(size >= 0)
             torch._check(size <= routed_in.shape[0])
         torch._check(sum(sizes) == routed_in.shape[0])
-        outputs = [swiglu_int8(tokens, self.gate_up[e], self.gate_up_scales[e], self.down[e], self.down_scales[e])
-                   for e, tokens in enumerate(routed_in.split(sizes))]
+        outputs = [self._expert(e, tokens) for e, tokens in enumerate(routed_in.split(sizes))]
         return combine(x, token_of_slot, torch.cat(outputs))
-
-
-def run_int8_experts(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor, gate_up: torch.Tensor,
-                     gate_up_scales: torch.Tensor, down: torch.Tensor, down_scales: torch.Tensor) -> torch.Tensor:
-    """x [tokens, hidden] through its picked experts ([E, ...] int8 banks): [tokens, hidden] bfloat16."""
-    x = x.to(torch.bfloat16)
-
-    def expert(e: int, tokens: torch.Tensor) -> torch.Tensor:
-        return swiglu_int8(tokens, gate_up[e], gate_up_scales[e], down[e], down_scales[e])
-
-    if x.shape[0] == 1:  # one token: run its experts directly, summed in expert order (as Experts does)
-        out = None
-        for e, gate in sorted(zip(expert_ids[0].tolist(), gates[0].unbind())):
-            y = expert(e, x * gate)  # a 0-d float32 gate keeps x's bfloat16
-            out = y if out is None else out + y
-        return out
-    routed_in, token_of_slot, counts = sort_by_expert(x, expert_ids, gates, gate_up.shape[0])
-    groups = routed_in.split(counts.tolist())  # a host read: eager only (compiled steps use _groups_in_graph)
-    outputs = [expert(e, tokens) for e, tokens in enumerate(groups) if tokens.shape[0]]
-    routed_out = torch.cat(outputs) if outputs else routed_in.new_zeros((0, x.shape[-1]))
-    return combine(x, token_of_slot, routed_out)
