@@ -7,14 +7,17 @@ every kernel torch offers on this CPU:
 - float32: `F.linear` on the weights as trained (`behemoth serve`);
 - int8: torch's int8 weight-only kernel, bfloat16 activations (`--weights int8`, decode steps);
 - int8 cast to bfloat16: the int8 matrix cast to bfloat16 at each call, then one bfloat16
-  product (`--weights int8`, prompts: from `weights.DEQUANTIZED_ROWS` rows on);
+  product (`--weights int8`, prompts from `weights.DEQUANTIZED_ROWS` rows on, on a CPU with native
+  bfloat16);
+- int8 cast to float32: the same in float32 (the prompts of `--weights int8` on an AVX2-only CPU);
 - int8 x int8: `torch._int_mm` on inputs quantised to int8 beforehand (the quantisation is not
   timed: a compiled step would fuse it); not served, as its error is larger (it rounds the
   activations too) and it made a compiled 16-row step at most 1.13x faster (RESULTS.md);
 - bfloat16: `F.linear` in bfloat16;
 - bfloat16 packed: oneDNN's linear on weights reordered once into its blocked layout (what
   inductor's freezing pass produces; the packed weight is an opaque tensor, so it cannot be an
-  input of a compiled program).
+  input of a compiled program). Only where this CPU's oneDNN runs bfloat16 (not on AVX2-only
+  CPUs): elsewhere the column is left out and the report says so.
 
 Summing a step's products gives the time a step spends in products with each kernel, and with the
 fastest kernel for each product: a ceiling on decode speed that no scheduling can beat without
@@ -41,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import Figure, bench_arguments, finish, start, summary  # noqa: E402
 
 from behemoth.config import ModelConfig, preset  # noqa: E402
+from behemoth.hardware import choose_paths, detect_cpu  # noqa: E402
 from behemoth.serve.weights import DEQUANTIZED_ROWS  # noqa: E402
 
 SECTION = "Decode matrix products: kernel by kernel"
@@ -83,10 +87,6 @@ def step_products(config: ModelConfig, rows: int) -> list[Product]:
     ]
 
 
-def has_packed_bfloat16() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-
-
 def kernels(product: Product) -> dict[str, Callable[[], torch.Tensor]]:
     """One call of `product` with each kernel, on random data of its shape."""
     generator = torch.Generator().manual_seed(0)
@@ -100,10 +100,11 @@ def kernels(product: Product) -> dict[str, Callable[[], torch.Tensor]]:
         "float32": lambda: F.linear(x, weight),
         "int8": lambda: torch.ops.aten._weight_int8pack_mm(x16, int8, scales),
         "int8 cast to bfloat16": lambda: F.linear(x16, int8.to(torch.bfloat16)) * scales,
+        "int8 cast to float32": lambda: (F.linear(x16.float(), int8.float()) * scales).bfloat16(),
         "int8 x int8": lambda: torch._int_mm(x_int8, int8.t()),
         "bfloat16": lambda: F.linear(x16, weight16),
     }
-    if has_packed_bfloat16():
+    if detect_cpu().onednn_bf16:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight16, product.rows)
         calls["bfloat16 packed"] = lambda: torch.ops.mkldnn._linear_pointwise(x16, packed, None, "none", [], "")
     return calls
@@ -152,6 +153,9 @@ def main() -> None:
              f"{PROMPT} tokens timed alone (median of {args.repeats} repeats, kernels alternating; spread = "
              f"(max - min) / median). Per step = time per call x calls per step. int8 x int8 excludes quantising "
              f"the input. Command: `.venv/bin/python bench/decode_kernels.py`.")
+    if not detect_cpu().onednn_bf16:
+        intro += (" bfloat16 packed: not available, this CPU's oneDNN has no bfloat16 products (it needs "
+                  "AVX-512 or AVX-NE-CONVERT).")
     finish(args, SECTION, "\n\n".join([intro, *sections]), figures)
 
 
@@ -188,15 +192,17 @@ def report(products: list[Product], times: dict[tuple[str, str], list[float]], r
 
 def served_int8(products: list[Product], median: dict[tuple[str, str], float], names: list[str]
                 ) -> tuple[float, str, str]:
-    """Seconds of products per step with the kernels `--weights int8` uses (weights.py): int8 (cast
-    to bfloat16 from DEQUANTIZED_ROWS rows on), the LM head in bfloat16, packed where oneDNN is
-    available. Also names the kernels."""
-    head = "bfloat16 packed" if "bfloat16 packed" in names else "bfloat16"
+    """Seconds of products per step with the kernels `--weights int8` chooses on this CPU
+    (weights.py, hardware.choose_paths): int8 (cast to bfloat16 or float32 from DEQUANTIZED_ROWS
+    rows on), the LM head in packed bfloat16 or float32. Also names the kernels."""
+    paths = choose_paths(detect_cpu())
+    head = paths.lm_head
+    cast = f"int8 cast to {str(paths.int8_prompt_dtype).removeprefix('torch.')}"
 
     def kernel(product: Product) -> str:
         if product.name == "LM head":
             return head
-        return "int8 cast to bfloat16" if product.rows >= DEQUANTIZED_ROWS else "int8"
+        return cast if product.rows >= DEQUANTIZED_ROWS else "int8"
 
     seconds = sum(median[p.name, kernel(p)] * p.count for p in products)
     return seconds, head, " and ".join(dict.fromkeys(kernel(p) for p in products if p.name != "LM head"))

@@ -303,6 +303,19 @@ class ServerProcess:
         self.process.stderr.close()  # type: ignore[union-attr]
 
 
+async def wait_for_admitted(client: httpx.AsyncClient, url: str, requests: int, deadline: float) -> None:
+    """Poll /metrics until `requests` requests are queued, decoding or answered."""
+    while True:
+        text = (await client.get(url + "/metrics")).text
+        admitted = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith(("behemoth_queue_depth{", "behemoth_running_requests{"))
+                       or line.startswith("behemoth_requests_total{") and 'status="200"' in line)
+        if admitted >= requests:
+            return
+        assert time.monotonic() < deadline, f"only {admitted:.0f} of {requests} requests admitted"
+        await asyncio.sleep(0.02)
+
+
 def test_sigterm_with_requests_in_flight_lets_them_finish(model_dir, tmp_path) -> None:
     keys_file = tmp_path / "keys.json"
     key = create_key(keys_file, "main", UNLIMITED)[0]
@@ -312,7 +325,9 @@ def test_sigterm_with_requests_in_flight_lets_them_finish(model_dir, tmp_path) -
         async with httpx.AsyncClient(timeout=60) as client:
             tasks = [asyncio.create_task(generate(client, server.url, key, stream=i % 2 == 0, max_tokens=200))
                      for i in range(8)]
-            await asyncio.sleep(0.5)  # all sent and being decoded (the server batches up to 16)
+            # the signal once all 8 are admitted (the server batches up to 16): a fixed sleep was too
+            # short on a loaded machine, where a request sent after the signal is refused
+            await wait_for_admitted(client, server.url, 8, deadline=time.monotonic() + 60)
             server.process.send_signal(signal.SIGTERM)
             return await asyncio.gather(*tasks)
 

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
+from cpu_kinds import KINDS, runnable_cpu, simulated_cpu
 from hf_reference import random_model
 from phrase_model import CONFIG, Digits, pattern_text, train_phrase_model
 
 from behemoth import cli
 from behemoth.errors import ConfigError
+from behemoth.hardware import choose_paths, detect_cpu
 from behemoth.generation import generate
 from behemoth.model import Transformer
 from behemoth.serve.engine import Engine, SamplingParams, leave_cores_to_engines
@@ -56,33 +59,34 @@ def test_fused_int8_linear_follows_the_float_projections() -> None:
     assert (out - exact).norm() / exact.norm() < 0.02
 
 
-def test_int8_prompt_products_equal_the_decode_kernel_up_to_bfloat16_rounding() -> None:
-    # prompts (DEQUANTIZED_ROWS rows or more) multiply by the int8 matrix cast to bfloat16; decode
-    # steps use the weight-only kernel; both are the same product of the same int8 values
+@pytest.mark.parametrize("prompt_dtype", [torch.bfloat16, torch.float32])  # native-bfloat16 CPUs; AVX2-only
+def test_int8_prompt_products_equal_the_decode_kernel_up_to_bfloat16_rounding(prompt_dtype, monkeypatch) -> None:
+    # prompts (DEQUANTIZED_ROWS rows or more) multiply by the int8 matrix cast to prompt_dtype;
+    # decode steps use the weight-only kernel; both are the same product of the same int8 values
     torch.manual_seed(0)
     values, scales = quantize_rows(torch.randn(48, 64))
     prompt = torch.randn(DEQUANTIZED_ROWS + 3, 64).to(torch.bfloat16)
-    together = int8_matmul(prompt, values, scales)
-    one_at_a_time = torch.cat([int8_matmul(row[None], values, scales) for row in prompt])
+    one_at_a_time = torch.cat([int8_matmul(row[None], values, scales, prompt_dtype) for row in prompt])
+    cast_products = []
+    linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda x, w, *rest: cast_products.append(w.dtype) or linear(x, w, *rest))
+    together = int8_matmul(prompt, values, scales, prompt_dtype)
+    assert cast_products == [prompt_dtype]  # the prompt took the cast matrix...
     assert together.dtype == torch.bfloat16 and together.shape == (DEQUANTIZED_ROWS + 3, 48)
-    assert not torch.equal(together, one_at_a_time)  # the two paths were both taken...
     scale = one_at_a_time.float().abs().amax(dim=-1, keepdim=True)
-    assert ((together.float() - one_at_a_time.float()).abs() <= 2 ** -7 * scale).all()  # ...and agree
+    assert ((together.float() - one_at_a_time.float()).abs() <= 2 ** -7 * scale).all()  # ...and agrees
 
 
-@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("pack", [True, False])
 @pytest.mark.parametrize("bias", [False, True])
-def test_bfloat16_linear_equals_the_linear_in_bfloat16_at_any_row_count(bias: bool, onednn: bool,
-                                                                        monkeypatch) -> None:
+def test_bfloat16_linear_equals_the_linear_in_bfloat16_at_any_row_count(bias: bool, pack: bool) -> None:
+    if pack and not detect_cpu().onednn_bf16:
+        pytest.skip("this CPU's oneDNN has no bfloat16 products (AVX2 only): nothing to pack; the unpacked "
+                    "bfloat16 products are checked")
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48, bias=bias)
-    if not onednn:  # a torch or CPU without oneDNN: plain bfloat16 products
-        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
-    head = BFloat16Linear(linear)
-    if onednn and torch.backends.mkldnn.is_available():
-        assert head._packed is not None  # the reordered weights are what this module is for
-    if not onednn:
-        assert head._packed is None
+    head = BFloat16Linear(linear, pack=pack)
+    assert (head._packed is not None) == pack  # the reordered weights are what `pack` is for
     reference = torch.nn.Linear(64, 48, bias=bias).to(torch.bfloat16)
     reference.load_state_dict(linear.state_dict())
     for rows in (1, 3, 16, 40):
@@ -92,15 +96,37 @@ def test_bfloat16_linear_equals_the_linear_in_bfloat16_at_any_row_count(bias: bo
         assert torch.equal(out, reference(x.to(torch.bfloat16)))
 
 
-def test_int8_and_bfloat16_formats_give_the_lm_head_bfloat16_weights(trained) -> None:
-    for weights in ("int8", "bfloat16"):
-        model = prepare_weights(copy.deepcopy(trained), weights)
-        assert isinstance(model.lm_head, BFloat16Linear) and model.lm_head.weight.dtype == torch.bfloat16
-        assert torch.equal(model.lm_head.weight, trained.lm_head.weight.to(torch.bfloat16))
+def test_paths_follow_the_cpu() -> None:
+    """Without native bfloat16 a bfloat16 product of many rows costs several float32 ones
+    (bench/RESULTS.md), so such a CPU keeps float32 where the other takes bfloat16."""
+    avx2, native = choose_paths(simulated_cpu("avx2-only")), choose_paths(simulated_cpu("avx512-bf16"))
+    assert (avx2.lm_head, avx2.int8_prompt_dtype, avx2.training_bf16) == ("float32", torch.float32, "emulated")
+    assert (native.lm_head, native.int8_prompt_dtype, native.training_bf16) == (
+        "bfloat16 packed", torch.bfloat16, "native")
+    # AVX-512 without its bfloat16 extension, or a torch whose oneDNN refuses bfloat16: no native bfloat16
+    for features in (dataclasses.replace(simulated_cpu("avx512-bf16"), avx512_bf16=False),
+                     dataclasses.replace(simulated_cpu("avx512-bf16"), onednn_bf16=False)):
+        assert choose_paths(features).lm_head == "float32"
 
 
-def test_int8_model_keeps_what_the_trained_model_learned(trained) -> None:
-    int8 = prepare_weights(copy.deepcopy(trained), "int8")
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_cpu_kind_gets_its_lm_head(trained, kind) -> None:
+    cpu = runnable_cpu(kind)
+    int8 = prepare_weights(copy.deepcopy(trained), "int8", cpu)
+    if kind == "avx2-only":  # float32, as trained
+        assert type(int8.lm_head) is torch.nn.Linear and torch.equal(int8.lm_head.weight, trained.lm_head.weight)
+    else:
+        assert isinstance(int8.lm_head, BFloat16Linear) and int8.lm_head._packed is not None
+        assert torch.equal(int8.lm_head.weight, trained.lm_head.weight.to(torch.bfloat16))
+    assert int8.model.layers[0].self_attn.qkv_proj.prompt_dtype == choose_paths(cpu).int8_prompt_dtype
+    model = prepare_weights(copy.deepcopy(trained), "bfloat16", cpu)  # bfloat16 everything, on every CPU
+    assert isinstance(model.lm_head, BFloat16Linear) and model.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(model.lm_head.weight, trained.lm_head.weight.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_int8_model_keeps_what_the_trained_model_learned(trained, kind) -> None:
+    int8 = prepare_weights(copy.deepcopy(trained), "int8", runnable_cpu(kind))
     assert int8.model.layers[0].self_attn.qkv_proj is not None and not hasattr(int8.model.layers[0].self_attn, "q_proj")
     assert int8.dtype == torch.float32  # hidden states and KV cache stay float
     text = torch.stack([pattern_text(40, seed=1000 + row) for row in range(4)])
@@ -113,9 +139,10 @@ def test_int8_model_keeps_what_the_trained_model_learned(trained) -> None:
     assert abs(loss_int8 - loss_exact) < 0.05 * loss_exact + 0.01  # ...and int8 keeps it
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("prompt_length", [20, DEQUANTIZED_ROWS + 8])  # both kinds of prompt product
-def test_int8_greedy_continues_the_phrase(trained, prompt_length) -> None:
-    int8 = prepare_weights(copy.deepcopy(trained), "int8")
+def test_int8_greedy_continues_the_phrase(trained, prompt_length, kind) -> None:
+    int8 = prepare_weights(copy.deepcopy(trained), "int8", runnable_cpu(kind))
     text = pattern_text(prompt_length + 40, seed=7)
     out = generate(int8, text[None, :prompt_length], max_new_tokens=40)
     assert out[0].tolist() == text[prompt_length:].tolist()
@@ -135,10 +162,11 @@ def test_layers_of_unsupported_width_keep_float_weights() -> None:
     assert (approx - exact).norm() / exact.norm() < 0.05
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("prompt_length", [16, DEQUANTIZED_ROWS + 8])  # int8: both kinds of prompt product
 @pytest.mark.parametrize("weights", ["int8", "bfloat16"])
-def test_engine_decodes_with_each_format_as_generate_does(trained, weights, prompt_length) -> None:
-    model = prepare_weights(copy.deepcopy(trained), weights)
+def test_engine_decodes_with_each_format_as_generate_does(trained, weights, prompt_length, kind) -> None:
+    model = prepare_weights(copy.deepcopy(trained), weights, runnable_cpu(kind))
     prompt = pattern_text(prompt_length, seed=3)
     expected = generate(model, prompt[None], max_new_tokens=12)[0].tolist()
     with Engine(model, Digits(), max_batch_size=4) as engine:

@@ -38,12 +38,27 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # Prefixes of a Llama4ForConditionalGeneration checkpoint: text weights are kept, vision dropped.
 TEXT_PREFIX = "language_model."
 IGNORED_PREFIXES = ("vision_model.", "multi_modal_projector.")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 # ------------------------------------------------------------------------------------------------
 # Loading
 # ------------------------------------------------------------------------------------------------
+
+def empty_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu") -> Transformer:
+    """A model of `config` with uninitialised weights of `dtype` on `device`, to be loaded into
+    (built on the meta device: no time is spent on an initialisation that is overwritten)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.to_empty(device=device)
+    model.tie_weights()
+    model.to(dtype)
+    # After the cast: RoPE frequencies stay float32 whatever the weights' dtype, as transformers'
+    # from_pretrained keeps them (rounded to bfloat16 they are off by a radian at a few thousand
+    # positions).
+    model.reset_buffers()
+    return model
+
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Transformer:
     """Load a model directory (config.json + safetensors) into a `Transformer`.
@@ -51,16 +66,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     dtype: None keeps the dtype the weights are stored in.
     """
     config, files, entries = _checked_directory(path)
-    with torch.device("meta"):
-        model = Transformer(config)
-    stored_dtype = _torch_dtype(next(iter(entries.values())).dtype)
-    model.to_empty(device=device)
-    model.tie_weights()
-    model.to(dtype or stored_dtype)
-    # After the cast: RoPE frequencies stay float32 whatever the weights' dtype, as transformers'
-    # from_pretrained keeps them (rounded to bfloat16 they are off by a radian at a few thousand
-    # positions).
-    model.reset_buffers()
+    model = empty_model(config, dtype or _torch_dtype(next(iter(entries.values())).dtype), device)
     params = model.state_dict()
     with torch.no_grad():
         for file in files:
@@ -226,7 +232,7 @@ def _check_layout(file: Path, tensors: dict[str, TensorInfo], data_bytes: int) -
                               f"{data_bytes}-byte data section)")
 
 
-_SAFETENSORS_FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_SAFETENSORS_FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 def _torch_dtype(name: str) -> torch.dtype:

@@ -30,6 +30,17 @@ def resolve_model_config(name_or_path: str) -> tuple[str, ModelConfig]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    if args.machine:
+        from behemoth.hardware import choose_paths, describe_machine, detect_cpu
+
+        cpu = detect_cpu()
+        if args.json:
+            print(json.dumps({"cpu": cpu.as_dict(), "paths": choose_paths(cpu).as_dict()}, indent=2))
+        else:
+            print(describe_machine(cpu))
+        return 0
+    if args.model is None:
+        raise ConfigError("info needs a preset or model directory (or --machine)")
     label, config = resolve_model_config(args.model)
     size = model_size(config, args.seq_len)
     if args.json:
@@ -411,10 +422,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = commands.add_parser(
-        "info", help="parameter counts and FLOPs of a preset or model directory",
+        "info", help="parameter counts and FLOPs of a preset or model directory; --machine: this CPU's fast paths",
         description="Total and active parameters and forward FLOPs per token, computed from the config "
-                    "alone (no weights are allocated).")
-    info.add_argument("model", metavar="PRESET_OR_DIR", help=f"a preset ({', '.join(PRESETS)}) or a model directory")
+                    "alone (no weights are allocated). With --machine: what this CPU offers (AVX2, AVX-512, "
+                    "AVX-512 BF16, AMX) and which kernels serving and training choose from it.")
+    info.add_argument("model", metavar="PRESET_OR_DIR", nargs="?",
+                      help=f"a preset ({', '.join(PRESETS)}) or a model directory")
+    info.add_argument("--machine", action="store_true",
+                      help="print this machine's CPU features and the fast paths chosen from them")
     info.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     info.add_argument("--seq-len", type=int, default=None,
                       help="sequence length for attention FLOPs (default 2048, capped at the model's context)")

@@ -282,6 +282,7 @@ def consolidate(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = Non
     Needs the whole model in this process's CPU memory. Works whether or not a process group is
     up (it never communicates), so rank 0 of a job can call it alone.
     """
+    from behemoth.checkpoint import DTYPES, empty_model
     from behemoth.checkpoint import save as save_model
     from behemoth.tokenizer import Tokenizer
 
@@ -290,11 +291,8 @@ def consolidate(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = Non
         raise CheckpointError(f"{checkpoint}: not a distributed checkpoint (no {SHARDS}/ folder)")
     verify_checkpoint(checkpoint)
     config = ModelConfig.load(checkpoint / "config.json")
-    with torch.device("meta"):
-        model = Transformer(config)
-    model.to_empty(device="cpu")
-    model.tie_weights()
-    model.reset_buffers()
+    trained_in = json.loads((checkpoint / "config.json").read_text()).get("dtype", "float32")
+    model = empty_model(config, DTYPES.get(trained_in, torch.float32))  # the shards' own dtype
     weights = model.state_dict()
     if config.tie_word_embeddings:
         weights.pop("lm_head.weight", None)  # the same tensor as the embedding

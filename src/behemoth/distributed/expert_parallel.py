@@ -47,6 +47,19 @@ class _AllToAll(torch.autograd.Function):
         return _exchange(grad, input_splits, output_splits, ctx.group), None, None, None
 
 
+class _ScaleGradient(torch.autograd.Function):
+    """The identity, whose backward multiplies the gradient by `factor`."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
 def _exchange(rows: torch.Tensor, output_splits: list[int], input_splits: list[int],
               group: dist.ProcessGroup) -> torch.Tensor:
     out = rows.new_empty((sum(output_splits), *rows.shape[1:]))
@@ -84,7 +97,13 @@ class ExpertParallelExperts(nn.Module):
         receive_per_rank = [sum(row) for row in received]
         arrived = _AllToAll.apply(routed_in, receive_per_rank, send_per_rank, self.group)
         by_expert, local_counts, block_sizes = self._group_by_expert(arrived, received)
-        outputs = grouped_experts(by_expert, local_counts, self.gate_up_proj.to_local(), self.down_proj.to_local(),
+        # An expert's gradient sums the contributions of the tokens every ep rank sent it, each
+        # rank's loss being the mean over its own share of the batch: dividing by the ep size here,
+        # and by the replicas that hold the same experts in FSDP's reduction, gives the mean over the
+        # whole batch that one process computes.
+        gate_up, down = (_ScaleGradient.apply(weight.to_local(), 1 / self.ep_size)
+                         for weight in (self.gate_up_proj, self.down_proj))
+        outputs = grouped_experts(by_expert, local_counts, gate_up, down,
                                   skip_empty=False)  # an expert with no tokens still gets a (zero) gradient
         returned = self._group_by_source(outputs, block_sizes)
         routed_out = _AllToAll.apply(returned, send_per_rank, receive_per_rank, self.group)

@@ -56,11 +56,10 @@ def _shard_experts(experts: ExpertParallelExperts, mesh: ParallelMesh) -> None:
         # uneven expert shards would pad whole experts.
         return Shard(0) if experts.local_experts % ranks == 0 else Shard(1)
 
+    # FSDP averages the gradients over the dp_mod_ep ranks; the experts' forward divides them by
+    # the ep ranks (not set_gradient_divide_factor: in torch 2.13 it divides twice for float64
+    # gradients on a one-rank mesh, as dp_mod_ep is when ep spans every rank).
     fully_shard(experts, mesh=mesh.dp_mod_ep, shard_placement_fn=placement)
-    # An expert's gradient sums the contributions of the tokens every ep rank sent it, and FSDP
-    # averages over the dp_mod_ep ranks only; the mean over all data-parallel replicas (what a
-    # single process computes on the global batch) divides by the whole world.
-    experts.set_gradient_divide_factor(float(mesh.world_size))
 
 
 def _apply_ddp(model: Transformer, mesh: ParallelMesh) -> None:

@@ -181,17 +181,14 @@ class Parallelism:
         """The final model directory: weights gathered to rank 0, which writes it."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+        from behemoth.checkpoint import empty_model
         from behemoth.checkpoint import save as save_whole
         from behemoth.distributed.checkpoint import run_on_main
 
         weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
         def write() -> Path:
-            with torch.device("meta"):
-                whole = Transformer(model.config)
-            whole.to_empty(device="cpu")
-            whole.tie_weights()
-            whole.reset_buffers()
+            whole = empty_model(model.config, model.dtype)
             whole.load_state_dict(weights)
             return save_whole(whole.eval(), path, tokenizer=tokenizer)
 

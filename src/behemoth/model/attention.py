@@ -34,12 +34,13 @@ class KVCache(Protocol):
 
 
 def rms_normalize(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """RMS normalisation over the last dimension, computed in float32, then times `weight`."""
+    """RMS normalisation over the last dimension, computed in float32 (or float64 for float64
+    input), then times `weight`."""
     if x.dtype == torch.float32 and (weight is None or weight.dtype == torch.float32):
         # One fused kernel instead of six small ones (they dominate a decode step); for float32
         # it is bitwise equal to the explicit formula below, gradients included.
         return F.rms_norm(x, x.shape[-1:], weight, eps)
-    xf = x.float()
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     out = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
     return out if weight is None else out * weight
 

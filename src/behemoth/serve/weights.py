@@ -12,16 +12,20 @@ quartering those bytes is the largest speed-up there is:
 - "int8": the matrices of every projection and of the shared and routed experts are stored as
   int8 with one float scale per output channel (symmetric, round to nearest), and multiplied by
   torch's int8 weight-only kernel (`aten._weight_int8pack_mm`, activations in bfloat16). Prompts
-  multiply by the int8 matrix cast to bfloat16 instead: the same product, 1.5-3x faster at 64 to
-  512 rows (`int8_matmul`). Everything else stays as trained: embeddings, norms, the router (its
-  float32 logits pick the experts), the KV cache and attention. A layer whose input width is not
-  a multiple of 16 (the kernel's requirement) keeps its float weights.
+  multiply by the int8 matrix cast to bfloat16 (float32 on a CPU without native bfloat16)
+  instead: the same product, 1.5-3x faster at 64 to 512 rows (`int8_matmul`). Everything else
+  stays as trained: embeddings, norms, the router (its float32 logits pick the experts), the KV
+  cache and attention. A layer whose input width is not a multiple of 16 (the kernel's
+  requirement) keeps its float weights.
 
-In both formats the LM head is a `BFloat16Linear`: bfloat16 weights which, on a CPU with oneDNN,
-are reordered once into oneDNN's blocked layout. Of the products that keep the activations in
-bfloat16 (rather than rounding them to int8), that is the fastest this machine has for the LM
-head at one row and at sixteen (`bench/decode_kernels.py`: about 1.1-1.3x and 3x faster than the
-int8 kernel), and it keeps the largest product of a decode step at bfloat16's precision.
+The LM head depends on the CPU (`behemoth.hardware.choose_paths`, `behemoth info --machine`).
+With native bfloat16 (AVX-512 BF16, AMX) it is a `BFloat16Linear`: bfloat16 weights reordered once
+into oneDNN's blocked layout. Of the products that keep the activations in bfloat16 (rather than
+rounding them to int8), that is the fastest such a machine has for the LM head at one row and at
+sixteen (`bench/decode_kernels.py`: about 1.1-1.3x and 3x faster than the int8 kernel), and it
+keeps the largest product of a decode step at bfloat16's precision. On an AVX2-only CPU a
+bfloat16 product of 16 rows costs about 3x a float32 one, so there the int8 format keeps the LM
+head in float32. The bfloat16 format always has a bfloat16 head, as it has bfloat16 everything.
 
 Quantised weights are an approximation of the trained ones: `bench/serve_decode.py` reports how
 often greedy decoding still picks the same tokens, and the tests bound the logit error.
@@ -36,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from behemoth.errors import ConfigError
+from behemoth.hardware import CpuFeatures, choose_paths, detect_cpu
 from behemoth.model import Transformer
 from behemoth.model.moe import MLP, Experts, combine, sort_by_expert
 
@@ -45,10 +50,12 @@ INT8_BLOCK = 16  # the int8 kernel reads its input in blocks of 16: other widths
 DEQUANTIZED_ROWS = 32
 
 
-def prepare_weights(model: Transformer, weights: str = "float32") -> Transformer:
-    """Convert `model` in place to the serving weight format `weights` (see WEIGHT_FORMATS)."""
+def prepare_weights(model: Transformer, weights: str = "float32", cpu: CpuFeatures | None = None) -> Transformer:
+    """Convert `model` in place to the serving weight format `weights` (see WEIGHT_FORMATS), with
+    the kernels chosen for `cpu` (default: this machine's)."""
     if weights not in WEIGHT_FORMATS:
         raise ConfigError(f"unknown weight format {weights!r} (choose from {', '.join(WEIGHT_FORMATS)})")
+    paths = choose_paths(cpu or detect_cpu())
     model.eval()
     if weights == "bfloat16":
         model.to(torch.bfloat16)
@@ -57,38 +64,40 @@ def prepare_weights(model: Transformer, weights: str = "float32") -> Transformer
             raise ConfigError(f"int8 weights need torch's _weight_int8pack_mm kernel, which torch "
                               f"{torch.__version__} does not have; use bfloat16")
         model.float()
-        _quantize_int8(model)
+        _quantize_int8(model, paths.int8_prompt_dtype)
     else:
         model.float()
-    if weights != "float32" and isinstance(model.lm_head, nn.Linear):
+    bfloat16_head = weights == "bfloat16" or (weights == "int8" and paths.lm_head != "float32")
+    if bfloat16_head and isinstance(model.lm_head, nn.Linear):
         # a tied LM head gets its own copy; the embedding stays as it is
-        model.lm_head = BFloat16Linear(model.lm_head)
+        model.lm_head = BFloat16Linear(model.lm_head, pack=paths.lm_head == "bfloat16 packed")
     # RoPE frequencies recomputed in float32 whatever the weights (casting the model to bfloat16
     # rounds them, which turns into angle errors of a radian at a few thousand positions)
     model.reset_buffers()
     return model
 
 
-def _quantize_int8(model: Transformer) -> None:
-    """Swap every eligible projection, MLP and expert bank for its int8 twin. Projections that read
-    the same input are fused into one matrix (q, k and v; gate and up), so each is one kernel call."""
+def _quantize_int8(model: Transformer, prompt_dtype: torch.dtype) -> None:
+    """Swap every eligible projection, MLP and expert bank for its int8 twin, whose prompts multiply
+    in `prompt_dtype`. Projections that read the same input are fused into one matrix (q, k and v;
+    gate and up), so each is one kernel call."""
     for layer in model.model.layers:
         attention = layer.self_attn
         if all(_eligible(getattr(attention, name)) for name in ("q_proj", "k_proj", "v_proj")):
             # float out: keys and values go into the float KV cache
             attention.qkv_proj = Int8Linear.fused([attention.q_proj, attention.k_proj, attention.v_proj],
-                                                  float_output=True)
+                                                  prompt_dtype, float_output=True)
             del attention.q_proj, attention.k_proj, attention.v_proj
         if _eligible(attention.o_proj):
-            attention.o_proj = Int8Linear.fused([attention.o_proj])
+            attention.o_proj = Int8Linear.fused([attention.o_proj], prompt_dtype)
         feed_forward = layer.feed_forward
         if layer.is_moe:
             if Int8MLP.eligible(feed_forward.shared_expert):
-                feed_forward.shared_expert = Int8MLP(feed_forward.shared_expert)
+                feed_forward.shared_expert = Int8MLP(feed_forward.shared_expert, prompt_dtype)
             if Int8Experts.eligible(feed_forward.experts):
-                feed_forward.experts = Int8Experts(feed_forward.experts)
+                feed_forward.experts = Int8Experts(feed_forward.experts, prompt_dtype)
         elif Int8MLP.eligible(feed_forward):
-            layer.feed_forward = Int8MLP(feed_forward)
+            layer.feed_forward = Int8MLP(feed_forward, prompt_dtype)
 
 
 def _eligible(linear: nn.Module) -> bool:
@@ -107,17 +116,19 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values.contiguous(), scales.contiguous()
 
 
-def int8_matmul(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def int8_matmul(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
+                prompt_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """x [..., in] (bfloat16) times the int8 matrix values [out, in] with per-row scales: [..., out] bfloat16.
 
     Decode steps (a few rows) take torch's int8 weight-only kernel. A prompt (DEQUANTIZED_ROWS rows
-    or more, run eagerly) is 1.5-3x faster (64 to 512 rows) as one bfloat16 product on the matrix
-    cast to bfloat16 (int8 values are exact in bfloat16, and the cast costs little against so many
-    rows): the same product, its output rounded to bfloat16 before the scaling rather than after.
+    or more, run eagerly) is one product on the matrix cast to `prompt_dtype` (int8 values are exact
+    in it, and the cast costs little against so many rows): the same product, 1.5-3x faster at 64
+    to 512 rows. In bfloat16 (a CPU with native bfloat16) the output is rounded to bfloat16 before
+    the scaling rather than after; float32 is the type that is fast on an AVX2-only CPU.
     """
     rows = x.reshape(-1, x.shape[-1])
     if not torch.compiler.is_compiling() and rows.shape[0] >= DEQUANTIZED_ROWS:
-        out = F.linear(rows, values.to(rows.dtype)) * scales
+        out = (F.linear(rows.to(prompt_dtype), values.to(prompt_dtype)) * scales).to(x.dtype)
     else:
         out = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), values, scales)
     return out.view(*x.shape[:-1], values.shape[0])
@@ -130,40 +141,45 @@ class Int8Linear(nn.Module):
     with `float_output`."""
 
     def __init__(self, values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                 float_output: bool = False):
+                 prompt_dtype: torch.dtype = torch.bfloat16, float_output: bool = False):
         super().__init__()
         self.register_buffer("weight", values)
         self.register_buffer("scales", scales)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.prompt_dtype = prompt_dtype
         self.float_output = float_output
 
     @classmethod
-    def fused(cls, linears: list[nn.Linear], float_output: bool = False) -> Int8Linear:
+    def fused(cls, linears: list[nn.Linear], prompt_dtype: torch.dtype = torch.bfloat16,
+              float_output: bool = False) -> Int8Linear:
         values, scales = quantize_rows(torch.cat([linear.weight for linear in linears]))
         biases = [linear.bias for linear in linears]
         bias = None if all(b is None for b in biases) else torch.cat([
             b.detach() if b is not None else torch.zeros(linear.out_features) for b, linear in zip(biases, linears)])
-        return cls(values, scales, bias, float_output)
+        return cls(values, scales, bias, prompt_dtype, float_output)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = int8_matmul(x.to(torch.bfloat16), self.weight, self.scales)
+        out = int8_matmul(x.to(torch.bfloat16), self.weight, self.scales, self.prompt_dtype)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.to(x.dtype) if self.float_output else out
 
 
 class BFloat16Linear(nn.Module):
-    """An nn.Linear computed in bfloat16 (any float in, bfloat16 out). On a CPU with oneDNN the
-    weight is also kept reordered into oneDNN's blocked layout, once, so that no product pays for
-    the reordering. That copy is an opaque tensor a compiled program cannot take as an input, so
-    the forward always runs eagerly (`CompiledDecoder` applies the LM head after its program)."""
+    """An nn.Linear computed in bfloat16 (any float in, bfloat16 out). With `pack` (a CPU whose
+    oneDNN runs bfloat16: `CpuFeatures.onednn_bf16`) the weight is also kept reordered into
+    oneDNN's blocked layout, once, so that no product pays for the reordering. That copy is an
+    opaque tensor a compiled program cannot take as an input, so the forward always runs eagerly
+    (`CompiledDecoder` applies the LM head after its program)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, pack: bool = False):
         super().__init__()
         self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16).contiguous())
         self.bias = (None if linear.bias is None
                      else nn.Parameter(linear.bias.detach().to(torch.bfloat16), requires_grad=False))
-        self._packed = _onednn_packed(self.weight)
+        # laid out for 16 rows; any row count gives the same products
+        self._packed = (torch.ops.mkldnn._reorder_linear_weight(self.weight, 16)
+                        if pack and self.weight.device.type == "cpu" else None)
 
     @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,45 +189,28 @@ class BFloat16Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def _onednn_packed(weight: torch.Tensor, rows_hint: int = 16) -> torch.Tensor | None:
-    """`weight` reordered for oneDNN's linear, or None where that is not available (not a CPU
-    tensor, a torch without oneDNN, a CPU oneDNN has no bfloat16 products for). The layout is
-    chosen for `rows_hint` rows; any row count gives the same products."""
-    mkldnn = torch.ops.mkldnn
-    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return None
-    if not all(hasattr(mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise",
-                                               "_is_mkldnn_bf16_supported")):
-        return None
-    if not mkldnn._is_mkldnn_bf16_supported():
-        return None
-    try:  # a trial product: some builds list the operators but refuse them on this CPU
-        packed = mkldnn._reorder_linear_weight(weight, rows_hint)
-        mkldnn._linear_pointwise(weight.new_zeros(1, weight.shape[1]), packed, None, "none", [], "")
-    except RuntimeError:
-        return None
-    return packed
-
-
 class Int8MLP(nn.Module):
     """The SwiGLU `MLP` with gate and up fused into one int8 matrix; activations in bfloat16 (the
     kernel's type) from the input's cast to the output, which the residual add promotes."""
 
-    def __init__(self, mlp: MLP):
+    def __init__(self, mlp: MLP, prompt_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
-        _register_int8(self, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), mlp.down_proj.weight)
+        _register_int8(self, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), mlp.down_proj.weight,
+                       prompt_dtype)
 
     @staticmethod
     def eligible(mlp: nn.Module) -> bool:
         return isinstance(mlp, MLP) and _eligible(mlp.gate_proj) and _eligible(mlp.down_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swiglu_int8(x.to(torch.bfloat16), self.gate_up, self.gate_up_scales, self.down, self.down_scales)
+        return swiglu_int8(x.to(torch.bfloat16), self.gate_up, self.gate_up_scales, self.down, self.down_scales,
+                           self.prompt_dtype)
 
 
-def _register_int8(module: nn.Module, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+def _register_int8(module: nn.Module, gate_up: torch.Tensor, down: torch.Tensor, prompt_dtype: torch.dtype) -> None:
     """Quantise a SwiGLU's [.., 2I, hidden] and [.., hidden, I] matrices into the module's buffers
-    gate_up, gate_up_scales, down and down_scales."""
+    gate_up, gate_up_scales, down and down_scales; its prompts multiply in `prompt_dtype`."""
+    module.prompt_dtype = prompt_dtype
     for name, weight in (("gate_up", gate_up), ("down", down)):
         values, scales = quantize_rows(weight)
         module.register_buffer(name, values)
@@ -219,21 +218,21 @@ def _register_int8(module: nn.Module, gate_up: torch.Tensor, down: torch.Tensor)
 
 
 def swiglu_int8(x: torch.Tensor, gate_up: torch.Tensor, gate_up_scales: torch.Tensor, down: torch.Tensor,
-                down_scales: torch.Tensor) -> torch.Tensor:
+                down_scales: torch.Tensor, prompt_dtype: torch.dtype) -> torch.Tensor:
     """down(silu(gate(x)) * up(x)) with int8 matrices, bfloat16 in and out."""
-    gate, up = int8_matmul(x, gate_up, gate_up_scales).chunk(2, dim=-1)
-    return int8_matmul(F.silu(gate) * up, down, down_scales)
+    gate, up = int8_matmul(x, gate_up, gate_up_scales, prompt_dtype).chunk(2, dim=-1)
+    return int8_matmul(F.silu(gate) * up, down, down_scales, prompt_dtype)
 
 
 class Int8Experts(nn.Module):
     """`Experts` with int8 weights: the same routing arithmetic (the gate scales the input, expert
     outputs summed in expert order), int8 matrix products, bfloat16 activations and output."""
 
-    def __init__(self, experts: Experts):
+    def __init__(self, experts: Experts, prompt_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         self.num_experts = experts.num_experts
         # Stored [E, out, in], as the kernel wants each matrix (Hugging Face's layout is [E, in, out]).
-        _register_int8(self, experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2))
+        _register_int8(self, experts.gate_up_proj.transpose(1, 2), experts.down_proj.transpose(1, 2), prompt_dtype)
 
     @staticmethod
     def eligible(experts: Experts) -> bool:
@@ -254,7 +253,8 @@ class Int8Experts(nn.Module):
         return out
 
     def _expert(self, e: int, tokens: torch.Tensor) -> torch.Tensor:
-        return swiglu_int8(tokens, self.gate_up[e], self.gate_up_scales[e], self.down[e], self.down_scales[e])
+        return swiglu_int8(tokens, self.gate_up[e], self.gate_up_scales[e], self.down[e], self.down_scales[e],
+                           self.prompt_dtype)
 
     def _one_token_in_graph(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """One token's experts, their weights picked by tensor indexing rather than a host read,
@@ -265,7 +265,7 @@ class Int8Experts(nn.Module):
             gate_up, gate_up_scales, down, down_scales = (
                 bank.index_select(0, pick)[0] for bank in (self.gate_up, self.gate_up_scales, self.down,
                                                            self.down_scales))
-            y = swiglu_int8(x * gates[k].to(x.dtype), gate_up, gate_up_scales, down, down_scales)
+            y = swiglu_int8(x * gates[k].to(x.dtype), gate_up, gate_up_scales, down, down_scales, self.prompt_dtype)
             out = y if out is None else out + y
         return out
 

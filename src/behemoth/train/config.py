@@ -88,7 +88,10 @@ class RunSettings:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     max_bad_steps: int = 3  # NaN/Inf loss or gradient: such steps are skipped; this many in a row stop the run
-    dtype: str = "float32"  # or "bfloat16" (autocast)
+    # "bfloat16": autocast (see `behemoth info --machine` for whether this CPU has it natively);
+    # "float64": weights and arithmetic in float64, for comparisons that must not depend on the
+    # order of float32 sums (the distributed equality tests); about 2x slower
+    dtype: str = "float32"
     compile: bool = False
     device: str = "auto"  # "auto", "cpu", "cuda", ...
 
@@ -135,7 +138,7 @@ class RunConfig:
 
 _SECTIONS = {"data": DataConfig, "optim": OptimConfig, "balance": BalanceConfig, "distill": DistillConfig,
              "dpo": PreferenceConfig, "run": RunSettings, "parallel": ParallelConfig}
-_CHOICES = {("optim", "schedule"): ("cosine", "wsd"), ("run", "dtype"): ("float32", "bfloat16"),
+_CHOICES = {("optim", "schedule"): ("cosine", "wsd"), ("run", "dtype"): ("float32", "bfloat16", "float64"),
             ("distill", "alpha_schedule"): ("constant", "linear", "cosine", "adaptive"),
             ("parallel", "data_parallel"): ("fsdp", "ddp")}
 

@@ -23,8 +23,8 @@ from behemoth.errors import ConfigError
 from behemoth.model import RouterOutput, Transformer, init_weights
 from behemoth.tokenizer import Tokenizer
 from behemoth.train.config import DistillConfig, RunConfig
-from behemoth.train.loop import TrainResult, pick_device, start_run, train_loop
-from behemoth.train.loop import device_of
+from behemoth.train.loop import TrainResult, device_of, parameter_dtype, pick_device, start_run, train_loop
+from behemoth.train.objectives import wide
 from behemoth.train.trainer import LanguageModeling
 
 
@@ -43,8 +43,8 @@ def soft_weight(step: int, total_steps: int, config: DistillConfig) -> float:
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
                       temperature: float, alpha: float | None) -> tuple[torch.Tensor, dict[str, float]]:
     """The mixed loss over all tokens; alpha None means adaptive (teacher confidence per token)."""
-    student = student_logits.flatten(0, 1).float()
-    teacher = teacher_logits.flatten(0, 1).float()
+    student = wide(student_logits.flatten(0, 1))
+    teacher = wide(teacher_logits.flatten(0, 1))
     hard = F.cross_entropy(student, targets.flatten(), reduction="none")
     teacher_log_probs = F.log_softmax(teacher / temperature, dim=-1)
     student_log_probs = F.log_softmax(student / temperature, dim=-1)
@@ -103,7 +103,7 @@ def distill(run: RunConfig, teacher_dir: Path, out_dir: Path, resume: bool = Fal
     device = pick_device(run.run.device)
     student = Transformer(run.model_config(tokenizer))
     init_weights(student, seed=run.run.seed)
-    student.to(device)
+    student.to(device, parameter_dtype(run))
     objective = Distillation(teacher.to(device), run.distill, run.run.steps, train_loader, val_batches,
                              bytes_per_token, run.run.eval_batches)
     return train_loop(run, out_dir, student, tokenizer, objective, resume=resume, progress=progress)

@@ -23,9 +23,9 @@ from behemoth.data.rows import RowLoader, fingerprint
 from behemoth.errors import CheckpointError
 from behemoth.model import RouterOutput, Transformer
 from behemoth.train.config import RunConfig
-from behemoth.train.loop import TrainResult, pick_device, start_run, train_loop
+from behemoth.train.loop import TrainResult, device_of, start_run, train_loop
+from behemoth.train.objectives import wide
 from behemoth.train.sft import _ExampleLoader, load_base, split_examples
-from behemoth.train.loop import device_of
 
 REFERENCE_FILE = "reference_logps.safetensors"
 Pair = tuple[list[int], list[int], list[int]]  # prompt, chosen, rejected token ids
@@ -58,7 +58,7 @@ def answer_logps(model, pairs: list[Pair], pad_id: int, routers: list[RouterOutp
         ids[row, :len(sequence)] = torch.tensor(sequence)
         answer_mask[row, len(sequence) - n:len(sequence)] = True
     ids, answer_mask = ids.to(device), answer_mask.to(device)
-    logits = model(ids[:, :-1], router_outputs=routers).float()
+    logits = wide(model(ids[:, :-1], router_outputs=routers))
     token_logps = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     summed = (token_logps * answer_mask[:, 1:]).sum(dim=1)
     return summed[0::2], summed[1::2]
@@ -145,7 +145,7 @@ def dpo(run: RunConfig, model_dir: Path, data: Path, out_dir: Path, resume: bool
     preferences = load_preferences(data)  # checked before any work
     checkpoints = start_run(out_dir, run, resume)
     torch.manual_seed(run.run.seed)
-    model, tokenizer = load_base(Path(model_dir), pick_device(run.run.device))
+    model, tokenizer = load_base(Path(model_dir), run)
     pairs = render_pairs(tokenizer, preferences, run.data.seq_len + 1)
     ref_chosen, ref_rejected = reference_logps(model, pairs, tokenizer.pad_id, run.data.batch_size, out_dir,
                                                reuse=resume and bool(checkpoints))

@@ -28,6 +28,7 @@ from behemoth.checkpoint import save as save_model
 from behemoth.distributed.mesh import local_device
 from behemoth.distributed.runtime import Parallelism, is_main_process, join
 from behemoth.errors import BehemothError, ConfigError
+from behemoth.hardware import detect_cpu
 from behemoth.info import model_size
 from behemoth.model import RouterOutput, Transformer
 from behemoth.train.checkpointing import TrainerState, list_checkpoints, save_checkpoint
@@ -138,6 +139,9 @@ def _train_loop(run: RunConfig, out_dir: Path, model: Transformer, tokenizer: An
         peak = machine_matmul_peak(device) * parallel.world_size  # MFU of the whole job
     else:
         metrics, bar, peak = _Silent(), _Silent(), math.inf
+    if run.run.dtype == "bfloat16" and device.type == "cpu" and not detect_cpu().native_bf16:
+        bar.note("note: run.dtype = bfloat16 on a CPU without native bfloat16 (no AVX-512 BF16 or AMX): "
+                 "each product converts to float32 and back, slower than run.dtype = float32 here")
     loss_value, validation = math.nan, {}
     bad_steps = BadSteps(run.run.max_bad_steps)
     for step in range(first_step, total):
@@ -323,6 +327,12 @@ def autocast(dtype: str, device: torch.device):
     if dtype == "bfloat16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def parameter_dtype(run: RunConfig) -> torch.dtype:
+    """The dtype a fresh model's weights are kept in: float64 when asked, else float32 (bfloat16
+    autocast also keeps float32 weights)."""
+    return torch.float64 if run.run.dtype == "float64" else torch.float32
 
 
 def device_of(model) -> torch.device:

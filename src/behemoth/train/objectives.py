@@ -16,8 +16,13 @@ import torch.nn.functional as F
 from behemoth.model import RouterOutput, Transformer
 
 
+def wide(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in float32 at least, for losses: bfloat16 (autocast) is widened, float64 kept."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    return F.cross_entropy(wide(logits.flatten(0, 1)), targets.flatten())
 
 
 def expert_load(router: RouterOutput, num_experts: int) -> torch.Tensor:

@@ -20,8 +20,8 @@ from behemoth.errors import ConfigError
 from behemoth.model import RouterOutput, Transformer
 from behemoth.tokenizer import Tokenizer
 from behemoth.train.config import RunConfig
-from behemoth.train.loop import TrainResult, pick_device, start_run, train_loop
-from behemoth.train.loop import device_of
+from behemoth.train.loop import TrainResult, device_of, parameter_dtype, pick_device, start_run, train_loop
+from behemoth.train.objectives import wide
 
 IGNORE = -100
 Example = tuple[list[int], list[bool]]
@@ -54,7 +54,7 @@ class SupervisedChat:
         device = device_of(model)
         inputs, targets = (t.to(device) for t in sft_batch(batch, self.pad_id))
         logits = model(inputs, router_outputs=routers)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
+        loss = F.cross_entropy(wide(logits.flatten(0, 1)), targets.flatten(), ignore_index=IGNORE)
         return loss, {"assistant_tokens": float((targets != IGNORE).sum())}, inputs.numel()
 
     def loss_weight(self, batch) -> float:
@@ -69,7 +69,7 @@ class SupervisedChat:
         for start in range(0, len(self.val), self.batch_size):
             inputs, targets = (t.to(model.device) for t in sft_batch(self.val[start:start + self.batch_size],
                                                                      self.pad_id))
-            losses = F.cross_entropy(model(inputs).flatten(0, 1).float(), targets.flatten(),
+            losses = F.cross_entropy(wide(model(inputs).flatten(0, 1)), targets.flatten(),
                                      ignore_index=IGNORE, reduction="sum")
             nats += losses.item()
             count += int((targets != IGNORE).sum())
@@ -101,10 +101,11 @@ def split_examples(keys: list[str], examples: list, fraction: float, seed: int) 
     return train, val
 
 
-def load_base(model_dir: Path, device: torch.device) -> tuple[Transformer, Tokenizer]:
-    """The model to post-train and its tokenizer (a model directory must carry one)."""
+def load_base(model_dir: Path, run: RunConfig) -> tuple[Transformer, Tokenizer]:
+    """The model to post-train, on the run's device in its parameter dtype, and its tokenizer (a
+    model directory must carry one)."""
     tokenizer = Tokenizer.load(model_dir)
-    model = load_model(model_dir, device=device, dtype=torch.float32)
+    model = load_model(model_dir, device=pick_device(run.run.device), dtype=parameter_dtype(run))
     return model, tokenizer
 
 
@@ -113,7 +114,7 @@ def sft(run: RunConfig, model_dir: Path, data: Path, out_dir: Path, resume: bool
     """Fine-tune the model in `model_dir` on the conversations in `data`."""
     out_dir = Path(out_dir)
     conversations = load_conversations(data)  # checked before any work
-    model, tokenizer = load_base(Path(model_dir), pick_device(run.run.device))
+    model, tokenizer = load_base(Path(model_dir), run)
     limit = run.data.seq_len + 1
     examples, keys = [], []
     for messages in conversations:

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 
 from behemoth.model import RouterOutput, Transformer, init_weights
 from behemoth.train.config import RunConfig
-from behemoth.train.loop import TrainingError, TrainResult, device_of, pick_device, start_run, train_loop
-from behemoth.train.objectives import next_token_loss
+from behemoth.train.loop import (TrainingError, TrainResult, device_of, parameter_dtype, pick_device, start_run,
+                                 train_loop)
+from behemoth.train.objectives import next_token_loss, wide
 
 __all__ = ["pretrain", "LanguageModeling", "evaluate_lm", "TrainResult", "TrainingError"]
 
@@ -55,7 +56,7 @@ def pretrain(run: RunConfig, out_dir: Path, resume: bool = False, progress: bool
     tokenizer, _, (train_loader, val_batches, bytes_per_token) = prepare_run_data(run, out_dir)
     model = Transformer(run.model_config(tokenizer))
     init_weights(model, seed=run.run.seed)
-    model.to(pick_device(run.run.device))
+    model.to(pick_device(run.run.device), parameter_dtype(run))
     objective = LanguageModeling(train_loader, val_batches, bytes_per_token, run.run.eval_batches)
     return train_loop(run, out_dir, model, tokenizer, objective, resume=resume, progress=progress)
 
@@ -70,7 +71,7 @@ def evaluate_lm(model: Transformer, batches, bytes_per_token: torch.Tensor, max_
         if i >= max_batches:
             break
         inputs, targets = inputs.to(device), targets.to(device)
-        losses = F.cross_entropy(model(inputs).flatten(0, 1).float(), targets.flatten(), reduction="none")
+        losses = F.cross_entropy(wide(model(inputs).flatten(0, 1)), targets.flatten(), reduction="none")
         nats += losses.sum().item()
         tokens += targets.numel()
         text_bytes += int(bytes_per_token.to(device)[targets].sum().item())

@@ -1,0 +1,165 @@
+"""What this machine's processor offers, and the fast paths that follow from it.
+
+The same code runs on laptops and cloud machines whose x86 CPUs differ in what matters here:
+- AVX2 only (many AMD and older Intel machines): float32 products are fast; bfloat16 has no
+  hardware support, so a bfloat16 product converts to float32 and back and is slower than
+  float32 itself, and oneDNN has no bfloat16 kernels at all;
+- AVX-512 with AVX-512 BF16, or AMX: bfloat16 products run in hardware, about twice as fast as
+  float32.
+
+`detect_cpu()` reads what the CPU has (Linux's /proc/cpuinfo flags, then torch's own view), and
+`choose_paths()` turns that into the kernels serving and training use. Nothing here changes
+what a model computes beyond the rounding of the chosen kernel: each path is tested on every
+kind of CPU, and the tests simulate the kind they do not run on by passing other `CpuFeatures`.
+`behemoth info --machine` prints both.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+AVX512_BASE = ("avx512f", "avx512bw", "avx512vl", "avx512dq")  # what oneDNN's AVX-512 bfloat16 path needs
+CPUINFO = Path("/proc/cpuinfo")
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    """The instruction sets that decide which kernels are fast here."""
+
+    model: str
+    avx2: bool
+    avx512: bool  # AVX-512 F, BW, VL and DQ
+    avx512_bf16: bool
+    amx: bool  # AMX tiles with bfloat16
+    torch_kernels: str  # the vector instruction set torch's own kernels were dispatched to ("AVX512", "AVX2", ...)
+    onednn_bf16: bool  # torch's oneDNN runs bfloat16 products on this CPU (a trial product succeeded)
+
+    @property
+    def native_bf16(self) -> bool:
+        """bfloat16 products run in hardware (AVX-512 BF16 or AMX), not by conversion to float32."""
+        return self.onednn_bf16 and (self.avx512_bf16 or self.amx)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "native_bf16": self.native_bf16}
+
+
+def detect_cpu(cpuinfo: Path = CPUINFO) -> CpuFeatures:
+    """This machine's CPU. Without /proc/cpuinfo (not Linux), the flags come from torch's dispatch level."""
+    flags, model = _cpuinfo(cpuinfo)
+    capability = torch.backends.cpu.get_cpu_capability()
+    if not flags:  # no /proc/cpuinfo: what torch chose is the best we know
+        flags = {"avx2"} if capability.startswith(("AVX2", "AVX512")) else set()
+        flags |= set(AVX512_BASE) if capability.startswith("AVX512") else set()
+    return CpuFeatures(
+        model=model or platform.processor() or platform.machine(),
+        avx2="avx2" in flags,
+        avx512=all(flag in flags for flag in AVX512_BASE),
+        avx512_bf16="avx512_bf16" in flags,
+        amx="amx_bf16" in flags and "amx_tile" in flags,
+        torch_kernels=capability,
+        onednn_bf16=onednn_bf16_works(),
+    )
+
+
+def _cpuinfo(path: Path) -> tuple[set[str], str]:
+    """(flags, model name) of the first processor in a /proc/cpuinfo file; empty where there is none."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return set(), ""
+    flags: set[str] = set()
+    model = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "flags" and not flags:
+            flags = set(value.split())
+        elif key == "model name" and not model:
+            model = value.strip()
+    return flags, model
+
+
+def onednn_bf16_works() -> bool:
+    """Whether torch's oneDNN will reorder and multiply bfloat16 weights here. Some builds list the
+    operators and then refuse them at the first call on a CPU without AVX-512 or AVX-NE-CONVERT
+    ("bf16 path needs the cpu support ..."), so a trial product decides."""
+    mkldnn = torch.ops.mkldnn
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if not all(hasattr(mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise",
+                                               "_is_mkldnn_bf16_supported")):
+        return False
+    if not mkldnn._is_mkldnn_bf16_supported():
+        return False
+    try:
+        weight = torch.zeros(16, 16, dtype=torch.bfloat16)
+        mkldnn._linear_pointwise(weight[:1], mkldnn._reorder_linear_weight(weight, 1), None, "none", [], "")
+    except RuntimeError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """The kernels chosen for this CPU (see bench/RESULTS.md, "Decode matrix products", for the
+    measurements behind each choice on both kinds of CPU)."""
+
+    lm_head: str  # in the int8 serving format: "bfloat16 packed" or "float32"
+    int8_prompt_dtype: torch.dtype  # int8 products of a prompt run on the matrix cast to this type
+    training_bf16: str  # what `run.dtype = "bfloat16"` gets: "native" or "emulated"
+    compiled_decode: bool  # `--compile` can build its C++ programs (a compiler is on PATH)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "int8_prompt_dtype": str(self.int8_prompt_dtype).removeprefix("torch.")}
+
+    def lines(self) -> list[str]:
+        bf16_training = ("native bfloat16 products" if self.training_bf16 == "native"
+                         else "bfloat16 emulated in float32: slower than float32 here, use float32")
+        return [
+            f"serve --weights int8: LM head     {self.lm_head}",
+            f"serve --weights int8: prompts     the int8 matrix cast to {str(self.int8_prompt_dtype).removeprefix('torch.')}",
+            "serve --weights int8: decoding    torch's int8 weight-only kernel",
+            f"serve --compile                   {'available' if self.compiled_decode else 'no C++ compiler found'}",
+            f"train run.dtype=bfloat16          {bf16_training}",
+        ]
+
+
+def choose_paths(cpu: CpuFeatures) -> FastPaths:
+    """The fastest measured kernel for each choice on a CPU like `cpu`.
+
+    Without native bfloat16, a bfloat16 product costs several times a float32 one (a conversion on
+    every load), so the LM head stays float32 and the int8 matrices of a prompt are cast to float32;
+    decode steps keep torch's int8 kernel, which reads a quarter of the bytes on every CPU."""
+    if cpu.native_bf16:
+        lm_head, prompt_dtype = "bfloat16 packed", torch.bfloat16
+    else:
+        lm_head, prompt_dtype = "float32", torch.float32
+    return FastPaths(lm_head=lm_head, int8_prompt_dtype=prompt_dtype,
+                     training_bf16="native" if cpu.native_bf16 else "emulated",
+                     compiled_decode=any(shutil.which(cc) for cc in ("c++", "g++", "clang++")))
+
+
+def describe_machine(cpu: CpuFeatures | None = None) -> str:
+    """What `behemoth info --machine` prints: the CPU's features and the paths chosen from them."""
+    cpu = cpu or detect_cpu()
+    yes = {True: "yes", False: "no"}
+    rows = [
+        f"CPU                 {cpu.model}",
+        f"  AVX2              {yes[cpu.avx2]}",
+        f"  AVX-512           {yes[cpu.avx512]}",
+        f"  AVX-512 BF16      {yes[cpu.avx512_bf16]}",
+        f"  AMX               {yes[cpu.amx]}",
+        f"  torch kernels     {cpu.torch_kernels} (torch {torch.__version__}, {torch.get_num_threads()} threads)",
+        f"  oneDNN bfloat16   {yes[cpu.onednn_bf16]}",
+        f"  native bfloat16   {yes[cpu.native_bf16]}",
+    ]
+    if torch.cuda.is_available():
+        rows.append(f"GPU                 {torch.cuda.get_device_name()} (CUDA {torch.version.cuda}): "
+                    f"training and serving on it use bfloat16 where asked")
+    rows += ["Paths chosen", *(f"  {line}" for line in choose_paths(cpu).lines())]
+    return "\n".join(rows)
