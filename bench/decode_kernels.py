@@ -45,7 +45,7 @@ from common import Figure, bench_arguments, finish, start, summary  # noqa: E402
 
 from behemoth.config import ModelConfig, preset  # noqa: E402
 from behemoth.hardware import choose_paths, detect_cpu  # noqa: E402
-from behemoth.serve.weights import DEQUANTIZED_ROWS  # noqa: E402
+from behemoth.inference.weights import DEQUANTIZED_ROWS  # noqa: E402
 
 SECTION = "Decode matrix products: kernel by kernel"
 STREAMS = 16

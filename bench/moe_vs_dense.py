@@ -25,7 +25,7 @@ from common import plot_validation_loss, write_section  # noqa: E402
 
 from behemoth.checkpoint import load  # noqa: E402
 from behemoth.data import prepare  # noqa: E402
-from behemoth.generation import generate  # noqa: E402
+from behemoth.inference.generate import generate  # noqa: E402
 from behemoth.info import human, model_size  # noqa: E402
 from behemoth.tokenizer import Tokenizer, train_tokenizer_from_files  # noqa: E402
 from behemoth.train.config import load_run_config  # noqa: E402

@@ -57,7 +57,7 @@ def child_serve(args: argparse.Namespace) -> None:
 
     from behemoth.config import preset
     from behemoth.model import Transformer, init_weights
-    from behemoth.serve.engine import Engine, SamplingParams
+    from behemoth.inference.engine import Engine, SamplingParams
 
     model = Transformer(preset("cpu-small"))
     init_weights(model, seed=0)

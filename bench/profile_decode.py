@@ -24,9 +24,9 @@ from common import in_fresh_thread  # noqa: E402
 
 from behemoth.config import preset  # noqa: E402
 from behemoth.model import Transformer, init_weights  # noqa: E402
-from behemoth.serve.compiled import CompiledDecoder  # noqa: E402
-from behemoth.serve.kv_cache import ModelCache  # noqa: E402
-from behemoth.serve.weights import WEIGHT_FORMATS, prepare_weights  # noqa: E402
+from behemoth.inference.compiled import CompiledDecoder  # noqa: E402
+from behemoth.inference.kv_cache import ModelCache  # noqa: E402
+from behemoth.inference.weights import WEIGHT_FORMATS, prepare_weights  # noqa: E402
 
 
 def main() -> None:

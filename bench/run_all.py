@@ -59,6 +59,8 @@ BENCHMARKS = [
               "7 alternating repeats of each product"),
     Benchmark("serve_decode", "decode: engine (float32, int8, int8 compiled) vs transformers and llama.cpp", 3.0,
               "5 repeats, sides in rotating order, 96 new tokens per stream"),
+    Benchmark("offline_batch", "offline generation: 256 answers at batch 32 vs one prompt at a time", 1.5,
+              "3 alternating repeats of 256 prompts, up to 32 new tokens each"),
     Benchmark("pipeline_throughput", "tokenizer, data prepare, training loop tokens/s and MFU", 1.5,
               "5 repeats of the tokenizer and data stages; steps 4-30 of one training run"),
     Benchmark("peak_memory", "peak RSS of a training run and of serving 16 streams", 2.0,

@@ -19,7 +19,7 @@ and how closely int8 weights follow float32 ones.
 
 Every torch side runs in a thread of its own, started for the measurement, with the same thread
 count, while the main thread keeps one: two OpenMP thread teams on two cores would slow whichever
-side runs beside an idle team (see `behemoth.serve.engine`).
+side runs beside an idle team (see `behemoth.inference.engine`).
 
     .venv/bin/python bench/serve_decode.py [--repeats 5] [--quick] [--no-write]
 """
@@ -43,9 +43,9 @@ from model_step import transformers_twin  # noqa: E402
 
 from behemoth.config import preset  # noqa: E402
 from behemoth.model import Transformer, init_weights  # noqa: E402
-from behemoth.serve.engine import Engine, SamplingParams, leave_cores_to_engines  # noqa: E402
-from behemoth.serve.compiled import CompiledDecoder  # noqa: E402
-from behemoth.serve.weights import prepare_weights  # noqa: E402
+from behemoth.inference.engine import Engine, SamplingParams, leave_cores_to_engines  # noqa: E402
+from behemoth.inference.compiled import CompiledDecoder  # noqa: E402
+from behemoth.inference.weights import prepare_weights  # noqa: E402
 
 SECTION = "Decode: engine vs transformers and llama.cpp"
 OLD_SECTION = "Decode: engine vs transformers"  # the section's earlier name, replaced when written

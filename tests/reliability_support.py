@@ -84,9 +84,9 @@ def _install_hooks() -> None:
 
     loop.machine_matmul_peak = lambda device: 1e12
     checkpointing.write_model_files = _announcing("model-files", checkpointing.write_model_files)
-    checkpointing._write_manifest = _announcing("manifest", checkpointing._write_manifest)
+    checkpointing.write_manifest = _announcing("manifest", checkpointing.write_manifest)
     checkpointing.fsync_tree = _announcing("fsync", checkpointing.fsync_tree)
-    checkpointing._prune = _announcing("prune", checkpointing._prune)
+    checkpointing.prune_checkpoints = _announcing("prune", checkpointing.prune_checkpoints)
     cap = os.environ.get("RELIABILITY_FSIZE_AFTER_SAVES")
     if cap:
         saves, limit = (int(part) for part in cap.split(":"))

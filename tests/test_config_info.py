@@ -146,7 +146,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path) -> None:
 def test_public_api_is_lazy_and_generate_is_the_function() -> None:
     """`behemoth info` and `--help` must not pay for torch; behemoth.generate stays a function."""
     code = ("import sys, behemoth; behemoth.preset('tiny'); assert 'torch' not in sys.modules; "
-            "import behemoth.generation; assert callable(behemoth.generate) and behemoth.generate.__name__ == 'generate'; "
+            "import behemoth.inference.generate; assert callable(behemoth.generate) and behemoth.generate.__name__ == 'generate'; "
             "assert behemoth.load.__module__ == 'behemoth.checkpoint'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

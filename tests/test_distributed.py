@@ -37,8 +37,8 @@ from behemoth.distributed import consolidate, is_sharded_checkpoint
 from behemoth.distributed.checkpoint import SafeFileSystemReader
 from behemoth.distributed.step import shard_batch
 from behemoth.errors import CheckpointError, ConfigError
+from behemoth.run_checkpoints import list_checkpoints, verify_checkpoint
 from behemoth.tokenizer import train_tokenizer_from_files
-from behemoth.train.checkpointing import list_checkpoints, verify_checkpoint
 from behemoth.train.config import load_run_config
 from behemoth.train.metrics import read_metrics
 from behemoth.train.trainer import pretrain

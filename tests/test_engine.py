@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
 import pytest
 import torch
-from hf_reference import random_model
+from hf_reference import hf_model_like, random_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from behemoth.config import ModelConfig
 from behemoth.errors import BehemothError, ConfigError
-from behemoth.generation import generate
-from behemoth.serve.engine import Engine, EngineClosed, PromptTooLong, QueueFull, SamplingParams
-from behemoth.serve.kv_cache import ModelCache
-from behemoth.serve.sampling import IncrementalDecoder, TextStream, _sample, sample_tokens
+from behemoth.inference.engine import Engine, EngineClosed, PromptTooLong, QueueFull, SamplingParams
+from behemoth.inference.kv_cache import ModelCache
+from behemoth.inference.sampling import IncrementalDecoder, TextStream, _sample, sample_tokens
 from behemoth.tokenizer import train_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -54,8 +54,19 @@ def greedy(max_new_tokens: int = 30, **kwargs) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, ignore_eos=True, **kwargs)
 
 
+@functools.cache
+def hf_twin(model):
+    return hf_model_like(model)
+
+
 def reference(model, prompt: list[int], max_new_tokens: int = 30) -> list[int]:
-    return generate(model, torch.tensor([prompt]), max_new_tokens=max_new_tokens)[0].tolist()
+    """Greedy tokens from transformers' `generate` on the same weights: a decoder independent of the
+    engine (behemoth's own `generate` runs on the engine)."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = hf_twin(model).generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                      max_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
 
 
 def prompts(tokenizer) -> list[list[int]]:

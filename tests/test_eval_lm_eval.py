@@ -10,7 +10,7 @@ import torch
 
 import behemoth
 from behemoth.eval.run import load_model_tokenizer
-from behemoth.generation import generate
+from behemoth.inference.generate import generate
 from behemoth.eval.scoring import Scorer
 from behemoth.model import init_weights
 from behemoth.tokenizer import train_tokenizer

@@ -30,9 +30,9 @@ from behemoth.config import ModelConfig, preset
 from behemoth.errors import BehemothError
 from behemoth.export import ExportError, export_gguf
 from behemoth.export import gguf as gguf_export
-from behemoth.generation import generate
+from behemoth.inference.generate import generate
 from behemoth.model import Transformer, init_weights
-from behemoth.serve.kv_cache import LayerCache, ModelCache
+from behemoth.inference.kv_cache import LayerCache, ModelCache
 from behemoth.tokenizer import CHAT_TEMPLATE, Tokenizer, train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -10,10 +10,10 @@ from hf_reference import hf_model_like, random_model
 
 from behemoth.config import ModelConfig, preset
 from behemoth.errors import ConfigError
-from behemoth.generation import generate
+from behemoth.inference.generate import generate
 from behemoth.model.attention import attend_one_query
-from behemoth.serve.engine import PromptTooLong
-from behemoth.serve.kv_cache import ModelCache
+from behemoth.inference.engine import PromptTooLong
+from behemoth.inference.kv_cache import ModelCache
 
 # Small chunks (8) so prompts cross chunk boundaries, NoPE layers with temperature tuning whose
 # floor_scale (4) makes the scale change every few positions, and a larger init so greedy

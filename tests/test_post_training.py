@@ -563,7 +563,7 @@ def test_cli_distill_with_another_tokenizer_exits_2(teacher, corpus, tmp_path, c
 def test_training_ids_continue_the_inference_prompt(which, teacher, newline_tokenizer) -> None:
     """What SFT trains on after each assistant header is exactly what a served prompt ends with,
     so the model is never trained on one token boundary and prompted with another."""
-    from behemoth.serve.prompts import TokenText
+    from behemoth.inference.prompts import TokenText
 
     tokenizer = Tokenizer.load(teacher) if which == "teacher" else newline_tokenizer
     served = TokenText(tokenizer)

@@ -23,7 +23,8 @@ import behemoth
 from behemoth.checkpoint import MAX_HEADER_BYTES, read_safetensors_header
 from behemoth.config import ModelConfig, preset
 from behemoth.errors import BehemothError, CheckpointError
-from behemoth.train.checkpointing import MANIFEST, load_checkpoint, verify_checkpoint
+from behemoth.run_checkpoints import MANIFEST, verify_checkpoint
+from behemoth.train.checkpointing import load_checkpoint
 from behemoth.train.config import load_run_config
 
 hypothesis = pytest.importorskip("hypothesis", reason="the fuzz tests need hypothesis")

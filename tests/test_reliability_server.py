@@ -31,10 +31,12 @@ import pytest
 from reliability_support import record
 from serve_support import LiveServer, make_model_dir
 
-from behemoth.serve.app import ChatBody, CompletionBody, Settings, create_app, load_served_model
+from behemoth.serve.app import create_app
 from behemoth.serve.audit import AuditLog, read_audit
 from behemoth.serve.keys import KeyStore, Limits, create_key
 from behemoth.serve.limits import RateLimiter
+from behemoth.serve.models import load_served_model
+from behemoth.serve.schemas import ChatBody, CompletionBody, Settings
 
 UNLIMITED = Limits(requests_per_minute=None, tokens_per_minute=None)
 SETTINGS = Settings(max_body_bytes=32 * 1024, max_tokens_limit=16, max_choices=4, body_timeout_s=1)
@@ -316,6 +318,11 @@ async def wait_for_admitted(client: httpx.AsyncClient, url: str, requests: int, 
         await asyncio.sleep(0.02)
 
 
+# Enough to still be decoding when the signal comes, and little enough to finish well within the
+# server's 10-second graceful shutdown on a loaded 2-core machine.
+SHUTDOWN_TOKENS = 100
+
+
 def test_sigterm_with_requests_in_flight_lets_them_finish(model_dir, tmp_path) -> None:
     keys_file = tmp_path / "keys.json"
     key = create_key(keys_file, "main", UNLIMITED)[0]
@@ -323,8 +330,8 @@ def test_sigterm_with_requests_in_flight_lets_them_finish(model_dir, tmp_path) -
 
     async def scenario() -> list[dict[str, Any]]:
         async with httpx.AsyncClient(timeout=60) as client:
-            tasks = [asyncio.create_task(generate(client, server.url, key, stream=i % 2 == 0, max_tokens=200))
-                     for i in range(8)]
+            tasks = [asyncio.create_task(generate(client, server.url, key, stream=i % 2 == 0,
+                                                  max_tokens=SHUTDOWN_TOKENS)) for i in range(8)]
             # the signal once all 8 are admitted (the server batches up to 16): a fixed sleep was too
             # short on a loaded machine, where a request sent after the signal is refused
             await wait_for_admitted(client, server.url, 8, deadline=time.monotonic() + 60)
@@ -341,9 +348,9 @@ def test_sigterm_with_requests_in_flight_lets_them_finish(model_dir, tmp_path) -
         assert result["status"] == 200
         if "events" in result:
             assert result["events"][-1] == "[DONE]"
-            assert sum(1 for e in result["events"][:-1] if json.loads(e)["choices"]) == 200
+            assert sum(1 for e in result["events"][:-1] if json.loads(e)["choices"]) == SHUTDOWN_TOKENS
         else:
-            assert result["body"]["usage"]["completion_tokens"] == 200
+            assert result["body"]["usage"]["completion_tokens"] == SHUTDOWN_TOKENS
     records = assert_whole_audit(keys_file.with_name("keys.audit.jsonl"))
     assert [r["status"] for r in records] == [200] * 8
     record("shutdown", requests_in_flight=8, finished=8, half_written_audit_lines=0)

@@ -27,8 +27,8 @@ from safetensors.torch import load_file
 import behemoth.train.loop as loop
 from behemoth.data import prepare, verify
 from behemoth.errors import CheckpointError, ConfigError
+from behemoth.run_checkpoints import list_checkpoints, verify_checkpoint
 from behemoth.tokenizer import train_tokenizer_from_files
-from behemoth.train.checkpointing import list_checkpoints, verify_checkpoint
 from behemoth.train.config import load_run_config
 from behemoth.train.loop import TrainingError
 from behemoth.train.metrics import read_metrics

@@ -17,10 +17,12 @@ openai = pytest.importorskip("openai", reason="the openai client is needed for t
 
 from serve_support import LiveServer, make_model_dir  # noqa: E402
 
-from behemoth.serve.app import Settings, create_app, load_served_model  # noqa: E402
+from behemoth.serve.app import create_app  # noqa: E402
 from behemoth.serve.audit import AuditLog, read_audit  # noqa: E402
 from behemoth.serve.keys import KeyStore, Limits, create_key, revoke_key  # noqa: E402
 from behemoth.serve.limits import RateLimiter  # noqa: E402
+from behemoth.serve.models import load_served_model  # noqa: E402
+from behemoth.serve.schemas import Settings  # noqa: E402
 from behemoth.tokenizer import Tokenizer  # noqa: E402
 
 MARKER = "zebra-marker-7731"  # appears in prompts; must never appear in the audit log

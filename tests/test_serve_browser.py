@@ -21,8 +21,9 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 from serve_support import LiveServer, make_model_dir  # noqa: E402
 
-from behemoth.serve.app import create_app, load_served_model  # noqa: E402
+from behemoth.serve.app import create_app  # noqa: E402
 from behemoth.serve.keys import KeyStore, Limits, create_key  # noqa: E402
+from behemoth.serve.models import load_served_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

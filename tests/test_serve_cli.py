@@ -15,7 +15,7 @@ import pytest
 from serve_support import make_model_dir
 
 from behemoth.cli import main
-from behemoth.serve.chat import ChatSession, run_chat
+from behemoth.chat import ChatSession, run_chat
 from behemoth.serve.keys import create_key
 
 
@@ -74,7 +74,7 @@ def test_compile_option_gives_the_engine_a_compiled_decoder(model_dir, monkeypat
     """--compile's plumbing, without paying for a compile here (tests/test_serve_compiled.py
     compiles for real): the loader builds a CompiledDecoder for the prepared model and the engine
     decodes through it."""
-    import behemoth.serve.compiled as compiled
+    import behemoth.inference.compiled as compiled
 
     built, calls = [], []
 

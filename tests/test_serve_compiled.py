@@ -1,4 +1,4 @@
-"""The compiled decode step (behemoth.serve.compiled): same logits as eager decoding, same greedy
+"""The compiled decode step (behemoth.inference.compiled): same logits as eager decoding, same greedy
 tokens through the engine, and caches that need no host reads. Compiling takes tens of seconds
 here, so one module-scoped decoder serves every test."""
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 from phrase_model import CONFIG, Digits, pattern_text, random_model, train_phrase_model
 
-from behemoth.generation import generate
-from behemoth.serve.engine import Engine, SamplingParams
-from behemoth.serve.kv_cache import ModelCache
-from behemoth.serve.weights import prepare_weights
+from behemoth.inference.generate import generate
+from behemoth.inference.engine import Engine, SamplingParams
+from behemoth.inference.kv_cache import ModelCache
+from behemoth.inference.weights import prepare_weights
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
               pytest.mark.skipif(shutil.which("g++") is None and shutil.which("gcc") is None,
@@ -27,7 +27,7 @@ def int8_model():
 
 @pytest.fixture(scope="module")
 def decoder(int8_model):
-    from behemoth.serve.compiled import CompiledDecoder
+    from behemoth.inference.compiled import CompiledDecoder
 
     return CompiledDecoder(int8_model, threads=1)
 
@@ -92,7 +92,7 @@ def test_each_decoder_keeps_its_own_programs(int8_model, decoder) -> None:
     model would find the limit reached and run uncompiled)."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-    from behemoth.serve.compiled import CompiledDecoder
+    from behemoth.inference.compiled import CompiledDecoder
 
     def programs(of: CompiledDecoder) -> int:
         return len(_debug_get_cache_entry_list(of._step._torchdynamo_orig_callable.__code__))

@@ -15,7 +15,7 @@ from behemoth.serve.audit import AuditLog, read_audit, tokens_used
 from behemoth.serve.keys import AuthError, KeyStore, Limits, create_key, read_keys, revoke_key
 from behemoth.serve.limits import RateLimited, RateLimiter
 from behemoth.serve.metrics import ServerMetrics
-from behemoth.serve.prompts import TokenText
+from behemoth.inference.prompts import TokenText
 from behemoth.tokenizer import train_tokenizer
 
 

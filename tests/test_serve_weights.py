@@ -1,4 +1,4 @@
-"""Serving weight formats (behemoth.serve.weights) and the engine's own torch threads."""
+"""Serving weight formats (behemoth.inference.weights) and the engine's own torch threads."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from phrase_model import CONFIG, Digits, pattern_text, train_phrase_model
 from behemoth import cli
 from behemoth.errors import ConfigError
 from behemoth.hardware import choose_paths, detect_cpu
-from behemoth.generation import generate
+from behemoth.inference.generate import generate
 from behemoth.model import Transformer
-from behemoth.serve.engine import Engine, SamplingParams, leave_cores_to_engines
-from behemoth.serve.weights import (DEQUANTIZED_ROWS, WEIGHT_FORMATS, BFloat16Linear, Int8Linear, int8_matmul,
+from behemoth.inference.engine import Engine, SamplingParams, leave_cores_to_engines
+from behemoth.inference.weights import (DEQUANTIZED_ROWS, WEIGHT_FORMATS, BFloat16Linear, Int8Linear, int8_matmul,
                                     prepare_weights, quantize_rows)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -11,7 +11,7 @@ import pytest
 from corpora import write_phrase_corpus
 
 from behemoth.errors import CheckpointError, ConfigError
-from behemoth.train.checkpointing import list_checkpoints, verify_checkpoint
+from behemoth.run_checkpoints import list_checkpoints, verify_checkpoint
 from behemoth.train.config import load_run_config
 from behemoth.train.metrics import read_metrics
 from behemoth.train.optim import learning_rate

@@ -19,7 +19,7 @@ from behemoth.errors import BehemothError, CheckpointError, ConfigError
 __version__ = "0.1.0"
 
 # Imported on first use, so that `behemoth info` and `--help` do not pay for loading torch.
-_LAZY = {"load": "behemoth.checkpoint", "save": "behemoth.checkpoint", "generate": "behemoth.generation",
+_LAZY = {"load": "behemoth.checkpoint", "save": "behemoth.checkpoint", "generate": "behemoth.inference.generate",
          "Transformer": "behemoth.model", "init_weights": "behemoth.model"}
 
 

@@ -110,7 +110,7 @@ def _run_config(args: argparse.Namespace, extra: list[str] | None = None):
 
 
 def _print_result(result) -> None:
-    from behemoth.distributed.runtime import is_main_process
+    from behemoth.distributed.mesh import is_main_process
 
     if not is_main_process():  # under torchrun, one summary for the whole job
         return
@@ -164,7 +164,8 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
 # -- serving: `behemoth serve`, `behemoth keys`, `behemoth chat` ----------------------------------
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from behemoth.serve.app import Settings, serve
+    from behemoth.serve.app import serve
+    from behemoth.serve.schemas import Settings
 
     settings = Settings(max_body_bytes=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit)
     specs = list(args.model or [])
@@ -229,14 +230,14 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from behemoth.serve.chat import chat_main
+    from behemoth.chat import chat_main
 
     chat_main(args.model, temperature=args.temperature, max_tokens=args.max_tokens, system=args.system,
               seed=args.seed, max_context=args.max_context, weights=args.weights, compile=args.compile)
     return 0
 
 
-# behemoth.serve.weights.WEIGHT_FORMATS, spelled out so that building the parser needs no torch (a test
+# behemoth.inference.weights.WEIGHT_FORMATS, spelled out so that building the parser needs no torch (a test
 # keeps the two equal)
 WEIGHT_FORMATS = ("float32", "bfloat16", "int8")
 

@@ -40,7 +40,7 @@ from behemoth.config import ModelConfig
 from behemoth.data import embedded_corpus
 from behemoth.data.synthetic_chat import write_chat_data
 from behemoth.errors import ConfigError
-from behemoth.generation import generate
+from behemoth.inference.generate import generate
 from behemoth.info import model_size
 from behemoth.model import Transformer, init_weights
 from behemoth.report import Report, plot_expert_heatmap, plot_losses

@@ -45,13 +45,12 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from behemoth.config import ModelConfig
+from behemoth.distributed.mesh import DistributedError
 from behemoth.durable import fsync_path, fsync_tree
 from behemoth.errors import CheckpointError
-from behemoth.distributed.mesh import DistributedError
 from behemoth.model import Transformer
-from behemoth.train.checkpointing import (TRAINER_STATE, TrainerState, _prune,
-                                          _write_manifest, checkpoint_name, verify_checkpoint)
-from behemoth.train.config import RunConfig
+from behemoth.run_checkpoints import (TRAINER_STATE, TrainerState, checkpoint_name, prune_checkpoints,
+                                      verify_checkpoint, write_manifest)
 
 SHARDS = "dcp"
 FORMAT = "dcp"
@@ -68,8 +67,9 @@ def is_sharded_checkpoint(directory: Path) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 def save_sharded_checkpoint(root: Path, model: Transformer, optimizer: torch.optim.Optimizer, state: TrainerState,
-                            run_config: RunConfig, tokenizer: Any = None, keep: int = 2) -> Path:
-    """Write checkpoint `step-N` under `root` from every rank (a collective); keep the newest `keep`."""
+                            save_config: Callable[[Path], None], tokenizer: Any = None, keep: int = 2) -> Path:
+    """Write checkpoint `step-N` under `root` from every rank (a collective); keep the newest `keep`.
+    `save_config(path)` writes the run configuration (config.toml)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     final = root / checkpoint_name(state.step)
     # One name every rank can compute: no need to broadcast a random temporary name.
@@ -85,14 +85,14 @@ def save_sharded_checkpoint(root: Path, model: Transformer, optimizer: torch.opt
                    "loader": state.loader, "optimizer": {"param_groups": groups}}
         _write_model_description(model, staging, tokenizer)
         (staging / TRAINER_STATE).write_text(json.dumps(trainer, indent=1) + "\n")
-        run_config.save(staging / "config.toml")
-        _write_manifest(staging, state.step)
+        save_config(staging / "config.toml")
+        write_manifest(staging, state.step)
         fsync_tree(staging)
         if final.exists():  # re-saving the same step (a resumed run's first save): replace it
             shutil.rmtree(final)
         staging.rename(final)
         fsync_path(root)
-        _prune(root, keep)
+        prune_checkpoints(root, keep)
 
     try:
         run_on_main(finish)

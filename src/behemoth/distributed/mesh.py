@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from behemoth.distributed.config import ParallelConfig
 from behemoth.errors import BehemothError, ConfigError
-from behemoth.train.config import ParallelConfig
 
 if TYPE_CHECKING:  # the device mesh pulls in DTensor, slow to import; single-process runs skip it
     from torch.distributed.device_mesh import DeviceMesh
@@ -54,6 +54,11 @@ def local_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is None and launched_world_size() > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
+
+
+def is_main_process() -> bool:
+    """Rank 0, or the only process: the one that writes shared files."""
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def init_from_env(config: ParallelConfig, device: torch.device) -> bool:

@@ -20,10 +20,10 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Shard
 
+from behemoth.distributed.config import ParallelConfig
 from behemoth.distributed.expert_parallel import ExpertParallelExperts, apply_expert_parallel
 from behemoth.distributed.mesh import ParallelMesh
 from behemoth.model import Transformer
-from behemoth.train.config import ParallelConfig
 
 
 def parallelize(model: Transformer, mesh: ParallelMesh, config: ParallelConfig) -> Transformer:

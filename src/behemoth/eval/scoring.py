@@ -193,7 +193,7 @@ class Scorer:
     def generate_tokens(self, ids: Sequence[int], *, max_new_tokens: int, temperature: float = 0.0,
                         top_k: int | None = None, seed: int = 0) -> list[int]:
         """New token ids after `ids` (cut on the left to leave room), up to the first end-of-text, excluded."""
-        from behemoth.generation import generate
+        from behemoth.inference.generate import generate
 
         ids = list(ids)[-max(1, self.max_length - max_new_tokens):]
         new = generate(self.model, torch.tensor([ids], device=_device_of(self.model)), max_new_tokens=max_new_tokens,

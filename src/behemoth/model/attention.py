@@ -81,7 +81,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         # Optional: one module computing [q | k | v] at once, which an inference weight format may
-        # install in place of the three projections (behemoth.serve.weights). Not in the state dict.
+        # install in place of the three projections (behemoth.inference.weights). Not in the state dict.
         self.qkv_proj: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor,

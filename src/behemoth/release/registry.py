@@ -44,7 +44,7 @@ def read_registry(path: str | Path) -> dict[str, dict[str, Any]]:
 def register(path: str | Path, name: str, folder: Path, identity: dict[str, Any], record_sha256: str) -> Path:
     """Add `name` -> `folder`; RegistryError if the name is taken. Returns the registry path."""
     from behemoth.eval.cache import write_json_atomic
-    from behemoth.serve.app import MODEL_NAME
+    from behemoth.serve.models import MODEL_NAME
 
     path = Path(path)
     if not MODEL_NAME.match(name):

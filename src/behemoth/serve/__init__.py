@@ -1,11 +1,4 @@
-"""Serving: the inference engine (KV cache, sampling, continuous batching) and the API around it.
-
-`engine.py` is importable without any web framework; the HTTP server lives in its own modules.
+"""Serving over HTTP: the keyed OpenAI-compatible API, its limits, audit log and metrics, and the
+chat page. The engine it serves with is `behemoth.inference`'s; of the rest of the package only
+the CLI and the release registry (for its model-name rule) import this folder.
 """
-
-from behemoth.serve.engine import (Engine, EngineClosed, PromptTooLong, QueueFull, Request, SamplingParams,
-                                   TokenEvent)
-from behemoth.serve.sampling import InvalidParameter
-
-__all__ = ["Engine", "EngineClosed", "InvalidParameter", "PromptTooLong", "QueueFull", "Request",
-           "SamplingParams", "TokenEvent"]

@@ -11,6 +11,8 @@ A checkpoint is assembled in a temporary folder, fsynced, and renamed into place
 at any moment leaves only complete checkpoints (and perhaps a temporary folder, ignored and
 cleaned up). Before anything is loaded, every file is checked against the manifest: a truncated
 or altered checkpoint is reported by name and never used. Only safetensors and JSON are read.
+Folder names, manifest, listing and pruning are `behemoth.run_checkpoints`' (shared with
+distributed checkpoints).
 """
 
 from __future__ import annotations
@@ -19,35 +21,20 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from behemoth.hashing import sha256_file
 from behemoth.checkpoint import write_model_files
 from behemoth.durable import fsync_path, fsync_tree
-from behemoth.errors import CheckpointError
 from behemoth.model import Transformer
+from behemoth.run_checkpoints import (TRAINER_STATE, TrainerState, checkpoint_name, prune_checkpoints,
+                                      remove_checkpoint, verify_checkpoint, write_manifest)
 from behemoth.train.config import RunConfig
 
-MANIFEST = "manifest.json"
 TRAINER_TENSORS = "trainer.safetensors"
-TRAINER_STATE = "trainer.json"
-PREFIX = "step-"
-
-
-@dataclass
-class TrainerState:
-    step: int  # optimizer steps completed
-    tokens_seen: int
-    loader: dict[str, Any]
-
-
-def checkpoint_name(step: int) -> str:
-    return f"{PREFIX}{step:06d}"
 
 
 def save_checkpoint(root: Path, model: Transformer, optimizer: torch.optim.Optimizer, state: TrainerState,
@@ -66,16 +53,16 @@ def save_checkpoint(root: Path, model: Transformer, optimizer: torch.optim.Optim
                    "loader": state.loader, "optimizer": optimizer_json}
         (staging / TRAINER_STATE).write_text(json.dumps(trainer, indent=1) + "\n")
         run_config.save(staging / "config.toml")
-        _write_manifest(staging, state.step)
+        write_manifest(staging, state.step)
         fsync_tree(staging)
         if final.exists():  # re-saving the same step (a resumed run's first save): replace it
-            _remove(final)
+            remove_checkpoint(final)
         os.rename(staging, final)
         fsync_path(root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _prune(root, keep)
+    prune_checkpoints(root, keep)
     return final
 
 
@@ -95,59 +82,6 @@ def _trainer_tensors(model: Transformer, optimizer: torch.optim.Optimizer) -> tu
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()}
               for group in optim_state["param_groups"]]
     return tensors, {"param_groups": groups}
-
-
-def _write_manifest(directory: Path, step: int) -> None:
-    """SHA-256 and size of every file, subfolders included (a distributed checkpoint keeps its
-    shards in `dcp/`), named by their path relative to `directory`."""
-    files = {p.relative_to(directory).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-             for p in sorted(directory.rglob("*")) if p.is_file()}
-    (directory / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
-
-
-def _remove(directory: Path) -> None:
-    """Rename aside, then delete: a kill mid-delete leaves a hidden .step-*.tmp folder (cleaned up by
-    the next save), never a step-N folder with files missing."""
-    aside = directory.with_name(f".{directory.name}.{os.getpid()}.old.tmp")
-    os.rename(directory, aside)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def _prune(root: Path, keep: int) -> None:
-    for old in list_checkpoints(root)[:-keep]:
-        _remove(old)
-    for leftover in root.glob(f".{PREFIX}*.tmp"):  # from a run killed mid-save
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoint folders under `root`, oldest first."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
-
-
-def verify_checkpoint(directory: Path) -> dict:
-    """Check every file against the manifest; return the manifest or raise naming the bad file."""
-    manifest_path = directory / MANIFEST
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except FileNotFoundError:
-        raise CheckpointError(f"{manifest_path}: missing (incomplete checkpoint)") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{manifest_path}: unreadable ({err})") from None
-    for name, facts in files.items():
-        path = directory / name
-        if not path.is_file():
-            raise CheckpointError(f"{path}: listed in the manifest but missing")
-        if path.stat().st_size != facts["bytes"]:
-            raise CheckpointError(f"{path}: size {path.stat().st_size} bytes, manifest says {facts['bytes']} "
-                                  "(truncated or altered)")
-        if sha256_file(path) != facts["sha256"]:
-            raise CheckpointError(f"{path}: SHA-256 differs from the manifest (altered or corrupt)")
-    return manifest
 
 
 def load_checkpoint(directory: Path, model: Transformer, optimizer: torch.optim.Optimizer) -> TrainerState:

@@ -24,6 +24,7 @@ from typing import Any
 import tomli_w
 
 from behemoth.config import PRESETS, ModelConfig, preset
+from behemoth.distributed.config import ParallelConfig
 from behemoth.errors import BehemothError, ConfigError
 
 
@@ -94,16 +95,6 @@ class RunSettings:
     dtype: str = "float32"
     compile: bool = False
     device: str = "auto"  # "auto", "cpu", "cuda", ...
-
-
-@dataclass
-class ParallelConfig:
-    """How a run launched with torchrun (WORLD_SIZE > 1) spreads over its processes; a
-    single-process run ignores it, so a run can be resumed with more or fewer processes."""
-
-    data_parallel: str = "fsdp"  # "fsdp": shard weights, gradients and optimizer state; "ddp": replicate
-    expert_parallel: int = 1  # ranks that split the routed experts; divides the processes and the experts
-    timeout_s: float = 600.0  # a collective waiting longer (a rank died or hung) stops the job
 
 
 @dataclass

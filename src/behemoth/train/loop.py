@@ -25,17 +25,18 @@ import torch
 
 from behemoth.checkpoint import WRITE_ERRORS, write_failure
 from behemoth.checkpoint import save as save_model
-from behemoth.distributed.mesh import local_device
-from behemoth.distributed.runtime import Parallelism, is_main_process, join
+from behemoth.distributed.mesh import is_main_process, local_device
 from behemoth.errors import BehemothError, ConfigError
 from behemoth.hardware import detect_cpu
 from behemoth.info import model_size
 from behemoth.model import RouterOutput, Transformer
-from behemoth.train.checkpointing import TrainerState, list_checkpoints, save_checkpoint
+from behemoth.run_checkpoints import TrainerState, list_checkpoints
+from behemoth.train.checkpointing import save_checkpoint
 from behemoth.train.config import RunConfig
 from behemoth.train.metrics import MetricsLog, Progress, machine_matmul_peak, read_metrics
 from behemoth.train.objectives import router_z_loss, switch_balance_loss, update_selection_bias
 from behemoth.train.optim import learning_rate
+from behemoth.train.parallelism import Parallelism, join
 
 
 class TrainingError(BehemothError):

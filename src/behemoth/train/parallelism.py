@@ -1,5 +1,6 @@
-"""What the training loop asks of the processes it runs on. A single process answers trivially, so
-the loop reads the same with one process or many.
+"""What the training loop asks of the processes it runs on, through `behemoth.distributed` (mesh,
+parallelize, collectives, DCP checkpoints). A single process answers trivially, so the loop reads
+the same with one process or many.
 
 A distributed run goes through these steps:
 
@@ -28,7 +29,8 @@ from behemoth.distributed import step as collectives
 from behemoth.distributed.mesh import DistributedError, ParallelMesh, build_mesh, init_from_env, local_device
 from behemoth.errors import ConfigError
 from behemoth.model import Transformer
-from behemoth.train.checkpointing import TrainerState, list_checkpoints, load_checkpoint
+from behemoth.run_checkpoints import TrainerState, list_checkpoints
+from behemoth.train.checkpointing import load_checkpoint
 from behemoth.train.config import RunConfig
 from behemoth.train.optim import build_optimizer
 
@@ -47,11 +49,6 @@ def join(run: RunConfig) -> None:
             f"rank {dist.get_rank()}: rank 0 did not finish the run's setup (tokenizer, data preparation) "
             f"within parallel.timeout_s = {run.parallel.timeout_s:g} s, or it failed (its message says why); "
             "prepare large data beforehand with `behemoth data prepare`, or raise parallel.timeout_s") from None
-
-
-def is_main_process() -> bool:
-    """Rank 0, or the only process: the one that writes shared files."""
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 class Parallelism:
@@ -175,7 +172,7 @@ class Parallelism:
         """A DCP checkpoint written by every rank."""
         from behemoth.distributed.checkpoint import save_sharded_checkpoint
 
-        return save_sharded_checkpoint(root, model, optimizer, state, self.run, tokenizer, keep=keep)
+        return save_sharded_checkpoint(root, model, optimizer, state, self.run.save, tokenizer, keep=keep)
 
     def save_model(self, model: Transformer, path: Path, tokenizer: Any) -> Path:
         """The final model directory: weights gathered to rank 0, which writes it."""

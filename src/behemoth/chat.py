@@ -1,6 +1,6 @@
 """`behemoth chat --model DIR`: a terminal chat on the engine, with streaming output.
 
-    from behemoth.serve.chat import ChatSession
+    from behemoth.chat import ChatSession
     session = ChatSession.load("runs/speedrun/model", temperature=0.7)
     for piece in session.reply("Hello"):      # text pieces as they are generated
         print(piece, end="", flush=True)
@@ -25,7 +25,7 @@ HELP = "commands: /reset starts over, /exit (or Ctrl-D) quits; Ctrl-C stops a re
 class ChatSession:
     def __init__(self, engine: Any, tokenizer: Any, context: int, temperature: float = 0.7, max_tokens: int = 256,
                  system: str | None = None, seed: int | None = None):
-        from behemoth.serve.prompts import TokenText
+        from behemoth.inference.prompts import TokenText
 
         self.engine, self.context = engine, context
         self.text = TokenText(tokenizer)
@@ -41,12 +41,12 @@ class ChatSession:
         """Load a model directory (weights + tokenizer) and start an engine for it (with `threads`
         torch threads, default the caller's count, the weight format `weights`, and a compiled
         decode step if `compile`)."""
-        from behemoth.serve.app import load_served_model
+        from behemoth.inference.offline import load_engine
 
-        served = load_served_model("chat", model_dir, max_batch_size=1, max_queue=1, max_context=max_context,
-                                   threads=threads, weights=weights, compile=compile)
-        served.engine.start()
-        return cls(served.engine, served.tokenizer, served.context, **options)
+        engine = load_engine(model_dir, max_batch_size=1, max_queue=1, max_context=max_context, threads=threads,
+                             weights=weights, compile=compile)
+        engine.start()
+        return cls(engine, engine.tokenizer, engine.max_context, **options)
 
     def close(self) -> None:
         self.engine.close()
@@ -72,7 +72,7 @@ class ChatSession:
     def reply(self, text: str) -> Iterator[str]:
         """Send a user message; yields the reply's text as it streams. Closing the iterator early
         (or Ctrl-C while iterating) stops generation and keeps what came so far."""
-        from behemoth.serve.engine import SamplingParams
+        from behemoth.inference.engine import SamplingParams
 
         self.messages.append({"role": "user", "content": text})
         prompt = self._fitted_prompt()
@@ -141,7 +141,7 @@ def chat_main(model_dir: str | Path, temperature: float = 0.7, max_tokens: int =
         raise ConfigError(f"--temperature must be between 0 and 2, got {temperature}")
     if max_tokens < 1:
         raise ConfigError(f"--max-tokens must be at least 1, got {max_tokens}")
-    from behemoth.serve.engine import leave_cores_to_engines
+    from behemoth.inference.engine import leave_cores_to_engines
 
     session = ChatSession.load(model_dir, max_context=max_context, threads=leave_cores_to_engines(),
                                weights=weights, compile=compile, temperature=temperature, max_tokens=max_tokens,

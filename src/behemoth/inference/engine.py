@@ -39,7 +39,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -47,10 +47,10 @@ import torch
 
 from behemoth.errors import BehemothError, ConfigError
 from behemoth.model import Transformer
-from behemoth.serve.kv_cache import ModelCache
+from behemoth.inference.kv_cache import ModelCache
 if TYPE_CHECKING:
-    from behemoth.serve.compiled import CompiledDecoder
-from behemoth.serve.sampling import (MAX_LOGPROBS, Choice, InvalidParameter, SamplingParams, TextStream,
+    from behemoth.inference.compiled import CompiledDecoder
+from behemoth.inference.sampling import (MAX_LOGPROBS, Choice, InvalidParameter, SamplingParams, TextStream,
                                      sample_tokens)
 
 __all__ = ["Engine", "Request", "SamplingParams", "TokenEvent", "PromptTooLong", "QueueFull", "EngineClosed",
@@ -262,7 +262,7 @@ class Engine:
         self.max_context = max_context or model_context
         self.prefill_chunk = prefill_chunk
         self.threads = threads if threads is not None else torch.get_num_threads()  # of the engine thread
-        self.decoder = decoder  # a compiled decode step (behemoth.serve.compiled), or None: eager
+        self.decoder = decoder  # a compiled decode step (behemoth.inference.compiled), or None: eager
         self.vocab_size = model.config.vocab_size
         self.eos_token_ids = frozenset(_end_token_ids(tokenizer, model))
 
@@ -353,18 +353,33 @@ class Engine:
         with self._cond:
             self._cond.notify_all()
 
+    def run_until_idle(self, after_step: Callable[[], None] | None = None) -> None:
+        """Run the loop on the calling thread until nothing is queued or running, calling
+        `after_step` after each iteration: offline use (`behemoth.inference.complete`), where a
+        thread of the engine's own would only add a second OpenMP team (see the module notes)."""
+        if self._thread is not None:
+            raise EngineClosed("run_until_idle is for an engine whose thread was never started")
+        with torch.inference_mode():
+            while self._queue or self._running or self._prefilling:
+                self._iteration()
+                if after_step is not None:
+                    after_step()
+
     def _run(self) -> None:
         torch.set_num_threads(self.threads)  # per thread in OpenMP: the creator's setting does not carry over
         with torch.inference_mode():
             while self._wait_for_work():
-                try:
-                    self._drop_cancelled()
-                    self._prefill_some()
-                    if self._running:
-                        self._decode_step()
-                except Exception as err:  # a bug or out-of-memory must not kill the engine thread
-                    log.exception("engine step failed")
-                    self._fail_in_flight(err)
+                self._iteration()
+
+    def _iteration(self) -> None:
+        try:
+            self._drop_cancelled()
+            self._prefill_some()
+            if self._running:
+                self._decode_step()
+        except Exception as err:  # a bug or out-of-memory must not kill the engine thread
+            log.exception("engine step failed")
+            self._fail_in_flight(err)
 
     def _wait_for_work(self) -> bool:
         """Block until there is something to do; False when closing."""

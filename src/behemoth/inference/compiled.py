@@ -33,7 +33,7 @@ import torch
 
 from behemoth.model import Transformer
 from behemoth.model.moe import Experts
-from behemoth.serve.kv_cache import ModelCache
+from behemoth.inference.kv_cache import ModelCache
 
 
 class CompiledDecoder:

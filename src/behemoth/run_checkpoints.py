@@ -1,0 +1,91 @@
+"""What every training checkpoint folder shares, whether one process wrote it
+(`train/checkpointing.py`) or many (`distributed/checkpoint.py`):
+
+    checkpoints/step-000100/
+      trainer.json    step, tokens seen, loader position, optimizer hyper-parameters
+      manifest.json   SHA-256 and size of every file in the folder
+
+Only complete checkpoints carry a `step-N` name (they are renamed into place), so listing those
+folders lists what a run can resume from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from behemoth.errors import CheckpointError
+from behemoth.hashing import sha256_file
+
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer.json"
+PREFIX = "step-"
+
+
+@dataclass
+class TrainerState:
+    step: int  # optimizer steps completed
+    tokens_seen: int
+    loader: dict[str, Any]
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:06d}"
+
+
+def write_manifest(directory: Path, step: int) -> None:
+    """SHA-256 and size of every file, subfolders included (a distributed checkpoint keeps its
+    shards in `dcp/`), named by their path relative to `directory`."""
+    files = {p.relative_to(directory).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+             for p in sorted(directory.rglob("*")) if p.is_file()}
+    (directory / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
+
+
+def remove_checkpoint(directory: Path) -> None:
+    """Rename aside, then delete: a kill mid-delete leaves a hidden .step-*.tmp folder (cleaned up by
+    the next save), never a step-N folder with files missing."""
+    aside = directory.with_name(f".{directory.name}.{os.getpid()}.old.tmp")
+    os.rename(directory, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints under `root`; remove temporary folders of killed saves."""
+    for old in list_checkpoints(root)[:-keep]:
+        remove_checkpoint(old)
+    for leftover in root.glob(f".{PREFIX}*.tmp"):  # from a run killed mid-save
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint folders under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def verify_checkpoint(directory: Path) -> dict:
+    """Check every file against the manifest; return the manifest or raise naming the bad file."""
+    manifest_path = directory / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{manifest_path}: missing (incomplete checkpoint)") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{manifest_path}: unreadable ({err})") from None
+    for name, facts in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: listed in the manifest but missing")
+        if path.stat().st_size != facts["bytes"]:
+            raise CheckpointError(f"{path}: size {path.stat().st_size} bytes, manifest says {facts['bytes']} "
+                                  "(truncated or altered)")
+        if sha256_file(path) != facts["sha256"]:
+            raise CheckpointError(f"{path}: SHA-256 differs from the manifest (altered or corrupt)")
+    return manifest
