@@ -5,7 +5,7 @@ ARGS ?=
 
 .PHONY: bench bench-quick
 
-# Every performance benchmark (about 7-8 minutes on 2 cores); rewrites bench/RESULTS.md.
+# Every performance benchmark (about 9 minutes on 2 cores); rewrites bench/RESULTS.md.
 bench:
 	$(PYTHON) bench/run_all.py $(ARGS)
 
