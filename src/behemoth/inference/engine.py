@@ -56,7 +56,7 @@ from behemoth.inference.sampling import (MAX_LOGPROBS, Choice, InvalidParameter,
 __all__ = ["Engine", "Request", "SamplingParams", "TokenEvent", "PromptTooLong", "QueueFull", "EngineClosed",
            "InvalidParameter", "MAX_LOGPROBS", "check_context", "leave_cores_to_engines"]
 
-log = logging.getLogger("behemoth.serve")
+log = logging.getLogger("behemoth.inference")
 
 
 class PromptTooLong(BehemothError):

@@ -25,7 +25,7 @@ from behemoth.model import RouterOutput, Transformer
 from behemoth.train.config import RunConfig
 from behemoth.train.loop import TrainResult, device_of, start_run, train_loop
 from behemoth.train.objectives import wide
-from behemoth.train.sft import _ExampleLoader, load_base, split_examples
+from behemoth.train.sft import ExampleLoader, load_base, split_examples
 
 REFERENCE_FILE = "reference_logps.safetensors"
 Pair = tuple[list[int], list[int], list[int]]  # prompt, chosen, rejected token ids
@@ -70,7 +70,7 @@ class Preferences:
     def __init__(self, train: list[tuple[Pair, float, float]], val: list[tuple[Pair, float, float]],
                  batch_size: int, seed: int, pad_id: int, beta: float):
         self.val, self.batch_size, self.pad_id, self.beta = val, batch_size, pad_id, beta
-        self.loader = _ExampleLoader(train, RowLoader(len(train), batch_size, seed, fingerprint(train)))
+        self.loader = ExampleLoader(train, RowLoader(len(train), batch_size, seed, fingerprint(train)))
 
     def start_step(self, step: int) -> None:
         pass

@@ -45,7 +45,7 @@ class SupervisedChat:
 
     def __init__(self, train: list[Example], val: list[Example], batch_size: int, seed: int, pad_id: int):
         self.train, self.val, self.pad_id, self.batch_size = train, val, pad_id, batch_size
-        self.loader = _ExampleLoader(train, RowLoader(len(train), batch_size, seed, fingerprint(train)))
+        self.loader = ExampleLoader(train, RowLoader(len(train), batch_size, seed, fingerprint(train)))
 
     def start_step(self, step: int) -> None:
         pass
@@ -76,7 +76,7 @@ class SupervisedChat:
         return {"val_loss": nats / max(count, 1)}
 
 
-class _ExampleLoader:
+class ExampleLoader:
     """RowLoader positions, examples out."""
 
     def __init__(self, examples: list, rows: RowLoader):
