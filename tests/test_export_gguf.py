@@ -73,6 +73,7 @@ TOKENIZER_STRINGS = [
     "naïve café crème, Ünïcödé 東京タワー 한국어 👩‍👩‍👧 👍🏽 e\u0301",
     "tabs\tand  double  spaces,\n\n\nnew lines \r\n and trailing   ",
     "don't we'll they're I'M 3.14159 1,000,000 #!@$%^&*()",
+    "What is 41 plus 12? 53. In 2026-12-07 at 10:45, x2 = 1e-5; ²³ ½ Ⅻ ١٢٣ 4th 007",
     "<|eot <|pad|>inside<|end_of_text|>words <|unknown|> |> <|",
 ]
 
@@ -83,6 +84,7 @@ def training_texts() -> list[str]:
     texts = [" ".join(rng.choices(WORDS, k=rng.randint(4, 12))) + rng.choice([". ", "!\n", "?\n\n"])
              for _ in range(300)]
     texts += ["naïve café crème, Ünïcödé 東京タワー 한국어. don't we'll 3.14 1,000\n"] * 20
+    texts += ["What is 41 plus 12? It is 53. In 2026 and 1999.\n"] * 20  # numbers BPE would merge
     return texts
 
 
@@ -227,12 +229,28 @@ def test_greedy_tokens_f16_equal_ours_except_at_float16_near_ties(small, tokeniz
 
 def test_llama_cpp_tokenizes_as_we_do(small, tokenizer, open_llama) -> None:
     llm = open_llama(small.f32, n_ctx=64)
+    assert llm.metadata["tokenizer.ggml.pre"] == "starcoder"
     for text in TOKENIZER_STRINGS:
         ids = tokenizer.encode(text)
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
         assert llm.detokenize(ids, special=True) == text.encode(), text
     assert llm.token_bos() == tokenizer.bos_id and llm.token_eos() == tokenizer.eos_id
     assert llm.tokenize(b"hello", add_bos=True, special=True) == tokenizer.encode("hello")  # no BOS added
+
+
+def test_tokenizer_with_the_plain_gpt2_split_still_exports(tokenizer, open_llama, tmp_path) -> None:
+    """A tokenizer made before digits were split (plain GPT-2 split) goes out as llama.cpp's gpt-2."""
+    from tokenizers import pre_tokenizers
+
+    tokenizer.save_pretrained(tmp_path / "new")
+    backend = Tokenizer.load(tmp_path / "new").backend  # a copy: the module's tokenizer stays as it is
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    legacy = Tokenizer(backend)
+    saved_model(with_token_ids(TINY, legacy), legacy, tmp_path / "model")
+    llm = open_llama(export_gguf(tmp_path / "model", tmp_path / "legacy.gguf"), n_ctx=64)
+    assert llm.metadata["tokenizer.ggml.pre"] == "gpt-2"
+    for text in TOKENIZER_STRINGS:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == legacy.encode(text), text
 
 
 def test_chat_template_renders_as_ours(small, tokenizer, open_llama, llama_cpp) -> None:

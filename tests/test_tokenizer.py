@@ -206,7 +206,19 @@ def test_saved_files(saved_dir):
     assert (config["bos_token"], config["eos_token"], config["pad_token"]) == SPECIAL_TOKENS[:3]
     assert config["chat_template"] == CHAT_TEMPLATE and config["model_max_length"] > 0
     pre = json.loads((saved_dir / "tokenizer.json").read_text())["pre_tokenizer"]
-    assert (pre["type"], pre["add_prefix_space"], pre["use_regex"]) == ("ByteLevel", False, True)
+    digits, split = pre["pretokenizers"]
+    assert digits == {"type": "Digits", "individual_digits": True}
+    assert (split["type"], split["add_prefix_space"], split["use_regex"]) == ("ByteLevel", False, True)
+
+
+def test_every_number_is_spelled_digit_by_digit():
+    """BPE never merges digits, however often a number occurs: "41" is "4" "1" as "12" is "1" "2"."""
+    tok = train_tokenizer(["What is 12 plus 12? It is 24. In 2026 and 1999, 41 came after 40. "] * 200, 400)
+    digit_ids = [tok.encode(str(d)) for d in range(10)]
+    assert all(len(ids) == 1 for ids in digit_ids)
+    for number in ("12", "41", "2026", "1999", "100000"):
+        assert tok.encode(number) == [digit_ids[int(d)][0] for d in number]
+    assert tok.decode(tok.encode("in 2026, 41.5 ")) == "in 2026, 41.5 "
 
 
 def test_load_round_trip_and_sha256(tok, saved_dir, corpus):
@@ -262,7 +274,7 @@ def test_txt_pieces_pre_tokenize_like_the_whole_file(tmp_path, corpus, monkeypat
     monkeypatch.setattr(behemoth.tokenizer, "TXT_PIECE_CHARS", 97)
     pieces = list(read_texts([tmp_path / "a.txt"]))
     assert len(pieces) > 20 and "".join(pieces) == text
-    split = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True).pre_tokenize_str
+    split = train_tokenizer(corpus[:50], 300).backend.pre_tokenizer.pre_tokenize_str
     assert [t for piece in pieces for t, _ in split(piece)] == [t for t, _ in split(text)]
 
 

@@ -3,9 +3,12 @@
 Why these choices:
 - Byte-level BPE with the 256-byte initial alphabet: every UTF-8 string encodes and decodes back
   unchanged, so no text is ever lost to an unknown token.
-- The GPT-2 split (`ByteLevel(add_prefix_space=False, use_regex=True)`), no normalizer: llama.cpp
-  tokenizes exactly like this under the pre-tokenizer name `gpt-2` (see ../shared/DESIGN.md), so
-  a released model needs no tokenizer of its own there.
+- Every digit its own piece, then the GPT-2 split (`Digits(individual_digits=True)`, then
+  `ByteLevel(add_prefix_space=False, use_regex=True)`), no normalizer. Single digits give every
+  number one regular spelling ("41" is "4" "1" as "12" is "1" "2"; left to BPE, frequent numbers
+  merge and others do not), which is what arithmetic needs. llama.cpp tokenizes exactly like this
+  under the pre-tokenizer name `starcoder` (and a tokenizer with the plain GPT-2 split, made before
+  this, under `gpt-2`), so a released model needs no tokenizer of its own there.
 - Llama 4's special-token names and chat layout, at ids 0..5: a model trained here renders chats
   the way Llama 4 tooling expects, and the ids do not move when the vocabulary size changes.
 - The directory `save_pretrained` writes is what `transformers.AutoTokenizer` loads, so the
@@ -208,7 +211,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """
     _check_vocab_size(vocab_size)
     backend = tokenizers.Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),

@@ -19,7 +19,8 @@ Llama 4 rotates interleaved pairs, which is llama.cpp's "normal" RoPE, so the qu
 projections are written unpermuted (unlike Llama 2/3 conversions).
 
 The tokenizer goes into the file too: byte-level BPE under llama.cpp's `gpt2` model with the
-`gpt-2` pre-tokenizer (the split our tokenizer uses), our six specials as control tokens, no
+pre-tokenizer that splits as ours does (`starcoder`: single digits, then the GPT-2 split; `gpt-2`
+for tokenizers made before digits were split), our six specials as control tokens, no
 automatic BOS (our prompts and chat template put `<|begin_of_text|>` where it belongs), and our
 chat template. Runtimes that render the file's template with Jinja (llama-cpp-python, llama.cpp
 with `--jinja`) prompt exactly as we do; llama.cpp's built-in C++ "llama4" template, which it
@@ -54,7 +55,8 @@ if TYPE_CHECKING:
 ARCHITECTURE = "llama4"
 GGUF_DTYPES = ("f32", "f16")
 TOKENIZER_MODEL = "gpt2"  # llama.cpp's name for byte-level BPE
-TOKENIZER_PRE = "gpt-2"  # llama.cpp's name for the plain GPT-2 split (its custom gpt2 splitter)
+# llama.cpp's names for the splits our tokenizers use: the plain GPT-2 split, and single digits before it
+GPT2_PRE, DIGITS_THEN_GPT2_PRE = "gpt-2", "starcoder"
 
 # What llama.cpp hard-codes for llama4 (see the module docstring).
 LLAMA_CPP_CHUNK = 8192
@@ -89,14 +91,14 @@ def export_gguf(model_dir: Path, out_path: Path, dtype: str = "f32", *, overwrit
     _check_target(out_path, overwrite)
     config = ModelConfig.load(model_dir)
     check_exportable(config)
-    tokenizer = _load_tokenizer(model_dir, config)
+    tokenizer, pre_tokenizer = _load_tokenizer(model_dir, config)
     model = checkpoint.load(model_dir)
     tensors = [(n, _encode(n, t, dtype)) for n, t in gguf_tensors(model)]
 
     def fill(writer: gguf.GGUFWriter) -> None:
         _add_general(writer, name or model_dir.resolve().name, dtype)
         _add_hparams(writer, config)
-        _add_vocab(writer, tokenizer, config.vocab_size)
+        _add_vocab(writer, tokenizer, pre_tokenizer, config.vocab_size)
         for tensor_name, array in tensors:
             writer.add_tensor(tensor_name, array)
 
@@ -170,32 +172,39 @@ def _moe_step(config: ModelConfig) -> int | None:
     return step if layers == list(range(step - 1, config.num_hidden_layers, step)) else None
 
 
-def _load_tokenizer(model_dir: Path, config: ModelConfig) -> Tokenizer:
-    """Our tokenizer, checked to be one llama.cpp's gpt2/gpt-2 tokenizer reproduces exactly."""
+def _load_tokenizer(model_dir: Path, config: ModelConfig) -> tuple[Tokenizer, str]:
+    """Our tokenizer, checked to be one llama.cpp's gpt2 tokenizer reproduces exactly, and the name
+    of llama.cpp's pre-tokenizer that splits text as it does."""
     if not (model_dir / TOKENIZER_FILE).is_file():
         raise ExportError(f"{model_dir}: no {TOKENIZER_FILE}; a GGUF file carries its tokenizer, "
                           "so save the model together with it")
     tokenizer = Tokenizer.load(model_dir)
-    problem = _tokenizer_problem(json.loads(tokenizer.backend.to_str()))
+    pre, problem = _llama_cpp_pre_tokenizer(json.loads(tokenizer.backend.to_str()))
     if problem:
         raise ExportError(f"{model_dir / TOKENIZER_FILE}: cannot export to GGUF: {problem}")
     if tokenizer.vocab_size > config.vocab_size:
         raise ExportError(f"{model_dir}: the tokenizer has {tokenizer.vocab_size} tokens but "
                           f"vocab_size is {config.vocab_size}")
-    return tokenizer
+    return tokenizer, pre
 
 
-def _tokenizer_problem(spec: dict[str, Any]) -> str | None:
-    """Why llama.cpp would tokenize differently from this tokenizer.json, or None."""
+def _llama_cpp_pre_tokenizer(spec: dict[str, Any]) -> tuple[str, str | None]:
+    """(llama.cpp's pre-tokenizer name, None) for a tokenizer.json llama.cpp reproduces, else ("", why not)."""
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback") or model.get("dropout") \
             or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
-        return "the model must be plain byte-level BPE"
+        return "", "the model must be plain byte-level BPE"
     if spec.get("normalizer") is not None:
-        return "a normalizer is set; llama.cpp's gpt-2 pre-tokenizer has none"
-    if pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True):
-        return "the pre-tokenizer must be ByteLevel(add_prefix_space=False, use_regex=True)"
-    return None
+        return "", "a normalizer is set; llama.cpp's gpt-2 and starcoder pre-tokenizers have none"
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    names = {1: GPT2_PRE, 2: DIGITS_THEN_GPT2_PRE}  # by the number of steps
+    split = steps[-1] if steps else {}
+    digits_first = len(steps) == 1 or steps[0] == {"type": "Digits", "individual_digits": True}
+    if len(steps) in names and digits_first and split.get("type") == "ByteLevel" \
+            and not split.get("add_prefix_space") and split.get("use_regex", True):
+        return names[len(steps)], None
+    return "", ("the pre-tokenizer must be ByteLevel(add_prefix_space=False, use_regex=True), "
+                "alone or after Digits(individual_digits=True)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -231,7 +240,7 @@ def _add_hparams(writer: gguf.GGUFWriter, config: ModelConfig) -> None:
     # No sliding_window key: llama.cpp reads its presence with value 0 as "no chunking at all".
 
 
-def _add_vocab(writer: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: int) -> None:
+def _add_vocab(writer: gguf.GGUFWriter, tokenizer: Tokenizer, pre_tokenizer: str, vocab_size: int) -> None:
     import gguf
 
     backend = tokenizer.backend
@@ -249,7 +258,7 @@ def _add_vocab(writer: gguf.GGUFWriter, tokenizer: Tokenizer, vocab_size: int) -
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
     writer.add_tokenizer_model(TOKENIZER_MODEL)
-    writer.add_tokenizer_pre(TOKENIZER_PRE)
+    writer.add_tokenizer_pre(pre_tokenizer)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(_merges(backend))
