@@ -15,8 +15,6 @@ from typing import NoReturn
 from behemoth.config import PRESETS, ModelConfig, preset
 from behemoth.errors import BehemothError, ConfigError
 from behemoth.info import describe, model_size
-from behemoth.plan_cli import add_plan_command
-from behemoth.release.commands import add_release_commands
 
 
 def resolve_model_config(name_or_path: str) -> tuple[str, ModelConfig]:
@@ -149,6 +147,19 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_command(commands: argparse._SubParsersAction, name: str, run, **options) -> argparse.ArgumentParser:
+    """Subcommand `name`, which runs `run(args)`; `options` go to `add_parser` (help, description...)."""
+    parser = commands.add_parser(name, **options)
+    parser.set_defaults(run=run)
+    return parser
+
+
+def add_group(commands: argparse._SubParsersAction, name: str, **options) -> argparse._SubParsersAction:
+    """Command group `name` (`behemoth NAME COMMAND`); returns its subcommands."""
+    return commands.add_parser(name, **options).add_subparsers(dest=f"{name}_command", required=True,
+                                                                metavar="COMMAND")
+
+
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="run folder")
     parser.add_argument("--steps", type=int, help="optimizer steps in total")
@@ -253,8 +264,8 @@ def _add_weights_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_serving_commands(commands) -> None:
-    serve = commands.add_parser(
-        "serve", help="serve models over a keyed OpenAI-compatible API, with a chat page",
+    serve = add_command(
+        commands, "serve", cmd_serve, help="serve models over a keyed OpenAI-compatible API, with a chat page",
         description="Serve one or more model directories (weights + tokenizer) over an OpenAI-compatible API "
                     "(/v1/models, /v1/completions, /v1/chat/completions, SSE streaming), with a chat page at /, "
                     "/health and Prometheus /metrics. Every /v1 route needs an API key from --api-keys (create "
@@ -279,15 +290,13 @@ def _add_serving_commands(commands) -> None:
                        help="largest max_tokens a request may ask for (default 4096)")
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
                        help="largest request body (default 1 MiB)")
-    serve.set_defaults(run=cmd_serve)
 
-    keys = commands.add_parser("keys", help="create, revoke and list API keys for `behemoth serve`",
-                               description="API keys are stored hashed (SHA-256) in FILE; the key itself is "
-                                           "printed once, by create.")
-    keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
-    create = keys_commands.add_parser("create", help="create a key and print it once",
-                                      description="Create a key, store its hash in FILE and print the key on "
-                                                  "stdout (only now). Limits of 0 mean unlimited.")
+    keys_commands = add_group(commands, "keys", help="create, revoke and list API keys for `behemoth serve`",
+                              description="API keys are stored hashed (SHA-256) in FILE; the key itself is "
+                                          "printed once, by create.")
+    create = add_command(keys_commands, "create", cmd_keys_create, help="create a key and print it once",
+                         description="Create a key, store its hash in FILE and print the key on "
+                                     "stdout (only now). Limits of 0 mean unlimited.")
     create.add_argument("--file", type=Path, required=True, metavar="FILE", help="the keys file")
     create.add_argument("--name", required=True, help="who or what the key is for")
     create.add_argument("--rpm", type=int, default=60, metavar="N", help="requests per minute (default 60)")
@@ -296,19 +305,17 @@ def _add_serving_commands(commands) -> None:
     create.add_argument("--quota", type=int, default=0, metavar="N",
                         help="prompt + completion tokens over the key's life (default 0 = unlimited)")
     create.add_argument("--models", metavar="A,B", help="model names this key may use (default all)")
-    create.set_defaults(run=cmd_keys_create)
-    revoke = keys_commands.add_parser("revoke", help="revoke a key (a running server notices at once)")
+    revoke = add_command(
+        keys_commands, "revoke", cmd_keys_revoke, help="revoke a key (a running server notices at once)")
     revoke.add_argument("key", metavar="ID_OR_NAME", help="the key's id (from `keys list`) or its unique name")
     revoke.add_argument("--file", type=Path, required=True, metavar="FILE", help="the keys file")
-    revoke.set_defaults(run=cmd_keys_revoke)
-    listing = keys_commands.add_parser("list", help="list keys (ids, names, limits; never the keys)")
+    listing = add_command(keys_commands, "list", cmd_keys_list, help="list keys (ids, names, limits; never the keys)")
     listing.add_argument("--file", type=Path, required=True, metavar="FILE", help="the keys file")
     listing.add_argument("--json", action="store_true", help="print JSON")
-    listing.set_defaults(run=cmd_keys_list)
 
-    chat = commands.add_parser("chat", help="chat with a model in the terminal",
-                               description="A terminal chat with streaming output on a model directory "
-                                           "(weights + tokenizer). /reset starts over, /exit quits.")
+    chat = add_command(commands, "chat", cmd_chat, help="chat with a model in the terminal",
+                       description="A terminal chat with streaming output on a model directory "
+                                   "(weights + tokenizer). /reset starts over, /exit quits.")
     chat.add_argument("--model", type=Path, required=True, metavar="DIR", help="a model directory")
     chat.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     chat.add_argument("--max-tokens", type=int, default=256, metavar="N", help="tokens per reply (default 256)")
@@ -316,7 +323,6 @@ def _add_serving_commands(commands) -> None:
     chat.add_argument("--seed", type=int, help="seed for reproducible replies")
     chat.add_argument("--max-context", type=int, metavar="N", help="cap the context")
     _add_weights_option(chat)
-    chat.set_defaults(run=cmd_chat)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -396,8 +402,9 @@ def _add_eval_commands(commands) -> None:
     evaluate.add_argument("--json", action="store_true", help="print the results JSON instead of the table")
     evaluate.set_defaults(run=cmd_eval)
     eval_commands = evaluate.add_subparsers(dest="eval_command", required=False, metavar="COMMAND")
-    compare = eval_commands.add_parser(
-        "compare", help="per-task deltas with bootstrap CIs and verdicts: B against baseline A",
+    compare = add_command(
+        eval_commands, "compare", cmd_eval_compare,
+        help="per-task deltas with bootstrap CIs and verdicts: B against baseline A",
         description="Compare two results files item by item (paired bootstrap): per task the change B - A, "
                     "its confidence interval and a verdict (better, worse, no measurable difference), and "
                     "an overall verdict on the core score (bits per byte when only perplexity was run).")
@@ -408,13 +415,12 @@ def _add_eval_commands(commands) -> None:
     compare.add_argument("--resamples", type=int, default=2000, metavar="N", help="bootstrap resamples (default 2000)")
     compare.add_argument("--confidence", type=float, default=0.95, metavar="C", help="interval coverage (default 0.95)")
     compare.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
-    compare.set_defaults(run=cmd_eval_compare)
     # Everything after `lm-eval` goes to the harness untouched: no option prefix, so `--model` is not ours.
-    lm_eval = eval_commands.add_parser(
-        "lm-eval", help="run lm-evaluation-harness with `--model behemoth` registered (same arguments as lm_eval)",
+    lm_eval = add_command(
+        eval_commands, "lm-eval", cmd_eval_lm_eval,
+        help="run lm-evaluation-harness with `--model behemoth` registered (same arguments as lm_eval)",
         add_help=False, prefix_chars="\0")
     lm_eval.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
-    lm_eval.set_defaults(run=cmd_eval_lm_eval)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -422,8 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="behemoth", description="Train, evaluate, gate and release Llama 4 style MoE models.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    info = commands.add_parser(
-        "info", help="parameter counts and FLOPs of a preset or model directory; --machine: this CPU's fast paths",
+    info = add_command(
+        commands, "info", cmd_info,
+        help="parameter counts and FLOPs of a preset or model directory; --machine: this CPU's fast paths",
         description="Total and active parameters and forward FLOPs per token, computed from the config "
                     "alone (no weights are allocated). With --machine: what this CPU offers (AVX2, AVX-512, "
                     "AVX-512 BF16, AMX) and which kernels serving and training choose from it.")
@@ -434,10 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     info.add_argument("--seq-len", type=int, default=None,
                       help="sequence length for attention FLOPs (default 2048, capped at the model's context)")
-    info.set_defaults(run=cmd_info)
 
-    speedrun = commands.add_parser(
-        "speedrun", help="the main job: teacher, distilled student, SFT, DPO and a report, on the embedded corpus",
+    speedrun = add_command(
+        commands, "speedrun", cmd_speedrun,
+        help="the main job: teacher, distilled student, SFT, DPO and a report, on the embedded corpus",
         description="Pretrain cpu-small on the embedded corpus (the World English Bible), distil it into "
                     "cpu-mini, fine-tune that on generated chat data (SFT), preference-tune it (DPO), evaluate, "
                     "run the release gate on teacher and student under the default policy, and write "
@@ -458,10 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "bundle, the teacher's closed registration); without it they wait for approval")
     speedrun.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                           help="override a run setting in every stage, e.g. --set optim.grad_clip=0.5 (repeatable)")
-    speedrun.set_defaults(run=cmd_speedrun)
 
-    pretrain = commands.add_parser(
-        "pretrain", help="pretrain a model on text data (resumable)",
+    pretrain = add_command(
+        commands, "pretrain", cmd_pretrain, help="pretrain a model on text data (resumable)",
         description="Pretrain a preset on text, JSONL or Parquet data (or a prepared data folder). Settings "
                     "come from defaults, then --config FILE (TOML), then flags and --set overrides; all are "
                     "checked before any work starts.")
@@ -469,10 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--data", nargs="+", type=Path, metavar="PATH", help="training data sources")
     pretrain.add_argument("--tokenizer", type=Path, metavar="DIR", help="use this tokenizer instead of training one")
     _add_run_flags(pretrain)
-    pretrain.set_defaults(run=cmd_pretrain)
 
-    distill = commands.add_parser(
-        "distill", help="train a student from a teacher's soft targets and the data",
+    distill = add_command(
+        commands, "distill", cmd_distill, help="train a student from a teacher's soft targets and the data",
         description="loss = a(t) * KL(teacher || student at temperature T) * T^2 + (1 - a(t)) * cross-entropy; "
                     "a(t) per [distill] alpha_schedule (constant, linear, cosine, adaptive). The student uses "
                     "the teacher's tokenizer.")
@@ -480,31 +485,28 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--preset", help="student preset (default cpu-small; override fields with --set model.X=...)")
     distill.add_argument("--data", nargs="+", type=Path, required=True, metavar="PATH", help="training data sources")
     _add_run_flags(distill)
-    distill.set_defaults(run=cmd_distill)
 
-    sft = commands.add_parser(
-        "sft", help="supervised fine-tuning on conversations (loss on assistant tokens only)",
+    sft = add_command(
+        commands, "sft", cmd_sft, help="supervised fine-tuning on conversations (loss on assistant tokens only)",
         description="Fine-tune a model directory on JSONL conversations: {\"messages\": [{\"role\", \"content\"}]} "
                     "rows, or Alpaca instruction/input/output rows.")
     sft.add_argument("--model", type=Path, required=True, metavar="DIR", help="model directory to start from")
     sft.add_argument("--data", type=Path, required=True, metavar="FILE", help="conversations (JSONL)")
     _add_run_flags(sft)
-    sft.set_defaults(run=cmd_sft)
 
-    dpo = commands.add_parser(
-        "dpo", help="direct preference optimisation on prompt/chosen/rejected pairs",
+    dpo = add_command(
+        commands, "dpo", cmd_dpo, help="direct preference optimisation on prompt/chosen/rejected pairs",
         description="DPO against the starting model, whose answer log-probabilities are computed once and "
                     "kept in the run folder. Rows: {\"prompt\", \"chosen\", \"rejected\"} as text or messages.")
     dpo.add_argument("--model", type=Path, required=True, metavar="DIR", help="model directory to start from")
     dpo.add_argument("--data", type=Path, required=True, metavar="FILE", help="preference pairs (JSONL)")
     _add_run_flags(dpo)
-    dpo.set_defaults(run=cmd_dpo)
 
-    tokenizer = commands.add_parser("tokenizer", help="train the byte-level BPE tokenizer",
-                                    description="Tokenizer commands.")
-    tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True, metavar="COMMAND")
-    train = tokenizer_commands.add_parser(
-        "train", help="train byte-level BPE on text files and write a Hugging Face tokenizer directory",
+    tokenizer_commands = add_group(commands, "tokenizer", help="train the byte-level BPE tokenizer",
+                                   description="Tokenizer commands.")
+    train = add_command(
+        tokenizer_commands, "train", cmd_tokenizer_train,
+        help="train byte-level BPE on text files and write a Hugging Face tokenizer directory",
         description="Byte-level BPE (GPT-2 split, Llama 4 special tokens and chat template) trained on "
                     ".txt files, .jsonl files with a \"text\" field, or folders of them.")
     train.add_argument("--data", nargs="+", required=True, type=Path, metavar="PATH",
@@ -513,12 +515,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="number of token ids, the 6 special tokens included")
     train.add_argument("--out", type=Path, required=True, metavar="DIR",
                        help="directory for tokenizer.json, tokenizer_config.json, special_tokens_map.json")
-    train.set_defaults(run=cmd_tokenizer_train)
-    data = commands.add_parser("data", help="prepare token shards for training",
-                               description="Data commands.")
-    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
-    prepare = data_commands.add_parser(
-        "prepare", help="tokenize documents into train/val token shards with a manifest",
+    data_commands = add_group(commands, "data", help="prepare token shards for training", description="Data commands.")
+    prepare = add_command(
+        data_commands, "prepare", cmd_data_prepare,
+        help="tokenize documents into train/val token shards with a manifest",
         description="Read documents (text files split on blank lines or <|endoftext|>, JSONL, Parquet, "
                     "datasets save_to_disk folders), split them into train/val by document, tokenize and "
                     "write train.bin/val.bin, their .idx document offsets and manifest.json.")
@@ -532,17 +532,19 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--workers", type=int, default=2, metavar="N", help="tokenizing threads (default 2)")
     prepare.add_argument("--text-field", default="text", metavar="NAME",
                          help="JSONL field / Parquet column holding the text (default text)")
-    prepare.set_defaults(run=cmd_data_prepare)
-    consolidate = commands.add_parser(
-        "consolidate", help="turn a distributed (multi-process) checkpoint into a model directory",
+    consolidate = add_command(
+        commands, "consolidate", cmd_consolidate,
+        help="turn a distributed (multi-process) checkpoint into a model directory",
         description="Gather the weights of checkpoints/step-N of a multi-process run into one Hugging Face "
                     "model directory, with its tokenizer, in one process.")
     consolidate.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a checkpoints/step-N folder")
     consolidate.add_argument("--out", type=Path, required=True, metavar="DIR", help="model directory to write")
     consolidate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: as trained")
-    consolidate.set_defaults(run=cmd_consolidate)
     _add_serving_commands(commands)
     _add_eval_commands(commands)
+    from behemoth.plan_cli import add_plan_command  # they use add_command and add_group from here
+    from behemoth.release.commands import add_release_commands
+
     add_release_commands(commands)
     add_plan_command(commands)
     return parser

@@ -11,8 +11,10 @@ from behemoth.plan import PEAK_TFLOPS, PlanInput, format_plan, parse_count, plan
 
 def add_plan_command(commands: argparse._SubParsersAction) -> None:
     """Add `plan` to the `behemoth` subcommands."""
-    parser = commands.add_parser(
-        "plan", help="memory per GPU and training time of a model on a cluster (arithmetic only)",
+    from behemoth.cli import add_command
+
+    parser = add_command(
+        commands, "plan", cmd_plan, help="memory per GPU and training time of a model on a cluster (arithmetic only)",
         description="Per-GPU memory (parameters, gradients, AdamW state, FSDP working copies, "
                     "activations) under FSDP2 with expert parallelism, whether it fits, and the step "
                     "and training time from 6 x active params x tokens at the given MFU.")
@@ -38,7 +40,6 @@ def add_plan_command(commands: argparse._SubParsersAction) -> None:
                         help="tokens per sequence (default 8192, capped at the model's context)")
     parser.add_argument("--micro-batch", type=int, default=1, metavar="B",
                         help="sequences per GPU per step (default 1)")
-    parser.set_defaults(run=cmd_plan)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

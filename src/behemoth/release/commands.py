@@ -74,10 +74,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_release_commands(commands: argparse._SubParsersAction) -> None:
+    from behemoth.cli import add_command, add_group
     from behemoth.release.gate import DEFAULT_LOG
 
-    gate = commands.add_parser(
-        "gate", help="decide open, closed or hold for a model under a release policy",
+    gate = add_command(
+        commands, "gate", cmd_gate, help="decide open, closed or hold for a model under a release policy",
         description="Run the policy's evaluations on the model (and on --baseline, the last release), apply its "
                     "rules in order, and write a decision record (decision.json, decision.md, evals/) to --out. "
                     "The decision is appended to the audit log and takes effect only after "
@@ -90,22 +91,21 @@ def add_release_commands(commands: argparse._SubParsersAction) -> None:
     gate.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the decision record (new)")
     gate.add_argument("--log", type=Path, default=DEFAULT_LOG, metavar="FILE",
                       help=f"the audit log (default {DEFAULT_LOG})")
-    gate.set_defaults(run=cmd_gate)
 
-    release = commands.add_parser("release", help="approve and publish gate decisions; check the audit log",
-                                  description="Sign-off, publication and the audit log of release decisions.")
-    release_commands = release.add_subparsers(dest="release_command", required=True, metavar="COMMAND")
-    approve = release_commands.add_parser(
-        "approve", help="sign off a decision record (appended to the audit log)",
+    release_commands = add_group(commands, "release",
+                                 help="approve and publish gate decisions; check the audit log",
+                                 description="Sign-off, publication and the audit log of release decisions.")
+    approve = add_command(
+        release_commands, "approve", cmd_approve, help="sign off a decision record (appended to the audit log)",
         description="Record that NAME approved the decision in RECORD. Refused if the record was edited after "
                     "the gate wrote it, is already approved, or the audit log is damaged.")
     approve.add_argument("record", type=Path, metavar="RECORD", help="the gate's --out folder (or its decision.json)")
     approve.add_argument("--by", required=True, metavar="NAME", help="who approves")
     approve.add_argument("--log", type=Path, metavar="FILE", help="the audit log (default: the one the record names)")
-    approve.set_defaults(run=cmd_approve)
 
-    publish = release_commands.add_parser(
-        "publish", help="carry out an approved decision: an open bundle, or a closed served model",
+    publish = add_command(
+        release_commands, "publish", cmd_publish,
+        help="carry out an approved decision: an open bundle, or a closed served model",
         description="open: write a bundle to --out (Hugging Face files, GGUF, model card, the record, a SHA-256 "
                     "manifest). closed: copy the model into a private release folder and register it for "
                     "`behemoth serve --registry`. Refused without approval, for hold, and over an existing release.")
@@ -119,19 +119,19 @@ def add_release_commands(commands: argparse._SubParsersAction) -> None:
     publish.add_argument("--gguf-dtype", choices=("f16", "f32"), default="f16",
                          help="open: precision of the GGUF file (default f16)")
     publish.add_argument("--log", type=Path, metavar="FILE", help="the audit log (default: the one the record names)")
-    publish.set_defaults(run=cmd_publish)
 
-    verify = release_commands.add_parser(
-        "verify-log", help="check the audit log's hash chain (edits, deletions, reordering)",
+    verify = add_command(
+        release_commands, "verify-log", cmd_verify_log,
+        help="check the audit log's hash chain (edits, deletions, reordering)",
         description="Check that every entry seals the one before it, that sequence numbers run 0, 1, 2, ... and "
                     "that the head file matches the last entry. Exit status 2 names the first broken entry.")
     verify.add_argument("--log", type=Path, default=DEFAULT_LOG, metavar="FILE", help=f"default {DEFAULT_LOG}")
     verify.add_argument("--expect-head", metavar="SHA256",
                         help="a head hash kept elsewhere (e.g. a bundle's manifest.json) that must be in the log")
-    verify.set_defaults(run=cmd_verify_log)
 
-    export = commands.add_parser(
-        "export", help="write a model as a Hugging Face folder or a GGUF file (no gate involved)",
+    export = add_command(
+        commands, "export", cmd_export,
+        help="write a model as a Hugging Face folder or a GGUF file (no gate involved)",
         description="hf: the folder transformers loads (config, safetensors, tokenizer, generation config). "
                     "gguf: one file of architecture llama4 for llama.cpp, tokenizer and chat template included; "
                     "configs llama.cpp would run differently are refused by field.")
@@ -141,4 +141,3 @@ def add_release_commands(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--dtype", choices=("f32", "f16"), default="f32",
                         help="gguf: f32 keeps the weights exact; f16 halves the file (norms and router stay f32)")
     export.add_argument("--overwrite", action="store_true", help="replace PATH if it exists (refused otherwise)")
-    export.set_defaults(run=cmd_export)
