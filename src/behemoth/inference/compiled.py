@@ -3,24 +3,19 @@
     decoder = CompiledDecoder(model)            # compiles now (tens of seconds), on a warm-up
     engine = Engine(model, tokenizer, decoder=decoder)
 
-A decode step of a small model is hundreds of small operations (norms, rotations, casts, cache
-writes, masks), each launched from Python; on a CPU that launching, not arithmetic, is most of
-the step (bench/RESULTS.md). `torch.compile` turns the step (every layer; the LM head follows
-it) into a few fused loops around the matrix products. What makes that possible is a cache that
-needs no host reads inside the step: the engine knows every row's position as a Python int, so
-`ModelCache.reserved` makes room before the forward and the layers then write and attend over
-whole buffers. Shapes are symbolic (batch rows, cache slots), so the program is built twice,
-for one row and for several, and reused as requests come and go and the cache grows. With int8
-weights the routed experts are inside the program too: one row's expert weights are picked by
-tensor indexing; several rows are grouped by expert in the program, the group sizes read from
-the routing as data-dependent (unbacked) sizes, so no routing needs a program of its own.
-Float experts pick their weights with a host read, so they run eagerly between two compiled
-pieces.
+A small model's decode step is hundreds of small operations launched from Python; on a CPU the
+launching, not the arithmetic, is most of the step (bench/RESULTS.md). `torch.compile` turns the
+step (every layer; the LM head follows it) into a few fused loops around the matrix products.
+That needs a cache without host reads inside the step: the engine knows every row's position as
+a Python int, so `ModelCache.reserved` makes room before the forward and the layers then write
+and attend over whole buffers. Shapes are symbolic (batch rows, cache slots): one program for one
+row, one for several, reused as requests come and go. Int8 experts are inside the program (one
+row's weights picked by tensor indexing; several rows grouped by expert, the group sizes entering
+as unbacked sizes); float experts pick their weights with a host read and run eagerly in between.
 
-Prompts (prefill) are not compiled: they run once per request. The compiled arithmetic equals
-the eager one up to floating-point reassociation (logits agree to about 1e-5 in float32), so
-greedy choices can only differ where two tokens are nearly tied. Needs a C++ compiler at run
-time, as inductor's CPU backend does.
+Prompts are not compiled: they run once per request. Compiled and eager arithmetic differ only
+by floating-point reassociation (logits agree to about 1e-5 in float32). Needs a C++ compiler at
+run time, as inductor's CPU backend does.
 """
 
 from __future__ import annotations
@@ -51,10 +46,9 @@ class CompiledDecoder:
                 experts = layer.feed_forward.experts
                 experts.forward = torch.compiler.disable(experts.forward)
         self.threads = threads or torch.get_num_threads()  # compiled programs are specific to it
-        # The model is fixed from here on, so the programs skip dynamo's checks of its modules
-        # (attributes, parameters): a tenth of a one-row step (A/B 1.11x at one row, 1.03x at
-        # sixteen, bench/RESULTS.md). The checks of the inputs and the cache stay; they pick the
-        # program for one row or several.
+        # The model is fixed from here on, so the programs skip dynamo's checks of its modules: a
+        # tenth of a one-row step (bench/RESULTS.md). The checks of inputs and cache stay: they
+        # pick the program for one row or several.
         self._step = torch.compile(_with_own_code(self._last_hidden), dynamic=True,
                                    options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         if warm_up:
@@ -111,11 +105,9 @@ class CompiledDecoder:
 def _with_own_code(method: Callable) -> Callable:
     """A bound method whose function has a code object of its own.
 
-    torch.compile keeps its programs per code object and allows 8 per code object
-    (`torch._dynamo.config.recompile_limit`). Every decoder's `_last_hidden` would otherwise
-    share one code object, and with it one list of programs. Each call would then check the
-    guards of other models' programs before finding its own, and a fifth model served with
-    --compile would hit the limit and silently run uncompiled.
+    torch.compile keeps at most 8 programs per code object (`recompile_limit`). Sharing one
+    `_last_hidden`, every call would check the guards of other models' programs before finding
+    its own, and a fifth model served with --compile would silently run uncompiled.
     """
     function = method.__func__
     own = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,

@@ -7,26 +7,23 @@
         print(event.text, end="")
     engine.close()
 
-The loop (continuous batching), one iteration at a time:
-1. requests cancelled since the last step leave the batch (their cache rows are dropped);
-2. one prefill forward of at most `prefill_chunk` tokens (padding included): the whole prompts
-   of several queued requests as one right-padded batch, or the next piece of a long prompt, so
-   a burst of requests gets its first tokens after one forward rather than one forward each,
-   and a long prompt never stalls the running requests for more than one piece. Requests whose
-   prompts are done sample their first tokens and join the batch (their cache rows are appended
-   to the batch cache);
-3. one decode step feeds every running request's last token at its own absolute position and
-   samples with each request's own parameters and generator; requests that stopped leave.
-The KV cache (`kv_cache.py`) addresses entries by absolute position, so rows of different
-lengths need no padding and no common write pointer. Everything the model computes runs on the
-engine thread; torch releases the GIL inside its kernels, so an asyncio server stays responsive.
+Each iteration of the loop (continuous batching):
+1. requests cancelled since the last step leave the batch, with their cache rows;
+2. one prefill forward of at most `prefill_chunk` tokens, padding included: the whole prompts of
+   several queued requests as one right-padded batch, or the next piece of a long prompt. So a
+   burst of requests gets its first tokens after one forward, and a long prompt stalls the
+   running ones for one piece at most. Rows whose prompt is done sample a token and join the batch;
+3. one decode step: each running request's last token at its own absolute position, sampled with
+   its own parameters and generator; requests that stopped leave.
+The KV cache addresses entries by absolute position, so rows of different lengths need no padding
+or common write pointer. The model runs on the engine thread only; torch releases the GIL inside
+its kernels, so an asyncio server stays responsive.
 
-Threads: torch's CPU kernels use OpenMP, and every thread that runs a parallel kernel gets its own
-team of workers. When the teams together hold more threads than there are cores, GNU OpenMP stops
-letting idle workers spin and puts them to sleep after each kernel, and waking them costs more
-than a small matmul: a 16-row decode step ran at half speed on a 2-core machine once the main
-thread had a team of its own. So the engine thread sets its own thread count (`threads`), and
-programs that serve (`behemoth serve`, `behemoth chat`) call `leave_cores_to_engines()` before
+Threads: each thread that runs a parallel torch kernel gets its own OpenMP team. Once the teams
+hold more threads than there are cores, GNU OpenMP puts idle workers to sleep after each kernel,
+and waking them costs more than a small matmul (a 16-row decode step ran at half speed on two
+cores when the main thread had a team too). So the engine thread sets its own thread count
+(`threads`), and `behemoth serve` and `behemoth chat` call `leave_cores_to_engines()` before
 loading anything, which keeps their main thread to one.
 """
 
@@ -67,9 +64,7 @@ class PromptTooLong(BehemothError):
             f"prompt of {prompt_tokens} tokens + max_new_tokens {max_new_tokens} = "
             f"{prompt_tokens + max_new_tokens} tokens exceeds the context of {max_context} tokens "
             f"(shorten the prompt or ask for at most {max(max_context - prompt_tokens, 0)} new tokens)")
-        self.prompt_tokens = prompt_tokens
-        self.max_new_tokens = max_new_tokens
-        self.max_context = max_context
+        self.prompt_tokens, self.max_new_tokens, self.max_context = prompt_tokens, max_new_tokens, max_context
 
 
 class QueueFull(BehemothError):
@@ -117,17 +112,15 @@ class Request:
     The stream ends after the event with a finish_reason, or without one when the request is
     cancelled; an engine failure is raised to the consumer. Leaving the iteration early (break,
     a closed async generator when an HTTP client goes away) cancels the request, which frees its
-    batch slot at the next step. Events are delivered once: iterate from one consumer.
+    batch slot at the next step (at the end of the stream, `cancel` is a no-op). Events are
+    delivered once: iterate from one consumer.
     """
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, engine: Engine | None = None):
         self.id = next(_request_ids)
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.prompt_tokens = len(prompt_ids)
-        self.completion_tokens = 0
+        self.prompt_ids, self.params = prompt_ids, params
+        self.prompt_tokens, self.completion_tokens = len(prompt_ids), 0
         self.finish_reason: str | None = None  # "stop", "length", "cancelled" or "error" at the end
-        self.created_at = time.monotonic()
         self.first_token_at: float | None = None  # for time-to-first-token metrics
         self.finished_at: float | None = None
         self._engine = engine
@@ -141,7 +134,6 @@ class Request:
     # -- consumer side --------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[TokenEvent]:
-        complete = False
         try:
             while True:
                 with self._cond:
@@ -149,16 +141,13 @@ class Request:
                         self._cond.wait()
                     event = self._next_or_end()
                 if event is None:
-                    complete = True
                     return
                 yield event
         finally:
-            if not complete:
-                self.cancel()
+            self.cancel()
 
     async def __aiter__(self) -> AsyncIterator[TokenEvent]:
         loop = asyncio.get_running_loop()
-        complete = False
         try:
             while True:
                 wake = None
@@ -170,14 +159,12 @@ class Request:
                         event = self._next_or_end()
                 if wake is not None:
                     await wake.wait()
-                    continue
-                if event is None:
-                    complete = True
+                elif event is None:
                     return
-                yield event
+                else:
+                    yield event
         finally:
-            if not complete:
-                self.cancel()
+            self.cancel()
 
     def _next_or_end(self) -> TokenEvent | None:
         """Under the lock: the next event, None at the end, or the engine's error."""
@@ -396,6 +383,14 @@ class Engine:
         for slot in slots:
             self._finish(slot.request, "error", error)
 
+    def _fail_all(self, error: BaseException) -> None:
+        with self._cond:
+            queued = list(self._queue)
+            self._queue.clear()
+        for request in queued:
+            self._finish(request, "error", error)
+        self._fail_in_flight(error)
+
     def _drop_cancelled(self) -> None:
         for slot in [s for s in self._prefilling if s.request.cancel_requested]:
             self._finish(slot.request, "cancelled")
@@ -562,15 +557,6 @@ class Engine:
             return
         request._deliver(finish=reason, error=error)
         self._counts["requests_cancelled" if reason == "cancelled" else "requests_failed"] += 1
-
-    def _fail_all(self, error: BaseException) -> None:
-        with self._cond:
-            queued = list(self._queue)
-            self._queue.clear()
-        slots = self._running + self._prefilling
-        self._running, self._prefilling, self._batch = [], [], None
-        for request in queued + [s.request for s in slots]:
-            self._finish(request, "error", error)
 
 
 def _end_token_ids(tokenizer, model: Transformer) -> set[int]:

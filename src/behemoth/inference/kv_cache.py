@@ -1,21 +1,18 @@
 """KV caches for incremental decoding, one per decoder layer, batched by request.
 
 `LayerCache` implements `behemoth.model.attention.KVCache`: attention hands it this step's keys
-and values with their absolute positions and gets back every key it may attend to, with the
-positions `visibility_mask` needs. The cache never decides visibility; it only has to keep every
-key a present or future query can still see, and mark empty slots with position -1.
+and values with their absolute positions and gets back every key it may attend to, with their
+positions. The cache never decides visibility; it keeps every key a present or future query can
+still see, and marks empty slots with position -1.
 
-Where an entry lives is a function of its absolute position, so rows of a batch need no shared
-write pointer (each request has its own positions, and padding is simply "no entry"):
+An entry's slot is a function of its absolute position, so rows need no shared write pointer:
 - global (NoPE) layers keep everything: position p lives in slot p;
-- chunked local (RoPE) layers keep one chunk: position p lives in slot p % chunk. A query at p
-  sees only keys of its own chunk, [p - p % chunk, p], and those occupy distinct slots, so the
-  entry a new key overwrites belongs to an earlier chunk that no query will see again. Memory
-  per row is therefore bounded by the chunk size however long the conversation runs.
+- chunked local (RoPE) layers keep one chunk: p lives in slot p % chunk. A query at p sees only
+  [p - p % chunk, p], all in distinct slots, so a new key overwrites only an entry of an earlier
+  chunk no query will see again: memory per row is bounded by the chunk size.
 
-Buffers grow on demand (doubling, capped by the layer's limit) instead of being allocated for
-the whole context up front, so a batch of short requests stays small and attention only reads
-the slots in use.
+Buffers grow on demand (doubling, up to the layer's limit), so a batch of short requests stays
+small and attention reads only the slots in use.
 """
 
 from __future__ import annotations
@@ -46,9 +43,8 @@ class LayerCache:
         self.values = torch.zeros_like(self.keys)
         self.positions = torch.full((batch, 0), -1, dtype=torch.long, device=device)
         self.used = 0  # slots [0, used) may hold entries; attention reads only these
-        # Set by `ModelCache.reserved`: the slots a decode step writes were made room for before
-        # the forward, so update() reads nothing back from tensors and returns whole buffers
-        # (fixed shapes, no host reads: what a compiled decode step needs).
+        # Set by `ModelCache.reserved`: room was made before the forward, so update() reads no
+        # tensor back and returns whole buffers (what a compiled decode step needs).
         self.reserved = False
 
     # -- the KVCache protocol -------------------------------------------------------------------
@@ -93,9 +89,8 @@ class LayerCache:
         self._write_one(key, value, positions)
 
     def _write_one(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor) -> None:
-        """One indexed write per tensor for the whole batch: row r's entry goes to its position's
-        slot. (An indexed write, not a scatter: the compiler does it in place, where a scatter
-        became a copy of the whole buffer in every layer of a compiled step.)"""
+        """One indexed write per tensor for the whole batch, row r's entry into its position's slot
+        (not a scatter, which the compiler turned into a copy of the whole buffer)."""
         slot = self._slots(positions)[:, 0]
         rows = torch.arange(slot.shape[0], device=slot.device)
         self.keys[rows, :, slot] = key[:, :, 0]
@@ -115,9 +110,8 @@ class LayerCache:
         rows, tokens = keep.nonzero(as_tuple=True)
         index = slots[rows, tokens]
         self._reserve(int(index.max()) + 1)
-        # One indexed write per tensor for every row of a batched prefill. The (row, slot) pairs
-        # are distinct (a row's kept positions are distinct and, in a ring, of a single chunk),
-        # so the writes never collide.
+        # The (row, slot) pairs are distinct (a row's kept positions are, and in a ring they are
+        # of one chunk), so one indexed write per tensor never collides.
         self.keys[rows, :, index] = key[rows, :, tokens]
         self.values[rows, :, index] = value[rows, :, tokens]
         self.positions[rows, index] = positions[rows, tokens]
@@ -223,10 +217,9 @@ class ModelCache:
 
     @contextmanager
     def reserved(self, highest_position: int) -> Iterator[ModelCache]:
-        """Make room for a decode step whose highest position is `highest_position` (an int the
-        caller knows: no tensor is read), then, inside the block, let every layer write and
-        return whole buffers without looking at the positions (see LayerCache.reserved). Only
-        for steps of one real token per row."""
+        """Make room for a decode step up to `highest_position` (an int: no tensor is read); inside
+        the block, layers write and return whole buffers (LayerCache.reserved). Only for steps of
+        one real token per row."""
         for layer in self.layers:
             layer._reserve_through(highest_position)
             layer.reserved = True

@@ -1,16 +1,13 @@
 """Choosing the next token, and turning chosen tokens into text that stops where it should.
 
-`sample_tokens` picks one token per row of a batch in which every row has its own parameters
-and random generator. The filters run in the order `transformers` applies them: repetition
-penalty on the raw logits, then temperature, top-k, top-p (on the top-k renormalised
-distribution) and min-p. Sampling uses one uniform number per row and the inverse of the
-cumulative distribution, so a request's randomness is a single stream from its own generator:
-the same seed gives the same tokens whatever else is in the batch (up to floating-point
-differences in the model's logits between batch shapes).
+`sample_tokens` picks one token per row, each row with its own parameters and generator. Filters
+run in `transformers`' order: repetition penalty on the raw logits, then temperature, top-k,
+top-p (over the renormalised top-k) and min-p. Each row draws one uniform number and inverts the
+cumulative distribution, so the same seed gives the same tokens whatever else is in the batch
+(up to the logits' floating-point differences between batch shapes).
 
-`TextStream` decodes tokens incrementally (holding back an incomplete UTF-8 character) and
-holds back any text that could still become a stop string, so a stop string split across
-tokens is found and never shown.
+`TextStream` decodes incrementally and holds back an incomplete UTF-8 character and any text
+that could still become a stop string, so a stop string split across tokens is never shown.
 """
 
 from __future__ import annotations
@@ -92,9 +89,7 @@ def _check_float(name: str, value: object, low: float, high: float | None = None
                                + f", got {value}")
 
 
-# ------------------------------------------------------------------------------------------------
-# Choosing tokens
-# ------------------------------------------------------------------------------------------------
+# -- choosing tokens -----------------------------------------------------------------------------
 
 @dataclass
 class Choice:
@@ -109,12 +104,9 @@ class Choice:
 def sample_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
                   generators: Sequence[torch.Generator | None],
                   seen: torch.Tensor | None = None) -> list[Choice]:
-    """One token per row of `logits` [batch, vocab] (float32).
-
-    params/generators: one per row (a generator may be shared; None = torch's global one).
-    seen: bool [batch, vocab] of tokens already in each row's prompt or output, needed only when
-    a row has a repetition penalty.
-    """
+    """One token per row of `logits` [batch, vocab] (float32). params/generators: one per row (None
+    = torch's global generator). seen: bool [batch, vocab], the tokens already in each row's prompt
+    or output; needed only for a repetition penalty."""
     raw = logits
     logits = _penalize_repeats(logits, params, seen)
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
@@ -221,20 +213,15 @@ def _choices(raw: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingP
     return out
 
 
-# ------------------------------------------------------------------------------------------------
-# From tokens to text
-# ------------------------------------------------------------------------------------------------
+# -- from tokens to text -------------------------------------------------------------------------
 
 REPLACEMENT = "\ufffd"  # what a cut-off UTF-8 sequence decodes to
 
 
 class IncrementalDecoder:
-    """Text deltas of a growing token list, decoding only a short tail each time.
-
-    A delta is withheld while it ends in U+FFFD (a multi-byte character whose bytes are split
-    over tokens); the next token completes it. Decoding starts at the last point known to be a
-    character boundary, so the cost per token does not grow with the length of the output.
-    """
+    """Text deltas of a growing token list. A delta is withheld while it ends in U+FFFD (a character
+    whose bytes are split over tokens). Decoding starts at the last known character boundary, so
+    the cost per token does not grow with the output."""
 
     def __init__(self, decode: Callable[[list[int]], str]):
         self._decode = decode
@@ -260,12 +247,9 @@ class IncrementalDecoder:
 
 
 class TextStream:
-    """Generated text released piece by piece, cut before the first stop string.
-
-    Text is held back while its end could still grow into a stop string (the longest suffix
-    that is a prefix of one); anything before that can no longer be part of a stop string and is
-    released. Invariant: a stop string, once complete, lies entirely inside the held text.
-    """
+    """Generated text released piece by piece, cut before the first stop string. The longest suffix
+    that is a prefix of a stop string is held back; the rest is released. Invariant: a stop string,
+    once complete, lies entirely inside the held text."""
 
     def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()):
         self._decoder = IncrementalDecoder(decode)

@@ -3,34 +3,26 @@
     model = load("runs/speedrun/model")
     prepare_weights(model, "int8")   # in place; the model is for inference from here on
 
-Decoding one token reads every weight it uses once and does little arithmetic with it, so on a
-CPU its speed is set by the bytes of weights read per token (see bench/RESULTS.md). Halving or
-quartering those bytes is the largest speed-up there is:
+On a CPU, decoding a token reads every weight it uses once and does little arithmetic with it,
+so its speed is set by the bytes of weights read per token (bench/RESULTS.md):
 
-- "bfloat16": every parameter cast to bfloat16 (norms, router and attention scores are still
-  computed in float32 by the model itself).
-- "int8": the matrices of every projection and of the shared and routed experts are stored as
-  int8 with one float scale per output channel (symmetric, round to nearest), and multiplied by
-  torch's int8 weight-only kernel (`aten._weight_int8pack_mm`, activations in bfloat16). Prompts
-  multiply by the int8 matrix cast to bfloat16 (float32 on a CPU without native bfloat16)
-  instead: the same product, 1.5-3x faster at 64 to 512 rows (`int8_matmul`). Everything else
-  stays as trained: embeddings, norms, the router (its float32 logits pick the experts), the KV
-  cache and attention. A layer whose input width is not a multiple of 16 (the kernel's
-  requirement) keeps its float weights.
+- "bfloat16": every parameter cast to bfloat16 (the model still computes norms, router and
+  attention scores in float32).
+- "int8": the matrices of every projection and expert are int8 with one float scale per output
+  channel (symmetric, round to nearest), multiplied by torch's int8 weight-only kernel
+  (`aten._weight_int8pack_mm`, bfloat16 activations); prompts multiply by the int8 matrix cast
+  to bfloat16 (float32 without native bfloat16): the same product, 1.5-3x faster at 64 to 512
+  rows (`int8_matmul`). Embeddings, norms, the router (its float32 logits pick the experts), the
+  KV cache and attention stay as trained, and so does a layer whose input width is not a multiple
+  of 16 (the kernel's requirement).
 
-The LM head depends on the CPU (`behemoth.hardware.choose_paths`, `behemoth info --machine`).
-With native bfloat16 (AVX-512 BF16, AMX) it is a `BFloat16Linear`: bfloat16 weights reordered once
-into oneDNN's blocked layout. Of the products that keep the activations in bfloat16 (rather than
-rounding them to int8), that is the fastest such a machine has for the LM head at one row and at
-sixteen (`bench/decode_kernels.py`: about 1.1-1.3x and 3x faster than the int8 kernel), and it
-keeps the largest product of a decode step at bfloat16's precision. On an AVX2-only CPU a
-bfloat16 product of 16 rows costs about 3x a float32 one, so there the int8 format keeps the LM
-head in float32. The bfloat16 format always has a bfloat16 head, as it has bfloat16 everything.
-
-Quantised weights are an approximation of the trained ones: `bench/serve_decode.py` reports how
-often greedy decoding still picks the same tokens, and the tests bound the logit error.
-The model code knows nothing of this: the projections are swapped for modules with the same call
-signature, and the experts for a module with the same forward.
+The int8 LM head depends on the CPU (`behemoth.hardware.choose_paths`). With native bfloat16
+(AVX-512 BF16, AMX) it is a `BFloat16Linear`, its weights reordered once into oneDNN's blocked
+layout: 1.1-1.3x (one row) and 3x (sixteen) faster than the int8 kernel (bench/decode_kernels.py),
+at bfloat16's precision. On an AVX2-only CPU a 16-row bfloat16 product costs 3x a float32 one, so
+the head stays float32 there. Quantised weights approximate the trained ones: bench/serve_decode.py
+reports how often greedy decoding still agrees, and the tests bound the logit error. The model
+knows nothing of this: modules are swapped for ones with the same call signature.
 """
 
 from __future__ import annotations
@@ -68,11 +60,10 @@ def prepare_weights(model: Transformer, weights: str = "float32", cpu: CpuFeatur
     else:
         model.float()
     bfloat16_head = weights == "bfloat16" or (weights == "int8" and paths.lm_head != "float32")
-    if bfloat16_head and isinstance(model.lm_head, nn.Linear):
-        # a tied LM head gets its own copy; the embedding stays as it is
+    if bfloat16_head and isinstance(model.lm_head, nn.Linear):  # a tied head gets its own copy
         model.lm_head = BFloat16Linear(model.lm_head, pack=paths.lm_head == "bfloat16 packed")
-    # RoPE frequencies recomputed in float32 whatever the weights (casting the model to bfloat16
-    # rounds them, which turns into angle errors of a radian at a few thousand positions)
+    # RoPE frequencies back to float32: cast to bfloat16 they are off by a radian at a few
+    # thousand positions
     model.reset_buffers()
     return model
 
@@ -121,10 +112,9 @@ def int8_matmul(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
     """x [..., in] (bfloat16) times the int8 matrix values [out, in] with per-row scales: [..., out] bfloat16.
 
     Decode steps (a few rows) take torch's int8 weight-only kernel. A prompt (DEQUANTIZED_ROWS rows
-    or more, run eagerly) is one product on the matrix cast to `prompt_dtype` (int8 values are exact
-    in it, and the cast costs little against so many rows): the same product, 1.5-3x faster at 64
-    to 512 rows. In bfloat16 (a CPU with native bfloat16) the output is rounded to bfloat16 before
-    the scaling rather than after; float32 is the type that is fast on an AVX2-only CPU.
+    or more, run eagerly) is one product on the matrix cast to `prompt_dtype`, in which int8 values
+    are exact and whose cast costs little against so many rows. In bfloat16 the output is rounded
+    before the scaling rather than after; float32 is the type that is fast on an AVX2-only CPU.
     """
     rows = x.reshape(-1, x.shape[-1])
     if not torch.compiler.is_compiling() and rows.shape[0] >= DEQUANTIZED_ROWS:
