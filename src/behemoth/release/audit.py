@@ -1,22 +1,12 @@
 """The release audit log: an append-only JSON-lines file in which each entry seals the one before.
 
-Every entry is one line of canonical JSON (sorted keys, no spaces) with:
-
-    seq      0, 1, 2, ... in file order
-    prev     SHA-256 of the previous line's bytes (64 zeros for the first entry)
-    time     UTC, ISO 8601
-    event    "decision", "approval" or "publish"
-    ...      the event's own fields (record checksum, decision, who approved, where it went)
-
-Changing any byte of a line changes its SHA-256, which no longer matches the `prev` of the line
-after it; deleting or reordering lines breaks the same link (and `seq`). The last line has no
-successor to seal it, so the log keeps a head file beside it (`audit.jsonl.head`: entry count and
-the last line's SHA-256), rewritten atomically after each append; `verify_log` checks the chain and
-the head. Someone able to rewrite both the log and its head can forge the tail, so a publication
-copies the head into its bundle, and `verify_log(expect_head=...)` checks a log against a head kept
-elsewhere.
-
-Appends hold an exclusive `flock` on the log, so two processes never interleave or fork the chain.
+Each line is canonical JSON (sorted keys, no spaces): `seq` (0, 1, 2, ...), `prev` (SHA-256 of the
+previous line, 64 zeros for the first), `time`, `event` ("decision", "approval" or "publish") and
+the event's own fields. Editing, deleting or reordering lines breaks a `prev` link (and `seq`); the
+last line is sealed by the head file beside the log (`audit.jsonl.head`: entry count and the last
+line's SHA-256). Whoever can rewrite log and head can forge the tail, so a publication copies the
+head into its bundle, for `verify_log(expect_head=...)`. Appends hold an exclusive `flock`, so two
+processes never interleave or fork the chain. docs/RELEASE.md, section 3, is the user's view.
 """
 
 from __future__ import annotations
@@ -44,6 +34,11 @@ class AuditError(BehemothError):
 class LogHead:
     entries: int
     sha256: str
+
+
+def utc_now() -> str:
+    """The time of an entry, a decision or a registration: UTC, ISO 8601, to the second."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def canonical(entry: dict[str, Any]) -> bytes:
@@ -84,8 +79,7 @@ def append(log: str | Path, event: str, fields: dict[str, Any]) -> dict[str, Any
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX)
         entries, head = _verified(log)
-        entry = {**fields, "seq": head.entries, "prev": head.sha256, "event": event,
-                 "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        entry = {**fields, "seq": head.entries, "prev": head.sha256, "event": event, "time": utc_now()}
         line = canonical(entry)
         os.write(descriptor, line + b"\n")
         os.fsync(descriptor)

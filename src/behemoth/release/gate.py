@@ -1,27 +1,15 @@
-"""`behemoth gate`: evaluate a candidate model under a policy and write the decision record.
+"""`behemoth gate`: evaluate a candidate model under a policy and write the decision record
+(schema "behemoth.release.decision/1": `decision.json`, `decision.md` and `evals/` in out_dir; the
+fields are those `run_gate` assembles, described in docs/RELEASE.md, section 2).
 
-    run_gate(model_dir, policy, out_dir, baseline=None, variables={}, log=...) -> record dict
-
-The record (schema "behemoth.release.decision/1", `decision.json` and `decision.md` in out_dir):
-
-    {"schema", "created",
-     "model": {"path", "name", "weights_sha256", "config_sha256", "tokenizer_sha256"},
-     "baseline": {...same...} | null,
-     "policy": {"path", "name", "sha256"}, "variables": {NAME: VALUE},
-     "evaluations": {NAME: {"tasks", "results", "baseline_results", "metrics": {TASK: {...}},
-                            "comparison": {"verdict", "metric", "delta", "ci", "better", "worse"} | null}},
-     "rules": [{"name", "decision", "condition", "fired": bool, "why"}],
-     "decision", "rule", "reason", "inputs_sha256", "audit_log"}
-
-`inputs_sha256` hashes everything the decision depends on (model and baseline checksums, policy
-bytes, variables, evaluated data and the metric values): two runs on the same inputs agree on it
-and on the decision. The evaluation results are written beside the record (`evals/`). The record
-file's own SHA-256 is what the audit log's "decision" entry carries and what `approve` refers to.
+`inputs_sha256` hashes everything the decision depends on (checksums of model and baseline,
+policy, variables, evaluated data, metric values): equal inputs give equal checksums and
+decisions. The record file's own SHA-256 is what the audit log's "decision" entry carries and
+what `approve` refers to.
 """
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -34,6 +22,7 @@ from behemoth.release.policy import BASELINE_CONDITIONS, Policy, PolicyError, Ru
 DECISION_SCHEMA = "behemoth.release.decision/1"
 RECORD_FILE, RECORD_MARKDOWN = "decision.json", "decision.md"
 DEFAULT_LOG = Path("releases") / "audit.jsonl"
+IDENTITY = ("weights_sha256", "config_sha256", "tokenizer_sha256")  # a model's checksums
 
 
 class GateError(BehemothError):
@@ -54,6 +43,13 @@ def model_identity(directory: str | Path) -> dict[str, Any]:
     return {"path": str(folder.resolve()), "name": folder.resolve().name, "weights_sha256": weights,
             "config_sha256": sha256_file(folder / "config.json"),
             "tokenizer_sha256": sha256_file(folder / "tokenizer.json")}
+
+
+def changed_part(folder: str | Path, identity: dict[str, Any]) -> str | None:
+    """"weights", "config" or "tokenizer": the first whose checksum in `folder` is no longer
+    `identity`'s (a `model_identity`), or None when the folder holds the same model."""
+    now = model_identity(folder)
+    return next((key.removesuffix("_sha256") for key in IDENTITY if now[key] != identity.get(key)), None)
 
 
 def run_gate(model_dir: str | Path, policy: Policy | str | Path | None, out_dir: str | Path, *,
@@ -101,7 +97,7 @@ def run_gate(model_dir: str | Path, policy: Policy | str | Path | None, out_dir:
     trace, fired = decide(policy, evaluations, has_baseline=base is not None)
     record = {
         "schema": DECISION_SCHEMA,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": audit.utc_now(),
         "model": model, "baseline": base,
         "policy": {"path": policy.path, "name": policy.name, "sha256": policy.sha256},
         "variables": variables, "evaluations": evaluations, "rules": trace,
@@ -216,9 +212,7 @@ def _rounded(value: Any) -> Any:
     return value
 
 
-# ------------------------------------------------------------------------------------------------
-# Record files
-# ------------------------------------------------------------------------------------------------
+# -- record files --------------------------------------------------------------------------------
 
 def write_record(out: Path, record: dict[str, Any]) -> None:
     from behemoth.eval.cache import write_json_atomic

@@ -1,35 +1,10 @@
 """Release policies: which evaluations to run, and the ordered rules that map results to a decision.
 
-A policy is a TOML file (schema "behemoth.release.policy/1"); `docs/RELEASE.md` documents every key
-and the default ships as `behemoth/release/default_policy.toml`:
-
-    schema = "behemoth.release.policy/1"
-    name = "toy-default"
-
-    [compare]                       # the regression verdict (behemoth eval compare)
-    resamples = 2000
-    confidence = 0.95
-    seed = 0
-
-    [evaluations.internal]          # a named evaluation: a task list (behemoth eval syntax)
-    tasks = "heldout=ppl:${heldout}"   # ${NAME} is filled from `behemoth gate --var NAME=VALUE`
-    limit = 200                     # items per task (optional)
-    max_length = 256                # tokens per sequence (optional)
-
-    [[rules]]                       # tried in order; the first that fires decides
-    name = "not-better-than-last-release"
-    decision = "hold"               # hold | closed | open
-    when = "not_better"             # not_better | any_worse | threshold | always
-    evaluation = "internal"
-    without_baseline = "skip"       # not_better/any_worse with no baseline: skip (default) or fire
-
-Threshold rules name a task and a metric of an evaluation and give `at_least` or `at_most`.
-
-A policy is checked completely when loaded: unknown keys, wrong types, rules naming evaluations
-that do not exist, rules that can never fire (after an `always` rule, a repeat of an earlier
-condition, or a threshold an earlier rule with the same decision-independent test already
-covers), and a policy without a final `always` rule (some result would then map to no decision)
-are all rejected with the file and the field named.
+A policy is a TOML file (schema "behemoth.release.policy/1", every key in docs/RELEASE.md; the
+default ships as `behemoth/release/default_policy.toml`). It is checked completely when loaded:
+unknown keys, wrong types, rules naming evaluations that do not exist, rules that can never fire
+(`_covers`), and a policy without a final `always` rule (some result would map to no decision)
+are rejected with the file and the field named.
 """
 
 from __future__ import annotations
@@ -165,9 +140,7 @@ def parse_policy(data: dict[str, Any], where: str = "policy", sha256: str = "") 
                   description=_string(data, "description", where) or "")
 
 
-# ------------------------------------------------------------------------------------------------
-# Field checks
-# ------------------------------------------------------------------------------------------------
+# -- field checks --------------------------------------------------------------------------------
 
 def _keys(table: Any, where: str, allowed: set[str]) -> None:
     if not isinstance(table, dict):

@@ -1,17 +1,12 @@
-"""Sign-off and publication: `behemoth release approve | publish | verify-log`.
+"""Sign-off and publication: `behemoth release approve | publish` (the checks: docs/RELEASE.md).
 
 A decision takes effect only when a named person approves it; both facts go to the audit log.
-Publishing checks, in order: the log is intact; the record file is the one the log's decision
-entry sealed (by SHA-256); an approval of that record exists; the decision is not `hold`; the
-model folder still holds the weights, config and tokenizer the gate evaluated. Then:
-
-- `open`: a bundle in a new folder (never over an existing one): the Hugging Face files at the
-  top level, a GGUF file for llama.cpp, the model card `README.md`, the gate record under
-  `release/`, and `manifest.json` with the SHA-256 of every other file. The folder is assembled
-  beside its destination and renamed into place, so a failed publish leaves nothing behind.
-- `closed`: the model's files are copied into a private release folder and registered by name in a
-  registry file that `behemoth serve --registry FILE` reads; no GGUF, no card, nothing outside the
-  release folder.
+- `open`: a bundle in a new folder: the Hugging Face files, a GGUF file, the model card
+  `README.md`, the gate record under `release/`, and `manifest.json` with every file's SHA-256.
+- `closed`: the model's files in a private release folder, registered by name in the registry
+  that `behemoth serve --registry FILE` reads; no GGUF, no card.
+Either folder is assembled beside its destination and renamed into place: a failed publish
+leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -27,7 +22,7 @@ from behemoth.durable import fsync_tree
 from behemoth.errors import BehemothError
 from behemoth.hashing import sha256_file
 from behemoth.release import audit
-from behemoth.release.gate import GateError, load_record, model_identity
+from behemoth.release.gate import GateError, changed_part, load_record
 from behemoth.release.registry import register
 
 MANIFEST_FILE = "manifest.json"
@@ -43,10 +38,7 @@ def approve(record_path: str | Path, by: str, log: str | Path | None = None) -> 
     """Sign off a decision record as `by`; returns the approval entry appended to the audit log."""
     if not OPERATOR.match(by or "") or not by.strip():
         raise ReleaseError(f"--by {by!r}: give the approver's name (1-128 printable characters)")
-    record, file = load_record(record_path)
-    log = Path(log) if log is not None else Path(record["audit_log"])
-    entries = audit.read_entries(log)
-    decision = _sealed_decision(entries, file, log)
+    record, file, log, entries, decision = _sealed(record_path, log)
     earlier = audit.find(entries, "approval", record_sha256=decision["record_sha256"])
     if earlier:
         raise ReleaseError(f"{file}: already approved by {earlier[0]['by']} at {earlier[0]['time']}")
@@ -58,10 +50,7 @@ def publish(record_path: str | Path, out: str | Path | None = None, *, log: str 
             registry: str | Path | None = None, name: str | None = None, gguf_dtype: str = "f16",
             training: dict[str, Any] | None = None) -> dict[str, Any]:
     """Carry out an approved decision; returns the audit log's publish entry (with `location`)."""
-    record, file = load_record(record_path)
-    log = Path(log) if log is not None else Path(record["audit_log"])
-    entries = audit.read_entries(log)
-    decision = _sealed_decision(entries, file, log)
+    record, file, log, entries, decision = _sealed(record_path, log)
     if record["decision"] == "hold":
         raise ReleaseError(f"{file}: the decision is hold; a held model is not published")
     approvals = audit.find(entries, "approval", record_sha256=decision["record_sha256"])
@@ -88,26 +77,28 @@ def publish(record_path: str | Path, out: str | Path | None = None, *, log: str 
                                          "registry": registered})
 
 
-def _sealed_decision(entries: list[dict[str, Any]], file: Path, log: Path) -> dict[str, Any]:
-    """The log's decision entry for this exact record file, or ReleaseError."""
-    digest = sha256_file(file)
-    found = audit.find(entries, "decision", record_sha256=digest)
+def _sealed(record_path: str | Path, log: str | Path | None
+            ) -> tuple[dict[str, Any], Path, Path, list[dict[str, Any]], dict[str, Any]]:
+    """(record, its file, the audit log, the log's entries, its decision entry for this exact record
+    file); ReleaseError when the log sealed no such file."""
+    record, file = load_record(record_path)
+    log = Path(log) if log is not None else Path(record["audit_log"])
+    entries = audit.read_entries(log)
+    found = audit.find(entries, "decision", record_sha256=sha256_file(file))
     if not found:
         raise ReleaseError(f"{file}: no decision with this record's SHA-256 in {log}; the record was edited "
                            "after the gate wrote it, or belongs to another log")
-    return found[0]
+    return record, file, log, entries, found[0]
 
 
 def _unchanged_model(record: dict[str, Any]) -> Path:
     folder = Path(record["model"]["path"])
     try:
-        now = model_identity(folder)
+        changed = changed_part(folder, record["model"])
     except GateError as err:
         raise ReleaseError(f"the gated model is gone or unreadable: {err}") from None
-    for key in ("weights_sha256", "config_sha256", "tokenizer_sha256"):
-        if now[key] != record["model"][key]:
-            raise ReleaseError(f"{folder}: {key.removesuffix('_sha256')} changed since the gate evaluated it; "
-                               "run the gate again")
+    if changed:
+        raise ReleaseError(f"{folder}: {changed} changed since the gate evaluated it; run the gate again")
     return folder
 
 

@@ -10,13 +10,13 @@ lock; a name is registered once.
 
 from __future__ import annotations
 
-import datetime
 import fcntl
 import os
 from pathlib import Path
 from typing import Any
 
 from behemoth.errors import BehemothError
+from behemoth.release.audit import utc_now
 
 REGISTRY_SCHEMA = "behemoth.release.registry/1"
 
@@ -44,6 +44,7 @@ def read_registry(path: str | Path) -> dict[str, dict[str, Any]]:
 def register(path: str | Path, name: str, folder: Path, identity: dict[str, Any], record_sha256: str) -> Path:
     """Add `name` -> `folder`; RegistryError if the name is taken. Returns the registry path."""
     from behemoth.eval.cache import write_json_atomic
+    from behemoth.release.gate import IDENTITY
     from behemoth.serve.models import MODEL_NAME
 
     path = Path(path)
@@ -57,8 +58,7 @@ def register(path: str | Path, name: str, folder: Path, identity: dict[str, Any]
         if name in models:
             raise RegistryError(f"{path}: a model named {name!r} is already registered (give another --name)")
         models[name] = {"path": str(Path(folder).resolve()), "record_sha256": record_sha256,
-                        "registered": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                        **{k: identity[k] for k in ("weights_sha256", "config_sha256", "tokenizer_sha256")}}
+                        "registered": utc_now(), **{k: identity[k] for k in IDENTITY}}
         write_json_atomic(path, {"schema": REGISTRY_SCHEMA, "models": models})
     os.chmod(path, 0o600)  # it names private folders
     return path
@@ -66,20 +66,16 @@ def register(path: str | Path, name: str, folder: Path, identity: dict[str, Any]
 
 def registered_models(path: str | Path) -> dict[str, Path]:
     """{name: folder} for serving, each folder checked against its registered checksums."""
-    from behemoth.release.gate import GateError, model_identity
+    from behemoth.release.gate import GateError, changed_part
 
     models = read_registry(path)
     if not models:
         raise RegistryError(f"{path}: no registered models (publish an approved closed decision first)")
-    served = {}
     for name, entry in models.items():
         try:
-            now = model_identity(entry["path"])
+            changed = changed_part(entry["path"], entry)
         except GateError as err:
             raise RegistryError(f"{path}: model {name!r}: {err}") from None
-        for key in ("weights_sha256", "config_sha256", "tokenizer_sha256"):
-            if now[key] != entry.get(key):
-                raise RegistryError(f"{path}: model {name!r} in {entry['path']}: {key.removesuffix('_sha256')} "
-                                    "changed since it was released")
-        served[name] = Path(entry["path"])
-    return served
+        if changed:
+            raise RegistryError(f"{path}: model {name!r} in {entry['path']}: {changed} changed since it was released")
+    return {name: Path(entry["path"]) for name, entry in models.items()}
