@@ -17,7 +17,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from behemoth.config import ModelConfig
-from behemoth.durable import fsync_tree
+from behemoth.durable import fsync_tree, staging_folder
 from behemoth.errors import CheckpointError, ConfigError
 from behemoth.model import Transformer
 
@@ -317,17 +316,12 @@ def save(model: Transformer, path: str | Path, tokenizer: Any = None, *, config_
     directory or the complete new one, never a partial write.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
+    with staging_folder(target) as staging:
         write_model_files(model, staging, config_form=config_form, max_shard_bytes=max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
         fsync_tree(staging)
         _replace_directory(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

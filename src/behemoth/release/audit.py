@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from behemoth.durable import write_atomic
 from behemoth.errors import BehemothError
 
 GENESIS = "0" * 64
@@ -152,11 +153,4 @@ def _check_head(log: Path, head: LogHead) -> None:
 
 
 def _write_head(log: Path, head: LogHead) -> None:
-    path = head_path(log)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with temporary.open("w", encoding="utf-8") as handle:
-        json.dump({"entries": head.entries, "sha256": head.sha256}, handle)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    write_atomic(head_path(log), json.dumps({"entries": head.entries, "sha256": head.sha256}) + "\n")

@@ -14,11 +14,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from behemoth.durable import fsync_tree
+from behemoth.durable import fsync_tree, staging_folder
 from behemoth.errors import BehemothError
 from behemoth.hashing import sha256_file
 from behemoth.release import audit
@@ -106,15 +105,10 @@ def _new_folder(target: Path, build: Callable[[Path], None]) -> Path:
     """Build a folder beside `target` and rename it into place; never replace an existing one."""
     if target.exists():
         raise ReleaseError(f"{target}: already exists; a release never overwrites another")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
+    with staging_folder(target) as staging:
         build(staging)
         fsync_tree(staging)
         os.rename(staging, target)  # fails rather than replaces if target appeared meanwhile
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

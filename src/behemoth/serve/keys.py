@@ -21,12 +21,12 @@ import logging
 import os
 import re
 import secrets
-import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from behemoth.durable import write_atomic
 from behemoth.errors import ConfigError
 
 KEY_PREFIX = "bh-"
@@ -138,17 +138,7 @@ def write_keys(path: str | Path, records: list[KeyRecord]) -> None:
     file = Path(path)
     file.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"version": FILE_VERSION, "keys": [r.to_json() for r in records]}, indent=2) + "\n"
-    fd, temporary = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".tmp", dir=file.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, file)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomic(file, text, mode=0o600)
 
 
 def create_key(path: str | Path, name: str, limits: Limits | None = None,

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from behemoth.checkpoint import write_model_files
-from behemoth.durable import fsync_path, fsync_tree
+from behemoth.durable import fsync_path, fsync_tree, staging_folder
 from behemoth.model import Transformer
 from behemoth.run_checkpoints import (TRAINER_STATE, TrainerState, checkpoint_name, prune_checkpoints,
                                       remove_checkpoint, verify_checkpoint, write_manifest)
@@ -40,10 +38,8 @@ TRAINER_TENSORS = "trainer.safetensors"
 def save_checkpoint(root: Path, model: Transformer, optimizer: torch.optim.Optimizer, state: TrainerState,
                     run_config: RunConfig, tokenizer: Any = None, keep: int = 2) -> Path:
     """Write checkpoint `step-N` under `root` atomically; keep only the newest `keep`."""
-    root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(state.step)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
-    try:
+    with staging_folder(final) as staging:
         write_model_files(model, staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
@@ -59,9 +55,6 @@ def save_checkpoint(root: Path, model: Transformer, optimizer: torch.optim.Optim
             remove_checkpoint(final)
         os.rename(staging, final)
         fsync_path(root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     prune_checkpoints(root, keep)
     return final
 
