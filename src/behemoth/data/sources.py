@@ -1,26 +1,19 @@
 """Documents from files on disk: plain text, JSONL, Parquet and Hugging Face `save_to_disk` folders.
 
-`iter_documents(paths)` yields `Document`s in a fixed order (paths in the order given, the files
-of a folder sorted by name), each knowing the file it came from. `source_files(paths)` lists the
-files that would be read, which is what a manifest records and hashes.
+`iter_documents(paths)` yields `Document`s in a fixed order (paths as given, a folder's files
+sorted by name); `source_files(paths)` lists the files it reads, which a manifest records and hashes.
 
-Formats, chosen by file name:
-
-- `.txt`, `.text` (optionally `.gz`): documents are separated by the literal marker
-  `<|endoftext|>` (or `<|end_of_text|>`) when the file contains one, and by blank lines
-  otherwise, so marker-separated documents may hold paragraphs. A file named explicitly with
-  any other suffix is read as plain text too.
-- `.jsonl`, `.ndjson` (optionally `.gz`): one JSON object per line; the document is its
-  `text_field` (default "text"). Blank lines are skipped.
-- `.parquet`: the `text_field` column. Needs `pyarrow`.
-- A folder written by `datasets.Dataset.save_to_disk` (it holds `state.json`) or
-  `DatasetDict.save_to_disk` (`dataset_dict.json`, every split in the order listed): its Arrow
-  files, read with `pyarrow` alone (the `datasets` package is not needed).
-
-Any other folder is searched recursively for the suffixes above (hidden files and folders
-skipped). Empty or whitespace-only documents are skipped; a file named twice is read once.
-A missing path, a file that cannot be read or decoded, a JSONL line that is not a JSON object
-or lacks the field: a one-line `ConfigError` naming the file and, where there is one, the line.
+Formats, by file name:
+- `.txt`, `.text` (optionally `.gz`), or any file named explicitly: documents are separated by
+  the marker `<|endoftext|>` (or `<|end_of_text|>`) when the file holds one, else by blank lines
+  (so marker-separated documents may hold paragraphs);
+- `.jsonl`, `.ndjson` (optionally `.gz`): one JSON object per line, the document its `text_field`;
+- `.parquet`: the `text_field` column (needs `pyarrow`);
+- a `datasets` `save_to_disk` folder (`state.json`, or `dataset_dict.json` with its splits in
+  order): its Arrow files, read with `pyarrow` alone.
+Other folders are searched recursively (hidden entries skipped). Empty documents are skipped; a
+file named twice is read once. Any unreadable input is a one-line `ConfigError` naming the file
+and, where there is one, the line.
 """
 
 from __future__ import annotations
@@ -45,11 +38,8 @@ HF_DATASET_DICT = "dataset_dict.json"
 
 @dataclass(frozen=True)
 class Document:
-    """One training document and where it came from.
-
-    index is the document's position within its file (0-based); line is the 1-based line it
-    starts on for text and JSONL files, the row number for Parquet and Arrow files.
-    """
+    """One training document and where it came from: `index` within its file (0-based), `line` it
+    starts on (1-based; the row number for Parquet and Arrow files)."""
 
     text: str
     source: Path
@@ -65,9 +55,7 @@ class SourceFile:
     kind: str  # "text" | "jsonl" | "parquet" | "arrow"
 
 
-# ------------------------------------------------------------------------------------------------
-# Finding files
-# ------------------------------------------------------------------------------------------------
+# -- finding files --------------------------------------------------------------------------------
 
 def source_files(paths: Iterable[str | Path] | str | Path) -> list[SourceFile]:
     """The files `iter_documents(paths)` reads, in the order it reads them."""
@@ -162,11 +150,7 @@ def _hf_arrow_files(folder: Path) -> list[SourceFile]:
     return files
 
 
-
-
-# ------------------------------------------------------------------------------------------------
-# Reading documents
-# ------------------------------------------------------------------------------------------------
+# -- reading documents ----------------------------------------------------------------------------
 
 def iter_documents(paths: Iterable[str | Path] | str | Path, text_field: str = "text") -> Iterator[Document]:
     """Every non-empty document of every file under `paths`, in a fixed order."""

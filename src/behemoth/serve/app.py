@@ -9,12 +9,10 @@ Routes:
     POST /v1/completions        text completion (streaming over SSE with "stream": true)
     POST /v1/chat/completions   chat completion through the tokenizer's chat template
 
-Closed means closed: every path under /v1 passes the key check (`calls.KeyGate`) before routing, so
-a route cannot be added without it. Bad input always gets a 4xx with an OpenAI-shaped body,
-`{"error": {"message", "type", "param", "code"}}`; a 500 means a bug. Model names are looked up
-in the dict of configured models and nothing else, so a name never reaches the file system. No
-route returns weights, files, full logits (top_logprobs is capped) or anything about other keys.
-Bodies and errors: `schemas`; keys and accounting: `calls`; generation: `jobs`; models: `models`.
+Every path under /v1 passes the key check (`calls.KeyGate`) before routing, so no route can skip
+it. Bad input gets a 4xx with an OpenAI-shaped body, `{"error": {"message", "type", "param",
+"code"}}`; a 500 means a bug. Model names are looked up only in the dict of configured models,
+never on the file system. No route returns weights, files, full logits or anything about other keys.
 """
 
 from __future__ import annotations

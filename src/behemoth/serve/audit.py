@@ -1,10 +1,9 @@
 """The audit log: one JSON line per API request, appended whole.
 
-Each line holds the time, a request id, the key id (never the key), the route, the model, token
-counts, the HTTP status and the latency; the prompt and completion text only when the operator
-turns that on (`--log-prompts`). Lines are written with a single `write` on a file opened with
-O_APPEND, so concurrent writers (threads, or several servers on one file) never interleave
-inside a line, and a crash leaves at most a cut last line, which readers skip.
+A line holds the time, request id, key id (never the key), route, model, token counts, HTTP status
+and latency; prompt and completion text only with `--log-prompts`. Each line is one `write` on an
+O_APPEND descriptor, so concurrent writers never interleave inside a line, and a crash leaves at
+most a cut last line, which readers skip.
 """
 
 from __future__ import annotations

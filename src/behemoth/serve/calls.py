@@ -1,6 +1,6 @@
 """Who may call and what each call costs: the state all calls share (`ServerState`), the key check
-of every path under /v1 (`KeyGate`: ASGI middleware before routing, so no route can skip it), and
-`Call`, the admission, metrics and audit line of one API call, whether or not it reached a route.
+of every path under /v1 (`KeyGate`, ASGI middleware before routing), and `Call`, the admission,
+metrics and audit line of one API call, whether or not it reached a route.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Generation calls (`generate`): a checked body becomes a job checked against the model and
-`Settings`, its choices go to the engine, and the events come back as one JSON response or an SSE
-stream in OpenAI's shapes (logprobs, usage). The one place in serve/ that talks to the engine.
+"""Generation calls: a body becomes a job checked against the model and `Settings`, its choices go
+to the engine, and the events come back as one JSON response or an SSE stream in OpenAI's shapes.
+The one place in serve/ that talks to the engine.
 """
 
 from __future__ import annotations
@@ -79,9 +79,7 @@ async def generate(call: Call, request: Request, chat: bool) -> Response:
     return await _run_job(call, job, ticket)
 
 
-# ------------------------------------------------------------------------------------------------
-# Turning a request body into a job
-# ------------------------------------------------------------------------------------------------
+# -- turning a request body into a job ------------------------------------------------------------
 
 def _invalid(err: ConfigError) -> ApiError:
     return ApiError(400, str(err), "invalid_value", getattr(err, "field", None))
@@ -199,9 +197,7 @@ def _completion_prompts(model: ServedModel, prompt: Any) -> list[list[int]]:
     return prompts
 
 
-# ------------------------------------------------------------------------------------------------
-# Running a job on the engine
-# ------------------------------------------------------------------------------------------------
+# -- running a job on the engine ------------------------------------------------------------------
 
 def _submit(job: _Job) -> None:
     """Submit every choice to the engine; on any failure cancel those already submitted."""
@@ -347,9 +343,7 @@ def _shutting_down() -> ApiError:
                     headers={"Retry-After": "1"})
 
 
-# ------------------------------------------------------------------------------------------------
-# OpenAI's response shapes
-# ------------------------------------------------------------------------------------------------
+# -- OpenAI's response shapes ---------------------------------------------------------------------
 
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"

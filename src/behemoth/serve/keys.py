@@ -1,14 +1,9 @@
 """API keys: created once, stored hashed, checked in constant time, revocable while serving.
 
-A key looks like `bh-<id>-<secret>`: `id` is 12 hex characters that name the key in lists, logs
-and the audit log; `secret` is 32 random bytes (urlsafe base64). Only the SHA-256 of the whole key
-is written to the keys file; a plain (unsalted, fast) hash is enough because the secret has 256
-bits of entropy, so there is nothing to guess. The file is JSON, written atomically with mode 0600:
-
-    {"version": 1, "keys": [{"id": "...", "name": "...", "sha256": "...", "created": "...",
-      "revoked": null, "limits": {"requests_per_minute": 60, ...}, "models": null}]}
-
-A running server rereads the file when it changes, so `behemoth keys revoke` takes effect at once.
+A key is `bh-<id>-<secret>`: `id`, 12 hex characters, names the key in lists and logs; `secret` is
+32 random bytes. The keys file (JSON, mode 0600: {"version": 1, "keys": [KeyRecord, ...]}) holds
+only the SHA-256 of each key: a plain fast hash suffices, as a 256-bit secret leaves nothing to
+guess. A running server rereads the file when it changes, so `behemoth keys revoke` acts at once.
 """
 
 from __future__ import annotations
@@ -41,12 +36,8 @@ _DUMMY_HASH = hashlib.sha256(b"behemoth: no such key").hexdigest()
 
 @dataclass
 class Limits:
-    """Per-key limits. None means unlimited.
-
-    requests_per_minute / tokens_per_minute: sliding 60-second windows (prompt + completion
-    tokens). token_quota: prompt + completion tokens over the key's life (counted from the audit
-    log when the server has one, else since the server started).
-    """
+    """Per-key limits, None meaning unlimited: per sliding minute, and (token_quota) over the key's
+    life, counted from the audit log when the server has one. Tokens: prompt + completion."""
 
     requests_per_minute: int | None = 60
     tokens_per_minute: int | None = 100_000
@@ -105,15 +96,23 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
+def _new_key(name: str, limits: Limits, models: list[str] | None = None,
+             taken: set[str] = frozenset()) -> tuple[str, KeyRecord]:
+    """A fresh key and its record, with an id not in `taken`."""
+    key_id = secrets.token_hex(ID_HEX_CHARS // 2)
+    while key_id in taken:
+        key_id = secrets.token_hex(ID_HEX_CHARS // 2)
+    key = f"{KEY_PREFIX}{key_id}-{secrets.token_urlsafe(SECRET_BYTES)}"
+    return key, KeyRecord(id=key_id, name=name, sha256=hash_key(key), created=_now(), limits=limits, models=models)
+
+
 def parse_key_id(key: str) -> str | None:
     """The id part of a well-formed key, else None (the key itself is never echoed anywhere)."""
     match = _KEY_PATTERN.match(key)
     return match.group(1) if match else None
 
 
-# ------------------------------------------------------------------------------------------------
-# The keys file
-# ------------------------------------------------------------------------------------------------
+# -- the keys file --------------------------------------------------------------------------------
 
 def read_keys(path: str | Path) -> list[KeyRecord]:
     """All records in a keys file; a missing file holds no keys."""
@@ -150,13 +149,7 @@ def create_key(path: str | Path, name: str, limits: Limits | None = None,
     limits = limits or Limits()
     limits.check()
     records = read_keys(path)
-    taken = {r.id for r in records}
-    key_id = secrets.token_hex(ID_HEX_CHARS // 2)
-    while key_id in taken:
-        key_id = secrets.token_hex(ID_HEX_CHARS // 2)
-    key = f"{KEY_PREFIX}{key_id}-{secrets.token_urlsafe(SECRET_BYTES)}"
-    record = KeyRecord(id=key_id, name=name, sha256=hash_key(key), created=_now(), limits=limits,
-                       models=list(models) if models else None)
+    key, record = _new_key(name, limits, list(models) if models else None, {r.id for r in records})
     write_keys(path, records + [record])
     return key, record
 
@@ -180,9 +173,7 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-# ------------------------------------------------------------------------------------------------
-# Checking keys while serving
-# ------------------------------------------------------------------------------------------------
+# -- checking keys while serving ------------------------------------------------------------------
 
 class AuthError(Exception):
     """A request's key is missing, unknown or revoked; `status` is 401 or 403."""
@@ -206,9 +197,7 @@ class KeyStore:
     @classmethod
     def ephemeral(cls, name: str = "ephemeral", limits: Limits | None = None) -> tuple[str, KeyStore]:
         """A store holding one new key that lives only in memory; returns (key, store)."""
-        key_id = secrets.token_hex(ID_HEX_CHARS // 2)
-        key = f"{KEY_PREFIX}{key_id}-{secrets.token_urlsafe(SECRET_BYTES)}"
-        record = KeyRecord(id=key_id, name=name, sha256=hash_key(key), created=_now(), limits=limits or Limits())
+        key, record = _new_key(name, limits or Limits())
         return key, cls(None, [record])
 
     def records(self) -> list[KeyRecord]:
@@ -248,9 +237,8 @@ class KeyStore:
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def _refresh(self) -> None:
-        """Reread the file if it changed. A file that no longer parses fails closed: only the
-        in-memory keys stay valid until it is fixed (writes are atomic, so only a hand edit can
-        break it)."""
+        """Reread the file if it changed. A file that no longer parses (only a hand edit can break
+        it) fails closed: only the in-memory keys stay valid until it is fixed."""
         if self._path is None or self._file_stamp() == self._stamp:
             return
         with self._lock:

@@ -1,9 +1,8 @@
-"""Per-key rate limits (requests and tokens per minute) and token quotas.
+"""Per-key rate limits (requests and tokens per sliding minute) and token quotas.
 
-A generation request reserves what it may use (prompt tokens + max_tokens) when it is admitted and
-settles to what it really used when it ends; so a burst of concurrent requests cannot overrun a
-limit before the first of them finishes. Windows slide over the last 60 seconds. A quota is a hard
-cap on a key's prompt + completion tokens: a request that could cross it is refused.
+A request reserves what it may use (prompt + max_tokens) once admitted and settles to what it used
+when it ends, so a burst of concurrent requests cannot overrun a limit before the first finishes.
+A quota is a hard cap on a key's tokens: a request that could cross it is refused.
 """
 
 from __future__ import annotations

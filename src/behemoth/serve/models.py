@@ -1,6 +1,5 @@
-"""The models a server answers for: `ServedModel`, `--model` specs, and loading a model folder.
-Apart from the app so that the gate and the jobs can name a served model without importing the
-routes; `behemoth.release` checks release names against `MODEL_NAME`.
+"""The models a server answers for: `ServedModel`, `--model` specs, and loading a model folder
+(`behemoth.release` checks release names against `MODEL_NAME`).
 """
 
 from __future__ import annotations

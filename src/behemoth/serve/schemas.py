@@ -1,6 +1,6 @@
-"""What a request may send and what a refusal looks like: the bounds on requests (`Settings`), the
-strict request bodies, `ApiError` with its OpenAI-shaped body, and reading a JSON body under a size
-limit and a deadline. Apart from the routes so that the gate, the jobs and the app share them.
+"""What a request may send and what a refusal looks like: `Settings` (the bounds), the strict
+request bodies, `ApiError` with its OpenAI-shaped body, and reading a JSON body under a size limit
+and a deadline.
 """
 
 from __future__ import annotations
@@ -63,9 +63,7 @@ def too_large(limit: int) -> ApiError:
     return ApiError(413, f"Request body too large: the limit is {limit} bytes.", "request_too_large")
 
 
-# ------------------------------------------------------------------------------------------------
-# Request bodies
-# ------------------------------------------------------------------------------------------------
+# -- request bodies -------------------------------------------------------------------------------
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -139,9 +137,8 @@ def _validation_error(err: ValidationError) -> ApiError:
 
 
 async def read_body(request: Request, settings: Settings, chat: bool) -> Body:
-    """The JSON body as a ChatBody or CompletionBody, read with a running size check (a missing or
-    lying Content-Length too) and a deadline: a client trickling its body would otherwise hold a
-    connection and a task forever."""
+    """The JSON body as a ChatBody or CompletionBody, read with a running size check (Content-Length
+    may lie or be missing) and a deadline, so a client trickling its body cannot hold a task forever."""
     limit, timeout = settings.max_body_bytes, settings.body_timeout_s
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if content_type not in ("application/json", ""):
