@@ -1,13 +1,11 @@
 """Model directories in the Hugging Face layout: our native format.
 
-A model directory holds `config.json`, `model.safetensors` (or shards plus
-`model.safetensors.index.json`), `generation_config.json` and, when there is one, the tokenizer.
-`transformers.AutoModelForCausalLM.from_pretrained` loads what `save` writes, and `load` reads
-`Llama4ForCausalLM` and `Llama4ForConditionalGeneration` checkpoints (text weights only).
-
-Only safetensors are read: nothing here ever unpickles. Every tensor name, shape and dtype is
-checked against the model the config describes before any weight is used, and a save is written
-to a temporary folder and renamed into place, so a failure never leaves a half-written model.
+A model directory holds `config.json`, `model.safetensors` (or shards and their index),
+`generation_config.json` and, when there is one, the tokenizer. `transformers` loads what `save`
+writes, and `load` reads `Llama4ForCausalLM` and `Llama4ForConditionalGeneration` checkpoints
+(text weights only). Only safetensors are read, never a pickle; every tensor name, shape and dtype
+is checked against the config before any weight is used; a save goes to a temporary folder renamed
+into place, so a failure never leaves a half-written model.
 """
 
 from __future__ import annotations
@@ -40,9 +38,7 @@ IGNORED_PREFIXES = ("vision_model.", "multi_modal_projector.")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
-# ------------------------------------------------------------------------------------------------
-# Loading
-# ------------------------------------------------------------------------------------------------
+# -- loading --------------------------------------------------------------------------------------
 
 def empty_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu") -> Transformer:
     """A model of `config` with uninitialised weights of `dtype` on `device`, to be loaded into
@@ -52,18 +48,15 @@ def empty_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.dev
     model.to_empty(device=device)
     model.tie_weights()
     model.to(dtype)
-    # After the cast: RoPE frequencies stay float32 whatever the weights' dtype, as transformers'
-    # from_pretrained keeps them (rounded to bfloat16 they are off by a radian at a few thousand
-    # positions).
+    # After the cast: RoPE frequencies stay float32, as in transformers (rounded to bfloat16 they
+    # are off by a radian at a few thousand positions).
     model.reset_buffers()
     return model
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Transformer:
-    """Load a model directory (config.json + safetensors) into a `Transformer`.
-
-    dtype: None keeps the dtype the weights are stored in.
-    """
+    """Load a model directory (config.json + safetensors) into a `Transformer`; dtype None keeps
+    the dtype the weights are stored in."""
     config, files, entries = _checked_directory(path)
     model = empty_model(config, dtype or _torch_dtype(next(iter(entries.values())).dtype), device)
     params = model.state_dict()
@@ -117,9 +110,7 @@ def _index_tensors(files: list[Path]) -> dict[str, _Entry]:
     return entries
 
 
-# ------------------------------------------------------------------------------------------------
-# The safetensors header, read and checked by us before the library maps the file
-# ------------------------------------------------------------------------------------------------
+# -- the safetensors header, read and checked by us before the library maps the file --------------
 
 # Bytes per element of every dtype the safetensors format defines.
 SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2,
@@ -141,13 +132,10 @@ class TensorInfo:
 
 
 def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
-    """The tensors a safetensors file holds, after checking that its header tells the truth.
-
-    The header length is checked against the file size before anything is read, so a lying
-    length never makes us read past the file or allocate what it claims. Every tensor must have
-    a known dtype, a non-negative shape whose size matches its byte range, and the ranges must
-    tile the data section exactly (no gap, no overlap, nothing past the end).
-    """
+    """The tensors a safetensors file holds, after checking that its header tells the truth: its
+    length against the file size before reading it (a lying length never makes us read past the
+    file or allocate what it claims), then every tensor's dtype, shape and byte range, and that
+    the ranges tile the data section exactly."""
     try:
         with open(file, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
@@ -304,17 +292,12 @@ def _check_entries(entries: dict[str, _Entry], expected: dict[str, tuple[int, ..
         raise CheckpointError(f"{where}: missing tensor {missing[0]!r}{more}")
 
 
-# ------------------------------------------------------------------------------------------------
-# Saving
-# ------------------------------------------------------------------------------------------------
+# -- saving ---------------------------------------------------------------------------------------
 
 def save(model: Transformer, path: str | Path, tokenizer: Any = None, *, config_form: str = "5",
          max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write `model` (and the tokenizer, if given) as a Hugging Face model directory.
-
-    The directory is assembled in a temporary sibling and renamed into place: readers see the old
-    directory or the complete new one, never a partial write.
-    """
+    """Write `model` (and the tokenizer, if given) as a Hugging Face model directory, assembled in
+    a temporary sibling and renamed into place: readers see the old directory or the new one."""
     target = Path(path)
     with staging_folder(target) as staging:
         write_model_files(model, staging, config_form=config_form, max_shard_bytes=max_shard_bytes)
@@ -328,19 +311,9 @@ def save(model: Transformer, path: str | Path, tokenizer: Any = None, *, config_
 def write_model_files(model: Transformer, directory: Path, *, config_form: str = "5",
                       max_shard_bytes: int = 5 * 2**30) -> None:
     """config.json, generation_config.json and safetensors weights into an existing directory."""
-    config = model.config
-    dtype_name = next((k for k, v in DTYPES.items() if v == model.dtype), None)
-    if dtype_name is None:
-        raise ConfigError(f"cannot save weights of dtype {model.dtype}")
-    hf_config = config.to_hf_dict(config_form)
-    hf_config["torch_dtype" if config_form == "4" else "dtype"] = dtype_name
-    (directory / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2) + "\n")
-    generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                  if getattr(config, k) is not None}
-    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-
+    write_config_files(model.config, model.dtype, directory, config_form)
     state = {name: t.detach().to("cpu").contiguous() for name, t in model.state_dict().items()}
-    if config.tie_word_embeddings:
+    if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # the tie is in config.json; safetensors refuses shared storage
     shards = _split_into_shards(state, max_shard_bytes)
     metadata = {"format": "pt"}
@@ -355,6 +328,19 @@ def write_model_files(model: Transformer, directory: Path, *, config_form: str =
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_config_files(config: ModelConfig, dtype: torch.dtype, directory: Path, config_form: str = "5") -> None:
+    """config.json (naming the weights' `dtype`) and generation_config.json of a model directory."""
+    dtype_name = next((k for k, v in DTYPES.items() if v == dtype), None)
+    if dtype_name is None:
+        raise ConfigError(f"cannot save weights of dtype {dtype}")
+    hf_config = config.to_hf_dict(config_form)
+    hf_config["torch_dtype" if config_form == "4" else "dtype"] = dtype_name
+    (directory / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2) + "\n")
+    generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                  if getattr(config, k) is not None}
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

@@ -6,22 +6,16 @@
       rng.<rank>.safetensors                                 each rank's RNG state
       trainer.json, config.toml, manifest.json               as in a single-process checkpoint
 
-Every rank writes only the shards it holds; DCP records the global shape and offset of every
-piece, so a checkpoint saved by N processes loads into M processes (any mesh), or into one plain
-process, and `consolidate` turns it into a Hugging Face model directory for release. DCP holds
-tensors only: optimizer hyper-parameters, the training step and the loader position go to
-trainer.json.
+Every rank writes only the shards it holds and DCP records where each piece belongs, so a
+checkpoint saved by N processes loads into M (any mesh) or into one plain process, and
+`consolidate` turns it into a model directory. Optimizer hyper-parameters, step and loader
+position go to trainer.json. Writing is atomic: all ranks write into `.step-N.dcp.tmp`, and rank 0
+adds the small files and the manifest, fsyncs and renames the folder into place.
 
-Writing is atomic as for single-process checkpoints: all ranks write into `.step-N.dcp.tmp`, rank
-0 adds the small files and the manifest, fsyncs and renames the folder into place. A job killed
-at any moment leaves complete checkpoints only, and `--resume` takes the newest.
-
-Pickle: DCP's `.metadata` file is a pickle (the shard files hold tensors read with
-`torch.load(weights_only=True)`). We do not unpickle it freely: `SafeFileSystemReader` admits only
-the few DCP metadata classes, torch.Size, dtypes and paths, and refuses checkpoints that declare
-non-tensor ("bytes") entries, which DCP would otherwise load with `torch.load(weights_only=False)`.
-The manifest's SHA-256 is checked before DCP reads anything. So a crafted checkpoint runs no code
-of its choosing; the worst it can do is fail to load (or load wrong numbers, as any file can).
+DCP's `.metadata` is a pickle (the shards are read with `torch.load(weights_only=True)`).
+`SafeFileSystemReader` unpickles it admitting only DCP's metadata classes, torch.Size, dtypes and
+paths, and refuses non-tensor ("bytes") entries, which DCP would load with weights_only=False;
+the manifest's SHA-256 is checked first. So a crafted checkpoint runs no code of its choosing.
 """
 
 from __future__ import annotations
@@ -44,6 +38,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
+from behemoth.checkpoint import write_config_files
 from behemoth.config import ModelConfig
 from behemoth.distributed.mesh import DistributedError
 from behemoth.durable import fsync_path, fsync_tree
@@ -62,9 +57,7 @@ def is_sharded_checkpoint(directory: Path) -> bool:
     return (directory / SHARDS).is_dir()
 
 
-# ------------------------------------------------------------------------------------------------
-# Saving
-# ------------------------------------------------------------------------------------------------
+# -- saving ---------------------------------------------------------------------------------------
 
 def save_sharded_checkpoint(root: Path, model: Transformer, optimizer: torch.optim.Optimizer, state: TrainerState,
                             save_config: Callable[[Path], None], tokenizer: Any = None, keep: int = 2) -> Path:
@@ -75,7 +68,9 @@ def save_sharded_checkpoint(root: Path, model: Transformer, optimizer: torch.opt
     # One name every rank can compute: no need to broadcast a random temporary name.
     staging = root / f".{final.name}.{FORMAT}.tmp"
     run_on_main(lambda: _fresh_directory(staging))
-    tensors, groups = _state_tensors(model, optimizer)
+    tensors, optim = _state_tensors(model, optimizer)
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params"}
+              for group in optim["param_groups"]]
     dcp.save(tensors, storage_writer=FileSystemWriter(staging / SHARDS))
     save_file(_rng_state(), str(staging / f"rng.{rank}.safetensors"))
     dist.barrier()
@@ -83,7 +78,9 @@ def save_sharded_checkpoint(root: Path, model: Transformer, optimizer: torch.opt
     def finish() -> None:
         trainer = {"format": FORMAT, "world_size": world, "step": state.step, "tokens_seen": state.tokens_seen,
                    "loader": state.loader, "optimizer": {"param_groups": groups}}
-        _write_model_description(model, staging, tokenizer)
+        write_config_files(model.config, model.dtype, staging)  # what `consolidate` needs beside the shards
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(staging))
         (staging / TRAINER_STATE).write_text(json.dumps(trainer, indent=1) + "\n")
         save_config(staging / "config.toml")
         write_manifest(staging, state.step)
@@ -108,13 +105,10 @@ def _fresh_directory(path: Path) -> None:
     path.mkdir(parents=True)
 
 
-def _state_tensors(model: Transformer, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], list[dict]]:
-    """(the tensors DCP saves, the optimizer's hyper-parameters for trainer.json)."""
+def _state_tensors(model: Transformer, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict]:
+    """(the tensors DCP saves and loads, the optimizer state dict they come from)."""
     optim = get_optimizer_state_dict(model, optimizer)
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params"}
-              for group in optim["param_groups"]]
-    tensors = {"model": get_model_state_dict(model), "optimizer": optim["state"], "selection_bias": _biases(model)}
-    return tensors, groups
+    return {"model": get_model_state_dict(model), "optimizer": optim["state"], "selection_bias": _biases(model)}, optim
 
 
 def _biases(model: Transformer) -> dict[str, torch.Tensor]:
@@ -129,22 +123,7 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _write_model_description(model: Transformer, directory: Path, tokenizer: Any) -> None:
-    """config.json and generation_config.json (what `consolidate` needs besides the shards) and the
-    tokenizer: the checkpoint becomes a model directory once consolidated."""
-    config = model.config
-    dtype = str(model.dtype).removeprefix("torch.")
-    (directory / "config.json").write_text(json.dumps({**config.to_hf_dict(), "dtype": dtype}, indent=2) + "\n")
-    generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                  if getattr(config, k) is not None}
-    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(directory))
-
-
-# ------------------------------------------------------------------------------------------------
-# Loading (resume)
-# ------------------------------------------------------------------------------------------------
+# -- loading (resume) -----------------------------------------------------------------------------
 
 def load_sharded_checkpoint(directory: Path, model: Transformer, optimizer: torch.optim.Optimizer) -> TrainerState:
     """Restore weights, optimizer, expert biases (and RNG, when the world size is unchanged) from a
@@ -155,8 +134,7 @@ def load_sharded_checkpoint(directory: Path, model: Transformer, optimizer: torc
     trainer = _read_trainer_state(directory)
     # The optimizer template first: initialising its state steps the optimizer with zero
     # gradients, which must not touch weights loaded afterwards.
-    optim = get_optimizer_state_dict(model, optimizer)
-    tensors = {"model": get_model_state_dict(model), "optimizer": optim["state"], "selection_bias": _biases(model)}
+    tensors, optim = _state_tensors(model, optimizer)
     with _single_process_quiet():
         dcp.load(tensors, storage_reader=SafeFileSystemReader(directory / SHARDS), no_dist=not distributed)
     set_model_state_dict(model, tensors["model"])
@@ -225,9 +203,7 @@ def run_on_main(work: Callable[[], T]) -> T | None:
     return result
 
 
-# ------------------------------------------------------------------------------------------------
-# Reading DCP metadata without unpickling arbitrary objects
-# ------------------------------------------------------------------------------------------------
+# -- reading DCP metadata without unpickling arbitrary objects ------------------------------------
 
 _METADATA_CLASSES = {
     ("torch.distributed.checkpoint.metadata", name)
@@ -271,17 +247,12 @@ class SafeFileSystemReader(FileSystemReader):
         return metadata
 
 
-# ------------------------------------------------------------------------------------------------
-# Consolidation: a distributed checkpoint -> a Hugging Face model directory
-# ------------------------------------------------------------------------------------------------
+# -- consolidation: a distributed checkpoint -> a Hugging Face model directory --------------------
 
 def consolidate(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None) -> Path:
-    """Write the weights of distributed checkpoint `checkpoint` as a model directory (our Hugging
-    Face layout, with the tokenizer when the checkpoint has one) at `out_dir`, from one process.
-
-    Needs the whole model in this process's CPU memory. Works whether or not a process group is
-    up (it never communicates), so rank 0 of a job can call it alone.
-    """
+    """Write the weights of distributed checkpoint `checkpoint` as a model directory (with the
+    tokenizer, if the checkpoint has one) at `out_dir`, from one process holding the whole model
+    in CPU memory. It never communicates, so rank 0 of a job can call it alone."""
     from behemoth.checkpoint import DTYPES, empty_model
     from behemoth.checkpoint import save as save_model
     from behemoth.tokenizer import Tokenizer
