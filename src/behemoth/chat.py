@@ -5,9 +5,8 @@
     for piece in session.reply("Hello"):      # text pieces as they are generated
         print(piece, end="", flush=True)
 
-`run_chat` is the interactive loop around it (commands: /reset, /exit, /help). The session keeps
-the conversation; when it outgrows the context, the oldest turns are dropped (the system message
-stays), never the new message silently.
+`run_chat` is the interactive loop around it (/reset, /exit, /help). When the conversation outgrows
+the context, its oldest turns are dropped (the system message stays), never the new message.
 """
 
 from __future__ import annotations
@@ -38,9 +37,8 @@ class ChatSession:
     @classmethod
     def load(cls, model_dir: str | Path, max_context: int | None = None, threads: int | None = None,
              weights: str = "float32", compile: bool = False, **options: Any) -> ChatSession:
-        """Load a model directory (weights + tokenizer) and start an engine for it (with `threads`
-        torch threads, default the caller's count, the weight format `weights`, and a compiled
-        decode step if `compile`)."""
+        """Load a model directory and start an engine for it (`threads`: torch threads, default the
+        caller's count; `weights`: the weight format; `compile`: a compiled decode step)."""
         from behemoth.inference.offline import load_engine
 
         engine = load_engine(model_dir, max_batch_size=1, max_queue=1, max_context=max_context, threads=threads,

@@ -77,7 +77,7 @@ class ModelConfig:
                     "num_key_value_heads", "head_dim", "max_position_embeddings")
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
@@ -193,7 +193,7 @@ class ModelConfig:
         kwargs["rope_theta"] = theta
         kwargs["rope_scaling"] = scaling
         hidden, heads = kwargs.get("hidden_size"), kwargs.get("num_attention_heads")
-        if kwargs.get("head_dim") is None and _positive_int(hidden) and _positive_int(heads):
+        if kwargs.get("head_dim") is None and _is_int(hidden) and _is_int(heads) and hidden > 0 and heads > 0:
             kwargs["head_dim"] = hidden // heads  # otherwise the constructor names the bad field
         if kwargs.get("num_key_value_heads") is None and "num_attention_heads" in kwargs:
             kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
@@ -232,8 +232,8 @@ class ModelConfig:
 _OPTIONAL_INT_FIELDS = {"pad_token_id", "bos_token_id", "attention_chunk_size"}
 
 
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
@@ -243,12 +243,11 @@ def _is_number(value: Any) -> bool:
 def _check_field_types(config: ModelConfig) -> None:
     """JSON gives any type for any key: reject a wrong one by name before arithmetic meets it."""
     for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        default = f.default
+        value, default = getattr(config, f.name), f.default
         if f.name in _OPTIONAL_INT_FIELDS:
-            ok = value is None or (isinstance(value, int) and not isinstance(value, bool))
+            ok = value is None or _is_int(value)
         elif f.name in ("moe_layers", "no_rope_layers"):
-            ok = value is None or isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            ok = value is None or isinstance(value, list) and all(_is_int(v) for v in value)
         elif f.name == "eos_token_id":
             ok = value is None or isinstance(value, int) or (
                 isinstance(value, list) and all(isinstance(v, int) for v in value))
@@ -257,9 +256,9 @@ def _check_field_types(config: ModelConfig) -> None:
         elif isinstance(default, bool):
             ok = isinstance(value, bool)
         elif isinstance(default, int):
-            ok = isinstance(value, int) and not isinstance(value, bool)
+            ok = _is_int(value)
         elif isinstance(default, float):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = _is_number(value)
         else:
             ok = isinstance(value, type(default))
         if not ok:
@@ -290,9 +289,7 @@ def _read_rope(data: dict[str, Any], source: str) -> tuple[float, dict[str, Any]
     return float(theta), scaling
 
 
-# ------------------------------------------------------------------------------------------------
-# Presets
-# ------------------------------------------------------------------------------------------------
+# -- presets --------------------------------------------------------------------------------------
 
 def _tiny() -> ModelConfig:
     """Well under 1M parameters, for tests: every feature present (MoE + dense, RoPE + NoPE)."""
@@ -304,12 +301,9 @@ def _tiny() -> ModelConfig:
 
 
 def _cpu_small() -> ModelConfig:
-    """About 23M total / 12M active parameters: trains usefully on two CPU cores.
-
-    It keeps every value llama.cpp hard-codes for Llama 4 (chunk 8192, NoPE every 4th layer,
-    temperature tuning 8192/0.1, QK-norm on, shared expert as wide as a routed expert), so a model
-    trained from it can be released as GGUF.
-    """
+    """About 23M total / 12M active parameters: trains usefully on two CPU cores. It keeps every
+    value llama.cpp hard-codes for Llama 4 (chunk 8192, NoPE every 4th layer, temperature tuning
+    8192/0.1, QK-norm, shared expert as wide as a routed one), so its models can be released as GGUF."""
     return ModelConfig(
         vocab_size=8192, hidden_size=256, intermediate_size=512, intermediate_size_mlp=1024,
         num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
@@ -351,12 +345,9 @@ def _maverick() -> ModelConfig:
 
 def _behemoth() -> ModelConfig:
     """Llama 4 Behemoth, an ESTIMATE: Meta published 16 experts, 288B active and nearly 2T total.
-
-    We keep Scout's layout (every layer MoE, top-1 routing plus a shared expert, iRoPE with NoPE
-    every 4th layer) and choose hidden 16384, 96 layers, 128 query / 8 KV heads of 128, and an
-    expert width of 23552 (1.44 x hidden; Scout's is 1.6 x). That gives about 284B active and
-    1.95T total parameters, each within 2% of the published figures.
-    """
+    Scout's layout (every layer MoE, top-1 plus a shared expert, NoPE every 4th layer) with hidden
+    16384, 96 layers, 128 query / 8 KV heads of 128 and experts 23552 wide (1.44 x hidden; Scout's
+    are 1.6 x) gives about 284B active and 1.95T total, each within 2% of the published figures."""
     return _scout().replace(
         hidden_size=16384, intermediate_size=23552, intermediate_size_mlp=47104, num_hidden_layers=96,
         num_attention_heads=128, num_key_value_heads=8, head_dim=128)
@@ -380,8 +371,3 @@ def preset(name: str) -> ModelConfig:
         return _PRESET_BUILDERS[name]()
     except KeyError:
         raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})") from None
-
-
-def preset_doc(name: str) -> str:
-    doc = _PRESET_BUILDERS[name].__doc__ or ""
-    return " ".join(doc.split())

@@ -1,17 +1,11 @@
 """What this machine's processor offers, and the fast paths that follow from it.
 
-The same code runs on laptops and cloud machines whose x86 CPUs differ in what matters here:
-- AVX2 only (many AMD and older Intel machines): float32 products are fast; bfloat16 has no
-  hardware support, so a bfloat16 product converts to float32 and back and is slower than
-  float32 itself, and oneDNN has no bfloat16 kernels at all;
-- AVX-512 with AVX-512 BF16, or AMX: bfloat16 products run in hardware, about twice as fast as
-  float32.
-
-`detect_cpu()` reads what the CPU has (Linux's /proc/cpuinfo flags, then torch's own view), and
-`choose_paths()` turns that into the kernels serving and training use. Nothing here changes
-what a model computes beyond the rounding of the chosen kernel: each path is tested on every
-kind of CPU, and the tests simulate the kind they do not run on by passing other `CpuFeatures`.
-`behemoth info --machine` prints both.
+x86 CPUs differ in what matters here: with AVX2 only (many AMD and older Intel machines) a
+bfloat16 product converts to float32 and back, slower than float32 itself, and oneDNN has no
+bfloat16 kernels; with AVX-512 BF16 or AMX, bfloat16 products run in hardware at about twice
+float32's speed. `detect_cpu()` reads what the CPU has (/proc/cpuinfo, then torch's own view) and
+`choose_paths()` the kernels that follow; they change nothing but the rounding of the chosen
+kernel. The tests simulate the kind of CPU they do not run on with other `CpuFeatures`.
 """
 
 from __future__ import annotations
@@ -130,11 +124,9 @@ class FastPaths:
 
 
 def choose_paths(cpu: CpuFeatures) -> FastPaths:
-    """The fastest measured kernel for each choice on a CPU like `cpu`.
-
-    Without native bfloat16, a bfloat16 product costs several times a float32 one (a conversion on
-    every load), so the LM head stays float32 and the int8 matrices of a prompt are cast to float32;
-    decode steps keep torch's int8 kernel, which reads a quarter of the bytes on every CPU."""
+    """The fastest measured kernel for each choice on a CPU like `cpu`: without native bfloat16
+    (where a bfloat16 product costs several float32 ones) the LM head and a prompt's int8 products
+    are float32; decode steps keep torch's int8 kernel, a quarter of the bytes on every CPU."""
     if cpu.native_bf16:
         lm_head, prompt_dtype = "bfloat16 packed", torch.bfloat16
     else:

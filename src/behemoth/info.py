@@ -32,13 +32,11 @@ class ModelSize:
         return asdict(self)
 
 
-def _attention_params(c: ModelConfig) -> int:
-    q = c.num_attention_heads * c.head_dim
-    kv = c.num_key_value_heads * c.head_dim
-    params = c.hidden_size * (q + 2 * kv) + q * c.hidden_size
-    if c.attention_bias:
-        params += q + 2 * kv + c.hidden_size
-    return params
+def attention_params(c: ModelConfig) -> int:
+    """Parameters of one attention block's projections (q, k, v, o and their biases)."""
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    bias = q + 2 * kv + c.hidden_size if c.attention_bias else 0
+    return c.hidden_size * (q + 2 * kv) + q * c.hidden_size + bias
 
 
 def mean_visible_keys(seq_len: int, chunk_size: int | None) -> float:
@@ -57,7 +55,7 @@ def model_size(config: ModelConfig, seq_len: int | None = None) -> ModelSize:
     seq_len = seq_len or min(2048, c.max_position_embeddings)
     expert = 3 * c.hidden_size * c.intermediate_size
     dense_mlp = 3 * c.hidden_size * c.intermediate_size_mlp
-    attention = _attention_params(c)
+    attention = attention_params(c)
     norms = 2 * c.hidden_size
     embedding = c.vocab_size * c.hidden_size
     lm_head = 0 if c.tie_word_embeddings else embedding

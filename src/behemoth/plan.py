@@ -1,47 +1,37 @@
 """Capacity planner: memory per GPU and training time for a model on a cluster, by arithmetic alone.
 
 Layout (torchtitan's FSDP2 + expert parallelism; no tensor, pipeline or context parallelism):
-
 - every GPU is a data-parallel rank with its own micro-batch; `fsdp` ranks form a sharding group
-  (default: all GPUs; fewer means HSDP, whose groups replicate each other);
-- dense parameters (everything except the routed experts) are sharded over the FSDP group;
-- the routed experts are split over `ep` ranks taken *from* the FSDP group (each holds E/ep whole
-  experts, as torchtitan's `dp_shard_in_ep`) and sharded again over the fsdp/ep ranks holding the
-  same experts (`dp_shard_mod_ep`). A rank therefore stores 1/fsdp of the expert weights whatever
-  `ep` is: EP divides what must be *gathered* to run a layer (E/ep experts instead of E) and the
-  all-gather traffic, not the stored shard.
+  (default all GPUs; fewer means HSDP, whose groups replicate each other);
+- dense parameters (all but the routed experts) are sharded over the FSDP group;
+- the routed experts are split over `ep` ranks taken *from* the FSDP group (E/ep whole experts
+  each, torchtitan's `dp_shard_in_ep`) and sharded again over the fsdp/ep ranks holding the same
+  experts (`dp_shard_mod_ep`). So a rank stores 1/fsdp of the expert weights whatever `ep` is:
+  EP divides what must be *gathered* to run a layer, and the all-gather traffic.
 
-Memory per GPU (GB means GiB, 2**30 bytes, as `torch.cuda` reports):
+Memory per GPU (GB means GiB, as `torch.cuda` reports), each / fsdp where sharded:
+- parameters: the fp32 shard, 4 bytes/param; under FSDP2 mixed precision it *is* the master copy;
+- gradients: fp32 shard, 4 bytes/param; optimizer: AdamW's two fp32 moments, 8 bytes/param;
+- working copies: FSDP gathers one unit (embedding, a decoder layer with its local experts, or
+  the LM head) while prefetching the next, and holds the unit's bf16 gradient before the
+  reduce-scatter: (compute-dtype bytes + 2) x the largest pair of neighbouring units (nothing
+  when unsharded; autocast's cached copies without FSDP are not counted);
+- activations and logits: see `layer_activation_bytes`;
+- reserve: `reserve_fraction` of the card for the CUDA context, NCCL and EP buffers and allocator
+  fragmentation, none modelled item by item.
 
-- parameters: the fp32 shard, 4 bytes/param / fsdp. Under FSDP2 mixed precision this shard *is*
-  the master copy; bf16/fp8 copies exist only for layers being computed (the "working copies").
-- gradients: fp32 shard (reduced in fp32), 4 bytes/param / fsdp.
-- optimizer: AdamW first and second moments in fp32, 8 bytes/param / fsdp.
-- working copies: FSDP all-gathers one unit (embedding, one decoder layer with its local experts,
-  or the LM head) while prefetching the next, and holds the unit's unsharded bf16 gradient before
-  the reduce-scatter: (compute-dtype bytes + 2) x the largest pair of neighbouring units
-  (nothing when the weights are not sharded). Autocast's cached bf16 weight copies without FSDP
-  are not counted.
-- activations and logits: see `layer_activation_bytes`.
-- reserve: `reserve_fraction` of the card (default 10%) for the CUDA context, NCCL buffers, the
-  all-to-all buffers of EP and allocator fragmentation, none of which is modelled item by item.
+Compute: 6 x N_active FLOPs per trained token (Kaplan et al.'s 6ND), which leaves out attention's
+QK^T and AV products: those are shown apart (3 x their forward FLOPs; chunked layers see fewer
+keys). Times divide by gpus x peak x MFU, MFU being the share of peak spent on the 6N FLOPs (read
+the "with attention" line if your MFU counts attention, as PaLM and torchtitan do). The total is
+6ND / (gpus x peak x MFU) exactly, not steps x step time.
 
-Compute: training costs 6 x N_active FLOPs per token (2 forward + 4 backward per weight a token
-touches; Kaplan et al.'s 6ND). 6N ignores attention's QK^T and AV products, shown separately (3 x
-their forward FLOPs, chunked RoPE layers seeing fewer keys). Step and training times divide by
-gpus x peak x MFU, where MFU is the fraction of peak spent on the 6N FLOPs (if your MFU counts
-attention as useful work, as PaLM and torchtitan do, read the "with attention" line). The total is
-6ND / (gpus x peak x MFU) exactly; steps x step time differs only by the last partial step.
-
-Peak: the default is the H100 SXM dense peak of the matmul dtype (989 TFLOP/s bf16, 1979 fp8). The
-"390 TFLOP/s" Meta reported for Behemoth (FP8, 32K GPUs) is a rate *achieved*, so it goes with
-MFU 1: 6 x 288e9 x 30e12 / (32,768 x 390e12) s = 47 days, the issue's "about 7 weeks". At the
-default 989 x 0.40 = 396 TFLOP/s the estimate is about the same.
-
-`dtype` changes the peak and the bytes of the gathered weights only; optimizer state, gradients and
-activations are the same in both (torchtitan's float8 keeps fp32 shards and saves bf16 inputs).
-Not modelled: tensor/pipeline/context parallelism, gradient accumulation, routing imbalance (a
-busy expert's rank sees more tokens than average), communication time (assumed overlapped).
+Peak: the H100 SXM dense peak of the dtype. The "390 TFLOP/s" Meta reported for Behemoth (FP8,
+32K GPUs) is a rate *achieved*, so it goes with MFU 1: 6 x 288e9 x 30e12 / (32,768 x 390e12) s =
+47 days, the issue's "about 7 weeks"; the default 989 x 0.40 gives about the same. `dtype`
+changes only the peak and the gathered weights' bytes (torchtitan's float8 keeps fp32 shards and
+bf16 activations). Not modelled: gradient accumulation, routing imbalance, communication time
+(assumed overlapped).
 """
 
 from __future__ import annotations
@@ -53,13 +43,12 @@ from decimal import Decimal
 
 from behemoth.config import ModelConfig, preset
 from behemoth.errors import ConfigError
-from behemoth.info import human, model_size
+from behemoth.info import attention_params, human, model_size
 
 GIB = 2 ** 30
 SECONDS_PER_DAY = 86_400
-# H100 SXM dense peaks (NVIDIA datasheet, without 2:4 sparsity). Meta's "390 TFLOPs/GPU" for
-# Behemoth is an *achieved* FP8 rate (about 20% of this FP8 peak, 39% of the BF16 one), so it
-# belongs in --peak-tflops only together with --mfu 1.
+# H100 SXM dense peaks (NVIDIA datasheet, without 2:4 sparsity); Meta's 390 for Behemoth is an
+# achieved rate (see above).
 PEAK_TFLOPS = {"bf16": 989.0, "fp8": 1979.0}
 COMPUTE_BYTES = {"bf16": 2, "fp8": 1}  # bytes per gathered weight for the matmuls
 MASTER_BYTES, GRAD_SHARD_BYTES, ADAM_BYTES = 4, 4, 8  # fp32 shard, fp32 gradient, two fp32 moments
@@ -238,17 +227,11 @@ def _expert_params(c: ModelConfig) -> int:
     return 3 * c.hidden_size * c.intermediate_size  # gate, up, down
 
 
-def _attention_params(c: ModelConfig) -> int:
-    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    bias = q + 2 * kv + c.hidden_size if c.attention_bias else 0
-    return c.hidden_size * (q + 2 * kv) + q * c.hidden_size + bias
-
-
 def fsdp_units(c: ModelConfig, ep: int) -> list[tuple[int, int]]:
     """(dense, routed-expert) parameters each FSDP unit gathers, in execution order: embedding,
     decoder layers (a MoE layer gathers only its E/ep local experts), LM head with the final norm."""
     embedding = c.vocab_size * c.hidden_size
-    attention = _attention_params(c) + 2 * c.hidden_size  # + the two RMSNorm weights
+    attention = attention_params(c) + 2 * c.hidden_size  # + the two RMSNorm weights
     units = [(embedding, 0)]
     for layer in range(c.num_hidden_layers):
         if c.is_moe_layer(layer):
@@ -272,18 +255,12 @@ def working_copy_bytes(c: ModelConfig, ep: int, fsdp: int, dtype: str) -> tuple[
 
 
 def layer_activation_bytes(c: ModelConfig, layer: int) -> tuple[float, float]:
-    """(dense, routed-expert) bytes per token that one decoder layer saves for backward.
-
-    Counted once per distinct tensor, bf16 (2 bytes) unless noted, as a fused implementation
-    (flash attention, fused SwiGLU) keeps them; eager PyTorch keeps a few more copies:
-    - each RMSNorm: its input and output, 2h per sublayer;
-    - attention: q, k, v entering attention (q + 2kv) and its output (q); the softmax
-      log-sum-exp, 4 bytes per head. Flash attention never stores the s x s scores;
-    - SwiGLU MLP of width I: gate and up outputs and their product, 3I (shared expert: I =
-      intermediate_size; dense layers: intermediate_size_mlp);
-    - routed experts, per picked expert (k = num_experts_per_tok): the gated token copy (h) and
-      3I; with balanced routing a rank runs as many token-expert pairs as it sends, whatever ep;
-    - router: fp32 logits, 4 bytes per expert.
+    """(dense, routed-expert) bytes per token that one decoder layer saves for backward, once per
+    distinct tensor, bf16 unless noted, as a fused implementation keeps them (eager PyTorch keeps
+    a few more): each RMSNorm's input and output (2h); attention's q, k, v and output, and the
+    softmax log-sum-exp (4 bytes per head; flash attention never stores the scores); a SwiGLU's
+    gate, up and product (3I); per picked routed expert the gated token copy and 3I (with
+    balanced routing, whatever ep); the router's fp32 logits (4 bytes per expert).
     """
     h, q = c.hidden_size, c.num_attention_heads * c.head_dim
     kv = c.num_key_value_heads * c.head_dim
@@ -296,12 +273,9 @@ def layer_activation_bytes(c: ModelConfig, layer: int) -> tuple[float, float]:
 
 
 def activation_bytes_per_token(c: ModelConfig, checkpointing: bool) -> tuple[float, float]:
-    """(dense, routed-expert) activation bytes per token for all decoder layers.
-
-    Without checkpointing: the sum of `layer_activation_bytes`. With full checkpointing (one
-    checkpoint per decoder layer): each layer keeps only its input (h, bf16), and backward
-    recomputes one layer at a time, so the largest layer's activations are added once.
-    """
+    """(dense, routed-expert) activation bytes per token for all decoder layers: the sum of
+    `layer_activation_bytes`, or with full checkpointing every layer's input (h, bf16) plus the
+    largest layer's activations, as backward recomputes one layer at a time."""
     per_layer = [layer_activation_bytes(c, i) for i in range(c.num_hidden_layers)]
     if not checkpointing:
         return sum(d for d, _ in per_layer), sum(e for _, e in per_layer)

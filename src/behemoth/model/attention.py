@@ -50,10 +50,8 @@ def visibility_mask(query_positions: torch.Tensor, key_positions: torch.Tensor,
     """Boolean [batch, 1, queries, keys]: key at or before the query, in the same chunk if chunked."""
     q = query_positions[:, :, None]
     k = key_positions[:, None, :]
-    # The first visible position, computed per query (cheap) so that the [queries, keys] grid
-    # needs only two comparisons: 0, or the start of the query's chunk. A key in the query's
-    # chunk and not after it is exactly one in [chunk start, query]. Clamping keeps empty slots
-    # (-1) invisible to padding queries (-1) as well.
+    # The first visible position per query (0, or its chunk's start), so the [queries, keys] grid
+    # needs two comparisons; clamping keeps empty slots (-1) invisible to padding queries (-1).
     first = (q - q % chunk_size).clamp(min=0) if chunk_size is not None else 0
     return ((k <= q) & (k >= first))[:, None]
 
@@ -147,12 +145,11 @@ def _starts_at_zero(positions: torch.Tensor) -> bool:
 
 def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Attention of one query per row (a decode step): q [batch, heads, 1, head_dim], k and v
-    [batch, kv_heads, keys, head_dim], mask [batch, 1, 1, keys]; returns [batch, heads, 1, head_dim].
+    [batch, kv_heads, keys, head_dim], mask [batch, 1, 1, keys] -> [batch, heads, 1, head_dim].
 
-    The heads sharing a key/value head are stacked as that head's queries, so the cache is read
-    as it is instead of being repeated per query head (what SDPA's grouped-query path does, a copy
-    of the whole cache per layer and step). Scores are computed in float32; a query that sees no
-    key gets zeros, as SDPA gives.
+    The heads sharing a key/value head are stacked as its queries, so the cache is read as it is
+    (SDPA's grouped-query path copies it per query head, every layer and step). Scores in float32;
+    a query that sees no key gets zeros, as from SDPA.
     """
     batch, heads, _, dim = q.shape
     kv_heads = k.shape[1]

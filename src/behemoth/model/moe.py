@@ -46,11 +46,8 @@ class RouterOutput:
 
 def route(logits: torch.Tensor, top_k: int, selection_bias: torch.Tensor | None = None
           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick top-k experts per token; return (expert_ids, gates), both [tokens, top_k].
-
-    `selection_bias` (auxiliary-loss-free balancing) shifts which experts are picked, never the
-    gate values, which always come from the raw logits.
-    """
+    """Pick top-k experts per token: (expert_ids, gates), both [tokens, top_k]. `selection_bias`
+    shifts which experts are picked, never the gates, which come from the raw logits."""
     scores_for_choice = logits if selection_bias is None else logits + selection_bias
     expert_ids = scores_for_choice.topk(top_k, dim=-1).indices
     gates = torch.sigmoid(logits.gather(-1, expert_ids))
@@ -59,12 +56,9 @@ def route(logits: torch.Tensor, top_k: int, selection_bias: torch.Tensor | None 
 
 def sort_by_expert(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor, num_experts: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Lay the (token, pick) slots out grouped by expert, in expert order.
-
-    Returns (routed_in [slots, hidden]: each slot's token already scaled by its gate,
-    token_of_slot [slots], counts [num_experts]: how many slots each expert got). Within an
-    expert, slots keep token order (stable sort).
-    """
+    """Lay the (token, pick) slots out grouped by expert, in expert order (token order within one):
+    (routed_in [slots, hidden], each token scaled by its gate; token_of_slot [slots]; counts
+    [num_experts])."""
     top_k = expert_ids.shape[-1]
     flat_ids = expert_ids.reshape(-1)
     order = flat_ids.argsort(stable=True)
@@ -78,12 +72,9 @@ def sort_by_expert(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tenso
 
 def grouped_experts(routed_in: torch.Tensor, counts: list[int], gate_up_proj: torch.Tensor,
                     down_proj: torch.Tensor, skip_empty: bool = True) -> torch.Tensor:
-    """SwiGLU expert e applied to the e-th contiguous group of `routed_in` (sizes `counts`).
-
-    gate_up_proj [E, hidden, 2I] and down_proj [E, I, hidden] hold the experts the groups refer
-    to (all of them, or a contiguous subset of them). With `skip_empty=False` every expert takes
-    part in the graph even with no tokens, so each gets a zero gradient rather than none.
-    """
+    """SwiGLU expert e of `gate_up_proj` [E, hidden, 2I] and `down_proj` [E, I, hidden] applied to
+    the e-th contiguous group of `routed_in` (sizes `counts`). With `skip_empty=False` an expert
+    without tokens still takes part in the graph, so it gets a zero gradient rather than none."""
     # unbind, not indexing: the backward of W[e] would allocate (and zero) a full [E, ...]
     # gradient per expert; unbind's backward stacks the per-expert gradients once.
     gate_up_weights, down_weights = gate_up_proj.unbind(0), down_proj.unbind(0)
@@ -105,13 +96,10 @@ def combine(x: torch.Tensor, token_of_slot: torch.Tensor, routed_out: torch.Tens
 
 
 class Experts(nn.Module):
-    """E SwiGLU experts stored as stacked weights, laid out as in Hugging Face checkpoints:
-    gate_up_proj [E, hidden, 2 * I] (gate first, used as x @ W) and down_proj [E, I, hidden].
-
-    The forward is three steps, each a function in this module, so that a wrapper (expert
-    parallelism, say) can reuse them and put its own transport between the first two:
-    sort_by_expert -> grouped_experts -> combine.
-    """
+    """E SwiGLU experts stacked as in Hugging Face checkpoints: gate_up_proj [E, hidden, 2 * I]
+    (gate first, used as x @ W) and down_proj [E, I, hidden]. The forward is three functions of
+    this module, sort_by_expert -> grouped_experts -> combine, so that a wrapper (expert
+    parallelism) can put its own transport between the first two."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -149,11 +137,9 @@ class MoE(nn.Module):
         self.router = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
         self.experts = Experts(config.num_local_experts, config.hidden_size, config.intermediate_size)
         self.shared_expert = MLP(config.hidden_size, config.intermediate_size)
-        # Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert offset that steers which
-        # experts are picked while training. It never changes gate values and is not used in eval
-        # mode, so the model that is evaluated and released routes exactly as Llama 4 does.
-        # Not part of the state dict (a Hugging Face checkpoint has no place for it); trainer
-        # checkpoints save it beside the model.
+        # Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert offset that steers which experts
+        # training picks, never gate values; unused in eval mode, so the released model routes as
+        # Llama 4 does. Not in the state dict (a Hugging Face checkpoint has no place for it).
         self.register_buffer("selection_bias", torch.zeros(config.num_local_experts), persistent=False)
 
     def forward(self, x: torch.Tensor, router_outputs: list[RouterOutput] | None = None) -> torch.Tensor:

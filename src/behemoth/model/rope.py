@@ -45,10 +45,9 @@ def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 
 def rotation_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rotation of every position, laid out for `apply_rotary`: (cos, signed sin), float32,
-    shape [*positions.shape, 1, head_dim], each pair's angle repeated for both of its dimensions and
-    the sine negated for the first: (cos a, cos a) and (-sin a, sin a). Computed once per forward
-    and shared by every RoPE layer, so each layer's rotation is three multiply-adds."""
+    """The rotation of every position for `apply_rotary`: (cos, signed sin), float32, [*positions.shape,
+    1, head_dim], each pair's angle repeated for both its dimensions, the first sine negated: (cos a,
+    cos a) and (-sin a, sin a). Computed once per forward for every RoPE layer."""
     angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
     cos, sin = angles.cos(), angles.sin()
     return (torch.stack((cos, cos), dim=-1).flatten(-2)[..., None, :],
