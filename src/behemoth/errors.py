@@ -1,8 +1,5 @@
-"""Typed errors for bad input.
-
-Every error a user can cause (a wrong file, a bad field, a bad value) is one of these, with a
-message that names the file or field and the problem in one line. The CLI prints that line and
-exits non-zero; anything else escaping is a bug.
+"""Typed errors for bad input: every error a user can cause is one of these, one line naming the
+file or field and the problem, which the CLI prints before exiting non-zero. Anything else is a bug.
 """
 
 from __future__ import annotations

@@ -33,11 +33,8 @@ def read_json_object(path: Path) -> dict:
 
 
 def read_jsonl(path: Path, *, style: LineStyle = "line") -> Iterator[tuple[int, dict[str, Any]]]:
-    """(1-based line number, object) for every non-blank line of a JSONL file, gunzipped if `.gz`.
-
-    A line that is not JSON, or not a JSON object, is a ConfigError naming the file and line:
-    "data.jsonl, line 3: not valid JSON (...)", or with style="colon" "data.jsonl:3: invalid JSON (...)".
-    """
+    """(1-based line number, object) for every non-blank line of a JSONL file, gunzipped if `.gz`;
+    a line that is not a JSON object is a ConfigError naming the file and line (in `style`)."""
     for number, line in read_lines(path, style=style):
         if not line.strip():
             continue
@@ -64,11 +61,8 @@ def open_binary(path: Path) -> IO[bytes]:
 
 
 def read_lines(path: Path, *, style: LineStyle = "line") -> Iterator[tuple[int, str]]:
-    """(1-based line number, line without its line ending) of a UTF-8 text file, gunzipped if `.gz`.
-
-    Lines are decoded one by one (not by the chunk, as a text-mode file would) so that a
-    decoding error points at the right line. A leading byte-order mark is dropped.
-    """
+    """(1-based line number, line without its ending) of a UTF-8 text file, gunzipped if `.gz`, a
+    leading byte-order mark dropped. Lines are decoded one by one, so an error names its line."""
     number = 0
     with open_binary(path) as handle:
         try:

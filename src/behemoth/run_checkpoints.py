@@ -1,12 +1,7 @@
-"""What every training checkpoint folder shares, whether one process wrote it
-(`train/checkpointing.py`) or many (`distributed/checkpoint.py`):
-
-    checkpoints/step-000100/
-      trainer.json    step, tokens seen, loader position, optimizer hyper-parameters
-      manifest.json   SHA-256 and size of every file in the folder
-
-Only complete checkpoints carry a `step-N` name (they are renamed into place), so listing those
-folders lists what a run can resume from.
+"""What every training checkpoint folder (`checkpoints/step-000100/`) shares, whether one process
+wrote it (`train/checkpointing.py`) or many (`distributed/checkpoint.py`): `trainer.json` (step,
+tokens seen, loader position, optimizer hyper-parameters) and `manifest.json`. Only complete
+checkpoints carry a `step-N` name (they are renamed into place): those are what a run can resume.
 """
 
 from __future__ import annotations

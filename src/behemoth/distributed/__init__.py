@@ -1,16 +1,7 @@
-"""Multi-process training, applied to the model from outside: launch (torchrun), mesh, expert and
-data parallelism, distributed checkpoints. The model code knows nothing of it, and this package
-nothing of training: the loop reaches it through `train/parallelism.py`.
-
-    config.py           ParallelConfig, the [parallel] settings
-    mesh.py             process group from torchrun's environment; the ("dp_mod_ep", "ep") mesh
-    expert_parallel.py  routed experts split over "ep" ranks; tokens travel by all-to-all
-    parallelize.py      parallelize(model, mesh, config): expert parallel, then FSDP2 or DDP
-    step.py             batch sharding, step all-reduce, gradient clipping across meshes
-    checkpoint.py       DCP checkpoints (save, resume on any world size, consolidate for release)
-
-Names are imported on first use: torch.distributed.checkpoint alone takes most of a second to
-import, which single-process runs should not pay.
+"""Multi-process training, applied to the model from outside: mesh (torchrun), expert and data
+parallelism (`parallelize`), step collectives, DCP checkpoints. The model knows nothing of it,
+and it nothing of training, which reaches it through `train/parallelism.py`. Names are imported
+on first use: torch.distributed.checkpoint alone takes most of a second to import.
 """
 
 from __future__ import annotations

@@ -1,23 +1,16 @@
 """Expert parallelism: the routed experts of each MoE layer are split over the ranks of the "ep"
 mesh, and tokens travel to the rank that holds their expert and back (all-to-all).
 
-Each rank routes its own tokens exactly as the single-process model does (the router and the
-shared expert are ordinary data-parallel weights), sorts the (token, pick) slots by expert with
-the model's own `sort_by_expert`, and then, instead of running every expert itself:
-
+Each rank routes its own tokens as the single-process model does (router and shared expert are
+ordinary data-parallel weights) and sorts the slots by expert with `sort_by_expert`; then it
 1. exchanges the per-expert slot counts with the other ep ranks (one small all-to-all);
 2. sends each rank the slots of the experts it holds (all-to-all with uneven splits);
-3. regroups what it received by local expert (it arrives grouped by source rank), runs its local
-   experts with the model's `grouped_experts`, and restores the source-rank grouping;
+3. regroups what arrived (by source rank) by local expert, runs `grouped_experts`, regroups back;
 4. sends the outputs back (the reverse all-to-all) and sums them per token with `combine`.
-
-Both all-to-alls are autograd functions whose backward is the reverse exchange, so gradients reach
-the expert weights (from every rank's tokens) and the tokens (on the rank they came from).
-Within an expert, slots arrive ordered by source rank and then by token, which is the order a
-single process holding the whole global batch uses: the same rows meet the same weights.
-
-The expert weights stay DTensors sharded on dim 0 over "ep" (global shape [E, ...]), so state
-dicts and distributed checkpoints see whole tensors under their Hugging Face names.
+Both all-to-alls are autograd functions whose backward is the reverse exchange. Within an expert,
+slots arrive by source rank, then token: the order of one process holding the whole batch.
+The expert weights are DTensors sharded on dim 0 over "ep", so state dicts and checkpoints see
+whole [E, ...] tensors under their Hugging Face names.
 """
 
 from __future__ import annotations
@@ -68,11 +61,8 @@ def _exchange(rows: torch.Tensor, output_splits: list[int], input_splits: list[i
 
 
 class ExpertParallelExperts(nn.Module):
-    """Drop-in replacement for `Experts` holding E / ep experts per rank.
-
-    Parameter names and global shapes are those of `Experts` (gate_up_proj, down_proj), so the
-    model's state dict keeps its Hugging Face names.
-    """
+    """Drop-in replacement for `Experts` holding E / ep experts per rank, with `Experts`' parameter
+    names and global shapes."""
 
     def __init__(self, experts: Experts, ep_mesh: DeviceMesh):
         super().__init__()
@@ -97,10 +87,9 @@ class ExpertParallelExperts(nn.Module):
         receive_per_rank = [sum(row) for row in received]
         arrived = _AllToAll.apply(routed_in, receive_per_rank, send_per_rank, self.group)
         by_expert, local_counts, block_sizes = self._group_by_expert(arrived, received)
-        # An expert's gradient sums the contributions of the tokens every ep rank sent it, each
-        # rank's loss being the mean over its own share of the batch: dividing by the ep size here,
-        # and by the replicas that hold the same experts in FSDP's reduction, gives the mean over the
-        # whole batch that one process computes.
+        # An expert's gradient sums the tokens of every ep rank, each rank's loss a mean over its own
+        # share: dividing by the ep size here (and by the replicas in FSDP's reduction) gives the
+        # mean over the whole batch.
         gate_up, down = (_ScaleGradient.apply(weight.to_local(), 1 / self.ep_size)
                          for weight in (self.gate_up_proj, self.down_proj))
         outputs = grouped_experts(by_expert, local_counts, gate_up, down,

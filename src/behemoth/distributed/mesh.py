@@ -1,15 +1,13 @@
 """The process group and the device mesh of a run launched by torchrun.
 
-torchrun starts one process per device and tells each who it is through environment variables
-(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). A process that finds WORLD_SIZE > 1
-joins the process group (NCCL between GPUs, gloo on CPU); anything else is a single-process run and
-never touches torch.distributed.
+torchrun tells each process who it is (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); one
+that finds WORLD_SIZE > 1 joins the process group (NCCL between GPUs, gloo on CPU), any other never
+touches torch.distributed.
 
-Mesh: world = dp_mod_ep x ep ranks, named ("dp_mod_ep", "ep"). Every rank is a data-parallel
-replica (its own share of each batch), and every parameter outside the routed experts is sharded
-over all of them (the flattened "dp" mesh). The routed experts are split over the ranks of "ep"
-(expert parallelism borrows data-parallel ranks, as torchtitan does) and sharded further over
-"dp_mod_ep". With expert_parallel = 1 the "ep" dimension has size 1 and changes nothing.
+Mesh: world = dp_mod_ep x ep ranks. Every rank is a data-parallel replica, and every parameter
+outside the routed experts is sharded over all of them (the flattened "dp" mesh). The routed
+experts are split over "ep" (borrowing data-parallel ranks, as torchtitan does) and sharded
+further over "dp_mod_ep"; with expert_parallel = 1, "ep" has size 1 and changes nothing.
 """
 
 from __future__ import annotations
@@ -62,11 +60,8 @@ def is_main_process() -> bool:
 
 
 def init_from_env(config: ParallelConfig, device: torch.device) -> bool:
-    """Join the process group when launched with more than one process; True if distributed.
-
-    Idempotent: the group is created once per process. `config.timeout_s` bounds every
-    collective, so a rank that dies or hangs makes the others fail instead of waiting forever.
-    """
+    """Join the process group (once) when launched with more than one process; True if distributed.
+    `config.timeout_s` bounds every collective: a rank that dies or hangs makes the others fail."""
     if launched_world_size() <= 1:
         return False
     if dist.is_initialized():
@@ -133,15 +128,10 @@ def close() -> None:
 
 
 def exit_if_distributed(code: int) -> None:
-    """End a torchrun-launched process with `code` without finalizing the interpreter; returns
-    (doing nothing) in a process that never joined a process group.
-
-    gloo's worker threads drop a collective's work, and with it the last reference to the
-    tensors it carried, a moment after the caller sees the collective complete. If that happens
-    while the interpreter is finalizing, the thread cannot take the GIL to free those Python
-    tensors and the process aborts ("terminate called without an active exception", about one
-    run in a hundred here after the final collective). By now every file is written and synced,
-    so the process leaves the group, flushes its output and exits at once.
+    """End a process that joined a process group with `code`, without finalizing the interpreter
+    (else return). gloo's threads free a collective's tensors a moment after the caller sees it
+    complete; during finalization they cannot take the GIL to do so and the process aborts (about
+    one run in a hundred). By now every file is written, so leave the group, flush and exit.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return

@@ -1,17 +1,10 @@
 """`parallelize(model, mesh, config)`: spread a built model over the ranks, from outside the model.
 
-Order matters: expert parallelism first (it swaps the routed experts for their expert-parallel
-version, whose weights are DTensors on the "ep" mesh), then data parallelism, bottom-up:
-
-- FSDP2 (`fully_shard`): each decoder layer is one unit (its weights are all-gathered for its
-  forward and backward, its gradients reduce-scattered), the root holds embeddings, final norm and
-  LM head. Expert weights under expert parallelism are their own unit on the "dp_mod_ep" mesh,
-  since the "ep" ranks already split them.
-- DDP (`replicate`, FSDP2's replicated variant): every rank keeps whole weights; gradients are
-  all-reduced. Cheaper than FSDP for models that fit on one device.
-
-Parameter names do not change, so optimizer groups, state dicts and checkpoints see the same
-Hugging Face names as a single-process model.
+Expert parallelism first (the routed experts become DTensors on "ep"), then data parallelism,
+bottom-up: FSDP2 (`fully_shard`) with each decoder layer one unit and the root holding embeddings,
+final norm and LM head (expert-parallel weights are their own unit on "dp_mod_ep", as "ep"
+already splits them); or DDP (`replicate`): whole weights on every rank, all-reduced gradients,
+cheaper for models that fit one device. Parameter names do not change.
 """
 
 from __future__ import annotations

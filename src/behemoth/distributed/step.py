@@ -1,12 +1,11 @@
 """What one training step needs from the process group, beyond what FSDP does by itself.
 
-- `shard_batch`: every rank draws the same global batch from the (resumable) loader and keeps its
-  own contiguous block of rows, so the loader state is the same on every rank and a checkpoint
-  resumes on any number of processes.
-- `all_reduce_sum`: the step's loss, logged values, token and expert counts summed over ranks in
-  one collective, so what rank 0 logs and what updates the expert bias are global numbers.
-- `clip_grad_norm_`: the global gradient norm of parameters that live on different meshes
-  (expert weights on "dp_mod_ep" x "ep", the rest on "dp"), which the stock clip cannot combine.
+- `shard_batch`: every rank draws the same global batch and keeps its own block of rows, so the
+  loader state is the same everywhere and a checkpoint resumes on any number of processes;
+- `all_reduce_sum`: the step's numbers summed over ranks in one collective, so what rank 0 logs
+  and what moves the expert bias are global;
+- `clip_grad_norm_`: the global norm over parameters on different meshes, which the stock clip
+  cannot combine.
 """
 
 from __future__ import annotations
@@ -43,11 +42,9 @@ def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> 
 
 @torch.no_grad()
 def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, device: torch.device) -> float:
-    """Scale gradients so their global L2 norm is at most `max_norm`; return the norm before.
-
-    Each rank sums the squares of the gradient pieces it holds, weighted so that a piece held by
-    several ranks (replicated) is counted once, and one all-reduce adds them up.
-    """
+    """Scale gradients so their global L2 norm is at most `max_norm`; return the norm before. Each
+    rank sums the squares of its pieces (a replicated piece weighted to count once); one
+    all-reduce adds them up."""
     from torch.distributed.tensor import DTensor  # imported here: DTensor takes most of a second to import
 
     grads = [p.grad for p in parameters if p.grad is not None]

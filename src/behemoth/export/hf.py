@@ -1,10 +1,8 @@
 """Export a model directory as a Hugging Face folder that `transformers` loads as `Llama4ForCausalLM`.
 
-Our model directories already are that format (config.json in the 5.x form, safetensors with
-Hugging Face names, generation_config.json, tokenizer files with the chat template), so exporting
-is a checked copy: the weights are verified against the config by our own loader first, only the
-files a Hugging Face folder needs are copied (no trainer state or stray files), and the folder is
-assembled beside its destination and renamed into place.
+Our model directories already are that format, so exporting is a checked copy: the weights are
+verified against the config first, only the files a Hugging Face folder needs are copied, and
+the folder is assembled beside its destination and renamed into place.
 """
 
 from __future__ import annotations

@@ -7,12 +7,10 @@
       config.toml           the resolved run configuration
       manifest.json         SHA-256 and size of every file above
 
-A checkpoint is assembled in a temporary folder, fsynced, and renamed into place, so a run killed
-at any moment leaves only complete checkpoints (and perhaps a temporary folder, ignored and
-cleaned up). Before anything is loaded, every file is checked against the manifest: a truncated
-or altered checkpoint is reported by name and never used. Only safetensors and JSON are read.
-Folder names, manifest, listing and pruning are `behemoth.run_checkpoints`' (shared with
-distributed checkpoints).
+A checkpoint is assembled in a temporary folder, fsynced and renamed into place, so a killed run
+leaves only complete checkpoints; every file is checked against the manifest before anything is
+loaded, and only safetensors and JSON are read. Names, manifest, listing and pruning are
+`behemoth.run_checkpoints`' (shared with distributed checkpoints).
 """
 
 from __future__ import annotations

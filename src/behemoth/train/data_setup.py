@@ -1,8 +1,7 @@
 """The data side of a run: find or train the tokenizer, find or prepare the token shards.
 
-A source that is already a prepared data directory (it has a manifest.json) is used as it is,
-after verifying it; anything else is tokenized into `out/data/`. Preparing again for a resumed run
-is skipped when the manifest still matches the sources and the tokenizer.
+A prepared data directory (one with a manifest.json) is verified and used as it is; other sources
+are tokenized into `out/data/`, again only when the sources or the tokenizer no longer match.
 """
 
 from __future__ import annotations
@@ -76,10 +75,8 @@ def _data_dir(run: RunConfig, out_dir: Path, sources: list[Path], tokenizer: Tok
 
 
 def token_byte_lengths(tokenizer: Tokenizer) -> torch.Tensor:
-    """UTF-8 bytes each token id stands for (0 for special tokens), for bits-per-byte.
-
-    In byte-level BPE every character of a token's string stands for exactly one byte.
-    """
+    """UTF-8 bytes each token id stands for (0 for special tokens), for bits per byte: in byte-level
+    BPE every character of a token's string stands for one byte."""
     backend = tokenizer.backend
     special = set(backend.get_added_tokens_decoder())
     lengths = [0 if i in special else len(backend.id_to_token(i) or "") for i in range(tokenizer.vocab_size)]

@@ -2,11 +2,10 @@
 
     loss = a(t) * KL(teacher || student, both at temperature T) * T^2 + (1 - a(t)) * cross-entropy
 
-a(t) follows the configured schedule (constant, linear, cosine) over the run, or is "adaptive":
-per token, the teacher's confidence (its top probability at T = 1), so the student leans on the
-teacher where the teacher is sure and on the data where it is not. Teacher logits are computed on
-the fly without gradients. Student and teacher share the tokenizer; they may differ in width,
-depth and experts.
+a(t) follows the configured schedule (constant, linear, cosine), or is "adaptive": per token,
+the teacher's top probability at T = 1, so the student leans on the teacher where it is sure.
+Teacher logits are computed on the fly without gradients. Student and teacher share the
+tokenizer; they may differ in width, depth and experts.
 """
 
 from __future__ import annotations

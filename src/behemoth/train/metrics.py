@@ -15,11 +15,9 @@ from tqdm import tqdm
 
 def measure_matmul_peak(size: int = 2048, repeats: int = 6, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu") -> float:
-    """Best observed FLOP/s of a square matmul on this machine: the denominator of MFU.
-
-    2048 is large enough to reach the BLAS peak on a CPU (1024 stays well below it here, which
-    would overstate MFU); best-of-N filters out moments when another process had the cores.
-    """
+    """Best observed FLOP/s of a square matmul on this machine, the denominator of MFU: 2048 reaches
+    a CPU's BLAS peak (1024 stays below it, overstating MFU); best-of-N skips moments when another
+    process had the cores."""
     a = torch.randn(size, size, dtype=dtype, device=device)
     b = torch.randn(size, size, dtype=dtype, device=device)
     best = math.inf
@@ -34,11 +32,9 @@ def measure_matmul_peak(size: int = 2048, repeats: int = 6, dtype: torch.dtype =
 
 
 def machine_matmul_peak(device: str | torch.device = "cpu") -> float:
-    """The highest matmul peak ever measured on this machine (this CPU or GPU, thread count and
-    torch version), measuring again now. A peak taken while other work held the cores is low
-    and would overstate MFU; keeping the best one seen makes MFU comparable across runs.
-    """
-    import json
+    """The highest matmul peak ever measured on this machine (device, thread count and torch
+    version), measuring again now: a peak taken while other work held the cores would overstate
+    MFU, and the best one seen keeps MFU comparable across runs."""
     import os
     import platform
 

@@ -1,7 +1,5 @@
-"""AdamW with the usual exemptions, and learning-rate schedules as pure functions of the step.
-
-A schedule that is a function of the step number has no state to save: resuming at step N gives
-exactly the learning rate an uninterrupted run had at step N.
+"""AdamW with the usual exemptions, and learning-rate schedules as pure functions of the step:
+nothing to save, so a run resumed at step N has exactly the rate it would have had.
 """
 
 from __future__ import annotations

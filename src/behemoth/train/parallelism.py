@@ -1,18 +1,11 @@
-"""What the training loop asks of the processes it runs on, through `behemoth.distributed` (mesh,
-parallelize, collectives, DCP checkpoints). A single process answers trivially, so the loop reads
-the same with one process or many.
+"""What the training loop asks of the processes it runs on, through `behemoth.distributed`; a
+single process answers trivially, so the loop reads the same with one process or many.
 
-A distributed run goes through these steps:
-
-1. `join(run)` (from `start_run`): join the process group. Ranks other than 0 then wait until
-   rank 0 has done the stage's setup, which may train a tokenizer, prepare token shards or write
-   files; they then do the same setup and find everything in place.
-2. `Parallelism.start(run, model)` (from `train_loop`): rank 0 releases the others; the mesh is built.
-3. `prepare`: restore the checkpoint, shard the model (expert parallel, FSDP or DDP), build the
-   optimizer.
-4. per step: `shard` each global batch, `gradient_sync` only on the last micro-batch, `all_reduce`
-   the step's numbers, `clip_grad_norm`; rank 0 alone writes metrics and progress.
-5. `save_checkpoint` (DCP, all ranks) and `save_model` (gathered to rank 0).
+A distributed run: 1. `join(run)` (from `start_run`): ranks other than 0 wait until rank 0 has done
+the stage's setup (tokenizer, token shards, files), then repeat it and find everything in place;
+2. `Parallelism.start` (from `train_loop`): rank 0 releases them, the mesh is built; 3. `prepare`:
+restore, shard the model, build the optimizer; 4. per step `shard`, `gradient_sync` on the last
+micro-batch, `all_reduce`, `clip_grad_norm`; 5. `save_checkpoint` (all ranks), `save_model` (rank 0).
 """
 
 from __future__ import annotations
@@ -107,8 +100,8 @@ class Parallelism:
 
     def _prepare_from_whole(self, model: Transformer, checkpoint: Path
                             ) -> tuple[Transformer, torch.optim.Optimizer, TrainerState]:
-        """A single-process checkpoint resumed by several processes: every rank loads it whole into
-        the model before sharding, then hands the whole optimizer state to the sharded optimizer."""
+        """A single-process checkpoint resumed by several processes: every rank loads it whole, then
+        shards the model and hands the whole optimizer state to the sharded optimizer."""
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
                                                              set_optimizer_state_dict)
 
@@ -157,9 +150,8 @@ class Parallelism:
         from torch.distributed.fsdp import FSDPModule
 
         results = objective.evaluate(model)
-        # Modules that keep their weights gathered after a forward (FSDP's root, DDP's replicas)
-        # get no backward to release them here: do it, so that parameters, optimizer and
-        # checkpoints see the sharded tensors again.
+        # FSDP's root and DDP's replicas keep their weights gathered after a forward without a
+        # backward: reshard, so parameters, optimizer and checkpoints see sharded tensors again.
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.reshard()
