@@ -10,8 +10,8 @@ from behemoth.errors import ConfigError
 
 
 class RowLoader:
-    """Batches of row indices in a seeded order that changes each epoch; its position is a small
-    dict saved in checkpoints, so a resumed run sees exactly the batches it would have seen."""
+    """Batches of row indices in a seeded order, new each epoch; its position (a small dict saved in
+    checkpoints) makes a resumed run see exactly the batches it would have seen."""
 
     def __init__(self, num_rows: int, batch_size: int, seed: int, fingerprint: str):
         if num_rows <= 0:

@@ -32,11 +32,8 @@ from behemoth.inference.kv_cache import ModelCache
 
 
 class CompiledDecoder:
-    """Next-token logits for one token per row, compiled; `decoder(tokens, positions, cache, highest)`.
-
-    Build it once the model is final (weights converted, eval mode): its programs do not check
-    the model's modules again, so a change to them afterwards would go unnoticed.
-    """
+    """Next-token logits for one token per row, compiled: `decoder(tokens, positions, cache, highest)`.
+    Build it once the model is final: its programs do not check the modules again."""
 
     def __init__(self, model: Transformer, threads: int | None = None, warm_up: bool = True):
         self.model = model.eval()

@@ -107,13 +107,11 @@ _request_ids = itertools.count(1)
 
 
 class Request:
-    """A submitted generation: iterate it (blocking or async) for its TokenEvents.
+    """A submitted generation: iterate it (blocking or async, from one consumer) for its TokenEvents.
 
     The stream ends after the event with a finish_reason, or without one when the request is
-    cancelled; an engine failure is raised to the consumer. Leaving the iteration early (break,
-    a closed async generator when an HTTP client goes away) cancels the request, which frees its
-    batch slot at the next step (at the end of the stream, `cancel` is a no-op). Events are
-    delivered once: iterate from one consumer.
+    cancelled; an engine failure is raised to the consumer. Leaving the iteration early (a break,
+    an HTTP client gone) cancels the request, freeing its batch slot at the next step.
     """
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, engine: Engine | None = None):
@@ -403,12 +401,10 @@ class Engine:
             self._keep([not flag for flag in cancelled])
 
     def _prefill_some(self) -> None:
-        """One prefill forward between two decode steps, over at most `prefill_chunk` tokens
-        counting padding: the long prompt under way (its next piece), then as many queued
-        prompts, whole, as fit. Rows are right-padded to the longest piece; padding has position
-        -1, so the cache stores nothing for it and no query sees it (and its own outputs are
-        never read). A row is added only if all of its prompt fits, so the only row that can be
-        left part-way is a first row longer than the budget, which then runs alone."""
+        """One prefill forward of at most `prefill_chunk` tokens, padding included: the long prompt
+        under way (its next piece), then as many whole queued prompts as fit. Rows are right-padded
+        with position -1, which the cache stores nothing for and no query sees. Only a first row
+        longer than the budget can be left part-way, and it then runs alone."""
         budget = self.prefill_chunk
         carried = self._prefilling[0] if self._prefilling else None
         width = min(len(carried.request.prompt_ids) - carried.prefilled, budget) if carried else 0

@@ -28,12 +28,9 @@ MIN_CAPACITY = 64  # first allocation, in slots: avoids regrowing on every token
 
 
 class LayerCache:
-    """Keys, values and positions of one layer for a batch of requests.
-
-    keys/values: [batch, kv_heads, capacity, head_dim]; positions: [batch, capacity], -1 = empty.
-    `window` is the chunk size of a chunked local layer (None = global); `max_length` caps the
-    capacity of a global layer (the context the engine admits).
-    """
+    """Keys, values [batch, kv_heads, capacity, head_dim] and positions [batch, capacity] (-1 =
+    empty) of one layer. `window`: a chunked layer's chunk size (None = global); `max_length` caps
+    a global layer's capacity."""
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, window: int | None, max_length: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):

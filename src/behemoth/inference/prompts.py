@@ -1,8 +1,7 @@
 """Prompts as token ids, and single tokens as bytes and text: shared by the API and `behemoth chat`.
 
-The chat template is built from ids, not by encoding its rendered text: user text is encoded
-literally, so a message holding "<|eot|>" or "<|header_start|>" cannot forge a turn boundary;
-special tokens come only from the template.
+The chat template is built from ids, with user text encoded literally, so a message holding
+"<|eot|>" or "<|header_start|>" cannot forge a turn boundary.
 """
 
 from __future__ import annotations
@@ -60,11 +59,8 @@ class TokenText:
         return self._literal.encode(text, add_special_tokens=False).ids
 
     def chat_prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
-        """The chat template with a generation prompt, as ids.
-
-        Equal to `tokenizer.encode(tokenizer.apply_chat_template(messages, True))` for text
-        without special-token strings (the tests check this).
-        """
+        """The chat template with a generation prompt, as ids: for text without special-token strings,
+        `tokenizer.encode(tokenizer.apply_chat_template(messages, True))` (the tests check it)."""
         tok = self.tokenizer
         ids = [tok.bos_id]
         for message in messages:

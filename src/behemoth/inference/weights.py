@@ -96,11 +96,8 @@ def _eligible(linear: nn.Module) -> bool:
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row (output channel) of weight [..., out, in]: (int8 values, scales [..., out]).
-
-    The scale is stored in bfloat16, as the kernel wants it, and the values are rounded against
-    that stored scale, so the error is only the rounding of each weight (at most half a step).
-    """
+    """Symmetric int8 per row (output channel) of weight [..., out, in]: (int8 values, scales [..., out]),
+    rounded against the bfloat16 scale the kernel takes, so the error is at most half a step."""
     weight = weight.detach().float()
     scales = (weight.abs().amax(dim=-1) / 127).clamp(min=torch.finfo(torch.bfloat16).tiny).to(torch.bfloat16)
     values = (weight / scales.float()[..., None]).round().clamp(-127, 127).to(torch.int8)
@@ -156,11 +153,9 @@ class Int8Linear(nn.Module):
 
 
 class BFloat16Linear(nn.Module):
-    """An nn.Linear computed in bfloat16 (any float in, bfloat16 out). With `pack` (a CPU whose
-    oneDNN runs bfloat16: `CpuFeatures.onednn_bf16`) the weight is also kept reordered into
-    oneDNN's blocked layout, once, so that no product pays for the reordering. That copy is an
-    opaque tensor a compiled program cannot take as an input, so the forward always runs eagerly
-    (`CompiledDecoder` applies the LM head after its program)."""
+    """An nn.Linear computed in bfloat16 (any float in, bfloat16 out). With `pack` (a CPU whose oneDNN
+    runs bfloat16) the weight is also reordered once into oneDNN's blocked layout, an opaque tensor
+    no compiled program can take: the forward always runs eagerly."""
 
     def __init__(self, linear: nn.Linear, pack: bool = False):
         super().__init__()
@@ -260,10 +255,9 @@ class Int8Experts(nn.Module):
         return out
 
     def _grouped(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """Rows grouped by expert, one product per expert (an empty group is a product of zero
-        rows). Eagerly the group sizes are a host read; in a compiled step they enter the program
-        as unbacked sizes (the decoder compiles with `capture_scalar_outputs`), bounded by the
-        checks below, so one program serves every routing, with no guard on them."""
+        """Rows grouped by expert, one product per expert (possibly of zero rows). In a compiled step
+        the group sizes enter the program as unbacked sizes (`capture_scalar_outputs`), bounded by
+        the checks below, so one program serves every routing."""
         routed_in, token_of_slot, counts = sort_by_expert(x, expert_ids, gates, self.gate_up.shape[0])
         sizes = counts.tolist()
         for size in sizes:

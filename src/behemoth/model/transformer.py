@@ -80,12 +80,8 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 kv_caches: list[KVCache] | None = None,
                 router_outputs: list[RouterOutput] | None = None) -> torch.Tensor:
-        """Logits for every position.
-
-        positions: absolute positions [batch|1, seq]; default 0..seq-1.
-        kv_caches: one cache per layer for incremental decoding (see attention.KVCache).
-        router_outputs: if a list is given, each MoE layer appends its RouterOutput to it.
-        """
+        """Logits for every position. positions: absolute [batch|1, seq], default 0..seq-1; kv_caches:
+        one `attention.KVCache` per layer; router_outputs: each MoE layer appends its RouterOutput."""
         return self.lm_head(self.hidden_states(input_ids, positions, kv_caches, router_outputs))
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,

@@ -4,10 +4,6 @@
     run_gate(model_dir, policy, out_dir, baseline=None, variables={}, log=...) -> decision record
     approve(record, by) / publish(record, out=...)   sign-off, then the open bundle or the closed registry
     verify_log(log) -> LogHead                 the audit log's hash chain, checked end to end
-
-Modules: policy (the TOML file and its checks), gate (evaluate, decide, write the record), audit
-(the hash-chained log), publish (approval and publication), registry (closed models for
-`behemoth serve --registry`), cards (decision.md and the model card).
 """
 
 from behemoth.release.audit import AuditError, verify_log

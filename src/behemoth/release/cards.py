@@ -1,8 +1,6 @@
-"""Markdown for people: the decision record (`decision.md`) and the model card (`README.md`).
-
-Both are built only from the record and the files beside it, so they never disagree with the JSON.
-The model card follows the Hugging Face layout: a YAML front matter block (license, datasets,
-tags, `model-index` evaluation results) and then prose sections.
+"""Markdown for people: the decision record (`decision.md`) and the model card (`README.md`), built
+only from the record, so they never disagree with the JSON. The model card follows the Hugging
+Face layout: YAML front matter (license, datasets, tags, `model-index` results), then prose.
 """
 
 from __future__ import annotations
