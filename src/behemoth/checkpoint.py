@@ -58,7 +58,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     """Load a model directory (config.json + safetensors) into a `Transformer`; dtype None keeps
     the dtype the weights are stored in."""
     config, files, entries = _checked_directory(path)
-    model = empty_model(config, dtype or _torch_dtype(next(iter(entries.values())).dtype), device)
+    model = empty_model(config, dtype or _SAFETENSORS_FLOAT_DTYPES[next(iter(entries.values())).dtype], device)
     params = model.state_dict()
     with torch.no_grad():
         for file in files:
@@ -220,10 +220,6 @@ def _check_layout(file: Path, tensors: dict[str, TensorInfo], data_bytes: int) -
 
 
 _SAFETENSORS_FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    return _SAFETENSORS_FLOAT_DTYPES[name]
 
 
 def _model_directory(path: str | Path) -> Path:

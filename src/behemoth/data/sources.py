@@ -77,15 +77,10 @@ def source_files(paths: Iterable[str | Path] | str | Path) -> list[SourceFile]:
             files.append(SourceFile(path, _kind(path, explicit=True)))
     if not files:
         raise ConfigError("no data paths given")
-    # A file named twice (or with its folder) is read once, where it first appears.
-    seen: set[Path] = set()
-    unique = []
+    unique: dict[Path, SourceFile] = {}  # a file named twice (or with its folder) is read where it first appears
     for source in files:
-        key = source.path.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append(source)
-    return unique
+        unique.setdefault(source.path.resolve(), source)
+    return list(unique.values())
 
 
 def _all_suffixes() -> tuple[str, ...]:

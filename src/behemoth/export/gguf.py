@@ -4,19 +4,16 @@ llama.cpp's llama4 (src/models/llama4.cpp in the llama.cpp that llama-cpp-python
 reads the sizes, head counts, RMS epsilon, RoPE base, expert count, top-k, expert width and the
 MoE interleave step from the file, but hard-codes the rest of the architecture:
 
-- chunked local attention with chunks of 8192 on three layers of every four, global attention on
-  every fourth;
-- every fourth layer (index 3, 7, ...) is NoPE, and only those layers use temperature tuning,
-  with floor scale 8192 and scale 0.1;
-- weightless QK-norm after RoPE on the RoPE layers, for every model except those with exactly
-  128 experts (Maverick), which get none;
+- chunked local attention (chunks of 8192) on three layers of every four, global on every fourth;
+- every fourth layer (index 3, 7, ...) is NoPE, and only those use temperature tuning (floor
+  scale 8192, scale 0.1);
+- weightless QK-norm after RoPE on the RoPE layers, except for exactly 128 experts (Maverick);
 - layer i is a MoE layer when (i + 1) % step == 0; the shared expert is as wide as a routed one;
 - routing: top-k on raw router logits, sigmoid gates that scale the expert's input.
 
-A config that differs on any of these would load and run as a *different* model, so
-`check_exportable` refuses it by field name instead. Everything else maps one to one:
-Llama 4 rotates interleaved pairs, which is llama.cpp's "normal" RoPE, so the query and key
-projections are written unpermuted (unlike Llama 2/3 conversions).
+A config that differs on any of these would run as a *different* model, so `check_exportable`
+refuses it by field name. Everything else maps one to one: Llama 4 rotates interleaved pairs,
+llama.cpp's "normal" RoPE, so q and k are written unpermuted (unlike Llama 2/3 conversions).
 
 The tokenizer goes into the file too: byte-level BPE under llama.cpp's `gpt2` model with the
 pre-tokenizer that splits as ours does (`starcoder`: single digits, then the GPT-2 split; `gpt-2`
@@ -72,9 +69,7 @@ class ExportError(BehemothError):
     """A model cannot be exported as asked (its config, tokenizer, weights or the output path)."""
 
 
-# ------------------------------------------------------------------------------------------------
-# Public API
-# ------------------------------------------------------------------------------------------------
+# -- public API -----------------------------------------------------------------------------------
 
 def export_gguf(model_dir: Path, out_path: Path, dtype: str = "f32", *, overwrite: bool = False,
                 name: str | None = None) -> Path:
@@ -114,9 +109,7 @@ def check_exportable(config: ModelConfig) -> None:
             raise ExportError(f"cannot export to GGUF: {problem}")
 
 
-# ------------------------------------------------------------------------------------------------
-# What llama.cpp can run
-# ------------------------------------------------------------------------------------------------
+# -- what llama.cpp can run -----------------------------------------------------------------------
 
 def _check_attention(config: ModelConfig) -> str | None:
     if config.attention_chunk_size != LLAMA_CPP_CHUNK:
@@ -207,9 +200,7 @@ def _llama_cpp_pre_tokenizer(spec: dict[str, Any]) -> tuple[str, str | None]:
                 "alone or after Digits(individual_digits=True)")
 
 
-# ------------------------------------------------------------------------------------------------
-# Metadata
-# ------------------------------------------------------------------------------------------------
+# -- metadata -------------------------------------------------------------------------------------
 
 def _add_general(writer: gguf.GGUFWriter, name: str, dtype: str) -> None:
     import gguf
@@ -278,9 +269,7 @@ def _merges(backend: Any) -> list[str]:
     return [m if isinstance(m, str) else " ".join(m) for m in merges]
 
 
-# ------------------------------------------------------------------------------------------------
-# Tensors
-# ------------------------------------------------------------------------------------------------
+# -- tensors --------------------------------------------------------------------------------------
 
 def gguf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
     """(GGUF name, tensor in llama.cpp's layout) for every weight; raises if one is left over."""
@@ -357,9 +346,7 @@ def _encode(name: str, tensor: torch.Tensor, dtype: str) -> np.ndarray:
     return values.astype(np.float16)
 
 
-# ------------------------------------------------------------------------------------------------
-# Writing
-# ------------------------------------------------------------------------------------------------
+# -- writing --------------------------------------------------------------------------------------
 
 def _check_target(out_path: Path, overwrite: bool) -> None:
     """Refuse early, before any work, what `_write_atomically` would refuse at the end."""

@@ -201,16 +201,12 @@ def _choices(raw: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingP
     logprobs = raw.log_softmax(dim=-1)
     chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
     wanted = max(p.logprobs for p in params)
-    top_values, top_index = logprobs.topk(wanted, dim=-1) if wanted else (None, None)
-    top_values = top_values.tolist() if wanted else None
-    top_index = top_index.tolist() if wanted else None
-    out = []
+    top_values, top_index = [t.tolist() for t in logprobs.topk(wanted, dim=-1)] if wanted else (None, None)
+    choices = []
     for row, (token, logprob, p) in enumerate(zip(tokens.tolist(), chosen, params)):
-        top = None
-        if p.logprobs:
-            top = list(zip(top_index[row][:p.logprobs], top_values[row][:p.logprobs]))
-        out.append(Choice(token, logprob, top))
-    return out
+        top = list(zip(top_index[row][:p.logprobs], top_values[row][:p.logprobs])) if p.logprobs else None
+        choices.append(Choice(token, logprob, top))
+    return choices
 
 
 # -- from tokens to text -------------------------------------------------------------------------

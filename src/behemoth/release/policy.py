@@ -176,15 +176,12 @@ def _number(table: dict, key: str, where: str, kind: type, minimum: float | None
 
 def _compare(table: Any, where: str) -> CompareSettings:
     _keys(table, where, {"resamples", "confidence", "seed"})
-    defaults = CompareSettings()
     confidence = _number(table, "confidence", where, float)
     if confidence is not None and not 0.5 <= confidence < 1:
         raise PolicyError(f"{where}: confidence must be in [0.5, 1), got {confidence}")
-    resamples = _number(table, "resamples", where, int, minimum=100)
-    seed = _number(table, "seed", where, int, minimum=0)
-    return CompareSettings(resamples=defaults.resamples if resamples is None else resamples,
-                           confidence=defaults.confidence if confidence is None else confidence,
-                           seed=defaults.seed if seed is None else seed)
+    given = {"resamples": _number(table, "resamples", where, int, minimum=100), "confidence": confidence,
+             "seed": _number(table, "seed", where, int, minimum=0)}
+    return CompareSettings(**{key: value for key, value in given.items() if value is not None})
 
 
 def _evaluation(key: str, table: Any, where: str) -> Evaluation:
