@@ -51,9 +51,7 @@ def read_jsonl(path: Path, *, style: LineStyle = "line") -> Iterator[tuple[int, 
 def open_binary(path: Path) -> IO[bytes]:
     """`path` opened for reading bytes, gunzipped when its name ends in `.gz`."""
     try:
-        if path.name.lower().endswith(".gz"):
-            return gzip.open(path, "rb")
-        return open(path, "rb")
+        return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except OSError as err:
