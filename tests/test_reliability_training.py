@@ -177,8 +177,6 @@ def test_sigkill_ten_times_then_resume_matches_uninterrupted(corpus, tmp_path) -
 def test_kill_while_pruning_leaves_no_half_deleted_checkpoint(corpus, tmp_path, monkeypatch) -> None:
     """A SIGKILL inside the removal of an old checkpoint, made deterministic: the removal stops
     after deleting the manifest, as a kill at that instant would leave it."""
-    import behemoth.train.checkpointing as checkpointing
-
     real_rmtree = shutil.rmtree
 
     def killed_midway(path, ignore_errors=False):
@@ -190,7 +188,7 @@ def test_kill_while_pruning_leaves_no_half_deleted_checkpoint(corpus, tmp_path, 
 
     out = tmp_path / "run"
     pretrain(run_config(corpus, 1, "run.checkpoint_every=1", "run.keep_checkpoints=1"), out, progress=False)
-    monkeypatch.setattr(checkpointing.shutil, "rmtree", killed_midway)
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)  # run_checkpoints.remove_checkpoint's
     with pytest.raises(KeyboardInterrupt):
         pretrain(run_config(corpus, 2, "run.checkpoint_every=1", "run.keep_checkpoints=1"), out, resume=True,
                  progress=False)
