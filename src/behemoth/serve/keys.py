@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import threading
+from collections.abc import Container
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,8 @@ _DUMMY_HASH = hashlib.sha256(b"behemoth: no such key").hexdigest()
 @dataclass
 class Limits:
     """Per-key limits, None meaning unlimited: per sliding minute, and (token_quota) over the key's
-    life, counted from the audit log when the server has one. Tokens: prompt + completion."""
+    life, counted from the audit log, or since the server started if it has none. Tokens: prompt
+    + completion."""
 
     requests_per_minute: int | None = 60
     tokens_per_minute: int | None = 100_000
@@ -97,7 +99,7 @@ def hash_key(key: str) -> str:
 
 
 def _new_key(name: str, limits: Limits, models: list[str] | None = None,
-             taken: set[str] = frozenset()) -> tuple[str, KeyRecord]:
+             taken: Container[str] = ()) -> tuple[str, KeyRecord]:
     """A fresh key and its record, with an id not in `taken`."""
     key_id = secrets.token_hex(ID_HEX_CHARS // 2)
     while key_id in taken:
