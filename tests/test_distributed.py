@@ -179,7 +179,7 @@ def test_sft_trains_like_one_process(reference, tmp_path) -> None:
     from behemoth.data.synthetic_chat import write_chat_data
     from behemoth.train.sft import sft
 
-    conversations, _ = write_chat_data(tmp_path / "chat", conversations=200, pairs=10)
+    conversations = write_chat_data(tmp_path / "chat", conversations=200, pairs=10, prompts=10).sft
     settings = ["data.seq_len=64", "data.batch_size=4", "run.eval_every=1000", "run.eval_batches=2",
                 "run.checkpoint_every=6", "optim.warmup_steps=2", "optim.lr=0.001", "run.steps=6",
                 "run.dtype='float64'"]

@@ -39,7 +39,7 @@ def _install() -> None:
         return result
 
     trainer.train_loop = observed_loop
-    for stage in ("sft", "dpo", "distill"):  # they import train_loop by name too
+    for stage in ("sft", "dpo", "distill", "rl"):  # they import train_loop by name too
         module = importlib.import_module(f"behemoth.train.{stage}")
         module.train_loop = observed_loop
 

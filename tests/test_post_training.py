@@ -21,7 +21,7 @@ from corpora import WORDS, write_phrase_corpus
 import behemoth
 from behemoth.cli import main
 from behemoth.data.chat import load_conversations, load_preferences, render_conversation, render_prompt
-from behemoth.data.synthetic_chat import write_chat_data
+from behemoth.data.synthetic_chat import ChatData, write_chat_data
 from behemoth.errors import ConfigError
 from behemoth.tokenizer import Tokenizer, train_tokenizer
 from behemoth.train.config import DistillConfig, load_run_config
@@ -71,17 +71,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quick_tiny_runs():
-    """One intra-op thread: the tiny model's ops are too small to split, and on a shared 2-core
-    machine two threads contending with other processes made these runs ~10x slower. The MFU
-    denominator (a 1024^3 matmul benchmark per run) is skipped: no test here reads MFU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("behemoth.train.loop.machine_matmul_peak", lambda *_: 1e12)
-        yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("quick_tiny_runs")
 
 
 @pytest.fixture(scope="module")
@@ -97,15 +87,15 @@ def teacher(corpus, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def chat_data(tmp_path_factory) -> tuple[Path, Path]:
-    return write_chat_data(tmp_path_factory.mktemp("chat"), conversations=200, pairs=120)
+def chat_data(tmp_path_factory) -> ChatData:
+    return write_chat_data(tmp_path_factory.mktemp("chat"), conversations=200, pairs=120, prompts=10)
 
 
 @pytest.fixture(scope="module")
 def sft_model(teacher, chat_data, tmp_path_factory) -> Path:
     """The teacher fine-tuned briefly on the synthetic chat data: DPO's starting point."""
     out = tmp_path_factory.mktemp("sft") / "run"
-    return sft(run_config(20, "data.seq_len=64"), teacher, chat_data[0], out, progress=False).model_dir
+    return sft(run_config(20, "data.seq_len=64"), teacher, chat_data.sft, out, progress=False).model_dir
 
 
 @pytest.fixture(scope="module")
@@ -424,7 +414,7 @@ def test_dpo_loss_by_hand() -> None:
 def test_dpo_raises_the_margin_and_resumes_bit_identically(sft_model, chat_data, tmp_path) -> None:
     settings = ("data.seq_len=64", "data.batch_size=8", "optim.lr=0.002", "optim.min_lr_ratio=1.0")
     whole = tmp_path / "whole"
-    result = dpo(run_config(24, *settings, "run.checkpoint_every=12"), sft_model, chat_data[1], whole, progress=False)
+    result = dpo(run_config(24, *settings, "run.checkpoint_every=12"), sft_model, chat_data.dpo, whole, progress=False)
     records = read_metrics(whole / "metrics.jsonl")
     assert records[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 1
     assert records[0]["reward_margin"] == pytest.approx(0, abs=1e-3)
@@ -435,11 +425,11 @@ def test_dpo_raises_the_margin_and_resumes_bit_identically(sft_model, chat_data,
     assert {"val_loss", "val_reward_margin", "val_preference_accuracy"} <= set(result.validation)
 
     split = tmp_path / "split"
-    dpo(run_config(12, *settings), sft_model, chat_data[1], split, progress=False)
+    dpo(run_config(12, *settings), sft_model, chat_data.dpo, split, progress=False)
     reference = split / REFERENCE_FILE
-    assert load_file(str(reference))["chosen"].numel() == len(load_preferences(chat_data[1]))
+    assert load_file(str(reference))["chosen"].numel() == len(load_preferences(chat_data.dpo))
     before = reference.stat()
-    dpo(run_config(24, *settings, "run.checkpoint_every=12"), sft_model, chat_data[1], split, resume=True,
+    dpo(run_config(24, *settings, "run.checkpoint_every=12"), sft_model, chat_data.dpo, split, resume=True,
         progress=False)
     after = reference.stat()
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # read, not rewritten
@@ -451,7 +441,7 @@ def test_dpo_raises_the_margin_and_resumes_bit_identically(sft_model, chat_data,
 def test_fresh_dpo_run_recomputes_a_leftover_reference(sft_model, chat_data, tmp_path) -> None:
     """A reference file left in --out by a run killed before its first checkpoint (perhaps of
     another model or data) must not be trusted by a new run."""
-    data = write_jsonl(tmp_path / "pairs.jsonl", chat_data[1].read_text().splitlines()[:12])
+    data = write_jsonl(tmp_path / "pairs.jsonl", chat_data.dpo.read_text().splitlines()[:12])
     out = tmp_path / "out"
     out.mkdir()
     stale = {"chosen": torch.full((12,), 100.0, dtype=torch.float64),
@@ -574,3 +564,17 @@ def test_training_ids_continue_the_inference_prompt(which, teacher, newline_toke
                 prompt = served.chat_prompt_ids(messages[:k])
                 assert prompt == render_prompt(tokenizer, messages[:k])
                 assert ids[:len(prompt)] == prompt, (messages, k)
+
+
+def test_each_post_training_stage_has_its_own_defaults_beneath_file_and_flags(tmp_path) -> None:
+    """DPO at pretraining's 3e-3 (or the old 2e-4) wipes out what SFT taught (bench/RESULTS.md,
+    "Post-training"): each stage starts from its own rate, and a config file or --set still wins."""
+    assert load_run_config(None, []).optim.lr == 3e-3
+    dpo_run = load_run_config(None, [], stage="dpo")
+    assert (dpo_run.optim.lr, dpo_run.optim.weight_decay, dpo_run.optim.warmup_steps) == (2e-6, 0.0, 5)
+    assert load_run_config(None, [], stage="rl").optim.lr == 1e-4
+    config = tmp_path / "run.toml"
+    config.write_text("[optim]\nlr = 5e-6\n")
+    from_file = load_run_config(config, [], stage="dpo")
+    assert (from_file.optim.lr, from_file.optim.weight_decay) == (5e-6, 0.0)  # the file's lr, the stage's decay
+    assert load_run_config(config, ["optim.lr=7e-6"], stage="dpo").optim.lr == 7e-6

@@ -1,4 +1,5 @@
-"""The whole speedrun at its smallest budget: every stage, the gate on teacher and student, the release.
+"""The whole speedrun at its smallest budget: every stage, the gate on teacher, student and chat model,
+the release, the post-training table.
 
 Slow (several minutes on 2 cores): `./test -m slow tests/test_speedrun.py`.
 """
@@ -21,10 +22,14 @@ def test_speedrun_gates_and_releases(tmp_path):
     text = report.read_text()
     assert "## Release gate" in text and "CI Operator" in text
     assert (out / "report.html").is_file()
+    assert "## Post-training: what the chat model answers" in text and str(out / "dpo" / "model") in text
+    for stage in ("student", "sft", "rl", "dpo"):  # every stage of the chat model on the held-out chat tasks
+        results = json.loads((out / "eval" / f"chat-{stage}.json").read_text())
+        assert len(results["tasks"]) == 12 and all(t["items"][0]["reply"] is not None for t in results["tasks"].values())
 
     threshold = next(r.at_most for r in load_policy().rules if r.when == "threshold")
     decisions = {}
-    for name in ("teacher", "student"):
+    for name in ("teacher", "student", "chat"):
         record = json.loads((out / "releases" / "records" / name / "decision.json").read_text())
         bpb = record["evaluations"]["capability"]["metrics"]["heldout"]["bpb"]
         # no baseline on a first run: the policy's capability threshold alone decides
@@ -32,7 +37,7 @@ def test_speedrun_gates_and_releases(tmp_path):
         decisions[name] = record["decision"]
 
     events = [(e["event"], e.get("decision")) for e in read_entries(out / "releases" / "audit.jsonl")]
-    assert [e for e, _ in events] == ["decision", "approval", "publish"] * 2  # teacher, then student
+    assert [e for e, _ in events] == ["decision", "approval", "publish"] * 3  # teacher, student, chat model
     verify_log(out / "releases" / "audit.jsonl")
     for name, decision in decisions.items():
         if decision == "open":

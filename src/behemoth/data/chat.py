@@ -5,7 +5,7 @@ Conversations come as JSONL, one per line:
 or in the Alpaca form (instruction / input / output, rows with a `status` other than "ok" skipped).
 Preferences come as {"prompt": ..., "chosen": ..., "rejected": ...}, each either plain text or in
 the messages form (prompt: a list of messages; chosen/rejected: an assistant message, a list
-holding one, or plain text).
+holding one, or plain text). RL prompts come as {"prompt": text or messages, "answer", "match"}.
 
 Rendering follows the tokenizer's chat template. Each message is encoded on its own: the special
 tokens around every message split the text the same way whole-string encoding does (tested), and
@@ -95,6 +95,51 @@ def load_preferences(path: str | Path) -> list[Preference]:
     if not pairs:
         raise ConfigError(f"{path}: holds no preference pairs")
     return pairs
+
+
+@dataclass
+class PromptRow:
+    """A prompt to answer, with what checks the answer: a row of RL data (or of `gen:FILE`)."""
+
+    messages: list[Message]  # the conversation so far, ending with the user's turn
+    answer: str | None  # None: no verifiable answer (a reward function scores the replies)
+    match: str  # how a reply is checked against `answer` (one of behemoth.rewards.MATCHES)
+    fields: dict[str, Any]  # the row as read, for reward functions
+
+
+def load_prompt_rows(path: str | Path, need_answers: bool = True) -> list[PromptRow]:
+    """Rows {"prompt": text or messages, "answer": str, "match": str (default "contains"), ...};
+    every one checked, errors by line. Without `need_answers`, "answer" may be left out."""
+    from behemoth.rewards import answer_problem
+
+    path = Path(path)
+    rows = []
+    for number, row in read_jsonl(path):
+        where = f"{path}, line {number}"
+        prompt, answer, match = row.get("prompt"), row.get("answer"), row.get("match", "contains")
+        if isinstance(prompt, str) and prompt.strip():
+            prompt = [{"role": "user", "content": prompt}]
+        elif isinstance(prompt, list):
+            prompt = check_messages(prompt, where, need_assistant=False)
+        else:
+            raise ConfigError(f'{where}: "prompt" must be non-empty text or a list of messages')
+        if prompt[-1]["role"] != "user":
+            raise ConfigError(f"{where}: the prompt's last message must be the user's")
+        if answer is None:
+            if need_answers:
+                raise ConfigError(f'{where}: no "answer" to check replies against (needed unless a reward '
+                                  "function scores them)")
+            rows.append(PromptRow(prompt, None, str(match), row))
+            continue
+        if not isinstance(answer, str):
+            raise ConfigError(f'{where}: "answer" must be a string')
+        problem = answer_problem(answer, str(match))
+        if problem:
+            raise ConfigError(f"{where}: {problem}")
+        rows.append(PromptRow(prompt, answer, str(match), row))
+    if not rows:
+        raise ConfigError(f"{path}: holds no prompts")
+    return rows
 
 
 def _answer(value: Any, where: str) -> str:

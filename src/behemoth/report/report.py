@@ -29,14 +29,23 @@ def _pyplot():
 
 def plot_losses(records: Sequence[dict[str, Any]], out: Path, title: str = "") -> Path:
     """Training loss per step, and validation loss where it was measured, as a PNG."""
+    return plot_series(records, {"train loss": "loss", "validation loss": "val_loss"}, out, title, "loss (nats/token)")
+
+
+def plot_series(records: Sequence[dict[str, Any]], series: dict[str, str], out: Path, title: str = "",
+                ylabel: str = "") -> Path | None:
+    """Logged numbers per step, one line per `series` entry (legend label -> metrics key), as a PNG;
+    None when no record holds any of them."""
+    lines = {label: [(r["step"], r[key]) for r in records if key in r] for label, key in series.items()}
+    lines = {label: points for label, points in lines.items() if points}
+    if not lines:
+        return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train loss", linewidth=1)
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
+    for label, points in lines.items():
+        ax.plot(*zip(*points), "o-" if len(points) < 20 else "-", label=label, linewidth=1)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

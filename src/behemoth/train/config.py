@@ -6,6 +6,7 @@
     [balance]          MoE balancing: aux-loss-free bias (default), switch loss, z-loss
     [distill]          teacher temperature and the soft/hard weighting schedule
     [dpo]              beta
+    [rl]               online RL (`behemoth rl`): group size, sampling, loss type, clipping, KL
     [run]              steps, seed, evaluation and checkpoint cadence, dtype, compile
     [parallel]         multi-process runs (torchrun): data-parallel kind, expert-parallel degree, timeout
 
@@ -81,6 +82,30 @@ class PreferenceConfig:
 
 
 @dataclass
+class RLConfig:
+    """Online RL with verifiable rewards (`behemoth rl`, train/rl.py). Names and defaults follow
+    TRL's GRPOConfig; its module notes say where the two differ."""
+
+    num_generations: int = 8  # completions sampled per prompt: the group each is compared with
+    max_prompt_length: int = 512  # longer prompts lose their beginning
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    # How token losses add up: "grpo" (mean per completion, then over completions), "dr_grpo"
+    # (sum / (completions x max_completion_length)), "dapo" (mean over every token of the step)
+    loss_type: str = "dapo"
+    # Advantages are reward - group mean, divided by the std of the "group", the whole "batch", or "none"
+    scale_rewards: str = "group"
+    epsilon: float = 0.2  # the probability ratio is clipped to [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: float = 0.0  # 0 = epsilon (DAPO suggests 0.28)
+    num_iterations: int = 1  # optimizer steps on each batch of rollouts
+    beta: float = 0.0  # KL penalty to the starting model; 0 = none (and no reference model is kept)
+    drop_zero_std_groups: bool = False  # leave groups whose rewards are all equal out of the loss
+    rollout_batch_size: int = 64  # completions the engine decodes at once
+
+
+@dataclass
 class RunSettings:
     steps: int = 200
     seed: int = 0
@@ -95,6 +120,11 @@ class RunSettings:
     dtype: str = "float32"
     compile: bool = False
     device: str = "auto"  # "auto", "cpu", "cuda", ...
+    # Generative tasks scored at every evaluation, `eval_items` items each (a task list as
+    # `behemoth eval` takes, e.g. "chat:add,chat:next"): greedy pass@1 on held-out prompts, so a
+    # post-training run shows what the model does, not only its loss. Empty: none.
+    eval_tasks: str = ""
+    eval_items: int = 16
 
 
 @dataclass
@@ -105,6 +135,7 @@ class RunConfig:
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     dpo: PreferenceConfig = field(default_factory=PreferenceConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     run: RunSettings = field(default_factory=RunSettings)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
@@ -127,23 +158,44 @@ class RunConfig:
         path.write_text(tomli_w.dumps(_drop_none(self.to_dict())))
 
 
+# Each post-training stage's own defaults, beneath a config file and flags: these stages move a
+# model that already answers, and pretraining's learning rate would wipe out what it learned
+# (measured in bench/RESULTS.md, "Post-training").
+STAGE_DEFAULTS = {
+    "sft": ["optim.lr=3e-3", "optim.warmup_steps=5"],
+    # No weight decay where the starting model is the point (TRL's default too): with no reward
+    # signal in a step, decay alone would still pull the weights away from it.
+    "rl": ["optim.lr=1e-4", "optim.warmup_steps=5", "optim.weight_decay=0.0"],
+    "dpo": ["optim.lr=2e-6", "optim.warmup_steps=5", "optim.weight_decay=0.0"],
+}
+
 _SECTIONS = {"data": DataConfig, "optim": OptimConfig, "balance": BalanceConfig, "distill": DistillConfig,
-             "dpo": PreferenceConfig, "run": RunSettings, "parallel": ParallelConfig}
+             "dpo": PreferenceConfig, "rl": RLConfig, "run": RunSettings, "parallel": ParallelConfig}
 _CHOICES = {("optim", "schedule"): ("cosine", "wsd"), ("run", "dtype"): ("float32", "bfloat16", "float64"),
             ("distill", "alpha_schedule"): ("constant", "linear", "cosine", "adaptive"),
-            ("parallel", "data_parallel"): ("fsdp", "ddp")}
+            ("parallel", "data_parallel"): ("fsdp", "ddp"), ("rl", "loss_type"): ("grpo", "dr_grpo", "dapo"),
+            ("rl", "scale_rewards"): ("group", "batch", "none")}
 
 
-def load_run_config(path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults, then the TOML file, then `key.sub=value` overrides; validated as a whole."""
+def load_run_config(path: Path | None = None, overrides: list[str] | None = None,
+                    stage: str | None = None) -> RunConfig:
+    """Defaults, then the stage's own (STAGE_DEFAULTS; "sft", "rl", "dpo"), then the TOML file,
+    then `key.sub=value` overrides; validated as a whole."""
     data: dict[str, Any] = {}
+    for item in STAGE_DEFAULTS.get(stage, []):
+        _apply_override(data, item)
     if path is not None:
         try:
-            data = tomllib.loads(Path(path).read_text())
+            from_file = tomllib.loads(Path(path).read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such file") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}: not valid TOML ({err})") from None
+        for section, values in from_file.items():
+            if isinstance(values, dict) and isinstance(data.get(section), dict):
+                data[section].update(values)
+            else:
+                data[section] = values
     for item in overrides or []:
         _apply_override(data, item)
     return build_run_config(data, str(path) if path else "--set")
@@ -192,7 +244,7 @@ def _same_kind(value: Any, expected: Any) -> bool:
 def validate(config: RunConfig, source: str = "config") -> None:
     """Reject values that cannot work, before any data is read or any model is built."""
     positive = [("data", "seq_len"), ("data", "batch_size"), ("data", "vocab_size"), ("optim", "grad_accum"),
-                ("run", "steps"), ("run", "eval_every"), ("run", "eval_batches"), ("run", "checkpoint_every"),
+                ("run", "steps"), ("run", "eval_every"), ("run", "eval_batches"), ("run", "eval_items"), ("run", "checkpoint_every"),
                 ("run", "keep_checkpoints"), ("run", "max_bad_steps")]
     for section, key in positive:
         if getattr(getattr(config, section), key) <= 0:
@@ -213,6 +265,7 @@ def validate(config: RunConfig, source: str = "config") -> None:
             raise ConfigError(f"{source}: distill.{key} must be between 0 and 1")
     if config.distill.temperature <= 0 or config.dpo.beta <= 0:
         raise ConfigError(f"{source}: distill.temperature and dpo.beta must be positive")
+    _validate_rl(config.rl, source)
     if config.parallel.expert_parallel < 1 or config.parallel.timeout_s <= 0:
         raise ConfigError(f"{source}: parallel.expert_parallel and parallel.timeout_s must be positive")
     if config.parallel.expert_parallel > 1 and config.parallel.data_parallel != "fsdp":
@@ -224,6 +277,24 @@ def validate(config: RunConfig, source: str = "config") -> None:
         config.model_config()
     except BehemothError as err:
         raise ConfigError(f"{source}: model: {err}") from None
+
+
+def _validate_rl(rl: RLConfig, source: str) -> None:
+    for key in ("max_prompt_length", "max_completion_length", "num_iterations", "rollout_batch_size"):
+        if getattr(rl, key) <= 0:
+            raise ConfigError(f"{source}: rl.{key} must be positive")
+    if rl.num_generations < 2:
+        raise ConfigError(f"{source}: rl.num_generations must be at least 2 (a completion is judged against "
+                          "the others of its group)")
+    if rl.temperature <= 0:
+        raise ConfigError(f"{source}: rl.temperature must be positive (rollouts are sampled)")
+    if not 0 < rl.top_p <= 1:
+        raise ConfigError(f"{source}: rl.top_p must be in (0, 1]")
+    if not 0 < rl.epsilon < 1:
+        raise ConfigError(f"{source}: rl.epsilon must be between 0 and 1")
+    for key in ("top_k", "epsilon_high", "beta"):
+        if getattr(rl, key) < 0:
+            raise ConfigError(f"{source}: rl.{key} must not be negative")
 
 
 def _apply_override(data: dict[str, Any], item: str) -> None:

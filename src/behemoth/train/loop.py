@@ -1,4 +1,4 @@
-"""The one training loop. Pretraining, distillation, SFT and DPO differ only in their Objective.
+"""The one training loop. Pretraining, distillation, SFT, RL and DPO differ only in their Objective.
 
     out/
       metrics.jsonl         one line per optimizer step (+ validation numbers every eval_every)
@@ -32,6 +32,7 @@ from behemoth.info import model_size
 from behemoth.model import RouterOutput, Transformer
 from behemoth.run_checkpoints import TrainerState, list_checkpoints
 from behemoth.train.checkpointing import save_checkpoint
+from behemoth.train.checks import generation_check
 from behemoth.train.config import RunConfig
 from behemoth.train.metrics import MetricsLog, Progress, machine_matmul_peak, read_metrics
 from behemoth.train.objectives import router_z_loss, switch_balance_loss, update_selection_bias
@@ -143,6 +144,7 @@ def _train_loop(run: RunConfig, out_dir: Path, model: Transformer, tokenizer: An
     if run.run.dtype == "bfloat16" and device.type == "cpu" and not detect_cpu().native_bf16:
         bar.note("note: run.dtype = bfloat16 on a CPU without native bfloat16 (no AVX-512 BF16 or AMX): "
                  "each product converts to float32 and back, slower than run.dtype = float32 here")
+    check = generation_check(run, tokenizer, parallel.distributed)
     loss_value, validation = math.nan, {}
     bad_steps = BadSteps(run.run.max_bad_steps)
     for step in range(first_step, total):
@@ -162,8 +164,12 @@ def _train_loop(run: RunConfig, out_dir: Path, model: Transformer, tokenizer: An
                   "tokens_per_s": tokens / elapsed,
                   "mfu": flops_per_token * tokens / elapsed / peak, "tokens_seen": tokens_seen,
                   "expert_load": [[round(x, 4) for x in load.tolist()] for load in loads]}
+        if "rollout_s" in logged:  # RL: the step's time went to generating (rollout_s), then to learning
+            record["update_tokens_per_s"] = tokens / max(elapsed - logged["rollout_s"], 1e-9)
         if done % run.run.eval_every == 0 or done == total:
             validation = parallel.evaluate(objective, model)
+            if check is not None:
+                validation.update(check(model))
             model.train()
             record.update(validation)
             bar.note(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in validation.items()))

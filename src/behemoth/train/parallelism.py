@@ -44,6 +44,39 @@ def join(run: RunConfig) -> None:
             "prepare large data beforehand with `behemoth data prepare`, or raise parallel.timeout_s") from None
 
 
+def process_share() -> tuple[int, int]:
+    """(this process's rank, the number of processes): (0, 1) outside torchrun."""
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's `value` (picklable), in rank order, on every rank; [value] for one process."""
+    if not dist.is_initialized():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def whole_model(model: Transformer, into: Transformer | None = None) -> Transformer:
+    """The model with all its weights in one plain module on this rank: something to run forwards
+    on with no collective inside them (generation, whose number of forwards differs between ranks).
+    One all-gather, on every rank at once; `into` is an earlier copy to refill. One process: the
+    model itself."""
+    if not dist.is_initialized():
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from behemoth.checkpoint import empty_model
+
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    copy = into if into is not None else empty_model(model.config, model.dtype, model.device)
+    copy.load_state_dict(weights)
+    return copy
+
+
 class Parallelism:
     """The loop's view of the job: one process (`mesh` None) or a mesh of them."""
 
