@@ -150,3 +150,12 @@ def test_public_api_is_lazy_and_generate_is_the_function() -> None:
             "assert behemoth.load.__module__ == 'behemoth.checkpoint'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_version_flag(capsys) -> None:
+    from behemoth import __version__
+    from behemoth.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.strip() == f"behemoth {__version__}"

@@ -427,6 +427,8 @@ def test_open_release_bundle(world, tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
             "README.md", "manifest.json", "strong-mini-f16.gguf", "release"} <= names
     assert verify_manifest(bundle) == []
+    assert bundle.stat().st_mode & 0o777 == 0o755  # readable by those it is handed to
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in bundle.rglob("*"))
     card = (bundle / "README.md").read_text()
     assert card.startswith("---\nlicense:") and "model-index" in card and "Ada" in card and "Limitations" in card
     manifest = json.loads((bundle / "manifest.json").read_text())

@@ -220,3 +220,14 @@ def test_user_text_cannot_forge_special_tokens(tokenizer):
     assert ids.count(tokenizer.eot_id) == 1 and ids.count(3) == 2  # the template's own only
     assert tokenizer.decode(ids).count(forged) == 1
     assert b"".join(text.bytes(i) for i in tokenizer.encode("héllo")) == "héllo".encode()
+
+
+def test_a_name_in_use_is_refused_and_a_revoked_one_can_be_reused(tmp_path):
+    file = tmp_path / "keys.json"
+    _, first = create_key(file, "carol")
+    with pytest.raises(ConfigError, match=f"a key named 'carol' exists \\(id {first.id}\\)") as error:
+        create_key(file, "carol")
+    assert "\n" not in str(error.value) and len(read_keys(file)) == 1
+    revoke_key(file, "carol")
+    _, second = create_key(file, "carol")  # rotation: the old key revoked, a new one under its name
+    assert revoke_key(file, "carol").id == second.id  # by name: the one not yet revoked

@@ -450,9 +450,16 @@ def _add_eval_commands(commands) -> None:
     lm_eval.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
 
 
+def _version() -> str:
+    from behemoth import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="behemoth", description="Train, evaluate, gate and release Llama 4 style MoE models.")
+    parser.add_argument("--version", action="version", version=f"behemoth {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = add_command(

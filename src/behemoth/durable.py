@@ -55,6 +55,7 @@ def staging_folder(target: Path) -> Iterator[Path]:
     removed when the block fails, so a failed write leaves nothing behind."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp's folders are the owner's only; models and bundles are for others to read
     try:
         yield staging
     except BaseException:

@@ -151,15 +151,20 @@ def create_key(path: str | Path, name: str, limits: Limits | None = None,
     limits = limits or Limits()
     limits.check()
     records = read_keys(path)
+    taken = next((r for r in records if r.name == name and r.revoked is None), None)
+    if taken is not None:
+        raise ConfigError(f"{path}: a key named {name!r} exists (id {taken.id}); choose another name, or "
+                          f"revoke it first with `behemoth keys revoke --file {path} {taken.id}`")
     key, record = _new_key(name, limits, list(models) if models else None, {r.id for r in records})
     write_keys(path, records + [record])
     return key, record
 
 
 def revoke_key(path: str | Path, id_or_name: str) -> KeyRecord:
-    """Mark one key revoked (by id, or by name when exactly one key has it)."""
+    """Mark one key revoked (by id, or by name: the one key of that name not yet revoked)."""
     records = read_keys(path)
-    matches = [r for r in records if r.id == id_or_name] or [r for r in records if r.name == id_or_name]
+    matches = [r for r in records if r.id == id_or_name] or \
+        [r for r in records if r.name == id_or_name and r.revoked is None]
     if not matches:
         raise ConfigError(f"{path}: no key with id or name {id_or_name!r}")
     if len(matches) > 1:
