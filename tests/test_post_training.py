@@ -20,9 +20,10 @@ from corpora import WORDS, write_phrase_corpus
 
 import behemoth
 from behemoth.cli import main
-from behemoth.data.chat import load_conversations, load_preferences, render_conversation, render_prompt
+from behemoth.data.chat import (load_conversations, load_preferences, load_prompt_rows, render_conversation,
+                                render_prompt)
 from behemoth.data.synthetic_chat import ChatData, write_chat_data
-from behemoth.errors import ConfigError
+from behemoth.errors import CheckpointError, ConfigError
 from behemoth.tokenizer import Tokenizer, train_tokenizer
 from behemoth.train.config import DistillConfig, load_run_config
 from behemoth.train.distill import distill, distillation_loss, soft_weight
@@ -578,3 +579,23 @@ def test_each_post_training_stage_has_its_own_defaults_beneath_file_and_flags(tm
     from_file = load_run_config(config, [], stage="dpo")
     assert (from_file.optim.lr, from_file.optim.weight_decay) == (5e-6, 0.0)  # the file's lr, the stage's decay
     assert load_run_config(config, ["optim.lr=7e-6"], stage="dpo").optim.lr == 7e-6
+
+
+def test_cli_writes_example_chat_data_every_stage_reads(tmp_path, capsys) -> None:
+    assert main(["data", "example-chat", "--out", str(tmp_path), "--conversations", "30", "--prompts", "20",
+                 "--pairs", "10"]) == 0
+    printed = capsys.readouterr().out
+    assert all(str(tmp_path / name) in printed for name in ("sft.jsonl", "rl.jsonl", "dpo.jsonl"))
+    assert len(load_conversations(tmp_path / "sft.jsonl")) == 30 and len(load_preferences(tmp_path / "dpo.jsonl")) == 10
+    assert len(load_prompt_rows(tmp_path / "rl.jsonl")) == 20
+    assert main(["data", "example-chat", "--out", str(tmp_path / "x"), "--pairs", "0"]) == 2
+    assert "--pairs must be at least 1" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_a_run_folder_given_for_a_model_points_to_its_model(teacher, chat_data, tmp_path) -> None:
+    """`--teacher runs/mine` (the run folder) used to say only `runs/mine/tokenizer.json: missing`."""
+    run_folder = teacher.parent
+    assert (run_folder / "model") == teacher
+    with pytest.raises(CheckpointError, match=f"{run_folder}: a run folder, not a model directory; its model is {teacher}"):
+        sft(run_config(2), run_folder, chat_data.sft, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

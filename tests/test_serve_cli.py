@@ -16,6 +16,7 @@ from serve_support import make_model_dir
 
 from behemoth.cli import main
 from behemoth.chat import ChatSession, run_chat
+from behemoth.errors import ConfigError
 from behemoth.serve.keys import create_key
 
 
@@ -176,3 +177,15 @@ def test_serve_command_refuses_bad_setups(model_dir, tmp_path, capsys):
     assert main(["serve", "--model", f"a={model_dir}", "--model", f"a={model_dir}"]) == 2
     assert "two models are named 'a'" in capsys.readouterr().err
     assert main(["serve", "--model", str(tmp_path / "missing"), "--api-keys", str(tmp_path / "none.json")]) == 2
+
+
+def test_chat_says_it_is_compiling_before_the_long_silent_compile(monkeypatch, capsys, tmp_path) -> None:
+    import behemoth.chat
+
+    def loaded(*args, **kwargs):
+        assert "compiling the decode step" in capsys.readouterr().err  # said before the compile starts
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(behemoth.chat.ChatSession, "load", loaded)
+    with pytest.raises(ConfigError, match="stop here"):
+        behemoth.chat.chat_main(tmp_path, compile=True)

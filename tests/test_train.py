@@ -47,13 +47,16 @@ def test_loss_goes_down_and_metrics_are_complete(corpus, tmp_path) -> None:
     assert (result.model_dir / "model.safetensors").is_file() and (result.model_dir / "tokenizer.json").is_file()
 
 
-def test_resume_is_bit_identical(corpus, tmp_path) -> None:
+def test_resume_is_bit_identical(corpus, tmp_path, capsys) -> None:
     """10 steps in one go == 5 steps, stop, resume to 10: the same losses to the last bit."""
     constant = ("optim.min_lr_ratio=1.0",)  # the schedule must not depend on the planned length
     pretrain(tiny_run(corpus, 10, *constant), tmp_path / "whole", progress=False)
     pretrain(tiny_run(corpus, 5, *constant), tmp_path / "split", progress=False)
+    capsys.readouterr()
     pretrain(tiny_run(corpus, 10, *constant), tmp_path / "split", resume=True, progress=False)
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+    assert f"resuming from step 5 of 10 (checkpoint {tmp_path / 'split' / 'checkpoints' / 'step-000005'})" \
+        in capsys.readouterr().err
 
 
 def test_crash_before_rename_leaves_last_checkpoint_usable(corpus, tmp_path, monkeypatch) -> None:
@@ -209,3 +212,17 @@ def test_torch_compile_gives_the_eager_losses(corpus, tmp_path) -> None:
     pretrain(tiny_run(corpus, 4), tmp_path / "eager", progress=False)
     pretrain(tiny_run(corpus, 4, "run.compile=true"), tmp_path / "compiled", progress=False)
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--preset", "tiny2"], "--preset 'tiny2' is unknown (known: "),
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
+])
+def test_bad_flags_are_named_as_typed(corpus, tmp_path, capsys, flags, message) -> None:
+    """Not `--set: model.preset ...`: the user never typed --set."""
+    from behemoth.cli import main
+
+    assert main(["pretrain", "--data", str(corpus), "--out", str(tmp_path / "run"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "--set" not in err
+    assert not (tmp_path / "run").exists()

@@ -141,6 +141,9 @@ def chat_main(model_dir: str | Path, temperature: float = 0.7, max_tokens: int =
         raise ConfigError(f"--max-tokens must be at least 1, got {max_tokens}")
     from behemoth.inference.engine import leave_cores_to_engines
 
+    if compile:  # the compile takes a while and prints nothing of its own
+        print("compiling the decode step (about half a minute, up to 2 minutes on a loaded machine)...",
+              file=sys.stderr, flush=True)
     session = ChatSession.load(model_dir, max_context=max_context, threads=leave_cores_to_engines(),
                                weights=weights, compile=compile, temperature=temperature, max_tokens=max_tokens,
                                system=system, seed=seed)

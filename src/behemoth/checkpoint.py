@@ -78,7 +78,7 @@ def check_model_dir(path: str | Path) -> ModelConfig:
 
 
 def _checked_directory(path: str | Path) -> tuple[ModelConfig, list[Path], dict[str, "_Entry"]]:
-    directory = _model_directory(path)
+    directory = model_directory(path)
     config = ModelConfig.load(directory / CONFIG_NAME)
     files = weight_files(directory)
     entries = _index_tensors(files)
@@ -222,12 +222,15 @@ def _check_layout(file: Path, tensors: dict[str, TensorInfo], data_bytes: int) -
 _SAFETENSORS_FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
-def _model_directory(path: str | Path) -> Path:
+def model_directory(path: str | Path) -> Path:
+    """`path`, checked to be a model directory; a training run's folder is named as such, with its model."""
     directory = Path(path)
     if not directory.exists():
         raise CheckpointError(f"{directory}: no such directory")
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory (expected a model directory with config.json)")
+    if (directory / "model" / CONFIG_NAME).is_file() and not (directory / CONFIG_NAME).is_file():
+        raise CheckpointError(f"{directory}: a run folder, not a model directory; its model is {directory / 'model'}")
     if not (directory / CONFIG_NAME).is_file():
         raise CheckpointError(f"{directory}: no {CONFIG_NAME} (not a model directory)")
     return directory

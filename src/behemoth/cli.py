@@ -93,14 +93,33 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_example_chat(args: argparse.Namespace) -> int:
+    from behemoth.data.synthetic_chat import write_chat_data
+
+    for flag in ("conversations", "prompts", "pairs"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    data = write_chat_data(args.out, conversations=args.conversations, pairs=args.pairs, prompts=args.prompts,
+                           seed=args.seed)
+    for path, what in ((data.sft, "SFT conversations"), (data.rl, "RL prompts"), (data.dpo, "DPO pairs")):
+        print(f"{path}  ({what})")
+    return 0
+
+
 def _run_config(args: argparse.Namespace, extra: list[str] | None = None, stage: str | None = None):
     """Defaults <- the stage's own defaults <- --config TOML <- common flags <- --set overrides."""
     from behemoth.train.config import load_run_config
 
+    from behemoth.config import PRESETS
+
     overrides = list(extra or [])
     if getattr(args, "preset", None):
+        if args.preset not in PRESETS:  # named here: the error is about the flag the user typed
+            raise ConfigError(f"--preset {args.preset!r} is unknown (known: {', '.join(PRESETS)})")
         overrides.append(f"model.preset={args.preset!r}")
     if getattr(args, "steps", None) is not None:
+        if args.steps < 1:
+            raise ConfigError(f"--steps must be at least 1, got {args.steps}")
         overrides.append(f"run.steps={args.steps}")
     if getattr(args, "seed", None) is not None:
         overrides.append(f"run.seed={args.seed}")
@@ -554,7 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="number of token ids, the 6 special tokens included")
     train.add_argument("--out", type=Path, required=True, metavar="DIR",
                        help="directory for tokenizer.json, tokenizer_config.json, special_tokens_map.json")
-    data_commands = add_group(commands, "data", help="prepare token shards for training", description="Data commands.")
+    data_commands = add_group(commands, "data", help="prepare token shards for training; example chat data",
+                              description="Data commands.")
     prepare = add_command(
         data_commands, "prepare", cmd_data_prepare,
         help="tokenize documents into train/val token shards with a manifest",
@@ -571,6 +591,18 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--workers", type=int, default=2, metavar="N", help="tokenizing threads (default 2)")
     prepare.add_argument("--text-field", default="text", metavar="NAME",
                          help="JSONL field / Parquet column holding the text (default text)")
+    example = add_command(
+        data_commands, "example-chat", cmd_data_example_chat,
+        help="write example post-training data: sft.jsonl, rl.jsonl, dpo.jsonl",
+        description="Generate the project's own chat tasks (adding numbers, the next number, repeating "
+                    "and reversing words) as SFT conversations, RL prompts with answers and DPO preference "
+                    "pairs, from the training half of the problems (`behemoth eval --tasks chat` scores "
+                    "the held-out half). The speedrun trains on the same data.")
+    example.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
+    example.add_argument("--conversations", type=int, default=8000, metavar="N", help="SFT rows (default 8000)")
+    example.add_argument("--prompts", type=int, default=2000, metavar="N", help="RL rows (default 2000)")
+    example.add_argument("--pairs", type=int, default=2000, metavar="N", help="DPO rows (default 2000)")
+    example.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     consolidate = add_command(
         commands, "consolidate", cmd_consolidate,
         help="turn a distributed (multi-process) checkpoint into a model directory",

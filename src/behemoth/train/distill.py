@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from behemoth.checkpoint import load as load_model
+from behemoth.checkpoint import load as load_model, model_directory
 from behemoth.errors import ConfigError
 from behemoth.model import RouterOutput, Transformer, init_weights
 from behemoth.tokenizer import Tokenizer
@@ -87,7 +87,7 @@ def distill(run: RunConfig, teacher_dir: Path, out_dir: Path, resume: bool = Fal
     from behemoth.train.data_setup import prepare_run_data
 
     out_dir = Path(out_dir)
-    teacher_tokenizer = Tokenizer.load(teacher_dir)
+    teacher_tokenizer = Tokenizer.load(model_directory(teacher_dir))
     if run.data.tokenizer and Tokenizer.load(run.data.tokenizer).sha256 != teacher_tokenizer.sha256:
         raise ConfigError(f"{run.data.tokenizer}: differs from the teacher's tokenizer ({teacher_dir}); "
                           "student and teacher must share one")

@@ -141,6 +141,8 @@ def _train_loop(run: RunConfig, out_dir: Path, model: Transformer, tokenizer: An
         peak = machine_matmul_peak(device) * parallel.world_size  # MFU of the whole job
     else:
         metrics, bar, peak = _Silent(), _Silent(), math.inf
+    if state is not None:
+        bar.note(f"resuming from step {first_step} of {total} (checkpoint {existing[-1]})")
     if run.run.dtype == "bfloat16" and device.type == "cpu" and not detect_cpu().native_bf16:
         bar.note("note: run.dtype = bfloat16 on a CPU without native bfloat16 (no AVX-512 BF16 or AMX): "
                  "each product converts to float32 and back, slower than run.dtype = float32 here")

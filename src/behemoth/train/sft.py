@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from behemoth.checkpoint import load as load_model
+from behemoth.checkpoint import load as load_model, model_directory
 from behemoth.data.chat import in_validation, load_conversations, render_conversation
 from behemoth.data.rows import RowLoader, fingerprint
 from behemoth.errors import ConfigError
@@ -104,7 +104,7 @@ def split_examples(keys: list[str], examples: list, fraction: float, seed: int) 
 def load_base(model_dir: Path, run: RunConfig) -> tuple[Transformer, Tokenizer]:
     """The model to post-train, on the run's device in its parameter dtype, and its tokenizer (a
     model directory must carry one)."""
-    tokenizer = Tokenizer.load(model_dir)
+    tokenizer = Tokenizer.load(model_directory(model_dir))
     model = load_model(model_dir, device=pick_device(run.run.device), dtype=parameter_dtype(run))
     return model, tokenizer
 
