@@ -455,3 +455,12 @@ def test_compare_judges_generative_tasks_by_pass_at_1() -> None:
     assert compare_results(strong, weak)["overall"]["verdict"] == "worse"
     same = compare_results(weak, generate_results(right_of(60, 10), "c"))["overall"]
     assert (same["metric"], same["verdict"], same["delta"]) == ("pass@1", "no measurable difference", 0)
+
+
+def test_eval_off_a_terminal_says_what_it_scores(model_dirs, gen_file, capsys) -> None:
+    """No bar without a terminal (a log, CI), but a line as each task starts and ends."""
+    run_eval(model_dirs["random"], f"gen:{gen_file}", use_cache=False)
+    err = capsys.readouterr().err
+    assert f"gen:{gen_file.name}: scoring 4 items (0 cached)..." in err and f"gen:{gen_file.name}: done in" in err
+    run_eval(model_dirs["random"], f"gen:{gen_file}", use_cache=False, progress=False)
+    assert capsys.readouterr().err == ""

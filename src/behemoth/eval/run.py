@@ -53,7 +53,8 @@ def run_eval(model_dir: str | Path, tasks: str | Sequence[str], *, limit: int | 
     limit: first N items of each task (per paradigm for BLiMP). max_length: tokens per sequence
     (default: the model's context). cache_dir: default ~/.cache/behemoth/eval; use_cache=False
     scores everything afresh and stores nothing. dtype: "float32", "bfloat16" or None (as stored).
-    out: also write the results there. progress: a bar per task (default: when stderr is a terminal).
+    out: also write the results there. progress: a bar per task (None, the default: a bar when stderr
+    is a terminal, else a line as each task starts and ends; False: nothing).
     generation: overrides of scoring.GENERATE_SETTINGS for generative tasks (max_new_tokens; samples,
     sampled replies per item at `temperature` for pass@k).
     Raises a BehemothError subclass, with one line naming the problem, on any bad input.
@@ -139,6 +140,10 @@ def _run_task(task: Task, scorer: Scorer, settings: dict[str, Any], model_info: 
     results: list[dict[str, Any] | None] = [cache.get(k) if cache else None for k in keys]
     todo = [i for i, r in enumerate(results) if r is None]
     bar = _progress_bar(task, todo, progress)
+    lines = progress is None and bar is None and bool(todo)  # not a terminal: a line per task instead of a bar
+    if lines:
+        print(f"{task.name}: scoring {len(todo)} items ({len(results) - len(todo)} cached)...", file=sys.stderr,
+              flush=True)
     try:
         for start in range(0, len(todo), CHUNK_ITEMS):
             chunk = todo[start:start + CHUNK_ITEMS]
@@ -154,6 +159,8 @@ def _run_task(task: Task, scorer: Scorer, settings: dict[str, Any], model_info: 
         if bar:
             bar.close()
     items = [r for r in results if r is not None]
+    if lines:
+        print(f"{task.name}: done in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     entry: dict[str, Any] = {
         "kind": task.kind, "version": task.version, "source": task.source,
         "data": [f.as_dict() for f in task.files], "metric": task.metric, "higher_is_better": task.higher_is_better,
