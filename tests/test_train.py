@@ -226,3 +226,11 @@ def test_bad_flags_are_named_as_typed(corpus, tmp_path, capsys, flags, message) 
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "--set" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_validation_split_too_small_fails_before_the_first_step(corpus, tmp_path) -> None:
+    """It used to train to the first evaluation and stop there, with every step lost."""
+    with pytest.raises(ConfigError, match="too few for one window.*give validation more text \\(data.val_fraction"):
+        pretrain(tiny_run(corpus, 10, "data.val_fraction=0.0001", "data.seq_len=512"), tmp_path / "run",
+                 progress=False)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "checkpoints").exists()

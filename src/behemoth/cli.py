@@ -585,8 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="files or folders of documents")
     prepare.add_argument("--tokenizer", type=Path, required=True, metavar="DIR", help="a tokenizer directory")
     prepare.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
-    prepare.add_argument("--val-fraction", type=float, default=0.01, metavar="F",
-                         help="expected fraction of documents for validation, at least one (default 0.01)")
+    prepare.add_argument("--val-fraction", type=float, default=0.02, metavar="F",
+                         help="expected fraction of documents for validation, at least one (default 0.02, "
+                              "as data.val_fraction of training runs)")
     prepare.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
     prepare.add_argument("--workers", type=int, default=2, metavar="N", help="tokenizing threads (default 2)")
     prepare.add_argument("--text-field", default="text", metavar="NAME",

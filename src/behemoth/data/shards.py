@@ -164,7 +164,7 @@ def split_score(text: str, seed: int) -> float:
 # -- prepare --------------------------------------------------------------------------------------
 
 def prepare(paths: Iterable[str | Path] | str | Path, tokenizer: TokenizerLike, out_dir: str | Path, *,
-            val_fraction: float = 0.01, seed: int = 0, workers: int = 2, text_field: str = "text",
+            val_fraction: float = 0.02, seed: int = 0, workers: int = 2, text_field: str = "text",
             batch_documents: int = BATCH_DOCUMENTS) -> Manifest:
     """Tokenize the documents under `paths` into train/val shards in out_dir; return the manifest."""
     if not 0.0 <= val_fraction < 1.0:

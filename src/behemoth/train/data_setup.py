@@ -30,6 +30,11 @@ def prepare_run_data(run: RunConfig, out_dir: Path
     data_dir = _data_dir(run, out_dir, sources, tokenizer)
     seq, batch, seed = run.data.seq_len, run.data.batch_size, run.run.seed
     train = PackedLoader(data_dir, "train", batch, seq, seed)
+    try:  # opened now, not at the first evaluation: a split too small for one window must cost no training
+        PackedLoader(data_dir, "val", batch, seq, seed)
+    except ConfigError as err:
+        raise ConfigError(f"{err}; give validation more text (data.val_fraction, --val-fraction of `data "
+                          "prepare`) or shorten data.seq_len") from None
 
     def val_batches() -> Iterator:
         return PackedLoader(data_dir, "val", batch, seq, seed).iter_eval_batches()
