@@ -521,3 +521,27 @@ def test_serve_needs_a_model_or_a_usable_registry(tmp_path, capsys):
     assert "no registered models" in capsys.readouterr().err
     assert main(["serve"]) == 2
     assert "give --model DIR or --registry FILE" in capsys.readouterr().err
+
+
+def test_model_card_training_section_comes_from_the_run_that_made_the_model(tmp_path):
+    """Publishing a run's model (RUN/model) fills the card's Training section from RUN's records."""
+    from behemoth.release.cards import model_card, run_facts
+
+    run = tmp_path / "mine"
+    (run / "model").mkdir(parents=True)
+    (run / "config.toml").write_text('[model]\npreset = "cpu-mini"\n[data]\nsources = ["/data/corpus.txt"]\n'
+                                     '[run]\nseed = 3\n')
+    rows = [{"step": 1, "loss": 5.0, "tokens_seen": 512}, {"step": 2, "loss": 4.25, "tokens_seen": 1024,
+                                                             "val_loss": 4.5, "val_bpb": 1.75}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    facts = run_facts(run / "model")
+    assert facts["datasets"] == ["corpus.txt"]
+    assert facts["facts"] == {"run": "mine: preset cpu-mini, seed 3", "steps": "2 (1,024 tokens)",
+                              "final training loss": "4.2500",
+                              "validation at the last evaluation": "loss 4.5000, bpb 1.7500"}
+    record = {"decision": "open", "rule": "default-open", "reason": "the default", "evaluations": {},
+              "policy": {"name": "p", "sha256": "0" * 64}}
+    approval = {"by": "Ada", "time": "now", "record_sha256": "1" * 64}
+    card = model_card(record, approval, name="mine", files=["model.safetensors"], training=facts)
+    assert "## Training\n\n- run: mine: preset cpu-mini, seed 3\n- steps: 2 (1,024 tokens)" in card
+    assert run_facts(tmp_path / "elsewhere" / "model") is None  # not a run's folder: no facts, no guesses

@@ -6,8 +6,11 @@ Face layout: YAML front matter (license, datasets, tags, `model-index` results),
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 from typing import Any
+
+from behemoth.jsonio import read_jsonl
 
 DECISION_WORDS = {
     "open": "release the weights openly",
@@ -57,6 +60,28 @@ def _metric_text(metrics: dict[str, Any]) -> str:
     shown = [(k, v) for k, v in metrics.items() if k != "n"]
     text = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown)
     return f"{text} (n={metrics['n']})" if "n" in metrics else text
+
+
+def run_facts(model_dir: Path) -> dict[str, Any] | None:
+    """The card's training facts from the run that wrote `model_dir` (`behemoth pretrain` and the
+    other stages write it as RUN/model beside RUN/config.toml and RUN/metrics.jsonl); None if the
+    folder is not a run's."""
+    run = Path(model_dir).parent
+    if not (run / "metrics.jsonl").is_file() or not (run / "config.toml").is_file():
+        return None
+    records = [row for _, row in read_jsonl(run / "metrics.jsonl")]
+    config = tomllib.loads((run / "config.toml").read_text())
+    if not records:
+        return None
+    last = records[-1]
+    validation = {key: value for record in records for key, value in record.items() if key.startswith("val_")}
+    facts = {"run": f"{run.name}: preset {config.get('model', {}).get('preset')}, seed {config.get('run', {}).get('seed')}",
+             "steps": f"{last['step']} ({last.get('tokens_seen', 0):,} tokens)",
+             "final training loss": f"{last['loss']:.4f}"}
+    if validation:
+        facts["validation at the last evaluation"] = ", ".join(f"{key.removeprefix('val_')} {value:.4f}"
+                                                              for key, value in validation.items())
+    return {"datasets": [Path(source).name for source in config.get("data", {}).get("sources", [])], "facts": facts}
 
 
 def model_card(record: dict[str, Any], approval: dict[str, Any], *, name: str, files: list[str],

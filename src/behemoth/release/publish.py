@@ -60,6 +60,10 @@ def publish(record_path: str | Path, out: str | Path | None = None, *, log: str 
         raise ReleaseError(f"{file}: already published to {done[0]['location']} at {done[0]['time']}")
     model_dir = _unchanged_model(record)
     name = name or record["model"]["name"]
+    if training is None:  # the card's Training section, from the run's own records
+        from behemoth.release.cards import run_facts
+
+        training = run_facts(model_dir)
     if record["decision"] == "open":
         if out is None:
             raise ReleaseError("an open release needs --out DIR for its bundle")
