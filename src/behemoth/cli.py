@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from behemoth import __version__
 from behemoth.config import PRESETS, ModelConfig, preset
 from behemoth.errors import BehemothError, ConfigError
 from behemoth.info import describe, model_size
@@ -109,8 +110,6 @@ def cmd_data_example_chat(args: argparse.Namespace) -> int:
 def _run_config(args: argparse.Namespace, extra: list[str] | None = None, stage: str | None = None):
     """Defaults <- the stage's own defaults <- --config TOML <- common flags <- --set overrides."""
     from behemoth.train.config import load_run_config
-
-    from behemoth.config import PRESETS
 
     overrides = list(extra or [])
     if getattr(args, "preset", None):
@@ -469,16 +468,10 @@ def _add_eval_commands(commands) -> None:
     lm_eval.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
 
 
-def _version() -> str:
-    from behemoth import __version__
-
-    return __version__
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="behemoth", description="Train, evaluate, gate and release Llama 4 style MoE models.")
-    parser.add_argument("--version", action="version", version=f"behemoth {_version()}")
+    parser.add_argument("--version", action="version", version=f"behemoth {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = add_command(

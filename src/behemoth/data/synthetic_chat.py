@@ -162,7 +162,7 @@ def _messages(turns: list[tuple[Problem, str, str]]) -> list[dict[str, str]]:
 def training_conversations(count: int, seed: int = 0) -> list[list[dict[str, str]]]:
     """Conversations of one to three turns (half of them single-turn), from training problems only."""
     rng = random.Random(seed)
-    pool = {kind: problems(kind, heldout=False) for kind in KINDS}
+    pool = _pool(heldout=False)
     return [_messages(_turns(rng, pool, rng.choice((1, 1, 1, 2, 2, 3)))) for _ in range(count)]
 
 
@@ -170,15 +170,13 @@ def training_preferences(count: int, seed: int = 0) -> list[dict]:
     """prompt/chosen/rejected rows: the last turn's correct reply against the same reply with a
     plausible mistake, after zero to two earlier turns; training problems only."""
     rng = random.Random(seed + 1_000_003)  # not the conversations' stream
-    pool = {kind: problems(kind, heldout=False) for kind in KINDS}
+    pool = _pool(heldout=False)
     rows = []
     for _ in range(count):
-        *history, (problem, asked, _) = _turns(rng, pool, rng.choice((1, 1, 2, 3)))
+        prompt, problem = _open_question(rng, pool)
         template = rng.choice(REPLIES[problem.kind])
-        chosen = template.format(answer=problem.answer, **problem.fields())
-        rejected = template.format(answer=problem.wrong_answer, **problem.fields())
-        rows.append({"prompt": _messages(history) + [{"role": "user", "content": asked}],
-                     "chosen": chosen, "rejected": rejected})
+        rows.append({"prompt": prompt, "chosen": template.format(answer=problem.answer, **problem.fields()),
+                     "rejected": template.format(answer=problem.wrong_answer, **problem.fields())})
     return rows
 
 
@@ -187,13 +185,22 @@ def training_prompts(count: int, seed: int = 0) -> list[dict]:
     `behemoth rl` and `gen:FILE` read): the last turn's question after zero to two answered turns;
     training problems only."""
     rng = random.Random(seed + 2_000_003)  # not the conversations' or preferences' stream
-    pool = {kind: problems(kind, heldout=False) for kind in KINDS}
+    pool = _pool(heldout=False)
     rows = []
     for _ in range(count):
-        *history, (problem, asked, _) = _turns(rng, pool, rng.choice((1, 1, 2, 3)))
-        rows.append({"prompt": _messages(history) + [{"role": "user", "content": asked}],
-                     "answer": problem.answer, "match": problem.match})
+        prompt, problem = _open_question(rng, pool)
+        rows.append({"prompt": prompt, "answer": problem.answer, "match": problem.match})
     return rows
+
+
+def _pool(heldout: bool) -> dict[str, list[Problem]]:
+    return {kind: problems(kind, heldout) for kind in KINDS}
+
+
+def _open_question(rng: random.Random, pool: dict[str, list[Problem]]) -> tuple[list[dict[str, str]], Problem]:
+    """A conversation of zero to two answered turns and a question left open, and that question's problem."""
+    *history, (problem, asked, _) = _turns(rng, pool, rng.choice((1, 1, 2, 3)))
+    return _messages(history) + [{"role": "user", "content": asked}], problem
 
 
 @dataclass(frozen=True)
@@ -215,7 +222,7 @@ def heldout_items(kind: str, style: str = "plain", count: int = 50, seed: int = 
         raise ValueError(f"unknown style {style!r} (known: {', '.join(STYLES)})")
     rng = random.Random(f"{kind}/{style}/{seed}")
     own = problems(kind, heldout=True)
-    pool = {k: problems(k, heldout=True) for k in KINDS}
+    pool = _pool(heldout=True)
     order = rng.sample(own, len(own))
     items = []
     for i in range(count):

@@ -296,12 +296,11 @@ def _perplexity(items: Sequence[TextItem], scorer: Scorer, progress: Progress | 
 
 
 def _samples(items: Sequence[PromptItem], scorer: Scorer, progress: Progress | None, seed: int) -> list[dict]:
-    settings = {"max_new_tokens": SAMPLE_SETTINGS["max_new_tokens"]}
-    params = [SamplingParams(temperature=SAMPLE_SETTINGS["temperature"], top_k=SAMPLE_SETTINGS["top_k"],
-                             seed=seed + item.position, stop_token_ids=[scorer.tokenizer.eos_id], **settings)
-              for item in items]
-    prompts = [scorer.fit_prompt([scorer.prefix_id, *scorer.tokenizer.encode(item.prompt)], settings["max_new_tokens"])
-               for item in items]
+    budget = SAMPLE_SETTINGS["max_new_tokens"]
+    params = [SamplingParams(max_new_tokens=budget, temperature=SAMPLE_SETTINGS["temperature"],
+                             top_k=SAMPLE_SETTINGS["top_k"], seed=seed + item.position,
+                             stop_token_ids=[scorer.tokenizer.eos_id]) for item in items]
+    prompts = [scorer.fit_prompt([scorer.prefix_id, *scorer.tokenizer.encode(item.prompt)], budget) for item in items]
     texts = scorer.complete(prompts, params, progress)
     return [{"id": item.id, "prompt": item.prompt, "seed": p.seed, "text": text}
             for item, p, text in zip(items, params, texts)]
