@@ -10,7 +10,7 @@ from behemoth.config import preset
 from behemoth.errors import BehemothError
 from behemoth.info import model_size
 from behemoth.plan import GIB, PlanInput, format_plan, parse_count, plan
-from behemoth.plan_cli import add_plan_command
+from behemoth.cli.plan import add_plan_command
 
 DAY = 86_400
 

@@ -13,7 +13,7 @@ from cpu_kinds import KINDS, runnable_cpu, simulated_cpu
 from hf_reference import random_model
 from phrase_model import CONFIG, Digits, pattern_text, train_phrase_model
 
-from behemoth import cli
+from behemoth.cli import serving as cli
 from behemoth.errors import ConfigError
 from behemoth.hardware import choose_paths, detect_cpu
 from behemoth.inference.generate import generate

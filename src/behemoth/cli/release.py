@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from behemoth.cli.parsing import add_command, add_group
 from behemoth.errors import ConfigError
 
 
@@ -74,7 +75,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_release_commands(commands: argparse._SubParsersAction) -> None:
-    from behemoth.cli import add_command, add_group
     from behemoth.release.gate import DEFAULT_LOG
 
     gate = add_command(

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import argparse
 
+from behemoth.cli.parsing import add_command
 from behemoth.config import PRESETS
 from behemoth.plan import PEAK_TFLOPS, PlanInput, format_plan, parse_count, plan
 
 
 def add_plan_command(commands: argparse._SubParsersAction) -> None:
     """Add `plan` to the `behemoth` subcommands."""
-    from behemoth.cli import add_command
-
     parser = add_command(
         commands, "plan", cmd_plan, help="memory per GPU and training time of a model on a cluster (arithmetic only)",
         description="Per-GPU memory (parameters, gradients, AdamW state, FSDP working copies, "
