@@ -234,3 +234,49 @@ def test_a_validation_split_too_small_fails_before_the_first_step(corpus, tmp_pa
         pretrain(tiny_run(corpus, 10, "data.val_fraction=0.0001", "data.seq_len=512"), tmp_path / "run",
                  progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _cli_pretrain(corpus: Path, out: Path, *flags: str) -> int:
+    from behemoth.cli import main
+
+    return main(["pretrain", "--out", str(out), *flags])
+
+
+def _run_files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+TINY_FLAGS = ("--preset", "tiny", "--set", "data.vocab_size=300", "--set", "data.seq_len=32",
+              "--set", "data.batch_size=4", "--set", "run.eval_every=1000", "--set", "run.eval_batches=2",
+              "--set", "run.checkpoint_every=5")
+
+
+def test_resume_takes_the_runs_own_settings_and_extends_steps(corpus, tmp_path, capsys) -> None:
+    """Resuming without the flags the run was made with used to apply the defaults (seq_len 256),
+    fail on the loader state and rewrite config.toml; now the saved settings are the base."""
+    out = tmp_path / "run"
+    assert _cli_pretrain(corpus, out, "--data", str(corpus), "--steps", "5", *TINY_FLAGS) == 0
+    capsys.readouterr()
+    assert _cli_pretrain(corpus, out, "--resume", "--steps", "10") == 0
+    err = capsys.readouterr().err
+    assert "resuming from step 5 of 10" in err
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, 11))
+    saved = load_run_config(out / "config.toml")
+    assert (saved.data.seq_len, saved.run.steps, saved.model["preset"]) == (32, 10, "tiny")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--set", "data.seq_len=64"], "data.seq_len 32 -> 64"),
+    (["--preset", "cpu-small", "--steps", "10"], "model.preset 'tiny' -> 'cpu-small'"),
+    (["--steps", "3"], "--steps 3: {out} is already at step 5; give more steps"),
+    (["--steps", "5", "--set", "optim.lr=0.5"], "optim.lr "),
+])
+def test_a_refused_resume_is_one_line_and_changes_no_file(corpus, tmp_path, capsys, flags, message) -> None:
+    out = tmp_path / "run"
+    assert _cli_pretrain(corpus, out, "--data", str(corpus), "--steps", "5", *TINY_FLAGS) == 0
+    before = _run_files(out)
+    capsys.readouterr()
+    assert _cli_pretrain(corpus, out, "--resume", *flags) == 2
+    err = capsys.readouterr().err
+    assert message.format(out=out) in err and err.count("\n") == 1, err
+    assert _run_files(out) == before

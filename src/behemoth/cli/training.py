@@ -61,8 +61,9 @@ def cmd_data_example_chat(args: argparse.Namespace) -> int:
 
 
 def _run_config(args: argparse.Namespace, extra: list[str] | None = None, stage: str | None = None):
-    """Defaults <- the stage's own defaults <- --config TOML <- common flags <- --set overrides."""
-    from behemoth.train.config import load_run_config
+    """Defaults <- the stage's own defaults <- --config TOML <- common flags <- --set overrides; with
+    --resume on an existing run, its saved config.toml takes the place of the defaults."""
+    from behemoth.train.config import load_run_config, resume_run_config
 
     overrides = list(extra or [])
     if getattr(args, "preset", None):
@@ -75,6 +76,8 @@ def _run_config(args: argparse.Namespace, extra: list[str] | None = None, stage:
         overrides.append(f"run.steps={args.steps}")
     if getattr(args, "seed", None) is not None:
         overrides.append(f"run.seed={args.seed}")
+    if args.resume and (args.out / "config.toml").is_file():
+        return resume_run_config(args.out, args.config, overrides + list(args.set))
     return load_run_config(args.config, overrides + list(args.set), stage=stage)
 
 
@@ -132,7 +135,8 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest complete checkpoint in --out (written by any number of "
-                             "processes; see README, Multi-GPU)")
+                             "processes), with the settings saved in its config.toml: flags given again must "
+                             "agree, except --steps, which may extend the run")
     parser.add_argument("--config", type=Path, metavar="FILE", help="run configuration (TOML)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. --set optim.lr=1e-3 (repeatable)")

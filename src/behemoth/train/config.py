@@ -27,6 +27,7 @@ import tomli_w
 from behemoth.config import PRESETS, ModelConfig, preset
 from behemoth.distributed.config import ParallelConfig
 from behemoth.errors import BehemothError, ConfigError
+from behemoth.run_checkpoints import PREFIX as CHECKPOINT_PREFIX, list_checkpoints
 
 
 @dataclass
@@ -184,21 +185,58 @@ def load_run_config(path: Path | None = None, overrides: list[str] | None = None
     data: dict[str, Any] = {}
     for item in STAGE_DEFAULTS.get(stage, []):
         _apply_override(data, item)
-    if path is not None:
-        try:
-            from_file = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path}: not valid TOML ({err})") from None
-        for section, values in from_file.items():
-            if isinstance(values, dict) and isinstance(data.get(section), dict):
-                data[section].update(values)
-            else:
-                data[section] = values
+    _merge(data, _read_toml(path) if path is not None else {})
     for item in overrides or []:
         _apply_override(data, item)
     return build_run_config(data, str(path) if path else "--set")
+
+
+def resume_run_config(out_dir: Path, path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """A resumed run's settings: its own config.toml, with the file and overrides given again on
+    top. Equal values pass and run.steps may move past the newest checkpoint; any other change is
+    refused, naming each, so that the folder keeps recording how its run was made."""
+    saved = Path(out_dir) / "config.toml"
+    data = _read_toml(saved)
+    before = build_run_config(data, str(saved))
+    _merge(data, _read_toml(path) if path is not None else {})
+    for item in overrides or []:
+        _apply_override(data, item)
+    after = build_run_config(data, str(path) if path else "--set")
+    old, new = _flatten(before.to_dict()), _flatten(after.to_dict())
+    changes = [f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
+               if key != "run.steps" and old.get(key) != new.get(key)]
+    if changes:
+        raise ConfigError(f"--resume: {saved} records other settings ({'; '.join(changes)}); resume without "
+                          "them, or start a new run with another --out")
+    checkpoints = list_checkpoints(Path(out_dir) / "checkpoints")
+    reached = int(checkpoints[-1].name[len(CHECKPOINT_PREFIX):]) if checkpoints else 0
+    if after.run.steps != before.run.steps and after.run.steps <= reached:
+        raise ConfigError(f"--steps {after.run.steps}: {out_dir} is already at step {reached}; give more steps "
+                          "to train further")
+    return after
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+
+
+def _merge(data: dict[str, Any], update: dict[str, Any]) -> None:
+    """Sections of `update` merge into those of `data` key by key."""
+    for section, values in update.items():
+        if isinstance(values, dict) and isinstance(data.get(section), dict):
+            data[section].update(values)
+        else:
+            data[section] = values
+
+
+def _flatten(config: dict[str, Any]) -> dict[str, Any]:
+    """{"optim": {"lr": 1e-3}} -> {"optim.lr": 1e-3}"""
+    return {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
 
 
 def build_run_config(data: dict[str, Any], source: str = "config") -> RunConfig:
