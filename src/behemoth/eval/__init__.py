@@ -1,16 +1,11 @@
 """Evaluation: benchmark tasks, scoring, the core score, regression verdicts, lm-evaluation-harness.
 
     run_eval(model_dir, "blimp,hellaswag,ppl:held.txt", limit=100, out="eval.json") -> results dict
-    load_results(path) -> results dict
-    compare_results(a, b) -> comparison dict (B against baseline A: better / worse / no measurable difference)
-    format_table(results), format_comparison(comparison), markdown_table(results, comparison=None) -> str
+    compare_results(a, b) -> B against baseline A: better / worse / no measurable difference
     evaluate_model(model, tokenizer, tasks, model_info=describe_model(dir, model, tokenizer)) for a loaded model
 
-Modules, one concern each: tasks (names, task-list syntax, data files), scoring (log-likelihoods with
-our model), metrics (per-task numbers), core (the chance-centred aggregate), cache (per-item JSON
-cache), compare (paired bootstrap, verdicts), tables (results and comparisons as text and Markdown),
-run (the whole run), lm_eval_adapter (the `behemoth` model type for lm-evaluation-harness; imported
-only on demand).
+Modules: tasks (names, syntax, data files), scoring (log-likelihoods), metrics, core (the aggregate),
+cache, compare (bootstrap verdicts), tables (text and Markdown), run, and lm_eval_adapter (imported on demand).
 """
 
 from behemoth.eval.compare import BETTER, NO_DIFFERENCE, NOT_COMPARED, WORSE, compare_results

@@ -1,12 +1,10 @@
-"""A cache of per-item results, keyed by (model checksum, task, item), stored as JSON.
+"""A cache of per-item results, stored as JSON (never pickled):
 
-    <cache_dir>/<model sha256>/<task>-<settings hash>.json
-        {"schema": ..., "model_sha256": ..., "task": ..., "fingerprint": {...}, "items": {item key: result}}
+    <cache_dir>/<model sha256>/<task>-<settings hash>.json  {"schema", "model_sha256", "task", "fingerprint", "items"}
 
-The settings hash covers everything besides the model that changes a score (task kind and
-version, tokenizer, prefix token, max_length, dtype), and an item's key is a hash of its content,
-so an edited data file or a changed setting is rescored, never served stale. Files are written
-whole to a temporary name and renamed; a damaged cache file is ignored and rewritten. Never pickle.
+The settings hash covers everything besides the model that changes a score (task kind and version,
+tokenizer, prefix token, max_length, dtype) and an item's key hashes its content, so an edited data file
+or a changed setting is rescored, never served stale. A damaged cache file is ignored and rewritten.
 """
 
 from __future__ import annotations
@@ -18,6 +16,8 @@ import os
 import re
 from pathlib import Path
 from typing import Any
+
+from behemoth.durable import write_atomic
 
 CACHE_SCHEMA = "behemoth.eval.cache/1"
 CACHE_ENV = "BEHEMOTH_EVAL_CACHE"
@@ -78,25 +78,14 @@ class ScoreCache:
 
 
 def write_json_atomic(path: Path, data: Any, indent: int | None = 2) -> Path:
-    """Write JSON to a temporary sibling, fsync, rename: readers see the old file or the new one."""
+    """Strict JSON (NaN and infinities as null), written atomically (behemoth.durable.write_atomic)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with temporary.open("w", encoding="utf-8") as handle:
-            json.dump(_finite(data), handle, indent=indent, ensure_ascii=False, allow_nan=False)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    write_atomic(path, json.dumps(_finite(data), indent=indent, ensure_ascii=False, allow_nan=False) + "\n")
     return path
 
 
 def _finite(value: Any) -> Any:
-    """NaN and infinities become null: what we write is strict JSON any reader accepts."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):

@@ -1,30 +1,21 @@
-"""Regression verdicts: is results file B better than A, worse, or not measurably different?
+"""Regression verdicts: is results file B (the candidate) better than A (the baseline), worse, or not
+measurably different?
 
-A is the baseline (the previous run), B the candidate. For each task both ran on the same data,
-items are paired by id and resampled together (a paired bootstrap over items): each of
-`resamples` replicates draws n items with replacement and recomputes B's metric minus A's. The
-central `confidence` share of those differences is the confidence interval. A task is
-"better" when the whole interval is on the improving side of zero (above it for accuracy, below it
-for bits per byte), "worse" when it is wholly on the other side, and "no measurable difference"
-when it contains zero.
+Per task run on the same data, items are paired by id and resampled together (paired bootstrap): the
+central `confidence` share of the replicates of B's metric minus A's is the interval, "better" or
+"worse" when it lies wholly on one side of zero, else "no measurable difference". Each such verdict
+has a 5% false-alarm rate, so over many tasks some are expected by chance: the overall verdict rests
+on one aggregate, the change of the core score (see core.py) over the accuracy tasks, each replicate
+resampling every task independently; without accuracy tasks, the mean pass@1 of generative tasks,
+else the mean bits per byte of perplexity tasks.
 
-The overall verdict is the same rule applied to the change of the core score (mean accuracy above
-chance, see core.py) over the accuracy tasks compared, each replicate resampling every task's items
-independently (a stratified bootstrap). When no accuracy task was compared it uses the mean change
-of pass@1 over the generative tasks, and failing those the mean change of bits per byte over the
-perplexity tasks. Per-task verdicts are listed too, so a stricter policy
-(say, no task may be worse) can be built on top.
+Output (schema "behemoth.eval.compare/1"):
 
-Each task's verdict has a 5% false-alarm rate on its own; over many tasks some "better" or "worse"
-verdicts are expected by chance, which is why the overall verdict rests on one aggregate.
-
-Compare output (schema "behemoth.eval.compare/1"):
-
-    {"schema", "a": {"path", "model_sha256"}, "b": {...},
-     "settings": {"resamples", "confidence", "seed"},
+    {"schema", "a": {"path", "model_sha256"}, "b": {...}, "settings": {"resamples", "confidence", "seed"},
      "tasks": {NAME: {"kind", "metric", "higher_is_better", "n", "a", "b", "delta", "ci": [lo, hi], "verdict"}
               | {"verdict": "not compared", "reason"}},
-     "overall": {"metric": "core" | "pass@1" | "bpb" | None, "tasks", "a", "b", "delta", "ci", "verdict", "better", "worse"},
+     "overall": {"metric": "core" | "pass@1" | "bpb" | None, "tasks", "a", "b", "delta", "ci", "verdict",
+                 "better", "worse"},
      "only_in_a", "only_in_b", "warnings"}
 """
 
@@ -69,19 +60,15 @@ def compare_results(a: dict[str, Any], b: dict[str, Any], *, resamples: int = 20
         "settings": {"resamples": resamples, "confidence": confidence, "seed": seed},
         "tasks": compared,
         "overall": _overall(compared, replicates, confidence),
-        "only_in_a": [n for n in tasks_a if n not in tasks_b and _has_metric(tasks_a[n])],
-        "only_in_b": [n for n in tasks_b if n not in tasks_a and _has_metric(tasks_b[n])],
+        "only_in_a": [n for n in tasks_a if n not in tasks_b and tasks_a[n].get("metric")],
+        "only_in_b": [n for n in tasks_b if n not in tasks_a and tasks_b[n].get("metric")],
         "warnings": _warnings(a, b),
     }
 
 
-def _has_metric(task: dict[str, Any]) -> bool:
-    return bool(task.get("metric"))
-
-
 def _compare_task(name: str, ta: dict[str, Any], tb: dict[str, Any], resamples: int, confidence: float,
                   seed: int) -> tuple[dict[str, Any] | None, np.ndarray | None]:
-    if not _has_metric(ta) and not _has_metric(tb):
+    if not ta.get("metric") and not tb.get("metric"):
         return None, None
     for field, what in (("kind", "task kinds"), ("metric", "metrics"), ("version", "task versions")):
         if ta.get(field) != tb.get(field):

@@ -1,11 +1,9 @@
 """The aggregate "core" score: accuracy above chance, averaged over tasks.
 
-Raw accuracies are hard to read across tasks (25% on HellaSwag is chance, 50% on BLiMP is
-chance), and a tiny model's progress hides below those floors. Each task's primary accuracy is
-rescaled so chance is 0 and perfect is 1, `(acc - chance) / (1 - chance)`, and the core score is
-the plain mean over the accuracy tasks that were run (the idea of DCLM's CORE metric and
-nanochat's CORE evaluation). Chance is the mean of 1/choices over the items scored (0 for LAMBADA,
-0.5 for BLiMP). Perplexity tasks and samples do not enter it.
+Raw accuracies do not compare across tasks (chance is 25% on HellaSwag, 50% on BLiMP), and a tiny
+model's progress hides below those floors. Each accuracy task is rescaled to `(acc - chance) / (1 -
+chance)`, chance being the mean of 1/choices over the items scored, and the core score is the plain mean
+(the idea of DCLM's CORE metric). Perplexity tasks and samples do not enter it.
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """`run_eval`: load a model directory, score a task list, return (and write) the results.
 
-Everything that can be wrong with the input is checked before the first item is scored (task
-names, every data file line by line, the model directory and its tokenizer), and the results
-file is written only when the whole run succeeded, atomically: a failed run leaves no partial
-file and an earlier file of the same name untouched.
-
-The results file (schema "behemoth.eval.results/1"):
+Every input is checked before the first item is scored (task names, every data file line by line,
+the model and its tokenizer), and the results file is written only when the whole run succeeded,
+atomically. Its schema, "behemoth.eval.results/1" (`items` keeps every item's scores, so `compare`
+can resample them):
 
     {"schema", "created", "elapsed_s",
      "model": {"path", "sha256", "weights", "tokenizer_sha256", "vocab_size", "total_params", "active_params"},
@@ -15,8 +13,6 @@ The results file (schema "behemoth.eval.results/1"):
      "tasks": {NAME: {"kind", "version", "source", "data": [{"path", "sha256"}], "metric", "higher_is_better",
                       "total_items", "metrics": {...}, "stderr", "cached_items", "seconds", "items": [...]}},
      "core": {"score", "tasks": {NAME: {"metric", "accuracy", "chance", "centred"}}}}
-
-`items` keeps every item's scores (see scoring.score_items) so `compare` can resample them.
 """
 
 from __future__ import annotations
@@ -27,11 +23,13 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from behemoth.errors import ConfigError
 from behemoth.hashing import sha256_file
 from behemoth.eval.cache import ScoreCache, default_cache_dir, write_json_atomic
 from behemoth.eval.core import core_score
@@ -48,16 +46,12 @@ def run_eval(model_dir: str | Path, tasks: str | Sequence[str], *, limit: int | 
              max_length: int | None = None, cache_dir: str | Path | None = None, use_cache: bool = True,
              seed: int = 0, device: str = "cpu", dtype: str | None = None, out: str | Path | None = None,
              progress: bool | None = None, generation: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Evaluate the model directory `model_dir` on `tasks` (see behemoth.eval.tasks for the syntax).
+    """Evaluate the model directory `model_dir` on `tasks` (syntax: behemoth.eval.tasks).
 
-    limit: first N items of each task (per paradigm for BLiMP). max_length: tokens per sequence
-    (default: the model's context). cache_dir: default ~/.cache/behemoth/eval; use_cache=False
-    scores everything afresh and stores nothing. dtype: "float32", "bfloat16" or None (as stored).
-    out: also write the results there. progress: a bar per task (None, the default: a bar when stderr
-    is a terminal, else a line as each task starts and ends; False: nothing).
-    generation: overrides of scoring.GENERATE_SETTINGS for generative tasks (max_new_tokens; samples,
-    sampled replies per item at `temperature` for pass@k).
-    Raises a BehemothError subclass, with one line naming the problem, on any bad input.
+    limit: first N items per task (per paradigm for BLiMP). max_length: tokens per sequence (default:
+    the model's context). dtype: "float32", "bfloat16" or None (as stored). progress: None shows a bar
+    on a terminal, else a line per task; False nothing. generation: overrides of
+    scoring.GENERATE_SETTINGS. Any bad input raises a BehemothError naming the problem.
     """
     started = time.perf_counter()
     generation = check_generation(generation)
@@ -93,11 +87,8 @@ def evaluate_model(model: Any, tokenizer: Any, tasks: str | Sequence[str] | Sequ
                    batch_size: int = 32, max_length: int | None = None, cache_dir: str | Path | None = None,
                    use_cache: bool = True, seed: int = 0, progress: bool | None = None,
                    limit: int | None = None, generation: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Score loaded `tasks` with an in-memory model (what `run_eval` does after loading).
-
-    tasks: a task list (as for run_eval) or tasks already loaded with tasks.load_tasks. The cache is
-    used only when model_info carries the weights' "sha256" (see describe_model).
-    """
+    """Score `tasks` (a task list, or tasks.load_tasks's result) with a loaded model; the cache is used
+    only when model_info carries the weights' "sha256" (see describe_model)."""
     started = time.perf_counter()
     if isinstance(tasks, str) or any(isinstance(t, str) for t in tasks):
         tasks = load_tasks(parse_task_list(tasks), limit)
@@ -135,9 +126,9 @@ def _run_task(task: Task, scorer: Scorer, settings: dict[str, Any], model_info: 
         fingerprint.update(seed=seed, samples=settings["samples"])
     if task.kind == GENERATE:
         fingerprint.update(seed=seed, generation=settings["generation"])
-    cache = ScoreCache(root, model_info.get("sha256") or "", task.name, fingerprint) if root else None
+    cache = ScoreCache(root, model_info.get("sha256") or "", task.name, fingerprint)  # root None: memory only
     keys = [item_key(item) for item in task.items]
-    results: list[dict[str, Any] | None] = [cache.get(k) if cache else None for k in keys]
+    results: list[dict[str, Any] | None] = [cache.get(k) for k in keys]
     todo = [i for i, r in enumerate(results) if r is None]
     bar = _progress_bar(task, todo, progress)
     lines = progress is None and bar is None and bool(todo)  # not a terminal: a line per task instead of a bar
@@ -151,25 +142,22 @@ def _run_task(task: Task, scorer: Scorer, settings: dict[str, Any], model_info: 
                                  progress=bar.update if bar else None, seed=seed, generation=settings["generation"])
             for i, result in zip(chunk, scored):
                 results[i] = result
-                if cache:
-                    cache.put(keys[i], result)
-            if cache:
-                cache.flush()
+                cache.put(keys[i], result)
+            cache.flush()
     finally:
         if bar:
             bar.close()
     items = [r for r in results if r is not None]
     if lines:
         print(f"{task.name}: done in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
-    entry: dict[str, Any] = {
+    return {
         "kind": task.kind, "version": task.version, "source": task.source,
-        "data": [f.as_dict() for f in task.files], "metric": task.metric, "higher_is_better": task.higher_is_better,
+        "data": [asdict(f) for f in task.files], "metric": task.metric, "higher_is_better": task.higher_is_better,
         "total_items": task.total_items, "metrics": summarize(task.kind, items),
         "stderr": stderr(task.kind, task.metric, items) if task.metric else None,
         "cached_items": len(items) - len(todo), "seconds": round(time.perf_counter() - started, 3),
         "items": items,
     }
-    return entry
 
 
 def _progress_bar(task: Task, todo: list[int], enabled: bool | None):
@@ -181,10 +169,6 @@ def _progress_bar(task: Task, todo: list[int], enabled: bool | None):
     total = sum(requests_per_item(task.kind, task.items[i]) for i in todo)
     return tqdm(total=total, desc=task.name, unit="seq", dynamic_ncols=True, leave=False)
 
-
-# ------------------------------------------------------------------------------------------------
-# The model
-# ------------------------------------------------------------------------------------------------
 
 def load_model_tokenizer(directory: Path):
     """The tokenizer saved in a model directory, or EvalError saying what is missing."""
@@ -201,11 +185,8 @@ def load_model_tokenizer(directory: Path):
 
 
 def model_checksum(directory: str | Path) -> str:
-    """SHA-256 over the weights: each safetensors file's name and SHA-256, in name order.
-
-    It names the weights, not the folder: a copied or renamed model directory keeps its checksum
-    (and its cached scores).
-    """
+    """SHA-256 over each safetensors file's name and SHA-256, in name order: it names the weights, not
+    the folder, so a copied or renamed model directory keeps its checksum (and its cached scores)."""
     from behemoth.checkpoint import weight_files
 
     digest = hashlib.sha256()
@@ -257,10 +238,6 @@ def _torch_dtype(name: str | None) -> torch.dtype | None:
     return names[name]
 
 
-# ------------------------------------------------------------------------------------------------
-# Results files
-# ------------------------------------------------------------------------------------------------
-
 def load_results(path: str | Path) -> dict[str, Any]:
     """A results file written by `run_eval`, checked enough that `compare` can trust its shape."""
     from behemoth.jsonio import read_json_object
@@ -270,9 +247,7 @@ def load_results(path: str | Path) -> dict[str, Any]:
         raise EvalError(f"{path}: no such results file")
     try:
         data = read_json_object(path)
-    except EvalError:
-        raise
-    except Exception as err:  # ConfigError from read_json_object: re-typed so callers catch one error
+    except ConfigError as err:  # re-typed, so callers catch one error
         raise EvalError(str(err)) from None
     if data.get("schema") != RESULTS_SCHEMA:
         raise EvalError(f"{path}: not a behemoth eval results file (schema {data.get('schema')!r}, "

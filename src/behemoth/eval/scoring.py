@@ -1,16 +1,12 @@
-"""Scoring text with a model: batched continuation log-likelihoods, rolling log-likelihood of whole
+"""Scoring text with a model: batched continuation log-likelihoods, rolling log-likelihoods of whole
 texts, and the per-item scores of each kind of task.
 
-Conventions (recorded in every results file's settings):
-- Every sequence starts with one prefix token, the end-of-text id by default: training documents
-  each follow one, so that is where the model has learned a document begins.
-- A context's trailing whitespace moves to the start of its continuation before tokenizing, so
-  " word" stays one token as it was in training ("Answer: " + "B" -> "Answer:" + " B").
-- Context and continuation are tokenized separately; a sequence longer than `max_length` loses
-  context tokens from the left.
-- Log-probabilities are natural logs, computed in float32 from the model's logits.
-- Rolling log-likelihood scores each token of a text exactly once, in windows of `max_length`
-  predictions, each window seeing as much earlier text as fits (lm-evaluation-harness semantics).
+Conventions (recorded in every results file's settings): every sequence starts with one prefix token,
+end-of-text by default, since every training document follows one. A context's trailing whitespace
+moves to the start of its continuation, so " word" stays the one token it was in training. Context and
+continuation are tokenized apart; an over-long sequence loses context from the left. Log-probabilities
+are natural logs, in float32. Rolling log-likelihood scores each token once, in windows of `max_length`
+predictions that each see as much earlier text as fits (lm-evaluation-harness semantics).
 """
 
 from __future__ import annotations
@@ -40,10 +36,6 @@ class Score:
     greedy: bool    # every continuation token is the model's most likely next token
     tokens: int     # continuation tokens
 
-
-# ------------------------------------------------------------------------------------------------
-# Token level
-# ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def score_token_pairs(model: Any, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, batch_size: int = 32,
@@ -141,10 +133,6 @@ def rolling_windows(tokens: Sequence[int], max_length: int) -> list[tuple[list[i
     return pairs
 
 
-# ------------------------------------------------------------------------------------------------
-# Text level
-# ------------------------------------------------------------------------------------------------
-
 class Scorer:
     """A model and its tokenizer with the scoring settings: text in, log-likelihoods out."""
 
@@ -208,16 +196,12 @@ class Scorer:
         """New token ids after `ids` (cut on the left to leave room), up to the first end-of-text, excluded."""
         from behemoth.inference.generate import generate
 
-        ids = list(ids)[-max(1, self.max_length - max_new_tokens):]
+        ids = self.fit_prompt(ids, max_new_tokens)
         new = generate(self.model, torch.tensor([ids], device=_device_of(self.model)), max_new_tokens=max_new_tokens,
                        temperature=temperature, top_k=top_k, seed=seed, stop_token_ids={self.tokenizer.eos_id})
         tokens = new[0].tolist()
         return tokens[:tokens.index(self.tokenizer.eos_id)] if self.tokenizer.eos_id in tokens else tokens
 
-
-# ------------------------------------------------------------------------------------------------
-# Items
-# ------------------------------------------------------------------------------------------------
 
 SAMPLE_SETTINGS = {"max_new_tokens": 48, "temperature": 0.8, "top_k": 50}
 # Generative tasks: a greedy reply per item, and `samples` more at `temperature` for pass@k.
@@ -228,18 +212,14 @@ def score_items(kind: str, items: Sequence[Any], scorer: Scorer, progress: Progr
                 seed: int = 0, generation: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Per-item results (JSON-ready dicts) for items of one task kind; `generation` overrides
     GENERATE_SETTINGS for generative tasks."""
-    if kind == MULTIPLE_CHOICE:
-        return _multiple_choice(items, scorer, progress)
-    if kind == LAST_WORD:
-        return _last_word(items, scorer, progress)
-    if kind == MINIMAL_PAIRS:
-        return _minimal_pairs(items, scorer, progress)
-    if kind == PERPLEXITY:
-        return _perplexity(items, scorer, progress)
     if kind == SAMPLES:
         return _samples(items, scorer, progress, seed)
     if kind == GENERATE:
         return _generate(items, scorer, progress, seed, {**GENERATE_SETTINGS, **(generation or {})})
+    scorers = {MULTIPLE_CHOICE: _multiple_choice, LAST_WORD: _last_word, MINIMAL_PAIRS: _minimal_pairs,
+               PERPLEXITY: _perplexity}
+    if kind in scorers:
+        return scorers[kind](items, scorer, progress)
     raise ValueError(f"unknown task kind {kind!r}")
 
 
@@ -349,7 +329,3 @@ def pass_at_k(n: int, correct: int, k: int) -> float:
     if n - correct < k:
         return 1.0
     return 1.0 - math.comb(n - correct, k) / math.comb(n, k)
-
-
-def bits_per_byte(nats: float, n_bytes: int) -> float:
-    return nats / math.log(2) / n_bytes if n_bytes else float("nan")

