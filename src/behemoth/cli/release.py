@@ -138,6 +138,7 @@ def add_release_commands(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--model", type=Path, required=True, metavar="DIR", help="model directory")
     export.add_argument("--format", choices=("hf", "gguf"), required=True)
     export.add_argument("--out", type=Path, required=True, metavar="PATH", help="folder (hf) or file (gguf)")
-    export.add_argument("--dtype", choices=("f32", "f16"), default="f32",
-                        help="gguf: f32 keeps the weights exact; f16 halves the file (norms and router stay f32)")
+    export.add_argument("--dtype", choices=("f32", "f16", "q8_0"), default="f32",
+                        help="gguf: f32 keeps the weights exact; f16 halves the file, q8_0 (8-bit blocks) quarters it "
+                             "(norms and router stay f32)")
     export.add_argument("--overwrite", action="store_true", help="replace PATH if it exists (refused otherwise)")

@@ -28,6 +28,7 @@ which our models were not trained with.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import secrets
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
     import gguf
 
 ARCHITECTURE = "llama4"
-GGUF_DTYPES = ("f32", "f16")
+GGUF_DTYPES = ("f32", "f16", "q8_0")
 TOKENIZER_MODEL = "gpt2"  # llama.cpp's name for byte-level BPE
 # llama.cpp's names for the splits our tokenizers use: the plain GPT-2 split, and single digits before it
 GPT2_PRE, DIGITS_THEN_GPT2_PRE = "gpt-2", "starcoder"
@@ -63,6 +64,10 @@ LLAMA_CPP_ATTN_SCALE = 0.1
 LLAMA_CPP_NO_QK_NORM_EXPERTS = 128  # the one expert count llama.cpp runs without QK-norm
 LLAMA_CPP_MAX_EXPERTS = 1024
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+Q8_0_BLOCK = 32  # values per Q8_0 block: 32 int8 values sharing one float16 scale (max |value| / 127)
+Q8_0_MAX = 127 * FLOAT16_MAX  # beyond this a block's scale overflows float16
+
+log = logging.getLogger("behemoth.export")
 
 
 class ExportError(BehemothError):
@@ -76,9 +81,15 @@ def export_gguf(model_dir: Path, out_path: Path, dtype: str = "f32", *, overwrit
     """Write the model directory `model_dir` (config, safetensors, tokenizer) as a GGUF file.
 
     dtype "f32" keeps every weight exact; "f16" stores the matrices in float16 (norms and the
-    router stay float32, as llama.cpp's own converter keeps them). The file is assembled under a
-    temporary name in the output folder, fsynced and renamed, so `out_path` is never half written;
-    an existing `out_path` is refused unless `overwrite`. Returns `out_path`.
+    router stay float32, as llama.cpp's own converter keeps them); "q8_0" stores the matrices,
+    the stacked expert weights included, as llama.cpp's Q8_0 (blocks of 32 int8 values along each
+    row, one float16 scale per block: about 8.5 bits a weight), with the same float32 exceptions.
+    A matrix whose rows are not a multiple of 32 long cannot be cut into blocks: it is stored as
+    float16 instead, with a warning naming it (llama.cpp's converter does the same).
+
+    The file is assembled under a temporary name in the output folder, fsynced and renamed, so
+    `out_path` is never half written; an existing `out_path` is refused unless `overwrite`.
+    Returns `out_path`.
     """
     model_dir, out_path = Path(model_dir), Path(out_path)
     if dtype not in GGUF_DTYPES:
@@ -88,14 +99,14 @@ def export_gguf(model_dir: Path, out_path: Path, dtype: str = "f32", *, overwrit
     check_exportable(config)
     tokenizer, pre_tokenizer = _load_tokenizer(model_dir, config)
     model = checkpoint.load(model_dir)
-    tensors = [(n, _encode(n, t, dtype)) for n, t in gguf_tensors(model)]
+    tensors = [(n, *_encode(n, t, dtype)) for n, t in gguf_tensors(model)]
 
     def fill(writer: gguf.GGUFWriter) -> None:
         _add_general(writer, name or model_dir.resolve().name, dtype)
         _add_hparams(writer, config)
         _add_vocab(writer, tokenizer, pre_tokenizer, config.vocab_size)
-        for tensor_name, array in tensors:
-            writer.add_tensor(tensor_name, array)
+        for tensor_name, array, raw_dtype in tensors:
+            writer.add_tensor(tensor_name, array, raw_dtype=raw_dtype)
 
     _write_atomically(out_path, overwrite, fill)
     return out_path
@@ -205,9 +216,11 @@ def _llama_cpp_pre_tokenizer(spec: dict[str, Any]) -> tuple[str, str | None]:
 def _add_general(writer: gguf.GGUFWriter, name: str, dtype: str) -> None:
     import gguf
 
+    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
     writer.add_type("model")
     writer.add_name(name)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_file_type(file_types[dtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -330,20 +343,33 @@ def _rope_factors(config: ModelConfig) -> torch.Tensor:
     return plain / inverse_frequencies(config)
 
 
-def _encode(name: str, tensor: torch.Tensor, dtype: str) -> np.ndarray:
-    """The tensor as a contiguous numpy array of the type it is stored as in the file."""
+def _encode(name: str, tensor: torch.Tensor, dtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType | None]:
+    """The tensor as a contiguous numpy array as it is stored in the file, and the quantized type
+    its bytes hold (None for float32 and float16, which the array's own dtype names)."""
     values = tensor.to(torch.float32).contiguous().numpy()
     if not np.isfinite(values).all():
         raise ExportError(f"cannot export to GGUF: tensor {name} holds NaN or infinite values")
     # As llama.cpp's converter does: vectors (norms, RoPE factors) and the router stay float32;
     # the router's choice is a discrete decision that float16 rounding could flip.
     if dtype == "f32" or values.ndim < 2 or name.endswith("ffn_gate_inp.weight"):
-        return values
+        return values, None
     peak = float(np.abs(values).max(initial=0.0))
+    if dtype == "q8_0":
+        # Blocks run along the last axis, the one llama.cpp's dot products run over (a matrix's
+        # input dimension; for the stacked experts, each expert's rows).
+        if values.shape[-1] % Q8_0_BLOCK == 0:
+            if peak > Q8_0_MAX:
+                raise ExportError(f"cannot export to GGUF q8_0: tensor {name} has values up to {peak:.4g}, "
+                                  f"beyond what Q8_0's float16 block scales hold ({Q8_0_MAX:.4g}); "
+                                  "export as f32")
+            gguf = _import_gguf()
+            return gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+        log.warning("GGUF q8_0: tensor %s is stored as f16: its rows hold %d values, not a multiple of "
+                    "Q8_0's blocks of %d", name, values.shape[-1], Q8_0_BLOCK)
     if peak > FLOAT16_MAX:
-        raise ExportError(f"cannot export to GGUF f16: tensor {name} has values up to {peak:.4g}, "
+        raise ExportError(f"cannot export to GGUF {dtype}: tensor {name} has values up to {peak:.4g}, "
                           f"beyond float16's {FLOAT16_MAX:.0f}; export as f32")
-    return values.astype(np.float16)
+    return values.astype(np.float16), None
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -362,10 +388,7 @@ def _write_atomically(out_path: Path, overwrite: bool, fill: Callable[[gguf.GGUF
     Without `overwrite` the move is a hard link, which fails if `out_path` appeared meanwhile,
     so a file someone else wrote is never replaced.
     """
-    try:
-        import gguf
-    except ImportError:
-        raise ExportError("GGUF export needs the gguf package: pip install 'gguf>=0.10,<1'") from None
+    gguf = _import_gguf()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     temporary = _new_temporary(out_path)
     try:
@@ -380,6 +403,15 @@ def _write_atomically(out_path: Path, overwrite: bool, fill: Callable[[gguf.GGUF
         fsync_path(out_path.parent)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _import_gguf() -> Any:
+    try:
+        import gguf
+        import gguf.quants
+    except ImportError:
+        raise ExportError("GGUF export needs the gguf package: pip install 'gguf>=0.10,<1'") from None
+    return gguf
 
 
 def _new_temporary(out_path: Path) -> Path:
