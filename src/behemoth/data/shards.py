@@ -1,25 +1,18 @@
 """Token shards: documents -> flat token files + document index + manifest.
 
-`prepare(paths, tokenizer, out_dir)` writes into out_dir:
+`prepare(paths, tokenizer, out_dir)` writes `train.bin` and `val.bin` (every document's tokens and
+then eos, back to back, raw little-endian uint16 when vocab_size <= 65535 else uint32, headerless so
+numpy can memory-map them), `train.idx` and `val.idx` (.npy int64 offsets, documents + 1 entries:
+document i is bin[idx[i]:idx[i+1]]) and `manifest.json` (what was read, split and tokenized how, and
+the SHA-256 and size of every file, so `verify` can tell what changed).
 
-    train.bin, val.bin     every document's tokens followed by the tokenizer's eos id, back to
-                           back, as raw little-endian uint16 (vocab_size <= 65535) or uint32:
-                           memory-mappable with numpy, no header
-    train.idx, val.idx     .npy int64 arrays of document offsets (in tokens) into the .bin,
-                           documents + 1 entries: document i is bin[idx[i]:idx[i+1]]
-    manifest.json          what was read, how it was split and tokenized, and the SHA-256 and
-                           size of every file above, so `verify` can tell what changed
-
-Split by document: a document goes to val when a SHA-256 of (seed, text), read as a number in
-[0, 1), falls below val_fraction (the expected fraction, not an exact count); if none does (a
-small corpus), the lowest goes. A document's split depends only on its text and the seed, so
-adding files moves no document between splits and exact duplicates never straddle them.
-
-The sources are read twice: once to split and count, once to tokenize (`encode_batch` on batches
-in a thread pool, in order; the Rust tokenizer releases the GIL). Files are written under
-temporary names and renamed at the end, the old manifest removed before the renames and the new
-one written after: a crash leaves the previous preparation, or a folder that refuses to load,
-never a mix of old and new files.
+A document goes to val when a SHA-256 of (seed, text), read as a number in [0, 1), falls below
+val_fraction (the lowest goes if none does): its split depends only on its text and the seed, so
+adding files moves no document and exact duplicates never straddle the splits. The sources are read
+twice, to split and count, then to tokenize (`encode_batch` in a thread pool; the Rust tokenizer
+releases the GIL). Files are written under temporary names and renamed at the end, the old manifest
+removed first and the new one written last: a crash leaves the previous preparation, or a folder
+that refuses to load, never a mix.
 """
 
 from __future__ import annotations
@@ -108,18 +101,13 @@ class Manifest:
         return sum(self.documents.values())
 
     def to_dict(self) -> dict:
-        return {
-            "format": FORMAT,
-            "format_version": self.format_version,
-            "dtype": self.dtype,
-            "tokenizer": {"sha256": self.tokenizer_sha256, "vocab_size": self.vocab_size, "eos_id": self.eos_id},
-            "split": {"seed": self.seed, "val_fraction": self.val_fraction, "by": "document"},
-            "text_field": self.text_field,
-            "documents": {**self.documents, "total": self.num_documents},
-            "tokens": {**self.tokens, "total": sum(self.tokens.values())},
-            "sources": [asdict(source) for source in self.sources],
-            "shards": {split: asdict(shard) for split, shard in self.shards.items()},
-        }
+        return {"format": FORMAT, "format_version": self.format_version, "dtype": self.dtype,
+                "tokenizer": {"sha256": self.tokenizer_sha256, "vocab_size": self.vocab_size, "eos_id": self.eos_id},
+                "split": {"seed": self.seed, "val_fraction": self.val_fraction, "by": "document"},
+                "text_field": self.text_field, "documents": {**self.documents, "total": self.num_documents},
+                "tokens": {**self.tokens, "total": sum(self.tokens.values())},
+                "sources": [asdict(source) for source in self.sources],
+                "shards": {split: asdict(shard) for split, shard in self.shards.items()}}
 
     @classmethod
     def from_dict(cls, data: dict, where: str = MANIFEST_NAME) -> Manifest:
@@ -129,19 +117,13 @@ class Manifest:
             if data["format_version"] != FORMAT_VERSION:
                 raise ConfigError(f"{where}: format version {data['format_version']} is not supported "
                                   f"(this behemoth reads version {FORMAT_VERSION}); prepare the data again")
-            tokenizer = data["tokenizer"]
-            return cls(
-                dtype=str(data["dtype"]),
-                tokenizer_sha256=str(tokenizer["sha256"]),
-                vocab_size=int(tokenizer["vocab_size"]),
-                eos_id=int(tokenizer["eos_id"]),
-                seed=int(data["split"]["seed"]),
-                val_fraction=float(data["split"]["val_fraction"]),
-                text_field=str(data["text_field"]),
-                sources=tuple(SourceInfo(**source) for source in data["sources"]),
-                shards={split: ShardInfo(**shard) for split, shard in data["shards"].items()},
-                format_version=int(data["format_version"]),
-            )
+            tokenizer, split = data["tokenizer"], data["split"]
+            return cls(dtype=str(data["dtype"]), tokenizer_sha256=str(tokenizer["sha256"]),
+                       vocab_size=int(tokenizer["vocab_size"]), eos_id=int(tokenizer["eos_id"]),
+                       seed=int(split["seed"]), val_fraction=float(split["val_fraction"]),
+                       text_field=str(data["text_field"]), sources=tuple(SourceInfo(**s) for s in data["sources"]),
+                       shards={name: ShardInfo(**shard) for name, shard in data["shards"].items()},
+                       format_version=int(data["format_version"]))
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ConfigError(f"{where}: malformed manifest ({type(err).__name__}: {err})") from None
 
@@ -160,8 +142,6 @@ def split_score(text: str, seed: int) -> float:
     digest = hashlib.sha256(f"{seed}\n".encode() + text.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
-
-# -- prepare --------------------------------------------------------------------------------------
 
 def prepare(paths: Iterable[str | Path] | str | Path, tokenizer: TokenizerLike, out_dir: str | Path, *,
             val_fraction: float = 0.02, seed: int = 0, workers: int = 2, text_field: str = "text",
@@ -192,9 +172,8 @@ def prepare(paths: Iterable[str | Path] | str | Path, tokenizer: TokenizerLike, 
     try:
         for split in SPLITS:
             writers[split] = _ShardWriter(out, split, dtype)
-        progress = tqdm(total=len(in_val), unit="doc", desc="tokenizing", disable=not sys.stderr.isatty())
         count = 0
-        with progress:
+        with tqdm(total=len(in_val), unit="doc", desc="tokenizing", disable=not sys.stderr.isatty()) as progress:
             for docs, token_lists in _tokenized(iter_documents(paths, text_field), tokenizer, workers,
                                                 batch_documents):
                 for doc, ids in zip(docs, token_lists):
@@ -233,8 +212,8 @@ def _source_info(path: Path) -> SourceInfo:
 
 def _choose_val(paths: Sequence[str | Path], text_field: str, val_fraction: float, seed: int) -> np.ndarray:
     """First pass: which documents (in reading order) go to val."""
-    with tqdm(unit="doc", desc="reading", disable=not sys.stderr.isatty()) as progress:
-        documents = _progress_of(iter_documents(paths, text_field), progress)
+    reading = tqdm(iter_documents(paths, text_field), unit="doc", desc="reading", disable=not sys.stderr.isatty())
+    with reading as documents:
         scores = np.fromiter((split_score(doc.text, seed) for doc in documents), dtype=np.float64)
     if len(scores) == 0:
         raise ConfigError(f"no documents found in {', '.join(map(str, paths))}")
@@ -245,12 +224,6 @@ def _choose_val(paths: Sequence[str | Path], text_field: str, val_fraction: floa
         raise ConfigError(f"no documents left for training ({len(scores)} documents, val_fraction "
                           f"{val_fraction}); add documents or lower val_fraction")
     return in_val
-
-
-def _progress_of(items: Iterable, progress: tqdm) -> Iterator:
-    for item in items:
-        yield item
-        progress.update(1)
 
 
 def _tokenized(docs: Iterator[Document], tokenizer: TokenizerLike, workers: int,
@@ -328,8 +301,6 @@ class _ShardWriter:
         self.bin_tmp.unlink(missing_ok=True)
         self.idx_tmp.unlink(missing_ok=True)
 
-
-# -- load_manifest, verify ------------------------------------------------------------------------
 
 def load_manifest(data_dir: str | Path) -> Manifest:
     """The manifest of a prepared data folder (no file is hashed; see `verify`)."""

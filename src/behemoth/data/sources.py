@@ -1,19 +1,13 @@
-"""Documents from files on disk: plain text, JSONL, Parquet and Hugging Face `save_to_disk` folders.
+"""Documents from files on disk, in a fixed order (paths as given, a folder's files by name):
 
-`iter_documents(paths)` yields `Document`s in a fixed order (paths as given, a folder's files
-sorted by name); `source_files(paths)` lists the files it reads, which a manifest records and hashes.
-
-Formats, by file name:
-- `.txt`, `.text` (optionally `.gz`), or any file named explicitly: documents are separated by
-  the marker `<|endoftext|>` (or `<|end_of_text|>`) when the file holds one, else by blank lines
-  (so marker-separated documents may hold paragraphs);
-- `.jsonl`, `.ndjson` (optionally `.gz`): one JSON object per line, the document its `text_field`;
-- `.parquet`: the `text_field` column (needs `pyarrow`);
-- a `datasets` `save_to_disk` folder (`state.json`, or `dataset_dict.json` with its splits in
-  order): its Arrow files, read with `pyarrow` alone.
-Other folders are searched recursively (hidden entries skipped). Empty documents are skipped; a
-file named twice is read once. Any unreadable input is a one-line `ConfigError` naming the file
-and, where there is one, the line.
+- `.txt`, `.text` (or `.gz` of them), and any file named explicitly: documents are separated by
+  `<|endoftext|>` (or `<|end_of_text|>`) when the file holds one, else by blank lines (so
+  marker-separated documents may hold paragraphs);
+- `.jsonl`, `.ndjson` (or `.gz`): one JSON object per line, the document its `text_field`;
+- `.parquet`, and `datasets` `save_to_disk` folders (their Arrow files): the `text_field` column,
+  read with `pyarrow` alone.
+Other folders are searched recursively (hidden entries skipped); empty documents are skipped and a
+file named twice is read once. Unreadable input is a one-line ConfigError naming the file and line.
 """
 
 from __future__ import annotations
@@ -55,8 +49,6 @@ class SourceFile:
     kind: str  # "text" | "jsonl" | "parquet" | "arrow"
 
 
-# -- finding files --------------------------------------------------------------------------------
-
 def source_files(paths: Iterable[str | Path] | str | Path) -> list[SourceFile]:
     """The files `iter_documents(paths)` reads, in the order it reads them."""
     if isinstance(paths, (str, Path)):
@@ -69,9 +61,9 @@ def source_files(paths: Iterable[str | Path] | str | Path) -> list[SourceFile]:
         if path.is_dir():
             found = _folder_files(path)
             if not found:
-                raise ConfigError(
-                    f"{path}: no data files in this folder (looked for {', '.join(_all_suffixes())}, "
-                    f"or a datasets save_to_disk folder)")
+                suffixes = ", ".join(TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES)
+                raise ConfigError(f"{path}: no data files in this folder (looked for {suffixes}, "
+                                  "or a datasets save_to_disk folder)")
             files.extend(found)
         else:
             files.append(SourceFile(path, _kind(path, explicit=True)))
@@ -81,10 +73,6 @@ def source_files(paths: Iterable[str | Path] | str | Path) -> list[SourceFile]:
     for source in files:
         unique.setdefault(source.path.resolve(), source)
     return list(unique.values())
-
-
-def _all_suffixes() -> tuple[str, ...]:
-    return TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 
 
 def _kind(path: Path, explicit: bool) -> str | None:
@@ -144,8 +132,6 @@ def _hf_arrow_files(folder: Path) -> list[SourceFile]:
         files.append(SourceFile(path, "arrow"))
     return files
 
-
-# -- reading documents ----------------------------------------------------------------------------
 
 def iter_documents(paths: Iterable[str | Path] | str | Path, text_field: str = "text") -> Iterator[Document]:
     """Every non-empty document of every file under `paths`, in a fixed order."""

@@ -1,19 +1,12 @@
-"""Chat tasks the project generates itself, with checkable answers: data for SFT, DPO and RL, and
-held-out prompts for evaluation.
+"""Chat tasks the project generates itself, with checkable answers: SFT, DPO and RL data, and held-out
+evaluation prompts. Four kinds a small model learns in minutes: adding two numbers under 20, the
+number after one under 1000, repeating a word 2 to 5 times, spelling a word backwards.
 
-Four kinds a small model can learn in minutes: adding two numbers under 20, naming the number
-after one under 1000, repeating a word 2 to 5 times, and spelling a word backwards.
-
-Held-out problems. A problem is the kind and its operands ("add 3 9"), whatever the wording. A
-hash of it puts every problem in the training half or the held-out half (about a fifth), once and
-for all: training data is drawn from the training half only and evaluation from the held-out half
-only, so no evaluated problem was ever trained on, in any wording or seed (tested over every
-problem). Evaluation therefore measures the task, not recall of answers seen in training.
-
-Wordings. Each kind has several training wordings, and reworded ones that training never uses:
-`heldout_items(kind, "reworded")` asks held-out problems in words the model has not seen.
-Conversations have one to three turns (each turn its own problem), so a question that comes as a
-chat's second or third turn is trained and measured too (`"multiturn"`).
+A problem is a kind and its operands ("add 3 9"), whatever the wording; a hash of it puts it in the
+training half or the held-out fifth once and for all, training data comes from the first and
+evaluation from the second only (tested over every problem), so evaluation measures the task, not
+recall. Reworded questions use wordings training never does; a question may come as a chat's second
+or third turn ("multiturn").
 """
 
 from __future__ import annotations
@@ -40,7 +33,8 @@ WORDS = (
     "wine", "wing", "winter", "wolf", "wood", "word", "world", "year", "yellow", "zebra",
 )
 
-# Question wordings: {a} {b} operands of add, {n} of next, {word} {times} of repeat and reverse.
+# Each kind's operands, by the names the question and reply wordings use.
+OPERANDS = {"add": ("a", "b"), "next": ("n",), "repeat": ("word", "times"), "reverse": ("word",)}
 QUESTIONS = {
     "add": ("What is {a} plus {b}?", "What is {a} + {b}?", "Add {a} and {b}.", "How much is {a} plus {b}?",
             "Compute {a} + {b}.", "What do you get when you add {a} and {b}?", "{a} + {b} = ?"),
@@ -104,13 +98,7 @@ class Problem:
         return MATCH[self.kind]
 
     def fields(self) -> dict:
-        if self.kind == "add":
-            return {"a": self.operands[0], "b": self.operands[1]}
-        if self.kind == "next":
-            return {"n": self.operands[0]}
-        if self.kind == "repeat":
-            return {"word": self.operands[0], "times": self.operands[1]}
-        return {"word": self.operands[0]}
+        return dict(zip(OPERANDS[self.kind], self.operands))
 
 
 def is_heldout(problem: Problem) -> bool:
