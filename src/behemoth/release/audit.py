@@ -1,12 +1,10 @@
 """The release audit log: an append-only JSON-lines file in which each entry seals the one before.
 
-Each line is canonical JSON (sorted keys, no spaces): `seq` (0, 1, 2, ...), `prev` (SHA-256 of the
-previous line, 64 zeros for the first), `time`, `event` ("decision", "approval" or "publish") and
-the event's own fields. Editing, deleting or reordering lines breaks a `prev` link (and `seq`); the
-last line is sealed by the head file beside the log (`audit.jsonl.head`: entry count and the last
-line's SHA-256). Whoever can rewrite log and head can forge the tail, so a publication copies the
-head into its bundle, for `verify_log(expect_head=...)`. Appends hold an exclusive `flock`, so two
-processes never interleave or fork the chain. docs/RELEASE.md, section 3, is the user's view.
+Each line is canonical JSON: `seq`, `prev` (SHA-256 of the previous line, 64 zeros for the first),
+`time`, `event` and the event's fields, so editing, deleting or reordering lines breaks a link. The
+last line is sealed by the head file beside the log (entry count and its SHA-256); whoever can rewrite
+both can forge the tail, so a publication copies the head into its bundle, for
+`verify_log(expect_head=...)`. Appends hold an exclusive `flock`. The user's view: docs/RELEASE.md, section 3.
 """
 
 from __future__ import annotations

@@ -1,11 +1,8 @@
 """`behemoth gate`: evaluate a candidate model under a policy and write the decision record
-(schema "behemoth.release.decision/1": `decision.json`, `decision.md` and `evals/` in out_dir; the
-fields are those `run_gate` assembles, described in docs/RELEASE.md, section 2).
+(`decision.json`, `decision.md` and `evals/` in out_dir; fields in docs/RELEASE.md, section 2).
 
-`inputs_sha256` hashes everything the decision depends on (checksums of model and baseline,
-policy, variables, evaluated data, metric values): equal inputs give equal checksums and
-decisions. The record file's own SHA-256 is what the audit log's "decision" entry carries and
-what `approve` refers to.
+`inputs_sha256` hashes everything the decision depends on, so equal inputs give equal checksums and
+decisions; the record file's own SHA-256 is what the audit log's "decision" entry and `approve` name.
 """
 
 from __future__ import annotations
@@ -17,7 +14,7 @@ from typing import Any
 from behemoth.errors import BehemothError
 from behemoth.hashing import sha256_file
 from behemoth.release import audit
-from behemoth.release.policy import BASELINE_CONDITIONS, Policy, PolicyError, Rule, load_policy
+from behemoth.release.policy import BASELINE_CONDITIONS, DECISIONS, Policy, PolicyError, Rule, load_policy
 
 DECISION_SCHEMA = "behemoth.release.decision/1"
 RECORD_FILE, RECORD_MARKDOWN = "decision.json", "decision.md"
@@ -245,6 +242,6 @@ def load_record(path: str | Path) -> tuple[dict[str, Any], Path]:
     for key in ("model", "policy", "decision", "rule", "audit_log", "inputs_sha256"):
         if key not in record:
             raise GateError(f"{file}: the record has no {key!r}")
-    if record["decision"] not in ("hold", "closed", "open"):
+    if record["decision"] not in DECISIONS:
         raise GateError(f"{file}: unknown decision {record['decision']!r}")
     return record, file

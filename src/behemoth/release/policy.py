@@ -1,10 +1,8 @@
 """Release policies: which evaluations to run, and the ordered rules that map results to a decision.
 
-A policy is a TOML file (schema "behemoth.release.policy/1", every key in docs/RELEASE.md; the
-default ships as `behemoth/release/default_policy.toml`). It is checked completely when loaded:
-unknown keys, wrong types, rules naming evaluations that do not exist, rules that can never fire
-(`_covers`), and a policy without a final `always` rule (some result would map to no decision)
-are rejected with the file and the field named.
+A policy is a TOML file (schema "behemoth.release.policy/1", every key in docs/RELEASE.md; the default
+ships beside this module), checked whole when loaded: unknown keys, wrong types, rules naming no
+evaluation, rules that can never fire (`_covers`), and a last rule other than `always` are refused.
 """
 
 from __future__ import annotations
@@ -91,7 +89,6 @@ class Policy:
     evaluations: dict[str, Evaluation]
     rules: tuple[Rule, ...]
     compare: CompareSettings = field(default_factory=CompareSettings)
-    description: str = ""
 
     def variables(self) -> set[str]:
         return set().union(*(e.variables() for e in self.evaluations.values()))
@@ -125,6 +122,7 @@ def parse_policy(data: dict[str, Any], where: str = "policy", sha256: str = "") 
     if data.get("schema") != POLICY_SCHEMA:
         raise PolicyError(f"{where}: schema must be {POLICY_SCHEMA!r}, got {data.get('schema')!r}")
     name = _string(data, "name", where, required=True)
+    _string(data, "description", where)  # a note for the file's readers, checked but not kept
     compare = _compare(data.get("compare", {}), f"{where}: [compare]")
     evaluations_table = data.get("evaluations")
     if not isinstance(evaluations_table, dict) or not evaluations_table:
@@ -136,8 +134,7 @@ def parse_policy(data: dict[str, Any], where: str = "policy", sha256: str = "") 
         raise PolicyError(f"{where}: [[rules]] must list at least one rule")
     rules = tuple(_rule(i, value, f"{where}: rule {i + 1}") for i, value in enumerate(rules_list))
     _check_rules(rules, evaluations, where)
-    return Policy(name=name, path=where, sha256=sha256, evaluations=evaluations, rules=rules, compare=compare,
-                  description=_string(data, "description", where) or "")
+    return Policy(name=name, path=where, sha256=sha256, evaluations=evaluations, rules=rules, compare=compare)
 
 
 # -- field checks --------------------------------------------------------------------------------
@@ -243,8 +240,7 @@ def _check_rules(rules: tuple[Rule, ...], evaluations: dict[str, Evaluation], wh
         if rule.evaluation is not None and rule.evaluation not in evaluations:
             raise PolicyError(f"{label}: no evaluation named {rule.evaluation!r} "
                               f"(defined: {', '.join(evaluations)})")
-        earlier = rules[:i]
-        for before in earlier:
+        for before in rules[:i]:
             if _covers(before, rule):
                 raise PolicyError(f"{label} can never fire: rule {names.index(before.name) + 1} ({before.name}) "
                                   f"fires first whenever it would ({before.describe()}); "

@@ -1,12 +1,9 @@
 """Sign-off and publication: `behemoth release approve | publish` (the checks: docs/RELEASE.md).
 
-A decision takes effect only when a named person approves it; both facts go to the audit log.
-- `open`: a bundle in a new folder: the Hugging Face files, a GGUF file, the model card
-  `README.md`, the gate record under `release/`, and `manifest.json` with every file's SHA-256.
-- `closed`: the model's files in a private release folder, registered by name in the registry
-  that `behemoth serve --registry FILE` reads; no GGUF, no card.
-Either folder is assembled beside its destination and renamed into place: a failed publish
-leaves nothing behind.
+A decision takes effect only once a named person approves it; both go to the audit log. `open` makes a
+bundle (Hugging Face files, GGUF, model card, the record under `release/`, `manifest.json`); `closed`
+copies the model's files to a private folder registered for `behemoth serve --registry`. Either folder
+is built beside its destination and renamed into place: a failed publish leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -82,8 +79,7 @@ def publish(record_path: str | Path, out: str | Path | None = None, *, log: str 
 
 def _sealed(record_path: str | Path, log: str | Path | None
             ) -> tuple[dict[str, Any], Path, Path, list[dict[str, Any]], dict[str, Any]]:
-    """(record, its file, the audit log, the log's entries, its decision entry for this exact record
-    file); ReleaseError when the log sealed no such file."""
+    """(record, its file, the audit log, its entries, the decision entry sealing this exact file)."""
     record, file = load_record(record_path)
     log = Path(log) if log is not None else Path(record["audit_log"])
     entries = audit.read_entries(log)

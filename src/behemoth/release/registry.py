@@ -3,9 +3,8 @@
     {"schema": "behemoth.release.registry/1",
      "models": {NAME: {"path", "weights_sha256", "config_sha256", "tokenizer_sha256", "record_sha256", "registered"}}}
 
-Serving checks each model folder against its checksums before loading it, so a registered name
-always serves the weights that were gated and approved. The file is rewritten atomically under a
-lock; a name is registered once.
+Serving checks each folder against its checksums before loading it, so a name always serves the
+weights that were gated and approved. Rewritten atomically under a lock; a name is registered once.
 """
 
 from __future__ import annotations
