@@ -1,11 +1,8 @@
-"""What this machine's processor offers, and the fast paths that follow from it.
+"""What this machine's processor offers (`detect_cpu`), and the fast paths that follow (`choose_paths`).
 
-x86 CPUs differ in what matters here: with AVX2 only (many AMD and older Intel machines) a
-bfloat16 product converts to float32 and back, slower than float32 itself, and oneDNN has no
-bfloat16 kernels; with AVX-512 BF16 or AMX, bfloat16 products run in hardware at about twice
-float32's speed. `detect_cpu()` reads what the CPU has (/proc/cpuinfo, then torch's own view) and
-`choose_paths()` the kernels that follow; they change nothing but the rounding of the chosen
-kernel. The tests simulate the kind of CPU they do not run on with other `CpuFeatures`.
+With AVX2 only, a bfloat16 product converts to float32 and back, slower than float32 itself, and
+oneDNN has no bfloat16 kernels; with AVX-512 BF16 or AMX, bfloat16 runs in hardware at about twice
+float32's speed. A choice changes nothing but the rounding of the chosen kernel.
 """
 
 from __future__ import annotations
@@ -79,16 +76,12 @@ def _cpuinfo(path: Path) -> tuple[set[str], str]:
 
 
 def onednn_bf16_works() -> bool:
-    """Whether torch's oneDNN will reorder and multiply bfloat16 weights here. Some builds list the
-    operators and then refuse them at the first call on a CPU without AVX-512 or AVX-NE-CONVERT
-    ("bf16 path needs the cpu support ..."), so a trial product decides."""
+    """Whether torch's oneDNN multiplies bfloat16 weights here: some builds list the operators, then
+    refuse them on a CPU without AVX-512 or AVX-NE-CONVERT, so a trial product decides."""
     mkldnn = torch.ops.mkldnn
-    if not torch.backends.mkldnn.is_available():
-        return False
-    if not all(hasattr(mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise",
-                                               "_is_mkldnn_bf16_supported")):
-        return False
-    if not mkldnn._is_mkldnn_bf16_supported():
+    ops = ("_reorder_linear_weight", "_linear_pointwise", "_is_mkldnn_bf16_supported")
+    if not (torch.backends.mkldnn.is_available() and all(hasattr(mkldnn, op) for op in ops)
+            and mkldnn._is_mkldnn_bf16_supported()):
         return False
     try:
         weight = torch.zeros(16, 16, dtype=torch.bfloat16)
@@ -100,8 +93,7 @@ def onednn_bf16_works() -> bool:
 
 @dataclass(frozen=True)
 class FastPaths:
-    """The kernels chosen for this CPU (see bench/RESULTS.md, "Decode matrix products", for the
-    measurements behind each choice on both kinds of CPU)."""
+    """The kernels chosen for this CPU (measured in bench/RESULTS.md, "Decode matrix products")."""
 
     lm_head: str  # in the int8 serving format: "bfloat16 packed" or "float32"
     int8_prompt_dtype: torch.dtype  # int8 products of a prompt run on the matrix cast to this type
@@ -124,9 +116,8 @@ class FastPaths:
 
 
 def choose_paths(cpu: CpuFeatures) -> FastPaths:
-    """The fastest measured kernel for each choice on a CPU like `cpu`: without native bfloat16
-    (where a bfloat16 product costs several float32 ones) the LM head and a prompt's int8 products
-    are float32; decode steps keep torch's int8 kernel, a quarter of the bytes on every CPU."""
+    """The fastest measured kernels on a CPU like `cpu`: without native bfloat16 the LM head and a
+    prompt's int8 products are float32; decode steps keep torch's int8 kernel on every CPU."""
     if cpu.native_bf16:
         lm_head, prompt_dtype = "bfloat16 packed", torch.bfloat16
     else:

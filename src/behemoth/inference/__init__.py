@@ -1,9 +1,5 @@
-"""Inference: the continuous-batching engine (KV cache, sampling, logprobs), the int8 and compiled
-decode paths, `generate`, and the offline batched API that evaluation, RL rollouts, the speedrun's
-samples and the HTTP server (`behemoth.serve`) all run on.
-
-    from behemoth.inference import SamplingParams, complete
-    completions = complete(model, tokenizer, prompts, SamplingParams(max_new_tokens=32, temperature=0.0))
+"""Inference: the continuous-batching engine (KV cache, sampling, logprobs), its int8 and compiled
+decode paths, `generate`, and `complete`, the offline batched API.
 """
 
 from behemoth.inference.engine import (Engine, EngineClosed, PromptTooLong, QueueFull, Request, SamplingParams,

@@ -1,21 +1,10 @@
 """Compiled decoding: a whole decode step as one program (`behemoth serve --compile`).
 
-    decoder = CompiledDecoder(model)            # compiles now (tens of seconds), on a warm-up
-    engine = Engine(model, tokenizer, decoder=decoder)
-
-A small model's decode step is hundreds of small operations launched from Python; on a CPU the
-launching, not the arithmetic, is most of the step (bench/RESULTS.md). `torch.compile` turns the
-step (every layer; the LM head follows it) into a few fused loops around the matrix products.
-That needs a cache without host reads inside the step: the engine knows every row's position as
-a Python int, so `ModelCache.reserved` makes room before the forward and the layers then write
-and attend over whole buffers. Shapes are symbolic (batch rows, cache slots): one program for one
-row, one for several, reused as requests come and go. Int8 experts are inside the program (one
-row's weights picked by tensor indexing; several rows grouped by expert, the group sizes entering
-as unbacked sizes); float experts pick their weights with a host read and run eagerly in between.
-
-Prompts are not compiled: they run once per request. Compiled and eager arithmetic differ only
-by floating-point reassociation (logits agree to about 1e-5 in float32). Needs a C++ compiler at
-run time, as inductor's CPU backend does.
+A small model's decode step is hundreds of small operations launched from Python, which on a CPU is
+most of its time; `torch.compile` fuses them into a few loops around the matrix products. Room in the
+cache is made before the step (`ModelCache.reserved`), which then reads no tensor back. Shapes are
+symbolic: one program for one row, one for several. Prompts and float experts run eagerly; logits
+agree with eager ones to about 1e-5. Needs a C++ compiler at run time.
 """
 
 from __future__ import annotations
@@ -70,8 +59,8 @@ class CompiledDecoder:
         return self.model.lm_head(hidden).float()
 
     def warm_up(self, batches: tuple[int, ...] = (1, 2)) -> None:
-        """Build the programs now (one row, several rows) rather than on the first requests, on a
-        thread of their own with the engine's thread count (a program is built for one count)."""
+        """Build the programs (one row, several) now rather than on the first requests, on a thread
+        with the engine's thread count (a program is built for one count)."""
         errors: list[BaseException] = []
 
         def build() -> None:
@@ -100,12 +89,9 @@ class CompiledDecoder:
 
 
 def _with_own_code(method: Callable) -> Callable:
-    """A bound method whose function has a code object of its own.
-
-    torch.compile keeps at most 8 programs per code object (`recompile_limit`). Sharing one
-    `_last_hidden`, every call would check the guards of other models' programs before finding
-    its own, and a fifth model served with --compile would silently run uncompiled.
-    """
+    """A bound method whose function has a code object of its own: torch.compile keeps at most 8
+    programs per code object, so with a shared one every call would check other models' guards
+    first, and a fifth model served with --compile would silently run uncompiled."""
     function = method.__func__
     own = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
                              function.__defaults__, function.__closure__)

@@ -1,36 +1,17 @@
 """The inference engine: a background thread that decodes many requests as one batch.
 
-    engine = Engine(model, tokenizer, max_batch_size=16)
-    engine.start()
-    request = engine.submit(tokenizer.encode("In the beginning"), SamplingParams(max_new_tokens=20))
-    for event in request:                 # or `async for event in request` inside asyncio
-        print(event.text, end="")
-    engine.close()
-
-Each iteration of the loop (continuous batching):
-1. requests cancelled since the last step leave the batch, with their cache rows;
-2. one prefill forward of at most `prefill_chunk` tokens, padding included: the whole prompts of
-   several queued requests as one right-padded batch, or the next piece of a long prompt. So a
-   burst of requests gets its first tokens after one forward, and a long prompt stalls the
-   running ones for one piece at most. Rows whose prompt is done sample a token and join the batch;
-3. one decode step: each running request's last token at its own absolute position, sampled with
-   its own parameters and generator; requests that stopped leave.
-The KV cache addresses entries by absolute position, so rows of different lengths need no padding
-or common write pointer. The model runs on the engine thread only; torch releases the GIL inside
-its kernels, so an asyncio server stays responsive.
-
-Threads: each thread that runs a parallel torch kernel gets its own OpenMP team. Once the teams
-hold more threads than there are cores, GNU OpenMP puts idle workers to sleep after each kernel,
-and waking them costs more than a small matmul (a 16-row decode step ran at half speed on two
-cores when the main thread had a team too). So the engine thread sets its own thread count
-(`threads`), and `behemoth serve` and `behemoth chat` call `leave_cores_to_engines()` before
-loading anything, which keeps their main thread to one.
+Each iteration drops cancelled requests, runs one prefill forward of at most `prefill_chunk` tokens
+(queued prompts as one right-padded batch, or the next piece of a long prompt, which so stalls the
+others for one piece at most), then one decode step for every running request. Each thread running
+torch kernels has its own OpenMP team; once the teams outnumber the cores, waking their idle workers
+costs more than a small matmul (a decode step ran at half speed on two cores), so the engine thread
+sets its own count (`threads`) and servers first call `leave_cores_to_engines()`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import contextlib
 import logging
 import secrets
 import threading
@@ -48,10 +29,10 @@ from behemoth.inference.kv_cache import ModelCache
 if TYPE_CHECKING:
     from behemoth.inference.compiled import CompiledDecoder
 from behemoth.inference.sampling import (MAX_LOGPROBS, Choice, InvalidParameter, SamplingParams, TextStream,
-                                     sample_tokens)
+                                         sample_tokens)
 
 __all__ = ["Engine", "Request", "SamplingParams", "TokenEvent", "PromptTooLong", "QueueFull", "EngineClosed",
-           "InvalidParameter", "MAX_LOGPROBS", "check_context", "leave_cores_to_engines"]
+           "InvalidParameter", "MAX_LOGPROBS", "leave_cores_to_engines"]
 
 log = logging.getLogger("behemoth.inference")
 
@@ -76,18 +57,11 @@ class EngineClosed(BehemothError):
 
 
 def leave_cores_to_engines() -> int:
-    """Keep the calling thread (a server's main thread, which only loads and tokenizes) to one torch
-    thread, so that it never starts an OpenMP team beside the engines' (see the module notes).
-    Returns the thread count it had, for `Engine(threads=...)`. Call it before any torch work."""
+    """Keep the calling thread to one torch thread, so that it never starts an OpenMP team beside the
+    engines' (see the module notes); returns the count it had, for `Engine(threads=...)`."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     return threads
-
-
-def check_context(prompt_tokens: int, max_new_tokens: int, max_context: int) -> None:
-    """Raise PromptTooLong unless prompt + max_new_tokens fits: never truncate silently."""
-    if prompt_tokens + max_new_tokens > max_context:
-        raise PromptTooLong(prompt_tokens, max_new_tokens, max_context)
 
 
 @dataclass
@@ -95,27 +69,18 @@ class TokenEvent:
     """One generated token, as the consumer of a request sees it."""
 
     token_id: int
-    text: str  # text released by this token ("" while a character or a possible stop string is incomplete)
-    # log-probability of token_id under the model's raw distribution (softmax of the logits,
-    # before repetition penalty, temperature and filters); always given
-    logprob: float | None
+    text: str  # released by this token ("" while a character or a possible stop string is incomplete)
+    logprob: float | None  # under the model's raw distribution (sampling.Choice); always given
     top_logprobs: list[tuple[int, float]] | None  # (token_id, logprob) of the `logprobs` likeliest; None if 0
     finish_reason: str | None  # None while running; "stop" or "length" on the last event
 
 
-_request_ids = itertools.count(1)
-
-
 class Request:
-    """A submitted generation: iterate it (blocking or async, from one consumer) for its TokenEvents.
-
-    The stream ends after the event with a finish_reason, or without one when the request is
-    cancelled; an engine failure is raised to the consumer. Leaving the iteration early (a break,
-    an HTTP client gone) cancels the request, freeing its batch slot at the next step.
-    """
+    """A submitted generation: iterate it (blocking or async, from one consumer) for its TokenEvents,
+    until the event with a finish_reason (none if cancelled); an engine failure is raised. Leaving the
+    iteration early (a break, an HTTP client gone) cancels it, freeing its slot at the next step."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, engine: Engine | None = None):
-        self.id = next(_request_ids)
         self.prompt_ids, self.params = prompt_ids, params
         self.prompt_tokens, self.completion_tokens = len(prompt_ids), 0
         self.finish_reason: str | None = None  # "stop", "length", "cancelled" or "error" at the end
@@ -128,8 +93,6 @@ class Request:
         self._done = False
         self._error: BaseException | None = None
         self.cancel_requested = False
-
-    # -- consumer side --------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[TokenEvent]:
         try:
@@ -184,12 +147,6 @@ class Request:
     def done(self) -> bool:
         return self._done
 
-    def text(self) -> str:
-        """Convenience: consume the whole stream (blocking) and return its text."""
-        return "".join(event.text for event in self)
-
-    # -- engine side ----------------------------------------------------------------------------
-
     def _deliver(self, event: TokenEvent | None = None, finish: str | None = None,
                  error: BaseException | None = None) -> None:
         now = time.monotonic()
@@ -203,10 +160,8 @@ class Request:
             waiters, self._waiters = self._waiters, []
             self._cond.notify_all()
         for loop, wake in waiters:
-            try:
+            with contextlib.suppress(RuntimeError):  # the consumer's loop is closed: nobody is listening
                 loop.call_soon_threadsafe(wake.set)
-            except RuntimeError:  # the consumer's loop is closed: nobody is listening
-                pass
 
 
 @dataclass
@@ -264,8 +219,6 @@ class Engine:
         self._counts = dict(tokens_generated=0, prompt_tokens=0, requests_finished=0,
                             requests_cancelled=0, requests_failed=0)
 
-    # -- public API -----------------------------------------------------------------------------
-
     def start(self) -> None:
         """Start the decode thread (idempotent)."""
         with self._cond:
@@ -283,7 +236,12 @@ class Engine:
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
-        self._fail_all(EngineClosed("the engine was closed"))
+        error = EngineClosed("the engine was closed")
+        with self._cond:
+            queued, self._queue = list(self._queue), deque()
+        for request in queued:
+            self._finish(request, "error", error)
+        self._fail_in_flight(error)
 
     def __enter__(self) -> Engine:
         self.start()
@@ -297,7 +255,8 @@ class Engine:
         params = params or SamplingParams()
         params.validate()
         prompt = self._checked_prompt(prompt_ids)
-        check_context(len(prompt), params.max_new_tokens, self.max_context)
+        if len(prompt) + params.max_new_tokens > self.max_context:  # never truncate silently
+            raise PromptTooLong(len(prompt), params.max_new_tokens, self.max_context)
         bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad:
             raise InvalidParameter("stop_token_ids", f"ids must be below the vocabulary size {self.vocab_size}, "
@@ -319,8 +278,6 @@ class Engine:
         running = len(self._running) + len(self._prefilling)
         return dict(queue_depth=queue_depth, running=running, max_batch_size=self.max_batch_size, **self._counts)
 
-    # -- checks ---------------------------------------------------------------------------------
-
     def _checked_prompt(self, prompt_ids: list[int]) -> list[int]:
         if isinstance(prompt_ids, torch.Tensor):
             prompt_ids = prompt_ids.tolist()
@@ -332,16 +289,13 @@ class Engine:
                                                  f"got {token!r}")
         return list(prompt_ids)
 
-    # -- the loop -------------------------------------------------------------------------------
-
     def _wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
 
     def run_until_idle(self, after_step: Callable[[], None] | None = None) -> None:
-        """Run the loop on the calling thread until nothing is queued or running, calling
-        `after_step` after each iteration: offline use (`behemoth.inference.complete`), where a
-        thread of the engine's own would only add a second OpenMP team (see the module notes)."""
+        """Run the loop on the calling thread until nothing is queued or running, calling `after_step`
+        after each iteration: offline use, where an engine thread would only add an OpenMP team."""
         if self._thread is not None:
             raise EngineClosed("run_until_idle is for an engine whose thread was never started")
         with torch.inference_mode():
@@ -381,14 +335,6 @@ class Engine:
         for slot in slots:
             self._finish(slot.request, "error", error)
 
-    def _fail_all(self, error: BaseException) -> None:
-        with self._cond:
-            queued = list(self._queue)
-            self._queue.clear()
-        for request in queued:
-            self._finish(request, "error", error)
-        self._fail_in_flight(error)
-
     def _drop_cancelled(self) -> None:
         for slot in [s for s in self._prefilling if s.request.cancel_requested]:
             self._finish(slot.request, "cancelled")
@@ -401,10 +347,9 @@ class Engine:
             self._keep([not flag for flag in cancelled])
 
     def _prefill_some(self) -> None:
-        """One prefill forward of at most `prefill_chunk` tokens, padding included: the long prompt
-        under way (its next piece), then as many whole queued prompts as fit. Rows are right-padded
-        with position -1, which the cache stores nothing for and no query sees. Only a first row
-        longer than the budget can be left part-way, and it then runs alone."""
+        """One prefill forward of at most `prefill_chunk` tokens: the next piece of the long prompt
+        under way, then as many whole queued prompts as fit, right-padded with position -1 (which the
+        cache never stores). Only a first row longer than the budget is left part-way, and runs alone."""
         budget = self.prefill_chunk
         carried = self._prefilling[0] if self._prefilling else None
         width = min(len(carried.request.prompt_ids) - carried.prefilled, budget) if carried else 0
@@ -419,8 +364,8 @@ class Engine:
             self._prefill_step(width)
 
     def _pop_queued(self, fits) -> Request | None:
-        """The next queued request if `fits(its prompt length)`; cancelled ones are finished on
-        the way. First come, first served: a request that does not fit waits at the head."""
+        """The next queued request if `fits(its prompt length)`, finishing cancelled ones on the way;
+        first come, first served: one that does not fit waits at the head."""
         cancelled, request = [], None
         with self._cond:
             while self._queue and request is None:
@@ -447,8 +392,8 @@ class Engine:
                      stream=TextStream(self.tokenizer.decode, params.stop), stop_ids=stop_ids, seen=seen)
 
     def _prefill_step(self, width: int) -> None:
-        """Run each prefilling row's next piece (at most `width` tokens) as one batch. Rows whose
-        prompt is done sample their first token and move into the running batch."""
+        """Each prefilling row's next piece (at most `width` tokens) as one batch; rows whose prompt
+        is done sample their first token and join the running batch."""
         slots = self._prefilling
         device = self.model.device
         ids = torch.zeros(len(slots), width, dtype=torch.long)
@@ -556,9 +501,8 @@ class Engine:
 
 
 def _end_token_ids(tokenizer, model: Transformer) -> set[int]:
-    """Tokens that end a generation unless `ignore_eos`: the tokenizer's end of text and end of
-    turn. The model config's eos ids are used only for a tokenizer without them: a model
-    pretrained here keeps Llama 4's default eos_token_id (2), which is <|pad|> in our tokenizer."""
+    """The tokenizer's end of text and end of turn; the config's eos ids only for a tokenizer without
+    them (a model pretrained here keeps Llama 4's eos_token_id 2, which is our tokenizer's <|pad|>)."""
     ids = {getattr(tokenizer, name, None) for name in ("eos_id", "eot_id")}
     ids = {i for i in ids if isinstance(i, int)}
     if not ids:

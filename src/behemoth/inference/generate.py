@@ -1,13 +1,9 @@
-"""Token generation on tensors: `generate(model, input_ids, max_new_tokens=..., temperature=0.0)`.
-
-The tensor-in, tensor-out face of the engine: the rows of `input_ids` become the prompts of one
-`complete` call (the engine's continuous batching, KV cache and sampler, on the calling thread),
-and the answers come back as one tensor, rows that stopped early padded with their stop token.
-"""
+"""Token generation on tensors, the tensor-in, tensor-out face of `complete` (and so of the engine)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from types import SimpleNamespace
 
 import torch
 
@@ -16,14 +12,8 @@ from behemoth.inference.sampling import InvalidParameter, SamplingParams
 from behemoth.model import Transformer
 
 
-class _NoText:
-    """generate() returns ids only, so the engine's text stream has nothing to decode."""
-
-    eos_id = eot_id = None
-
-    @staticmethod
-    def decode(ids) -> str:
-        return ""
+# generate() returns ids only: a tokenizer whose text stream has nothing to decode
+_NO_TEXT = SimpleNamespace(eos_id=None, eot_id=None, decode=lambda ids: "")
 
 
 @torch.no_grad()
@@ -33,13 +23,10 @@ def generate(model: Transformer, input_ids: torch.Tensor, max_new_tokens: int = 
              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Continue each row of `input_ids` [batch, seq]; returns only the new tokens [batch, <=max_new_tokens].
 
-    temperature 0 is greedy. A row that emits a stop token keeps emitting it (the batch stops when
-    every row has stopped). seed: the same seed gives the same tokens (row i samples from seed + i);
-    None draws a fresh one. attention_mask [batch, seq] (1 = token, 0 = padding, on either side)
-    lets rows of different lengths share a batch: each row continues from its own last token at
-    its own positions, exactly as it would alone. Raises PromptTooLong when a prompt plus
-    max_new_tokens exceeds the model's context, and InvalidParameter (a ConfigError) for an
-    out-of-range setting. The model's training mode is kept.
+    temperature 0 is greedy. A row that emits a stop token keeps emitting it until every row has
+    stopped. Row i samples from seed + i (None: a fresh seed). attention_mask [batch, seq] (0 =
+    padding, on either side) lets rows of different lengths share a batch, each continuing exactly
+    as it would alone. Raises PromptTooLong or InvalidParameter; the model's training mode is kept.
     """
     if max_new_tokens == 0:
         return input_ids[:, :0]
@@ -53,7 +40,7 @@ def generate(model: Transformer, input_ids: torch.Tensor, max_new_tokens: int = 
                              seed=None if seed is None else seed + row, ignore_eos=True)
               for row in range(input_ids.shape[0])]
     prompts = [row[keep].tolist() for row, keep in zip(input_ids.cpu(), mask.cpu())]
-    answers = [c.token_ids for c in complete(model, _NoText(), prompts, params, max_batch_size=len(prompts))]
+    answers = [c.token_ids for c in complete(model, _NO_TEXT, prompts, params, max_batch_size=len(prompts))]
     width = max(len(answer) for answer in answers)
     padded = [answer + answer[-1:] * (width - len(answer)) for answer in answers]
     return torch.tensor(padded, dtype=input_ids.dtype, device=input_ids.device)

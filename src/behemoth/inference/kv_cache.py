@@ -1,18 +1,11 @@
 """KV caches for incremental decoding, one per decoder layer, batched by request.
 
-`LayerCache` implements `behemoth.model.attention.KVCache`: attention hands it this step's keys
-and values with their absolute positions and gets back every key it may attend to, with their
-positions. The cache never decides visibility; it keeps every key a present or future query can
-still see, and marks empty slots with position -1.
-
-An entry's slot is a function of its absolute position, so rows need no shared write pointer:
-- global (NoPE) layers keep everything: position p lives in slot p;
-- chunked local (RoPE) layers keep one chunk: p lives in slot p % chunk. A query at p sees only
-  [p - p % chunk, p], all in distinct slots, so a new key overwrites only an entry of an earlier
-  chunk no query will see again: memory per row is bounded by the chunk size.
-
-Buffers grow on demand (doubling, up to the layer's limit), so a batch of short requests stays
-small and attention reads only the slots in use.
+`LayerCache` implements `behemoth.model.attention.KVCache`: it stores this step's keys and values at
+their absolute positions and returns every key a present or future query may still see, with its
+position (-1: an empty slot); attention decides visibility. A slot is a function of the position, so
+rows need no shared write pointer: global (NoPE) layers keep position p in slot p, chunked (RoPE)
+layers in slot p % chunk (a query at p sees only [p - p % chunk, p], so a new key overwrites only an
+entry no query will see again). Buffers grow by doubling, up to the layer's limit.
 """
 
 from __future__ import annotations
@@ -44,8 +37,6 @@ class LayerCache:
         # tensor back and returns whole buffers (what a compiled decode step needs).
         self.reserved = False
 
-    # -- the KVCache protocol -------------------------------------------------------------------
-
     def update(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Store key/value [batch, kv_heads, new, head_dim] at `positions` [batch, new]; return
@@ -70,13 +61,11 @@ class LayerCache:
             self._store_many(key, value, positions)
         return self.keys[:, :, :self.used], self.values[:, :, :self.used], self.positions[:, :self.used]
 
-    # -- writing --------------------------------------------------------------------------------
-
     def _slots(self, positions: torch.Tensor) -> torch.Tensor:
         return positions % self.window if self.window is not None else positions
 
     def _store_one(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor) -> None:
-        """Decode step: one token per row, one indexed write per tensor for the whole batch."""
+        """Decode step: one token per row."""
         low, high = positions.aminmax()
         low, high = int(low), int(high)  # the one host read of the step (it sizes the buffers)
         if low < 0:  # a padding row among them: rare, take the careful path
@@ -137,8 +126,6 @@ class LayerCache:
         positions[:, :keep] = self.positions[:, :keep]
         self.keys, self.values, self.positions = keys, values, positions
 
-    # -- batch membership -----------------------------------------------------------------------
-
     @property
     def capacity(self) -> int:
         return self.positions.shape[1]
@@ -149,9 +136,8 @@ class LayerCache:
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these rows (requests that left the batch free their memory)."""
-        self.keys = self.keys.index_select(0, rows)
-        self.values = self.values.index_select(0, rows)
-        self.positions = self.positions.index_select(0, rows)
+        tensors = (self.keys, self.values, self.positions)
+        self.keys, self.values, self.positions = (t.index_select(0, rows) for t in tensors)
         self.used = _used_slots(self.positions)
         if self.capacity > MIN_CAPACITY and 4 * self.used < self.capacity:
             self._resize(max(2 * self.used, MIN_CAPACITY))  # the long request left: give memory back
@@ -169,9 +155,6 @@ class LayerCache:
         self.values = torch.cat([self.values, other.values])
         self.positions = torch.cat([self.positions, other.positions])
         self.used = max(self.used, other.used)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions))
 
 
 def _used_slots(positions: torch.Tensor) -> int:
@@ -214,9 +197,8 @@ class ModelCache:
 
     @contextmanager
     def reserved(self, highest_position: int) -> Iterator[ModelCache]:
-        """Make room for a decode step up to `highest_position` (an int: no tensor is read); inside
-        the block, layers write and return whole buffers (LayerCache.reserved). Only for steps of
-        one real token per row."""
+        """Make room for a decode step (one real token per row) up to `highest_position`, an int: no
+        tensor is read; inside the block, layers write and return whole buffers."""
         for layer in self.layers:
             layer._reserve_through(highest_position)
             layer.reserved = True
@@ -225,6 +207,3 @@ class ModelCache:
         finally:
             for layer in self.layers:
                 layer.reserved = False
-
-    def nbytes(self) -> int:
-        return sum(layer.nbytes() for layer in self.layers)

@@ -1,19 +1,9 @@
-"""Batched generation for programs rather than users: evaluation, RL rollouts, report samples.
+"""Batched generation for programs rather than users (evaluation, RL rollouts, report samples), and
+`load_engine`, which loads a model directory for `behemoth serve` and `behemoth chat`.
 
-    completions = complete(model, tokenizer, ["In the beginning", "And God said"],
-                           SamplingParams(max_new_tokens=32, temperature=0.0))
-    completions[0].text, completions[0].token_ids, completions[0].logprobs, completions[0].finish_reason
-
-`complete` submits every prompt to an `Engine` (the server's continuous-batching engine, KV cache
-and sampler: not a second decoder), runs its loop on the calling thread until every prompt is
-answered, and returns the results in prompt order. Each prompt can
-have its own `SamplingParams` (seed, temperature, top-p, stop strings and tokens, max tokens);
-with one seed per prompt the results do not depend on which prompts share a batch. The model is
-only borrowed: its training mode is restored afterwards, so an RL loop can generate between
-optimizer steps.
-
-`load_engine` loads a model directory (weights + tokenizer) into an engine in a serving weight
-format, as `behemoth serve` and `behemoth chat` do.
+`complete` runs the server's `Engine` (not a second decoder) on the calling thread until every
+prompt is answered. With one seed per prompt the results do not depend on which prompts share a
+batch. The model is only borrowed: its training mode is restored, so RL can generate between steps.
 """
 
 from __future__ import annotations
@@ -22,9 +12,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from behemoth.checkpoint import load
 from behemoth.errors import ConfigError
+from behemoth.inference import compiled
 from behemoth.inference.engine import Engine, Request
 from behemoth.inference.sampling import SamplingParams
+from behemoth.inference.weights import prepare_weights
 from behemoth.model import Transformer
 from behemoth.tokenizer import Tokenizer
 
@@ -43,11 +36,9 @@ class Completion:
 def complete(model: Transformer, tokenizer, prompts: Sequence[str | list[int]],
              params: SamplingParams | Sequence[SamplingParams] | None = None, max_batch_size: int = 32,
              progress: Callable[[int, int], None] | None = None) -> list[Completion]:
-    """Generate a completion for every prompt (text, encoded with `tokenizer`, or token ids), at
-    most `max_batch_size` at a time, on the calling thread; `params` is one SamplingParams for
-    all or one per prompt. `progress(done, total)` is called as completions finish. Raises
-    InvalidParameter or PromptTooLong (both ConfigErrors) for a bad prompt or setting before
-    anything runs, and whatever a failed step raised."""
+    """A completion for every prompt (text or token ids), in prompt order, at most `max_batch_size` at
+    a time; `params`: one SamplingParams for all or one per prompt. `progress(done, total)` is called
+    as they finish. A bad prompt or setting raises (a ConfigError) before anything runs."""
     per_prompt = _params_per_prompt(params, len(prompts))
     ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     was_training = model.training
@@ -90,13 +81,8 @@ def _params_per_prompt(params: SamplingParams | Sequence[SamplingParams] | None,
 def load_engine(directory: str | Path, max_batch_size: int = 16, max_queue: int = 256,
                 max_context: int | None = None, threads: int | None = None, weights: str = "float32",
                 compile: bool = False) -> Engine:
-    """Load a model directory (weights + tokenizer) into an engine (not started yet) decoding with
-    the weight format `weights` (see behemoth.inference.weights), with a compiled decode step if
-    `compile` (behemoth.inference.compiled; compiles before returning). The engine's context is
-    the model's, capped at `max_context`."""
-    from behemoth.checkpoint import load
-    from behemoth.inference.weights import prepare_weights
-
+    """A model directory (weights + tokenizer) in an engine, not started yet, with the weight format
+    `weights` (inference.weights), compiled first if `compile`, its context capped at `max_context`."""
     folder = Path(directory)
     if not (folder / "tokenizer.json").is_file():
         raise ConfigError(f"{folder}: no tokenizer.json; use a model directory written with its tokenizer")
@@ -110,10 +96,6 @@ def load_engine(directory: str | Path, max_batch_size: int = 16, max_queue: int 
         if max_context < 2:
             raise ConfigError(f"--max-context must be at least 2, got {max_context}")
         context = min(context, max_context)
-    decoder = None
-    if compile:
-        from behemoth.inference.compiled import CompiledDecoder
-
-        decoder = CompiledDecoder(model, threads=threads)
+    decoder = compiled.CompiledDecoder(model, threads=threads) if compile else None
     return Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue, max_context=context,
                   threads=threads, decoder=decoder)

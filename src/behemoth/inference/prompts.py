@@ -32,8 +32,7 @@ class TokenText:
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
-        backend = tokenizer.backend
-        self._backend = backend
+        self._backend = backend = tokenizer.backend
         self._special = set(SPECIAL_TOKENS)
         self._literal = type(backend).from_str(backend.to_str())
         self._literal.encode_special_tokens = True  # special-token strings in user text stay text

@@ -1,13 +1,10 @@
 """Choosing the next token, and turning chosen tokens into text that stops where it should.
 
-`sample_tokens` picks one token per row, each row with its own parameters and generator. Filters
-run in `transformers`' order: repetition penalty on the raw logits, then temperature, top-k,
-top-p (over the renormalised top-k) and min-p. Each row draws one uniform number and inverts the
-cumulative distribution, so the same seed gives the same tokens whatever else is in the batch
-(up to the logits' floating-point differences between batch shapes).
-
-`TextStream` decodes incrementally and holds back an incomplete UTF-8 character and any text
-that could still become a stop string, so a stop string split across tokens is never shown.
+`sample_tokens` picks one token per row, each with its own parameters and generator, filtering in
+`transformers`' order (repetition penalty, temperature, top-k, top-p over the renormalised top-k,
+min-p). Each row inverts its cumulative distribution at one uniform draw, so a seed gives the same
+tokens whatever else is in the batch. `TextStream` holds back an incomplete UTF-8 character and
+any text that could still become a stop string, so a stop string split across tokens is never shown.
 """
 
 from __future__ import annotations
@@ -89,8 +86,6 @@ def _check_float(name: str, value: object, low: float, high: float | None = None
                                + f", got {value}")
 
 
-# -- choosing tokens -----------------------------------------------------------------------------
-
 @dataclass
 class Choice:
     """The token picked for one row, with its log-probability under the model's raw
@@ -104,9 +99,9 @@ class Choice:
 def sample_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
                   generators: Sequence[torch.Generator | None],
                   seen: torch.Tensor | None = None) -> list[Choice]:
-    """One token per row of `logits` [batch, vocab] (float32). params/generators: one per row (None
-    = torch's global generator). seen: bool [batch, vocab], the tokens already in each row's prompt
-    or output; needed only for a repetition penalty."""
+    """One token per row of `logits` [batch, vocab] (float32), with one params and generator (None:
+    torch's global one) per row. seen: bool [batch, vocab], each row's prompt and output tokens,
+    for a repetition penalty."""
     raw = logits
     logits = _penalize_repeats(logits, params, seen)
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
@@ -125,8 +120,7 @@ def sample_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
 
 def _penalize_repeats(logits: torch.Tensor, params: Sequence[SamplingParams],
                       seen: torch.Tensor | None) -> torch.Tensor:
-    """CTRL-style penalty: a seen token's logit is divided by the penalty if positive, multiplied
-    if negative (so it always becomes less likely for a penalty above 1)."""
+    """CTRL-style: a seen token's logit is divided by the penalty if positive, else multiplied."""
     penalties = [p.repetition_penalty for p in params]
     if seen is None or all(p == 1.0 for p in penalties):
         return logits
@@ -143,8 +137,7 @@ def _sample(logits: torch.Tensor, params: Sequence[SamplingParams], uniforms: to
     min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=device)
     tokens = torch.empty(len(params), dtype=torch.long, device=device)
     vocab = logits.shape[-1]
-    # Only a top-k below the vocabulary or a top-p below 1 needs ranking; the rest sample from
-    # the whole distribution (a top-k as large as the vocabulary filters nothing).
+    # Only a top-k below the vocabulary or a top-p below 1 needs ranking.
     needs_rank = [0 < p.top_k < vocab or p.top_p < 1.0 for p in params]
     ranked = [i for i, r in enumerate(needs_rank) if r]
     plain = [i for i, r in enumerate(needs_rank) if not r]
@@ -158,8 +151,7 @@ def _sample(logits: torch.Tensor, params: Sequence[SamplingParams], uniforms: to
 
 def _sample_ranked(probs: torch.Tensor, params: Sequence[SamplingParams], min_p: torch.Tensor,
                    uniforms: torch.Tensor) -> torch.Tensor:
-    """top-k, then top-p over the renormalised top-k, then min-p, on the most likely candidates.
-    Every row has a top-k below the vocabulary or a top-p below 1."""
+    """top-k, top-p over the renormalised top-k, then min-p, on the most likely candidates."""
     vocab = probs.shape[-1]
     device = probs.device
     top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
@@ -209,15 +201,12 @@ def _choices(raw: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingP
     return choices
 
 
-# -- from tokens to text -------------------------------------------------------------------------
-
 REPLACEMENT = "\ufffd"  # what a cut-off UTF-8 sequence decodes to
 
 
 class IncrementalDecoder:
-    """Text deltas of a growing token list. A delta is withheld while it ends in U+FFFD (a character
-    whose bytes are split over tokens). Decoding starts at the last known character boundary, so
-    the cost per token does not grow with the output."""
+    """Text deltas of a growing token list, withheld while they end in U+FFFD (a character split over
+    tokens). Decoding starts at the last character boundary, so its cost does not grow with the output."""
 
     def __init__(self, decode: Callable[[list[int]], str]):
         self._decode = decode
@@ -243,9 +232,8 @@ class IncrementalDecoder:
 
 
 class TextStream:
-    """Generated text released piece by piece, cut before the first stop string. The longest suffix
-    that is a prefix of a stop string is held back; the rest is released. Invariant: a stop string,
-    once complete, lies entirely inside the held text."""
+    """Generated text released piece by piece, cut before the first stop string: the longest suffix
+    that is a prefix of a stop string is held back, so a completed stop string lies inside it."""
 
     def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()):
         self._decoder = IncrementalDecoder(decode)

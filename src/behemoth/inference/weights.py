@@ -1,28 +1,10 @@
-"""Weight formats for serving: as trained (float32), bfloat16, or int8 weight-only.
+"""Weight formats for serving: as trained (float32), bfloat16, or int8 weight-only (`prepare_weights`).
 
-    model = load("runs/speedrun/model")
-    prepare_weights(model, "int8")   # in place; the model is for inference from here on
-
-On a CPU, decoding a token reads every weight it uses once and does little arithmetic with it,
-so its speed is set by the bytes of weights read per token (bench/RESULTS.md):
-
-- "bfloat16": every parameter cast to bfloat16 (the model still computes norms, router and
-  attention scores in float32).
-- "int8": the matrices of every projection and expert are int8 with one float scale per output
-  channel (symmetric, round to nearest), multiplied by torch's int8 weight-only kernel
-  (`aten._weight_int8pack_mm`, bfloat16 activations); prompts multiply by the int8 matrix cast
-  to bfloat16 (float32 without native bfloat16): the same product, 1.5-3x faster at 64 to 512
-  rows (`int8_matmul`). Embeddings, norms, the router (its float32 logits pick the experts), the
-  KV cache and attention stay as trained, and so does a layer whose input width is not a multiple
-  of 16 (the kernel's requirement).
-
-The int8 LM head depends on the CPU (`behemoth.hardware.choose_paths`). With native bfloat16
-(AVX-512 BF16, AMX) it is a `BFloat16Linear`, its weights reordered once into oneDNN's blocked
-layout: 1.1-1.3x (one row) and 3x (sixteen) faster than the int8 kernel (bench/decode_kernels.py),
-at bfloat16's precision. On an AVX2-only CPU a 16-row bfloat16 product costs 3x a float32 one, so
-the head stays float32 there. Quantised weights approximate the trained ones: bench/serve_decode.py
-reports how often greedy decoding still agrees, and the tests bound the logit error. The model
-knows nothing of this: modules are swapped for ones with the same call signature.
+A CPU decode step's speed is set by the bytes of weights it reads (bench/RESULTS.md). int8 stores
+every projection and expert matrix with a scale per output channel; embeddings, norms, the router,
+the KV cache and layers whose input width is not a multiple of 16 stay as trained. The int8 LM head
+is a packed `BFloat16Linear` on a CPU with native bfloat16 (`hardware.choose_paths`), else float32.
+Modules are swapped for ones with the same call signature.
 """
 
 from __future__ import annotations
@@ -69,9 +51,8 @@ def prepare_weights(model: Transformer, weights: str = "float32", cpu: CpuFeatur
 
 
 def _quantize_int8(model: Transformer, prompt_dtype: torch.dtype) -> None:
-    """Swap every eligible projection, MLP and expert bank for its int8 twin, whose prompts multiply
-    in `prompt_dtype`. Projections that read the same input are fused into one matrix (q, k and v;
-    gate and up), so each is one kernel call."""
+    """Swap every eligible projection, MLP and expert bank for its int8 twin; projections of the same
+    input (q, k and v; gate and up) are fused into one matrix, one kernel call."""
     for layer in model.model.layers:
         attention = layer.self_attn
         if all(_eligible(getattr(attention, name)) for name in ("q_proj", "k_proj", "v_proj")):
@@ -108,10 +89,9 @@ def int8_matmul(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
                 prompt_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """x [..., in] (bfloat16) times the int8 matrix values [out, in] with per-row scales: [..., out] bfloat16.
 
-    Decode steps (a few rows) take torch's int8 weight-only kernel. A prompt (DEQUANTIZED_ROWS rows
-    or more, run eagerly) is one product on the matrix cast to `prompt_dtype`, in which int8 values
-    are exact and whose cast costs little against so many rows. In bfloat16 the output is rounded
-    before the scaling rather than after; float32 is the type that is fast on an AVX2-only CPU.
+    Decode steps take torch's int8 weight-only kernel. A prompt (DEQUANTIZED_ROWS rows or more, run
+    eagerly) multiplies the matrix cast to `prompt_dtype` (exact for int8 values; float32 on an
+    AVX2-only CPU), 1.5-3x faster; in bfloat16 its output is rounded before the scaling, not after.
     """
     rows = x.reshape(-1, x.shape[-1])
     if not torch.compiler.is_compiling() and rows.shape[0] >= DEQUANTIZED_ROWS:
@@ -122,10 +102,9 @@ def int8_matmul(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
 
 
 class Int8Linear(nn.Module):
-    """One or more nn.Linear of the same input, fused: int8 weights [sum of outputs, in] with
-    per-output-channel scales, biases kept as trained. Any float in; out in bfloat16, the kernel's
-    type (a residual add or the engine's logits cast promotes it for free), or in the input's type
-    with `float_output`."""
+    """One or more nn.Linear of the same input, fused into int8 weights [sum of outputs, in], biases
+    as trained. Out in bfloat16, the kernel's type (promoted for free by a residual add or the logits
+    cast), or in the input's type with `float_output`."""
 
     def __init__(self, values: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
                  prompt_dtype: torch.dtype = torch.bfloat16, float_output: bool = False):
@@ -175,8 +154,7 @@ class BFloat16Linear(nn.Module):
 
 
 class Int8MLP(nn.Module):
-    """The SwiGLU `MLP` with gate and up fused into one int8 matrix; activations in bfloat16 (the
-    kernel's type) from the input's cast to the output, which the residual add promotes."""
+    """The SwiGLU `MLP` with gate and up fused into one int8 matrix; bfloat16 activations and output."""
 
     def __init__(self, mlp: MLP, prompt_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
@@ -194,7 +172,7 @@ class Int8MLP(nn.Module):
 
 def _register_int8(module: nn.Module, gate_up: torch.Tensor, down: torch.Tensor, prompt_dtype: torch.dtype) -> None:
     """Quantise a SwiGLU's [.., 2I, hidden] and [.., hidden, I] matrices into the module's buffers
-    gate_up, gate_up_scales, down and down_scales; its prompts multiply in `prompt_dtype`."""
+    gate_up, gate_up_scales, down and down_scales."""
     module.prompt_dtype = prompt_dtype
     for name, weight in (("gate_up", gate_up), ("down", down)):
         values, scales = quantize_rows(weight)
@@ -210,8 +188,8 @@ def swiglu_int8(x: torch.Tensor, gate_up: torch.Tensor, gate_up_scales: torch.Te
 
 
 class Int8Experts(nn.Module):
-    """`Experts` with int8 weights: the same routing arithmetic (the gate scales the input, expert
-    outputs summed in expert order), int8 matrix products, bfloat16 activations and output."""
+    """`Experts` with int8 weights: the same routing arithmetic (the gate scales the input, outputs
+    summed in expert order), bfloat16 activations and output."""
 
     def __init__(self, experts: Experts, prompt_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
@@ -231,11 +209,8 @@ class Int8Experts(nn.Module):
             return self._grouped(x, expert_ids, gates)
         if torch.compiler.is_compiling():  # a program for one row (sizes 1 are specialised)
             return self._one_token_in_graph(x, expert_ids[0], gates[0])
-        out = None
-        for e, gate in sorted(zip(expert_ids[0].tolist(), gates[0].unbind())):  # expert order, as Experts sums
-            y = self._expert(e, x * gate)  # a 0-d float32 gate keeps x's bfloat16
-            out = y if out is None else out + y
-        return out
+        # in expert order, as Experts sums; a 0-d float32 gate keeps x's bfloat16
+        return sum(self._expert(e, x * gate) for e, gate in sorted(zip(expert_ids[0].tolist(), gates[0].unbind())))
 
     def _expert(self, e: int, tokens: torch.Tensor) -> torch.Tensor:
         return swiglu_int8(tokens, self.gate_up[e], self.gate_up_scales[e], self.down[e], self.down_scales[e],
