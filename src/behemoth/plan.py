@@ -1,37 +1,23 @@
 """Capacity planner: memory per GPU and training time for a model on a cluster, by arithmetic alone.
 
-Layout (torchtitan's FSDP2 + expert parallelism; no tensor, pipeline or context parallelism):
-- every GPU is a data-parallel rank with its own micro-batch; `fsdp` ranks form a sharding group
-  (default all GPUs; fewer means HSDP, whose groups replicate each other);
-- dense parameters (all but the routed experts) are sharded over the FSDP group;
-- the routed experts are split over `ep` ranks taken *from* the FSDP group (E/ep whole experts
-  each, torchtitan's `dp_shard_in_ep`) and sharded again over the fsdp/ep ranks holding the same
-  experts (`dp_shard_mod_ep`). So a rank stores 1/fsdp of the expert weights whatever `ep` is:
-  EP divides what must be *gathered* to run a layer, and the all-gather traffic.
+Layout (torchtitan's FSDP2 + expert parallelism; no tensor, pipeline or context parallelism): every GPU
+is a data-parallel rank; `fsdp` ranks form a sharding group (default all; fewer is HSDP) over which the
+dense weights are sharded. The routed experts are split over `ep` ranks taken *from* that group (E/ep
+whole experts each) and sharded again over the fsdp/ep ranks holding the same experts, so a rank stores
+1/fsdp of them whatever `ep` is: EP divides what a layer must *gather*, and the all-gather traffic.
 
-Memory per GPU (GB means GiB, as `torch.cuda` reports), each / fsdp where sharded:
-- parameters: the fp32 shard, 4 bytes/param; under FSDP2 mixed precision it *is* the master copy;
-- gradients: fp32 shard, 4 bytes/param; optimizer: AdamW's two fp32 moments, 8 bytes/param;
-- working copies: FSDP gathers one unit (embedding, a decoder layer with its local experts, or
-  the LM head) while prefetching the next, and holds the unit's bf16 gradient before the
-  reduce-scatter: (compute-dtype bytes + 2) x the largest pair of neighbouring units (nothing
-  when unsharded; autocast's cached copies without FSDP are not counted);
-- activations and logits: see `layer_activation_bytes`;
-- reserve: `reserve_fraction` of the card for the CUDA context, NCCL and EP buffers and allocator
-  fragmentation, none modelled item by item.
+Memory per GPU (GB = GiB, as `torch.cuda` reports): fp32 parameter shard (under FSDP2 mixed precision,
+the master copy), fp32 gradient shard and AdamW's two fp32 moments, each / fsdp; working copies (see
+`working_copy_bytes`); activations and logits (see `layer_activation_bytes`); and a reserve for the
+CUDA context, NCCL and EP buffers and fragmentation, none modelled item by item.
 
-Compute: 6 x N_active FLOPs per trained token (Kaplan et al.'s 6ND), which leaves out attention's
-QK^T and AV products: those are shown apart (3 x their forward FLOPs; chunked layers see fewer
-keys). Times divide by gpus x peak x MFU, MFU being the share of peak spent on the 6N FLOPs (read
-the "with attention" line if your MFU counts attention, as PaLM and torchtitan do). The total is
-6ND / (gpus x peak x MFU) exactly, not steps x step time.
-
-Peak: the H100 SXM dense peak of the dtype. The "390 TFLOP/s" Meta reported for Behemoth (FP8,
-32K GPUs) is a rate *achieved*, so it goes with MFU 1: 6 x 288e9 x 30e12 / (32,768 x 390e12) s =
-47 days, the issue's "about 7 weeks"; the default 989 x 0.40 gives about the same. `dtype`
-changes only the peak and the gathered weights' bytes (torchtitan's float8 keeps fp32 shards and
-bf16 activations). Not modelled: gradient accumulation, routing imbalance, communication time
-(assumed overlapped).
+Compute: 6 x N_active FLOPs per trained token (Kaplan et al.'s 6ND), without attention's QK^T and AV,
+which are shown apart (3 x their forward FLOPs). Times divide by gpus x peak x MFU, MFU being the share
+of peak spent on the 6N FLOPs (read the "with attention" line if your MFU counts attention, as PaLM and
+torchtitan do). Peak is the H100 SXM dense peak of the dtype; Meta's "390 TFLOP/s" for Behemoth (FP8,
+32K GPUs) is an *achieved* rate, so it goes with MFU 1: 6 x 288e9 x 30e12 / (32,768 x 390e12) s = 47
+days, "about 7 weeks"; the default 989 x 0.40 gives about the same. Not modelled: gradient
+accumulation, routing imbalance, communication time (assumed overlapped).
 """
 
 from __future__ import annotations
@@ -47,10 +33,8 @@ from behemoth.info import attention_params, human, model_size
 
 GIB = 2 ** 30
 SECONDS_PER_DAY = 86_400
-# H100 SXM dense peaks (NVIDIA datasheet, without 2:4 sparsity); Meta's 390 for Behemoth is an
-# achieved rate (see above).
-PEAK_TFLOPS = {"bf16": 989.0, "fp8": 1979.0}
-COMPUTE_BYTES = {"bf16": 2, "fp8": 1}  # bytes per gathered weight for the matmuls
+PEAK_TFLOPS = {"bf16": 989.0, "fp8": 1979.0}  # H100 SXM dense (datasheet, without 2:4 sparsity)
+COMPUTE_BYTES = {"bf16": 2, "fp8": 1}  # per gathered weight; torchtitan's float8 keeps fp32 shards
 MASTER_BYTES, GRAD_SHARD_BYTES, ADAM_BYTES = 4, 4, 8  # fp32 shard, fp32 gradient, two fp32 moments
 UNSHARDED_GRAD_BYTES = 2  # a layer's gradient is produced in bf16 before the reduce-scatter
 ACT_BYTES = 2  # activations stay bf16 in both modes (fp8 copies saved for backward: not modelled)
@@ -60,8 +44,8 @@ _SUFFIXES = {"": 1, "K": 10 ** 3, "M": 10 ** 6, "B": 10 ** 9, "G": 10 ** 9, "T":
 
 @dataclass
 class PlanInput:
-    """A model, a cluster and a layout to plan for. Fields mirror the `behemoth plan` flags
-    (model = --preset, gpu_mem_gb = --gpu-mem, the rest by name); errors name the flag."""
+    """A model, a cluster and a layout; the fields are `behemoth plan`'s flags (model = --preset,
+    gpu_mem_gb = --gpu-mem), and errors name the flag."""
 
     model: str | ModelConfig  # a preset name or a config
     gpus: int
@@ -143,8 +127,6 @@ class Plan:
         return next(line for line in self.memory if line.name == name)
 
 
-# -- input checks ---------------------------------------------------------------------------------
-
 def parse_count(text: str, flag: str = "--tokens") -> int:
     """'30T' -> 30_000_000_000_000, '1.5B' -> 1_500_000_000; also K, M, G (= B), plain and 3e12."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBgGtT]?)\s*", text)
@@ -156,17 +138,14 @@ def parse_count(text: str, flag: str = "--tokens") -> int:
     return int(value.to_integral_value())
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
+def _is_number(value: object, integer: bool = False) -> bool:
+    if integer:
+        return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _positive(value: object, flag: str, integer: bool) -> None:
-    ok = _is_int(value) if integer else _is_number(value)
-    if not ok or value <= 0:
+    if not _is_number(value, integer) or value <= 0:
         kind = "a positive integer" if integer else "a positive number"
         raise ConfigError(f"{flag} must be {kind}, got {value!r}")
 
@@ -221,8 +200,6 @@ def _check_layout(inp: PlanInput, config: ModelConfig) -> None:
         raise ConfigError(f"--ep {inp.ep} must divide the FSDP degree ({fsdp})")
 
 
-# -- memory ---------------------------------------------------------------------------------------
-
 def _expert_params(c: ModelConfig) -> int:
     return 3 * c.hidden_size * c.intermediate_size  # gate, up, down
 
@@ -244,9 +221,9 @@ def fsdp_units(c: ModelConfig, ep: int) -> list[tuple[int, int]]:
 
 
 def working_copy_bytes(c: ModelConfig, ep: int, fsdp: int, dtype: str) -> tuple[float, float]:
-    """(dense, experts) bytes of the largest neighbouring pair of units (one computing, one
-    prefetched), each held as compute-dtype weights plus a bf16 gradient. Weights that are not
-    sharded (FSDP 1 for dense, fsdp/ep = 1 for experts) are whole on the rank: nothing to gather."""
+    """(dense, experts) bytes of the largest neighbouring pair of units (one computing, one prefetched),
+    each held as compute-dtype weights plus the bf16 gradient produced before the reduce-scatter.
+    Unsharded weights (FSDP 1 for dense, fsdp/ep = 1 for experts) are whole on the rank: no gather."""
     gathered = [(d if fsdp > 1 else 0, e if fsdp // ep > 1 else 0) for d, e in fsdp_units(c, ep)]
     pairs = [(a[0] + b[0], a[1] + b[1]) for a, b in zip(gathered, gathered[1:])]
     dense, experts = max(pairs, key=sum)
@@ -255,13 +232,11 @@ def working_copy_bytes(c: ModelConfig, ep: int, fsdp: int, dtype: str) -> tuple[
 
 
 def layer_activation_bytes(c: ModelConfig, layer: int) -> tuple[float, float]:
-    """(dense, routed-expert) bytes per token that one decoder layer saves for backward, once per
-    distinct tensor, bf16 unless noted, as a fused implementation keeps them (eager PyTorch keeps
-    a few more): each RMSNorm's input and output (2h); attention's q, k, v and output, and the
-    softmax log-sum-exp (4 bytes per head; flash attention never stores the scores); a SwiGLU's
-    gate, up and product (3I); per picked routed expert the gated token copy and 3I (with
-    balanced routing, whatever ep); the router's fp32 logits (4 bytes per expert).
-    """
+    """(dense, routed-expert) bytes per token one decoder layer saves for backward, as a fused
+    implementation keeps them, bf16 unless noted: each RMSNorm's input and output (2h); attention's
+    q, k, v and output and the fp32 log-sum-exp per head (flash attention stores no scores); a
+    SwiGLU's gate, up and product (3I); per picked expert the token copy and 3I (balanced routing);
+    the router's fp32 logits."""
     h, q = c.hidden_size, c.num_attention_heads * c.head_dim
     kv = c.num_key_value_heads * c.head_dim
     attention = ACT_BYTES * (2 * h + q + 2 * kv + q) + 4 * c.num_attention_heads
@@ -273,9 +248,8 @@ def layer_activation_bytes(c: ModelConfig, layer: int) -> tuple[float, float]:
 
 
 def activation_bytes_per_token(c: ModelConfig, checkpointing: bool) -> tuple[float, float]:
-    """(dense, routed-expert) activation bytes per token for all decoder layers: the sum of
-    `layer_activation_bytes`, or with full checkpointing every layer's input (h, bf16) plus the
-    largest layer's activations, as backward recomputes one layer at a time."""
+    """(dense, routed-expert) activation bytes per token of all decoder layers; with full
+    checkpointing each layer's input plus the largest layer's, as backward recomputes one at a time."""
     per_layer = [layer_activation_bytes(c, i) for i in range(c.num_hidden_layers)]
     if not checkpointing:
         return sum(d for d, _ in per_layer), sum(e for _, e in per_layer)
@@ -284,9 +258,8 @@ def activation_bytes_per_token(c: ModelConfig, checkpointing: bool) -> tuple[flo
 
 
 def head_activation_bytes(c: ModelConfig) -> float:
-    """Bytes per token for the final norm (input and output, 2h bf16) and the loss: bf16
-    logits plus the fp32 copy cross-entropy works on, 6 bytes per vocabulary entry. Not
-    checkpointed (torchtitan checkpoints decoder layers only)."""
+    """Bytes per token of the final norm (2h) and the loss: bf16 logits plus cross-entropy's fp32 copy,
+    6 bytes per vocabulary entry; never checkpointed (torchtitan checkpoints decoder layers only)."""
     return ACT_BYTES * 2 * c.hidden_size + 6 * c.vocab_size
 
 
@@ -306,8 +279,6 @@ def _memory_lines(inp: PlanInput, c: ModelConfig, fsdp: int, tokens: int,
     ]
 
 
-# -- the plan -------------------------------------------------------------------------------------
-
 def plan(inp: PlanInput) -> Plan:
     """Memory per GPU, whether it fits, and step and training time for `inp`."""
     label, c = _resolve_model(inp.model)
@@ -317,8 +288,7 @@ def plan(inp: PlanInput) -> Plan:
     peak = inp.peak_tflops or PEAK_TFLOPS[inp.dtype]
     size = model_size(c, seq_len)
     tokens_per_gpu = inp.micro_batch * seq_len
-    memory = _memory_lines(inp, c, fsdp, tokens_per_gpu, size.expert_params,
-                           size.total_params - size.expert_params)
+    memory = _memory_lines(inp, c, fsdp, tokens_per_gpu, size.expert_params, size.total_params - size.expert_params)
     flops_6n = 6 * size.active_params
     attention = 3 * size.attention_flops_per_token  # backward does twice the forward's work
     rate = peak * 1e12 * inp.mfu  # FLOP/s per GPU
@@ -342,8 +312,6 @@ def _add_totals(p: Plan, tokens: int, peak: float) -> None:
     p.days_with_attention = p.days * (1 + p.attention_flops_per_token / p.train_flops_per_token)
     p.steps = math.ceil(tokens / p.tokens_per_step)
 
-
-# -- the table ------------------------------------------------------------------------------------
 
 def _gb(n: float) -> str:
     return f"{n / GIB:10.2f}"

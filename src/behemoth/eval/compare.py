@@ -1,13 +1,10 @@
-"""Regression verdicts: is results file B (the candidate) better than A (the baseline), worse, or not
-measurably different?
+"""Regression verdicts: is results file B (candidate) better than A (baseline), worse, or not measurably different?
 
-Per task run on the same data, items are paired by id and resampled together (paired bootstrap): the
-central `confidence` share of the replicates of B's metric minus A's is the interval, "better" or
-"worse" when it lies wholly on one side of zero, else "no measurable difference". Each such verdict
-has a 5% false-alarm rate, so over many tasks some are expected by chance: the overall verdict rests
-on one aggregate, the change of the core score (see core.py) over the accuracy tasks, each replicate
-resampling every task independently; without accuracy tasks, the mean pass@1 of generative tasks,
-else the mean bits per byte of perplexity tasks.
+Per task, items are paired by id and resampled together (paired bootstrap); the verdict is "better" or
+"worse" when the `confidence` interval of B's metric minus A's lies wholly on one side of zero. Each has a
+5% false-alarm rate, so the overall verdict rests on one aggregate: the core score (core.py) over the
+accuracy tasks, each replicate resampling every task; else the mean pass@1 of generative tasks, else the
+mean bits per byte of perplexity tasks.
 
 Output (schema "behemoth.eval.compare/1"):
 
@@ -43,27 +40,22 @@ def compare_results(a: dict[str, Any], b: dict[str, Any], *, resamples: int = 20
     if not 0.5 <= confidence < 1:
         raise EvalError(f"confidence must be in [0.5, 1), got {confidence}")
     tasks_a, tasks_b = a["tasks"], b["tasks"]
-    common = [name for name in tasks_a if name in tasks_b]
     compared: dict[str, dict[str, Any]] = {}
     replicates: dict[str, np.ndarray] = {}
-    for name in common:
+    for name in [name for name in tasks_a if name in tasks_b]:
         entry, deltas = _compare_task(name, tasks_a[name], tasks_b[name], resamples, confidence, seed)
         if entry is None:
             continue  # samples: nothing to score
         compared[name] = entry
         if deltas is not None:
             replicates[name] = deltas
-    return {
-        "schema": COMPARE_SCHEMA,
-        "a": {"path": a_path, "model_sha256": a.get("model", {}).get("sha256")},
-        "b": {"path": b_path, "model_sha256": b.get("model", {}).get("sha256")},
-        "settings": {"resamples": resamples, "confidence": confidence, "seed": seed},
-        "tasks": compared,
-        "overall": _overall(compared, replicates, confidence),
-        "only_in_a": [n for n in tasks_a if n not in tasks_b and tasks_a[n].get("metric")],
-        "only_in_b": [n for n in tasks_b if n not in tasks_a and tasks_b[n].get("metric")],
-        "warnings": _warnings(a, b),
-    }
+    return {"schema": COMPARE_SCHEMA, "a": {"path": a_path, "model_sha256": a.get("model", {}).get("sha256")},
+            "b": {"path": b_path, "model_sha256": b.get("model", {}).get("sha256")},
+            "settings": {"resamples": resamples, "confidence": confidence, "seed": seed},
+            "tasks": compared, "overall": _overall(compared, replicates, confidence),
+            "only_in_a": [n for n in tasks_a if n not in tasks_b and tasks_a[n].get("metric")],
+            "only_in_b": [n for n in tasks_b if n not in tasks_a and tasks_b[n].get("metric")],
+            "warnings": _warnings(a, b)}
 
 
 def _compare_task(name: str, ta: dict[str, Any], tb: dict[str, Any], resamples: int, confidence: float,

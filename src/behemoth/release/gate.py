@@ -92,15 +92,11 @@ def run_gate(model_dir: str | Path, policy: Policy | str | Path | None, out_dir:
         evaluations[name] = entry
 
     trace, fired = decide(policy, evaluations, has_baseline=base is not None)
-    record = {
-        "schema": DECISION_SCHEMA,
-        "created": audit.utc_now(),
-        "model": model, "baseline": base,
-        "policy": {"path": policy.path, "name": policy.name, "sha256": policy.sha256},
-        "variables": variables, "evaluations": evaluations, "rules": trace,
-        "decision": fired.decision, "rule": fired.name, "reason": _reason(fired, trace),
-        "audit_log": str(Path(log).resolve()),
-    }
+    record = {"schema": DECISION_SCHEMA, "created": audit.utc_now(), "model": model, "baseline": base,
+              "policy": {"path": policy.path, "name": policy.name, "sha256": policy.sha256},
+              "variables": variables, "evaluations": evaluations, "rules": trace,
+              "decision": fired.decision, "rule": fired.name, "reason": _reason(fired, trace),
+              "audit_log": str(Path(log).resolve())}
     record["inputs_sha256"] = inputs_checksum(record)
     write_record(out, record)
     audit.append(log, "decision", {"record_sha256": sha256_file(out / RECORD_FILE), "record": str(out.resolve()),
