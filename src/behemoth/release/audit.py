@@ -83,7 +83,7 @@ def append(log: str | Path, event: str, fields: dict[str, Any]) -> dict[str, Any
         os.write(descriptor, line + b"\n")
         os.fsync(descriptor)
         digest = hashlib.sha256(line).hexdigest()
-        _write_head(log, LogHead(head.entries + 1, digest))
+        write_atomic(head_path(log), json.dumps({"entries": head.entries + 1, "sha256": digest}) + "\n")
     finally:
         os.close(descriptor)  # releases the lock
     return {**entry, "sha256": digest}
@@ -148,7 +148,3 @@ def _check_head(log: Path, head: LogHead) -> None:
         raise AuditError(f"{log}: the log ends at entry {head.entries} ({head.sha256[:12]}...) but its head file "
                          f"says {stored_head.entries} ({stored_head.sha256[:12]}...): entries were removed or "
                          "the last one was edited")
-
-
-def _write_head(log: Path, head: LogHead) -> None:
-    write_atomic(head_path(log), json.dumps({"entries": head.entries, "sha256": head.sha256}) + "\n")

@@ -92,7 +92,8 @@ def model_card(record: dict[str, Any], approval: dict[str, Any], *, name: str, f
              "tags": ["llama4", "mixture-of-experts", "behemoth", "gguf"],
              "datasets": sorted((training or {}).get("datasets", [])) or None,
              "model-index": [{"name": name, "results": results}] if results else None}
-    yaml = ["---"] + [_yaml_entry(k, v) for k, v in front.items() if v is not None] + ["---"]
+    # JSON is valid YAML (flow style), and json.dumps quotes every string safely.
+    yaml = ["---", *(f"{k}: {json.dumps(v, ensure_ascii=False)}" for k, v in front.items() if v is not None), "---"]
     info = training or {}
     lines = [*yaml, "", f"# {name}", "",
              f"A Llama 4 architecture model trained with Behemoth and released openly "
@@ -139,8 +140,3 @@ def _model_index(record: dict[str, Any], name: str) -> list[dict[str, Any]]:
         results.append({"task": {"type": "text-generation"}, "dataset": {"name": row["task"], "type": row["task"]},
                         "metrics": [{"type": row["metric"], "value": round(row["value"], 6)}]})
     return results
-
-
-def _yaml_entry(key: str, value: Any) -> str:
-    # JSON is valid YAML (flow style), and json.dumps quotes every string safely.
-    return f"{key}: {json.dumps(value, ensure_ascii=False)}"

@@ -72,23 +72,26 @@ def run_gate(model_dir: str | Path, policy: Policy | str | Path | None, out_dir:
     evaluations: dict[str, dict[str, Any]] = {}
     done: dict[tuple, dict[str, Any]] = {}  # evaluations with the same tasks and settings run once
     for name, evaluation in policy.evaluations.items():
-        settings = dict(limit=evaluation.limit, max_length=evaluation.max_length,
-                        batch_size=evaluation.batch_size, seed=evaluation.seed, progress=progress)
-        key = (task_lists[name], evaluation.limit, evaluation.max_length, evaluation.batch_size, evaluation.seed)
+        settings = dict(limit=evaluation.limit, max_length=evaluation.max_length, batch_size=evaluation.batch_size,
+                        seed=evaluation.seed)
+        key = (task_lists[name], *settings.values())
         if key in done:
             results = done[key]
             write_json_atomic(out / "evals" / f"{name}.json", results)
         else:
             results = done[key] = run_eval(model_dir, task_lists[name], out=out / "evals" / f"{name}.json",
-                                           **settings)
+                                           progress=progress, **settings)
         entry = {"tasks": task_lists[name], "results": f"evals/{name}.json", "baseline_results": None,
-                 "metrics": _metrics(results), "comparison": None, "data": _data_hashes(results)}
+                 "metrics": _metrics(results), "comparison": None,
+                 "data": {task: [d["sha256"] for d in t.get("data", [])] for task, t in results["tasks"].items()}}
         if base is not None and policy.needs_baseline(name):
-            previous = run_eval(baseline, task_lists[name], out=out / "evals" / f"{name}.baseline.json", **settings)
-            comparison = compare_results(previous, results, resamples=policy.compare.resamples,
-                                         confidence=policy.compare.confidence, seed=policy.compare.seed)
+            previous = run_eval(baseline, task_lists[name], out=out / "evals" / f"{name}.baseline.json",
+                                progress=progress, **settings)
+            overall = compare_results(previous, results, resamples=policy.compare.resamples,
+                                      confidence=policy.compare.confidence, seed=policy.compare.seed)["overall"]
             entry["baseline_results"] = f"evals/{name}.baseline.json"
-            entry["comparison"] = _comparison_summary(comparison)
+            kept = ("verdict", "metric", "a", "b", "delta", "ci", "better", "worse")
+            entry["comparison"] = {key: overall.get(key) for key in kept}
         evaluations[name] = entry
 
     trace, fired = decide(policy, evaluations, has_baseline=base is not None)
@@ -170,15 +173,6 @@ def _metrics(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if results.get("core", {}).get("score") is not None:
         metrics["core"] = {"score": results["core"]["score"]}
     return metrics
-
-
-def _data_hashes(results: dict[str, Any]) -> dict[str, list[str]]:
-    return {name: [d["sha256"] for d in task.get("data", [])] for name, task in results["tasks"].items()}
-
-
-def _comparison_summary(comparison: dict[str, Any]) -> dict[str, Any]:
-    overall = comparison["overall"]
-    return {key: overall.get(key) for key in ("verdict", "metric", "a", "b", "delta", "ci", "better", "worse")}
 
 
 def inputs_checksum(record: dict[str, Any]) -> str:
