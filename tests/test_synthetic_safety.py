@@ -134,3 +134,19 @@ def test_heldout_rows_have_the_evaluation_format(tmp_path):
     assert {r["category"] for r in rows if r["label"] == "benign"} == set(ss.BENIGN)
     out = ss.write_safety_eval(tmp_path / "eval" / "safety.jsonl")
     assert [json.loads(line) for line in out.read_text().splitlines()] == rows
+
+
+@pytest.mark.parametrize("share", [0.25, 0.0])
+def test_chat_data_mixes_in_the_safety_share(tmp_path, share) -> None:
+    from behemoth.data.synthetic_chat import write_chat_data
+
+    data = write_chat_data(tmp_path, conversations=400, pairs=200, prompts=10, safety=share)
+    sft = [json.loads(line) for line in data.sft.read_text().splitlines()]
+    dpo = [json.loads(line) for line in data.dpo.read_text().splitlines()]
+    safety_prompts = set(ss.training_user_prompts())
+    refusing = [r for r in sft if any(m["content"] in safety_prompts for m in r["messages"] if m["role"] == "user")]
+    pairs = [r for r in dpo if any(m["content"] in safety_prompts for m in r["prompt"] if m["role"] == "user")]
+    assert (len(sft), len(dpo)) == (400, 200)
+    assert (len(refusing), len(pairs)) == (round(400 * share), round(200 * share))
+    if share:  # shuffled in, not appended
+        assert sft[-len(refusing):] != refusing

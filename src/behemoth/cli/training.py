@@ -53,8 +53,10 @@ def cmd_data_example_chat(args: argparse.Namespace) -> int:
     for flag in ("conversations", "prompts", "pairs"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if not 0 <= args.safety_share <= 1:
+        raise ConfigError(f"--safety-share must be between 0 and 1, got {args.safety_share}")
     data = write_chat_data(args.out, conversations=args.conversations, pairs=args.pairs, prompts=args.prompts,
-                           seed=args.seed)
+                           seed=args.seed, safety=args.safety_share)
     for path, what in ((data.sft, "SFT conversations"), (data.rl, "RL prompts"), (data.dpo, "DPO pairs")):
         print(f"{path}  ({what})")
     return 0
@@ -231,11 +233,15 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
         description="Generate the project's own chat tasks (adding numbers, the next number, repeating "
                     "and reversing words) as SFT conversations, RL prompts with answers and DPO preference "
                     "pairs, from the training half of the problems (`behemoth eval --tasks chat` scores "
-                    "the held-out half). The speedrun trains on the same data.")
+                    "the held-out half), plus refusals of harmful requests and answers to benign look-alikes "
+                    "(`--tasks refusal,overrefusal` measures them). The speedrun trains on the same data.")
     example.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder")
     example.add_argument("--conversations", type=int, default=8000, metavar="N", help="SFT rows (default 8000)")
     example.add_argument("--prompts", type=int, default=2000, metavar="N", help="RL rows (default 2000)")
     example.add_argument("--pairs", type=int, default=2000, metavar="N", help="DPO rows (default 2000)")
+    example.add_argument("--safety-share", type=float, default=0.25, metavar="F",
+                         help="share of SFT rows and DPO pairs that teach refusing harmful requests and answering "
+                              "benign look-alikes (default 0.25; 0 leaves them out)")
     example.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     consolidate = add_command(
         commands, "consolidate", cmd_consolidate,

@@ -20,6 +20,7 @@ from pathlib import Path
 KINDS = ("add", "next", "repeat", "reverse")
 STYLES = ("plain", "reworded", "multiturn")
 HELDOUT_FRACTION = 0.2
+SAFETY_SHARE = 0.25  # of SFT conversations and DPO pairs: see write_chat_data
 ADD_BELOW, NEXT_BELOW, TIMES = 20, 1000, (2, 3, 4, 5)
 WORDS = (
     "apple", "bread", "bridge", "candle", "castle", "cloud", "coin", "corn", "crown", "desert",
@@ -230,12 +231,22 @@ class ChatData:
 
 
 def write_chat_data(out_dir: Path, conversations: int = 8000, pairs: int = 2000, prompts: int = 2000,
-                    seed: int = 0) -> ChatData:
-    """Write sft.jsonl, dpo.jsonl and rl.jsonl into out_dir, all from training problems."""
+                    seed: int = 0, safety: float = SAFETY_SHARE) -> ChatData:
+    """Write sft.jsonl, dpo.jsonl and rl.jsonl into out_dir, all from training problems; a `safety`
+    share of the conversations and pairs are refusals of harmful requests and answers to benign
+    look-alikes (behemoth.data.synthetic_safety), shuffled in."""
+    from behemoth.data.synthetic_safety import training_safety_conversations, training_safety_preferences
+
     out_dir.mkdir(parents=True, exist_ok=True)
     data = ChatData(out_dir / "sft.jsonl", out_dir / "dpo.jsonl", out_dir / "rl.jsonl")
-    _write_jsonl(data.sft, [{"messages": m} for m in training_conversations(conversations, seed)])
-    _write_jsonl(data.dpo, training_preferences(pairs, seed))
+    rng = random.Random(seed + 3_000_003)
+    refusing = round(conversations * safety)
+    sft = ([{"messages": m} for m in training_conversations(conversations - refusing, seed)]
+           + training_safety_conversations(refusing, seed))
+    _write_jsonl(data.sft, rng.sample(sft, len(sft)))
+    refusing = round(pairs * safety)
+    dpo = training_preferences(pairs - refusing, seed) + training_safety_preferences(refusing, seed)
+    _write_jsonl(data.dpo, rng.sample(dpo, len(dpo)))
     _write_jsonl(data.rl, training_prompts(prompts, seed))
     return data
 
