@@ -11,12 +11,11 @@ the master copy), fp32 gradient shard and AdamW's two fp32 moments, each / fsdp;
 `working_copy_bytes`); activations and logits (see `layer_activation_bytes`); and a reserve for the
 CUDA context, NCCL and EP buffers and fragmentation, none modelled item by item.
 
-Compute: 6 x N_active FLOPs per trained token (Kaplan et al.'s 6ND), without attention's QK^T and AV,
-which are shown apart (3 x their forward FLOPs). Times divide by gpus x peak x MFU, MFU being the share
-of peak spent on the 6N FLOPs (read the "with attention" line if your MFU counts attention, as PaLM and
-torchtitan do). Peak is the H100 SXM dense peak of the dtype; Meta's "390 TFLOP/s" for Behemoth (FP8,
-32K GPUs) is an *achieved* rate, so it goes with MFU 1: 6 x 288e9 x 30e12 / (32,768 x 390e12) s = 47
-days, "about 7 weeks"; the default 989 x 0.40 gives about the same. Not modelled: gradient
+Compute: 6 x N_active FLOPs per trained token (Kaplan et al.'s 6ND), attention's QK^T and AV shown apart;
+times divide by gpus x peak x MFU, MFU being the share of peak spent on the 6N FLOPs (read the "with
+attention" line if your MFU counts attention, as PaLM and torchtitan do). Meta's "390 TFLOP/s" for
+Behemoth (FP8, 32K GPUs) is an *achieved* rate, so it goes with MFU 1: 6 x 288e9 x 30e12 / (32,768 x
+390e12) s = 47 days, "about 7 weeks", as the default 989 x 0.40 gives. Not modelled: gradient
 accumulation, routing imbalance, communication time (assumed overlapped).
 """
 

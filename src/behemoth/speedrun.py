@@ -120,11 +120,9 @@ def speedrun(out_dir: Path, minutes: float = 10.0, seed: int = 0, overrides: lis
              resume: bool = False, progress: bool | None = None, previous: Path | None = None,
              approve_as: str | None = None, fit_to_machine: bool = False) -> Path:
     """Teacher -> student -> SFT -> RL -> DPO (Llama 4's recipe, in miniature), then evaluation, the
-    release gate and the report card; returns the path of report.md.
-
-    previous: an earlier speedrun's folder, whose teacher the report compares with and whose models
-    the gate takes as the last release. approve_as: sign the decisions off as this person and
-    publish them; without it they wait for `behemoth release approve`.
+    release gate and the report card; returns the path of report.md. previous: an earlier speedrun's
+    folder, whose teacher the report compares with and whose models the gate takes as the last
+    release. approve_as: sign off and publish the decisions as this person (else they wait).
     """
     out_dir = Path(out_dir)
     overrides = list(overrides or [])

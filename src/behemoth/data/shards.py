@@ -6,13 +6,11 @@ numpy can memory-map them), `train.idx` and `val.idx` (.npy int64 offsets, docum
 document i is bin[idx[i]:idx[i+1]]) and `manifest.json` (what was read, split and tokenized how, and
 the SHA-256 and size of every file, so `verify` can tell what changed).
 
-A document goes to val when a SHA-256 of (seed, text), read as a number in [0, 1), falls below
-val_fraction (the lowest goes if none does): its split depends only on its text and the seed, so
-adding files moves no document and exact duplicates never straddle the splits. The sources are read
-twice, to split and count, then to tokenize (`encode_batch` in a thread pool; the Rust tokenizer
-releases the GIL). Files are written under temporary names and renamed at the end, the old manifest
-removed first and the new one written last: a crash leaves the previous preparation, or a folder
-that refuses to load, never a mix.
+A document goes to val when a SHA-256 of (seed, text), as a number in [0, 1), is below val_fraction (the
+lowest goes if none is): so adding files moves no document, and duplicates never straddle the splits.
+The sources are read twice, to split, then to tokenize (in a thread pool: the Rust tokenizer releases
+the GIL). Files are renamed into place at the end, the old manifest removed first and the new one
+written last: a crash leaves the previous preparation, or a folder that refuses to load, never a mix.
 """
 
 from __future__ import annotations
@@ -317,12 +315,9 @@ def load_manifest(data_dir: str | Path) -> Manifest:
 
 def verify(data_dir: str | Path, tokenizer: TokenizerLike | None = None, *, check_sources: bool = True,
            sources: Iterable[str | Path] | str | Path | None = None) -> Manifest:
-    """Check a prepared folder against its manifest and return it; one ConfigError names every problem.
-
-    Checks every shard and index file (present, size, SHA-256), the tokenizer if given (SHA-256,
-    vocabulary size), with check_sources every source file, and with `sources` (the paths one
-    would pass to `prepare`) that they name exactly the files the data was made from.
-    """
+    """Check a prepared folder against its manifest (shard and index files; the tokenizer, source files
+    and `sources`, the paths one would pass to `prepare`, if given) and return it; one ConfigError
+    names every problem."""
     directory = Path(data_dir)
     manifest = load_manifest(directory)
     problems: list[str] = []

@@ -93,11 +93,8 @@ def _not_compared(reason: str) -> dict[str, Any]:
 
 
 def paired_bootstrap(terms_a: np.ndarray, terms_b: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """B's ratio metric minus A's over `resamples` paired resamples of the items.
-
-    terms_*: [n, 2] arrays of (numerator, denominator) per item, rows paired. Each replicate weighs
-    item i by how often it was drawn (a multinomial count), which is resampling with replacement.
-    """
+    """B's ratio metric minus A's over `resamples` paired resamples of the items' [n, 2] (numerator,
+    denominator) terms; a replicate weighs item i by how often it was drawn (a multinomial count)."""
     n = len(terms_a)
     out = np.empty(resamples, dtype=np.float64)
     step = max(1, 4_000_000 // max(n, 1))  # replicates per block, to bound memory

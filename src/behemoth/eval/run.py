@@ -47,7 +47,6 @@ def run_eval(model_dir: str | Path, tasks: str | Sequence[str], *, limit: int | 
              seed: int = 0, device: str = "cpu", dtype: str | None = None, out: str | Path | None = None,
              progress: bool | None = None, generation: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate the model directory `model_dir` on `tasks` (syntax: behemoth.eval.tasks).
-
     limit: first N items per task (per paradigm for BLiMP). max_length: tokens per sequence (default:
     the model's context). dtype: "float32", "bfloat16" or None (as stored). progress: None shows a bar
     on a terminal, else a line per task; False nothing. generation: overrides of

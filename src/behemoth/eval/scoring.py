@@ -40,12 +40,9 @@ class Score:
 @torch.no_grad()
 def score_token_pairs(model: Any, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, batch_size: int = 32,
                       max_length: int | None = None, progress: Progress | None = None) -> list[Score]:
-    """Log-likelihood of each continuation after its context, both given as token ids.
-
-    The context must hold at least one token (the prefix). Sequences are sorted by length and
-    right-padded into batches of `batch_size`; padding comes after every real token, so with a
-    causal model it changes nothing. Only the continuation positions go through the LM head.
-    """
+    """Log-likelihood of each continuation after its context (token ids; at least the prefix). Batches
+    are sorted by length and right-padded, which changes nothing for a causal model; only the
+    continuation positions go through the LM head."""
     limit = max_length or model.config.max_position_embeddings
     inputs: list[list[int]] = []
     for number, (context, continuation) in enumerate(pairs):
@@ -121,11 +118,9 @@ def _device_of(model: Any) -> torch.device:
 
 
 def rolling_windows(tokens: Sequence[int], max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(context, continuation) pairs that score tokens[1:] given tokens[0], each token once.
-
-    Window k predicts tokens [1 + k*L, 1 + (k+1)*L) (L = max_length) and sees up to L inputs, so
-    the last window gets full context even when it predicts only a few tokens.
-    """
+    """(context, continuation) pairs that score tokens[1:] given tokens[0], each token once: window k
+    predicts tokens [1 + k*L, 1 + (k+1)*L) and sees up to L = max_length inputs, so the last window
+    has full context even when it predicts only a few tokens."""
     pairs = []
     for start in range(1, len(tokens), max_length):
         end = min(start + max_length, len(tokens))

@@ -55,11 +55,8 @@ def read_entries(log: Path) -> list[dict[str, Any]]:
 
 
 def verify_log(log: str | Path, expect_head: str | None = None) -> LogHead:
-    """Check every link, the sequence numbers and the head file; return the head.
-
-    expect_head: a head SHA-256 kept elsewhere (a release bundle, a ticket); the log must contain
-    that entry (it may have grown since).
-    """
+    """Check every link, the sequence numbers and the head file; return the head. expect_head: a head
+    SHA-256 kept elsewhere (a release bundle), which the log must still contain (it may have grown)."""
     entries, head = _verified(Path(log))
     if expect_head is not None and expect_head != GENESIS:
         if not any(entry["sha256"] == expect_head for entry in entries):
