@@ -109,7 +109,8 @@ def plan_steps(minutes: float, fit_to_machine: bool = False) -> dict[str, int]:
                 for stage in SHARES}
     per_step = {"teacher": seconds_per_step(TEACHER, TEXT_SEQ, BATCH),
                 "student": seconds_per_step(STUDENT, TEXT_SEQ, BATCH, teacher=TEACHER),
-                "sft": seconds_per_step(STUDENT, CHAT_SEQ, BATCH), "dpo": seconds_per_step(STUDENT, CHAT_SEQ, 2 * BATCH)}
+                "sft": seconds_per_step(STUDENT, CHAT_SEQ, BATCH),
+                "dpo": seconds_per_step(STUDENT, CHAT_SEQ, 2 * BATCH)}
     # An RL step is mostly decoding, which no random-token step imitates: scale the reference's
     # time by how this machine's SFT step compares with the reference's.
     per_step["rl"] = REFERENCE_SECONDS_PER_STEP["rl"] * per_step["sft"] / REFERENCE_SECONDS_PER_STEP["sft"]

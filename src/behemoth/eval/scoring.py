@@ -233,11 +233,9 @@ def _multiple_choice(items: Sequence[MultipleChoiceItem], scorer: Scorer, progre
         logprobs = [next(scores).logprob for _ in item.choices]
         chars = [len(c.continuation) for c in item.choices]
         per_char = [lp / max(n, 1) for lp, n in zip(logprobs, chars)]
-        results.append({
-            "id": item.id, "gold": item.gold, "logprobs": logprobs, "chars": chars,
-            "acc": int(_argmax(logprobs) == item.gold), "acc_norm": int(_argmax(per_char) == item.gold),
-            "chance": 1.0 / len(item.choices),
-        })
+        results.append({"id": item.id, "gold": item.gold, "logprobs": logprobs, "chars": chars,
+                        "acc": int(_argmax(logprobs) == item.gold), "acc_norm": int(_argmax(per_char) == item.gold),
+                        "chance": 1.0 / len(item.choices)})
     return results
 
 
@@ -302,8 +300,7 @@ def _generate(items: Sequence[GenItem], scorer: Scorer, progress: Progress | Non
     results = []
     for item, reply, others in zip(items, greedy, sampled):
         result = {"id": item.id, "question": item.messages[-1][1], "answer": item.answer, "match": item.match,
-                  "reply": reply,
-                  "pass@1": int(is_correct(reply, item.answer, item.match))}
+                  "reply": reply, "pass@1": int(is_correct(reply, item.answer, item.match))}
         if n:
             result.update(samples=others, sampled_correct=sum(is_correct(r, item.answer, item.match) for r in others))
         results.append(result)
