@@ -1,11 +1,9 @@
-"""Model directories in the Hugging Face layout: our native format.
+"""Model directories in the Hugging Face layout, our native format: config.json, safetensors
+weights (or shards and their index), generation_config.json and the tokenizer if any.
 
-A model directory holds `config.json`, `model.safetensors` (or shards and their index),
-`generation_config.json` and, when there is one, the tokenizer. `transformers` loads what `save`
-writes, and `load` reads `Llama4ForCausalLM` and `Llama4ForConditionalGeneration` checkpoints
-(text weights only). Only safetensors are read, never a pickle; every tensor name, shape and dtype
-is checked against the config before any weight is used; a save goes to a temporary folder renamed
-into place, so a failure never leaves a half-written model.
+`transformers` loads what `save` writes; `load` reads `Llama4ForCausalLM` and the text weights of
+`Llama4ForConditionalGeneration`. Only safetensors are read, never a pickle, and every tensor's
+name, shape and dtype is checked against the config before any weight is used.
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def empty_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu") -> Transformer:
     """A model of `config` with uninitialised weights of `dtype` on `device`, to be loaded into
-    (built on the meta device: no time is spent on an initialisation that is overwritten)."""
+    (built on the meta device: no time spent initialising what is overwritten)."""
     with torch.device("meta"):
         model = Transformer(config)
     model.to_empty(device=device)
@@ -88,7 +86,7 @@ def _checked_directory(path: str | Path) -> tuple[ModelConfig, list[Path], dict[
 
 @dataclass
 class _Entry:
-    """Where a tensor lives and what its header says, read without loading the data."""
+    """Where a tensor lives and what its header says."""
 
     file: Path
     key: str
@@ -112,7 +110,6 @@ def _index_tensors(files: list[Path]) -> dict[str, _Entry]:
 
 # -- the safetensors header, read and checked by us before the library maps the file --------------
 
-# Bytes per element of every dtype the safetensors format defines.
 SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2,
                            "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8,
                            "F64": 8, "C64": 8}
@@ -132,10 +129,9 @@ class TensorInfo:
 
 
 def read_safetensors_header(file: Path) -> dict[str, TensorInfo]:
-    """The tensors a safetensors file holds, after checking that its header tells the truth: its
-    length against the file size before reading it (a lying length never makes us read past the
-    file or allocate what it claims), then every tensor's dtype, shape and byte range, and that
-    the ranges tile the data section exactly."""
+    """The tensors a safetensors file holds, once its header is checked: its length against the file
+    size before reading it (a lying length never makes us allocate what it claims), then every
+    tensor's dtype, shape and byte range, and that the ranges tile the data section exactly."""
     try:
         with open(file, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
@@ -223,7 +219,7 @@ _SAFETENSORS_FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16"
 
 
 def model_directory(path: str | Path) -> Path:
-    """`path`, checked to be a model directory; a training run's folder is named as such, with its model."""
+    """`path`, checked to be a model directory (a run folder is refused, naming its model)."""
     directory = Path(path)
     if not directory.exists():
         raise CheckpointError(f"{directory}: no such directory")
@@ -295,8 +291,8 @@ def _check_entries(entries: dict[str, _Entry], expected: dict[str, tuple[int, ..
 
 def save(model: Transformer, path: str | Path, tokenizer: Any = None, *, config_form: str = "5",
          max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write `model` (and the tokenizer, if given) as a Hugging Face model directory, assembled in
-    a temporary sibling and renamed into place: readers see the old directory or the new one."""
+    """Write `model` (and the tokenizer, if given) as a model directory, assembled in a temporary
+    sibling and renamed into place: readers see the old directory or the new one."""
     target = Path(path)
     with staging_folder(target) as staging:
         write_model_files(model, staging, config_form=config_form, max_shard_bytes=max_shard_bytes)
@@ -343,8 +339,7 @@ def write_config_files(config: ModelConfig, dtype: torch.dtype, directory: Path,
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """`safetensors.torch.save_file`, with its I/O failures (a full disk) raised as the OSError they are,
-    so callers handle one exception type for every write."""
+    """`safetensors.torch.save_file`, its I/O failures (a full disk) raised as the OSError they are."""
     try:
         save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as err:

@@ -80,9 +80,8 @@ class ModelConfig:
             if not _is_int(value) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(
-                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"num_key_value_heads ({self.num_key_value_heads})")
+            raise ConfigError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                              f"num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.hidden_act != "silu":
@@ -91,34 +90,27 @@ class ModelConfig:
             if self.num_local_experts < 1:
                 raise ConfigError(f"num_local_experts must be >= 1, got {self.num_local_experts}")
             if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
-                raise ConfigError(
-                    f"num_experts_per_tok must be between 1 and num_local_experts "
-                    f"({self.num_local_experts}), got {self.num_experts_per_tok}")
-            if self.intermediate_size <= 0:
-                raise ConfigError(f"intermediate_size must be positive, got {self.intermediate_size}")
+                raise ConfigError(f"num_experts_per_tok must be between 1 and num_local_experts "
+                                  f"({self.num_local_experts}), got {self.num_experts_per_tok}")
         bad = [i for i in self.moe_layers if not 0 <= i < self.num_hidden_layers]
         if bad:
             raise ConfigError(f"moe_layers has indices outside 0..{self.num_hidden_layers - 1}: {bad}")
-        if len(self.moe_layers) < self.num_hidden_layers and self.intermediate_size_mlp <= 0:
-            raise ConfigError(f"intermediate_size_mlp must be positive, got {self.intermediate_size_mlp}")
         if len(self.no_rope_layers) < self.num_hidden_layers:
-            raise ConfigError(
-                f"no_rope_layers has {len(self.no_rope_layers)} entries, need at least "
-                f"num_hidden_layers ({self.num_hidden_layers})")
+            raise ConfigError(f"no_rope_layers has {len(self.no_rope_layers)} entries, need at least "
+                              f"num_hidden_layers ({self.num_hidden_layers})")
         if any(v not in (0, 1) for v in self.no_rope_layers):
             raise ConfigError("no_rope_layers entries must be 0 (NoPE) or 1 (RoPE)")
         if self.attention_chunk_size is not None and self.attention_chunk_size <= 0:
             raise ConfigError(f"attention_chunk_size must be positive or null, got {self.attention_chunk_size}")
-        if self.floor_scale <= 0:
-            raise ConfigError(f"floor_scale must be positive, got {self.floor_scale}")
-        if self.rope_theta <= 0:
-            raise ConfigError(f"rope_theta must be positive, got {self.rope_theta}")
+        needed = {"intermediate_size": bool(self.moe_layers), "floor_scale": True, "rope_theta": True,
+                  "intermediate_size_mlp": len(self.moe_layers) < self.num_hidden_layers}  # dense layers exist
+        for name, applies in needed.items():
+            if applies and getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         self._validate_rope_scaling()
 
     def _validate_rope_scaling(self) -> None:
-        if self.rope_scaling is None:
-            return
-        rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+        rope_type = self.rope_type
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ConfigError(f"rope_scaling.rope_type {rope_type!r} is not supported "
                               f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
@@ -189,9 +181,7 @@ class ModelConfig:
             raise ConfigError(f"{source}: model_type is {model_type!r}, expected 'llama4_text' or 'llama4'")
         field_names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in field_names and k not in ("rope_theta", "rope_scaling")}
-        theta, scaling = _read_rope(data, source)
-        kwargs["rope_theta"] = theta
-        kwargs["rope_scaling"] = scaling
+        kwargs["rope_theta"], kwargs["rope_scaling"] = _read_rope(data, source)
         hidden, heads = kwargs.get("hidden_size"), kwargs.get("num_attention_heads")
         if kwargs.get("head_dim") is None and _is_int(hidden) and _is_int(heads) and hidden > 0 and heads > 0:
             kwargs["head_dim"] = hidden // heads  # otherwise the constructor names the bad field
@@ -284,7 +274,7 @@ def _read_rope(data: dict[str, Any], source: str) -> tuple[float, dict[str, Any]
             scaling["rope_type"] = scaling.pop("type")
         if scaling.get("rope_type", "default") == "default":
             scaling = None
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool):
+    if not _is_number(theta):
         raise ConfigError(f"{source}: rope_theta must be a number, got {theta!r}")
     return float(theta), scaling
 

@@ -1,7 +1,6 @@
 """What every training checkpoint folder (`checkpoints/step-000100/`) shares, whether one process
-wrote it (`train/checkpointing.py`) or many (`distributed/checkpoint.py`): `trainer.json` (step,
-tokens seen, loader position, optimizer hyper-parameters) and `manifest.json`. Only complete
-checkpoints carry a `step-N` name (they are renamed into place): those are what a run can resume.
+wrote it (`train/checkpointing.py`) or many (`distributed/checkpoint.py`): `trainer.json`,
+config.toml and `manifest.json`, and a `step-N` name only once complete (renamed into place).
 """
 
 from __future__ import annotations

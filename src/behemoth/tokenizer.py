@@ -1,27 +1,18 @@
-"""Byte-level BPE: training, the special tokens, the chat template, Hugging Face tokenizer files.
+"""Byte-level BPE (Rust `tokenizers`, never `transformers`): training, special tokens, the chat
+template, Hugging Face tokenizer files (what `transformers.AutoTokenizer` loads: our one format).
 
-Why these choices:
-- Byte-level BPE with the 256-byte initial alphabet: every UTF-8 string encodes and decodes back
-  unchanged, so no text is ever lost to an unknown token.
-- Every digit its own piece, then the GPT-2 split (`Digits(individual_digits=True)`, then
-  `ByteLevel(add_prefix_space=False, use_regex=True)`), no normalizer. Single digits give every
-  number one regular spelling ("41" is "4" "1" as "12" is "1" "2"; left to BPE, frequent numbers
-  merge and others do not), which is what arithmetic needs. llama.cpp tokenizes exactly like this
-  under the pre-tokenizer name `starcoder` (and a tokenizer with the plain GPT-2 split, made before
-  this, under `gpt-2`), so a released model needs no tokenizer of its own there.
-- Llama 4's special-token names and chat layout, at ids 0..5: a model trained here renders chats
-  the way Llama 4 tooling expects, and the ids do not move when the vocabulary size changes.
-- The directory `save_pretrained` writes is what `transformers.AutoTokenizer` loads, so the
-  Hugging Face directory stays our one format.
-
-`transformers` is not imported here; only the Rust `tokenizers` library is.
+- The 256-byte initial alphabet: every UTF-8 string encodes and decodes back unchanged.
+- Every digit its own piece, then the GPT-2 split, no normalizer: every number gets one regular
+  spelling ("41" is "4" "1" as "12" is "1" "2"; left to BPE, frequent numbers merge), which is what
+  arithmetic needs. llama.cpp tokenizes exactly so as `starcoder` (the plain GPT-2 split of older
+  tokenizers as `gpt-2`), so a released model needs no tokenizer of its own there.
+- Llama 4's special tokens and chat layout at ids 0..5, which do not move with the vocabulary size.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -30,6 +21,7 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from behemoth.durable import write_atomic
 from behemoth.errors import ConfigError
 from behemoth.jsonio import read_jsonl
 
@@ -45,15 +37,15 @@ TXT_PIECE_CHARS = 1 << 20  # .txt files reach the trainer in pieces of about thi
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+SPECIAL_TOKENS_MAP = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+                      "additional_special_tokens": [HEADER_START, HEADER_END, EOT]}
 
-# The Jinja twin of `Tokenizer.apply_chat_template`, for transformers and serving stacks. Only
-# expressions emit text (no literal text between tags), so Jinja's whitespace trimming cannot
-# change the output.
-# Llama 4 puts "\n\n" between <|header_end|> and the content. We do not: byte-level BPE would
-# encode those newlines differently when content follows (a whole conversation, or SFT) than at
-# the end of a generation prompt, so the model would be trained on one token boundary and
-# prompted with another. With a special token right before the content, every way of encoding a
-# conversation (whole string, per message, the server's) gives the same ids.
+# The Jinja twin of `Tokenizer.apply_chat_template`. Only expressions emit text, so Jinja's
+# whitespace trimming cannot change the output. Unlike Llama 4, no "\n\n" after <|header_end|>:
+# byte-level BPE would encode those newlines differently when content follows (training) than at
+# the end of a generation prompt, so the model would be prompted with a token boundary it never
+# saw. With a special token right before the content, every way of encoding a conversation (whole
+# string, per message, the server's) gives the same ids.
 CHAT_TEMPLATE = (
     "{{ '<|begin_of_text|>' }}"
     "{% for message in messages %}"
@@ -67,84 +59,46 @@ CHAT_TEMPLATE = (
 
 
 class Tokenizer:
-    """Our tokenizer: a thin wrapper over `tokenizers.Tokenizer` that knows the special tokens.
-
-    The wrapper exists so callers get plain lists of ids, special-token ids by name, the chat
-    layout and a content hash, without learning the `tokenizers` API.
-    """
+    """A thin wrapper over `tokenizers.Tokenizer`: plain lists of ids, special-token ids by name,
+    the chat layout and a content hash, without the `tokenizers` API."""
 
     def __init__(self, backend: tokenizers.Tokenizer, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH):
-        self._backend = backend
-        self._special_ids = _special_token_ids(backend)
+        self.backend = backend  # the `tokenizers.Tokenizer`, for what this wrapper does not cover
+        ids = _special_token_ids(backend)
+        self.bos_id, self.eos_id, self.pad_id = ids[BOS], ids[EOS], ids[PAD]
+        self.eot_id = ids[EOT]  # ends a chat turn: chat generation stops on it as well as on EOS
         self.model_max_length = model_max_length
         self.training_chars: int | None = None  # characters seen by `train_tokenizer`; None if loaded
 
-    # -- encoding ---------------------------------------------------------------------------------
-
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, with no BOS/EOS added: documents are framed by the data pipeline."""
-        return self._backend.encode(text, add_special_tokens=False).ids
+        return self.backend.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Same as `encode` per text, but on the Rust thread pool: the fast path for data prep."""
-        return [e.ids for e in self._backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+        return [e.ids for e in self.backend.encode_batch_fast(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids`; special tokens are kept so that decode(encode(s)) == s for every s.
-
-        Ids outside the vocabulary are skipped (a model's embedding may be larger than the
-        vocabulary); a cut-off multi-byte character decodes to U+FFFD, so stream by whole texts.
-        """
-        return self._backend.decode(list(ids), skip_special_tokens=False)
-
-    # -- properties -------------------------------------------------------------------------------
+        """Text of `ids`, special tokens kept (decode(encode(s)) == s). Ids outside the vocabulary
+        are skipped (an embedding may be larger); a cut multi-byte character decodes to U+FFFD."""
+        return self.backend.decode(list(ids), skip_special_tokens=False)
 
     @property
     def vocab_size(self) -> int:
         """Number of token ids, special tokens included (the model's embedding needs at least this)."""
-        return self._backend.get_vocab_size(with_added_tokens=True)
-
-    @property
-    def bos_id(self) -> int:
-        return self._special_ids[BOS]
-
-    @property
-    def eos_id(self) -> int:
-        return self._special_ids[EOS]
-
-    @property
-    def pad_id(self) -> int:
-        return self._special_ids[PAD]
-
-    @property
-    def eot_id(self) -> int:
-        """End of a chat turn; generation in chat mode stops on this as well as on EOS."""
-        return self._special_ids[EOT]
+        return self.backend.get_vocab_size(with_added_tokens=True)
 
     @property
     def sha256(self) -> str:
-        """Hex SHA-256 of tokenizer.json in canonical form (sorted keys, no whitespace).
-
-        Canonical so the hash names the tokenizer, not the file's formatting: it is the same
-        before and after a save/load, and goes into manifests to tie data shards to a tokenizer.
-        """
-        canonical = json.dumps(json.loads(self._backend.to_str()), sort_keys=True,
+        """Hex SHA-256 of tokenizer.json in canonical form (sorted keys, no whitespace), so the hash
+        names the tokenizer, not the file's formatting: manifests tie data shards to it."""
+        canonical = json.dumps(json.loads(self.backend.to_str()), sort_keys=True,
                                separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
-    @property
-    def backend(self) -> tokenizers.Tokenizer:
-        """The underlying `tokenizers.Tokenizer`, for what this wrapper does not cover."""
-        return self._backend
-
-    # -- chat -------------------------------------------------------------------------------------
-
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
-        """Llama 4 chat layout (without its newlines after the header, see CHAT_TEMPLATE) as text;
-        `CHAT_TEMPLATE` renders the same for transformers.
-
-        Encode the result with `encode`: the special-token strings in it become their ids.
-        """
+        """Llama 4's chat layout as text, as `CHAT_TEMPLATE` renders it (without the newlines after
+        the header); `encode` turns the special-token strings in it into their ids."""
         parts = [BOS]
         for i, message in enumerate(messages):
             role, content = _checked_message(i, message)
@@ -153,20 +107,18 @@ class Tokenizer:
             parts.append(f"{HEADER_START}assistant{HEADER_END}")
         return "".join(parts)
 
-    # -- files ------------------------------------------------------------------------------------
-
     def save_pretrained(self, directory: str | Path, model_max_length: int | None = None) -> Path:
-        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `directory`.
-
-        These are the files `transformers.AutoTokenizer.from_pretrained` reads; each is written
-        to a temporary name and renamed, so a reader never sees half a file.
-        """
+        """Write the files `transformers.AutoTokenizer` reads into `directory`, each atomically."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out / TOKENIZER_FILE, self._backend.to_str(pretty=True))
-        config = self._hf_config(model_max_length or self.model_max_length)
-        _write_atomic(out / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        _write_atomic(out / SPECIAL_TOKENS_MAP_FILE, json.dumps(_special_tokens_map(), indent=2) + "\n")
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+                  "model_max_length": model_max_length or self.model_max_length,
+                  "add_bos_token": False, "add_eos_token": False,
+                  "clean_up_tokenization_spaces": False,  # decoding must give back the exact text
+                  "chat_template": CHAT_TEMPLATE}
+        write_atomic(out / TOKENIZER_FILE, self.backend.to_str(pretty=True))
+        write_atomic(out / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        write_atomic(out / SPECIAL_TOKENS_MAP_FILE, json.dumps(SPECIAL_TOKENS_MAP, indent=2) + "\n")
         return out
 
     @classmethod
@@ -182,34 +134,24 @@ class Tokenizer:
         except ConfigError as err:
             raise ConfigError(f"{folder / TOKENIZER_FILE}: {err}") from None
 
-    def _hf_config(self, model_max_length: int) -> dict[str, Any]:
-        return {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": BOS,
-            "eos_token": EOS,
-            "pad_token": PAD,
-            "model_max_length": model_max_length,
-            "add_bos_token": False,
-            "add_eos_token": False,
-            "clean_up_tokenization_spaces": False,  # decoding must give back the exact text
-            "chat_template": CHAT_TEMPLATE,
-        }
-
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, sha256={self.sha256[:12]}...)"
 
 
-# ------------------------------------------------------------------------------------------------
-# Training
-# ------------------------------------------------------------------------------------------------
+# -- training -------------------------------------------------------------------------------------
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Train byte-level BPE on `texts`; `vocab_size` counts the six special tokens.
-
-    A small corpus can run out of merges first: the result then has fewer ids than asked for
-    (its `vocab_size` says how many), which is safe for a model with the larger embedding.
-    """
+    """Train byte-level BPE on `texts`; `vocab_size` counts the six special tokens. A small corpus
+    can run out of merges first: the result then has fewer ids (safe for the larger embedding)."""
     _check_vocab_size(vocab_size)
+    chars = 0
+
+    def counted() -> Iterator[str]:  # training reports how much text it saw
+        nonlocal chars
+        for text in texts:
+            chars += len(text)
+            yield text
+
     backend = tokenizers.Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
@@ -217,20 +159,17 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    counted = _CharCounter(texts)
-    backend.train_from_iterator(counted, trainer)
-    if counted.chars == 0:
+    backend.train_from_iterator(counted(), trainer)
+    if chars == 0:
         raise ConfigError("no training text: the data given is empty")
     tokenizer = Tokenizer(backend)
-    tokenizer.training_chars = counted.chars
+    tokenizer.training_chars = chars
     return tokenizer
 
 
 def train_tokenizer_from_files(paths: list[Path], vocab_size: int) -> Tokenizer:
-    """Train on .txt files, .jsonl files (their "text" fields) and folders of them.
-
-    Every path is checked before training starts, so a typo fails in a second, not after an hour.
-    """
+    """Train on .txt files, .jsonl files (their "text" fields) and folders of them; every path is
+    checked first, so a typo fails in a second, not after an hour."""
     _check_vocab_size(vocab_size)
     return train_tokenizer(read_texts(find_text_files(paths)), vocab_size)
 
@@ -265,11 +204,8 @@ def read_texts(files: Iterable[Path]) -> Iterator[str]:
 
 
 def _txt_pieces(file: Path) -> Iterator[str]:
-    """A .txt file in pieces of about TXT_PIECE_CHARS, cut where the GPT-2 split cuts anyway.
-
-    Feeding lines would lose whitespace runs that span lines (a paragraph break, an indented
-    line), which the tokenizer then never learns; a whole file may not fit in memory.
-    """
+    """A .txt file in pieces of about TXT_PIECE_CHARS, cut where the GPT-2 split cuts anyway: lines
+    would lose whitespace runs that span them (a paragraph break), a whole file may not fit memory."""
     buffer = ""
     with file.open(encoding="utf-8", newline="") as f:
         while block := f.read(TXT_PIECE_CHARS):
@@ -287,11 +223,9 @@ _SAFE_CUT = re.compile(r"\S(?=[\r\n])")
 
 
 def _last_safe_cut(text: str, start: int) -> int:
-    """Index of the last line break after a non-space character, from `start` on (0 if none).
-
-    No pre-token spans such a point (the non-space character ends its token, and the regex has
-    no look-behind), so both halves pre-tokenize exactly as the whole text would.
-    """
+    """Index of the last line break after a non-space character, from `start` on (0 if none). No
+    pre-token spans such a point (the non-space character ends its token, and the regex has no
+    look-behind), so both halves pre-tokenize exactly as the whole text would."""
     last = None
     for last in _SAFE_CUT.finditer(text, start):
         pass
@@ -306,31 +240,13 @@ def _jsonl_texts(file: Path) -> Iterator[str]:
         yield text
 
 
-class _CharCounter:
-    """Passes texts through, counting characters: training reports how much text it saw."""
-
-    def __init__(self, texts: Iterable[str]):
-        self._texts = iter(texts)
-        self.chars = 0
-
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
-        text = next(self._texts)
-        self.chars += len(text)
-        return text
-
-
 def _check_vocab_size(vocab_size: int) -> None:
     if not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
         raise ConfigError(f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + "
                           f"{len(SPECIAL_TOKENS)} special tokens + 1 merge), got {vocab_size!r}")
 
 
-# ------------------------------------------------------------------------------------------------
-# Helpers
-# ------------------------------------------------------------------------------------------------
+# -- helpers --------------------------------------------------------------------------------------
 
 def _special_token_ids(backend: tokenizers.Tokenizer) -> dict[str, int]:
     ids = {token: backend.token_to_id(token) for token in SPECIAL_TOKENS}
@@ -349,11 +265,6 @@ def _checked_message(index: int, message: Any) -> tuple[str, str]:
     if not isinstance(content, str):
         raise ConfigError(f"chat message {index}: content must be a string, not {type(content).__name__}")
     return role, content
-
-
-def _special_tokens_map() -> dict[str, Any]:
-    return {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
-            "additional_special_tokens": [HEADER_START, HEADER_END, EOT]}
 
 
 def _read_json(file: Path) -> Any:
@@ -383,12 +294,3 @@ def _read_backend(file: Path) -> tokenizers.Tokenizer:
     except Exception as err:  # the Rust library raises plain Exception with a multi-line message
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"{file}: not a tokenizers file ({reason})") from None
-
-
-def _write_atomic(file: Path, text: str) -> None:
-    temporary = file.with_name(f".{file.name}.tmp")
-    with temporary.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, file)

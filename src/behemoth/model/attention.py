@@ -1,14 +1,8 @@
-"""Grouped-query attention with Llama 4's iRoPE.
-
-Two kinds of layer share this module:
-- RoPE layers: rotary positions, optional weightless QK-norm (after the rotation), and *chunked*
-  local causal attention: a query sees only keys of its own chunk of `attention_chunk_size`.
-- NoPE layers: no positional rotation, full causal attention, and optional temperature tuning
-  that sharpens queries at long absolute positions.
-
-Visibility is computed from absolute positions of queries and keys, so the same code serves a
-full forward pass and incremental decoding against a KV cache (anything with the `KVCache`
-protocol below).
+"""Grouped-query attention with Llama 4's iRoPE. RoPE layers rotate, apply an optional weightless
+QK-norm after the rotation, and attend causally within chunks of `attention_chunk_size` only;
+NoPE layers attend causally over everything, with optional temperature tuning that sharpens
+queries at long absolute positions. Visibility comes from absolute positions, so one code path
+serves a full forward and decoding against a `KVCache`.
 """
 
 from __future__ import annotations
@@ -34,8 +28,7 @@ class KVCache(Protocol):
 
 
 def rms_normalize(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """RMS normalisation over the last dimension, computed in float32 (or float64 for float64
-    input), then times `weight`."""
+    """RMS normalisation over the last dimension in float32 (float64 for float64 input), times `weight`."""
     if x.dtype == torch.float32 and (weight is None or weight.dtype == torch.float32):
         # One fused kernel instead of six small ones (they dominate a decode step); for float32
         # it is bitwise equal to the explicit formula below, gradients included.
@@ -146,11 +139,9 @@ def _starts_at_zero(positions: torch.Tensor) -> bool:
 def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Attention of one query per row (a decode step): q [batch, heads, 1, head_dim], k and v
     [batch, kv_heads, keys, head_dim], mask [batch, 1, 1, keys] -> [batch, heads, 1, head_dim].
-
     The heads sharing a key/value head are stacked as its queries, so the cache is read as it is
     (SDPA's grouped-query path copies it per query head, every layer and step). Scores in float32;
-    a query that sees no key gets zeros, as from SDPA.
-    """
+    a query that sees no key gets zeros, as from SDPA."""
     batch, heads, _, dim = q.shape
     kv_heads = k.shape[1]
     queries = q.reshape(batch, kv_heads, heads // kv_heads, dim).float()

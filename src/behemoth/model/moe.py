@@ -1,14 +1,10 @@
 """Llama 4 mixture of experts: token-choice top-k routing, sparse routed experts, shared expert.
 
-Routing semantics (as `transformers`' Llama4TextMoe computes them):
-- router logits without bias, in float32; the top-k experts are picked from the raw logits;
-- each picked expert's gate is sigmoid(its logit); unpicked experts get 0; no renormalisation;
-- the gate scales the expert's *input*: expert(gate * x), not gate * expert(x);
-- an always-on shared expert is added to the routed output.
-
+Routing as `transformers`' Llama4TextMoe computes it: float32 router logits without bias pick the
+top-k experts; a picked expert's gate is sigmoid(its logit), not renormalised, and scales the
+expert's *input*: expert(gate * x), not gate * expert(x); an always-on shared expert is added.
 Unlike transformers, which runs every token through every expert and zeroes the unpicked ones,
-only the tokens routed to an expert go through it: tokens are sorted by expert and each expert
-runs one matmul over its contiguous slice.
+tokens are sorted by expert and each expert runs one matmul over its own slice.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""Rotary position embedding, Llama 4 flavour.
-
-Llama 4 rotates *interleaved pairs* (dimensions 0-1, 2-3, ...) as complex numbers, not the two
-halves of the head as Llama 2/3 in transformers do. We write the complex product out in real
-arithmetic so it runs under torch.compile and on any backend.
+"""Rotary position embedding, Llama 4 flavour: *interleaved pairs* (dimensions 0-1, 2-3, ...) rotate
+as complex numbers, not the two halves of the head as Llama 2/3 in transformers. The complex
+product is written out in real arithmetic so it runs under torch.compile and on any backend.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""The Llama 4 text transformer: embeddings, decoder blocks, final norm, LM head.
-
-Module and parameter names follow `transformers`' `Llama4ForCausalLM`, so our state dict *is* a
-Hugging Face checkpoint: `model.layers.3.feed_forward.experts.gate_up_proj` and so on.
-The model knows nothing of training, parallelism, checkpoint files or serving.
+"""The Llama 4 text transformer: embeddings, decoder blocks, final norm, LM head. Module and
+parameter names follow `transformers`' `Llama4ForCausalLM`, so our state dict *is* a Hugging Face
+checkpoint (`model.layers.3.feed_forward.experts.gate_up_proj`, ...).
 """
 
 from __future__ import annotations
