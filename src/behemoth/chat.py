@@ -1,22 +1,20 @@
-"""`behemoth chat --model DIR`: a terminal chat on the engine, with streaming output.
-
-    from behemoth.chat import ChatSession
-    session = ChatSession.load("runs/speedrun/model", temperature=0.7)
-    for piece in session.reply("Hello"):      # text pieces as they are generated
-        print(piece, end="", flush=True)
-
-`run_chat` is the interactive loop around it (/reset, /exit, /help). When the conversation outgrows
+"""`behemoth chat --model DIR`: a terminal chat on the engine, streaming. `ChatSession.reply` yields
+a reply's text pieces; `run_chat` is the interactive loop around it. When the conversation outgrows
 the context, its oldest turns are dropped (the system message stays), never the new message.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
 from behemoth.errors import ConfigError
+from behemoth.inference.engine import SamplingParams, leave_cores_to_engines
+from behemoth.inference.offline import load_engine
+from behemoth.inference.prompts import TokenText
 
 HELP = "commands: /reset starts over, /exit (or Ctrl-D) quits; Ctrl-C stops a reply"
 
@@ -24,8 +22,6 @@ HELP = "commands: /reset starts over, /exit (or Ctrl-D) quits; Ctrl-C stops a re
 class ChatSession:
     def __init__(self, engine: Any, tokenizer: Any, context: int, temperature: float = 0.7, max_tokens: int = 256,
                  system: str | None = None, seed: int | None = None):
-        from behemoth.inference.prompts import TokenText
-
         self.engine, self.context = engine, context
         self.text = TokenText(tokenizer)
         self.temperature, self.max_tokens, self.seed = temperature, max_tokens, seed
@@ -37,10 +33,7 @@ class ChatSession:
     @classmethod
     def load(cls, model_dir: str | Path, max_context: int | None = None, threads: int | None = None,
              weights: str = "float32", compile: bool = False, **options: Any) -> ChatSession:
-        """Load a model directory and start an engine for it (`threads`: torch threads, default the
-        caller's count; `weights`: the weight format; `compile`: a compiled decode step)."""
-        from behemoth.inference.offline import load_engine
-
+        """Load a model directory and start an engine for it (see `inference.load_engine`)."""
         engine = load_engine(model_dir, max_batch_size=1, max_queue=1, max_context=max_context, threads=threads,
                              weights=weights, compile=compile)
         engine.start()
@@ -68,10 +61,8 @@ class ChatSession:
             del self.messages[: 2 if len(self.messages) > 2 else 1]
 
     def reply(self, text: str) -> Iterator[str]:
-        """Send a user message; yields the reply's text as it streams. Closing the iterator early
-        (or Ctrl-C while iterating) stops generation and keeps what came so far."""
-        from behemoth.inference.engine import SamplingParams
-
+        """Send a user message and yield the reply's text as it streams; closing the iterator early
+        (or Ctrl-C) stops generation and keeps what came so far."""
         self.messages.append({"role": "user", "content": text})
         prompt = self._fitted_prompt()
         seed = None if self.seed is None else self.seed + self._turns
@@ -139,8 +130,6 @@ def chat_main(model_dir: str | Path, temperature: float = 0.7, max_tokens: int =
         raise ConfigError(f"--temperature must be between 0 and 2, got {temperature}")
     if max_tokens < 1:
         raise ConfigError(f"--max-tokens must be at least 1, got {max_tokens}")
-    from behemoth.inference.engine import leave_cores_to_engines
-
     if compile:  # the compile takes a while and prints nothing of its own
         print("compiling the decode step (about half a minute, up to 2 minutes on a loaded machine)...",
               file=sys.stderr, flush=True)
@@ -148,10 +137,8 @@ def chat_main(model_dir: str | Path, temperature: float = 0.7, max_tokens: int =
                                weights=weights, compile=compile, temperature=temperature, max_tokens=max_tokens,
                                system=system, seed=seed)
     try:
-        try:
+        with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input())
-        except ImportError:
-            pass
         run_chat(session, name=Path(model_dir).name)
     finally:
         session.close()

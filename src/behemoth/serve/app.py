@@ -1,18 +1,9 @@
 """The OpenAI-compatible API and the chat page: `create_app(...)` and `serve(...)`.
 
-Routes:
-    GET  /                      the chat page (static HTML/JS/CSS from `static/`)
-    GET  /health                {"status": "ok"}
-    GET  /metrics               Prometheus text: requests, tokens, latency histograms, queue depth
-    GET  /v1/models             the served models (those the key may use)
-    GET  /v1/models/{name}
-    POST /v1/completions        text completion (streaming over SSE with "stream": true)
-    POST /v1/chat/completions   chat completion through the tokenizer's chat template
-
-Every path under /v1 passes the key check (`calls.KeyGate`) before routing, so no route can skip
-it. Bad input gets a 4xx with an OpenAI-shaped body, `{"error": {"message", "type", "param",
-"code"}}`; a 500 means a bug. Model names are looked up only in the dict of configured models,
-never on the file system. No route returns weights, files, full logits or anything about other keys.
+Routes: the chat page (`/`, files from `static/`), `/health`, `/metrics`, and under /v1, behind the
+key check (`calls.KeyGate`, before routing, so no route can skip it): `models`, `models/{name}`,
+`completions` and `chat/completions`. Bad input gets a 4xx with an OpenAI-shaped body; a 500 means
+a bug. No route returns weights, files, full logits or anything about other keys.
 """
 
 from __future__ import annotations
@@ -104,8 +95,6 @@ def create_app(models: Iterable[ServedModel], keys: KeyStore, settings: Settings
     def begin(request: Request, route: str) -> Call:
         return Call(state, route, request.scope.get("behemoth.key"))
 
-    # -- static page, health, metrics -----------------------------------------------------------
-
     def static_route(name: str, media_type: str) -> Any:
         async def page() -> Response:
             content = resources.files("behemoth.serve").joinpath("static", name).read_bytes()
@@ -123,43 +112,35 @@ def create_app(models: Iterable[ServedModel], keys: KeyStore, settings: Settings
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
-    # -- /v1 ------------------------------------------------------------------------------------
-
     def model_card(model: ServedModel) -> dict[str, Any]:
         return {"id": model.name, "object": "model", "created": model.created, "owned_by": "behemoth"}
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:
-        call = begin(request, "/v1/models")
-
-        async def work() -> Response:
+        with begin(request, "/v1/models") as call:
             call.admit().settle(0)
             data = [model_card(m) for m in served.values() if call.key.allows_model(m.name)]  # type: ignore[union-attr]
             call.done(200)
             return JSONResponse({"object": "list", "data": data})
-        return await call.guard(work())
 
     @app.get("/v1/models/{name:path}")
     async def get_model(request: Request, name: str) -> Response:
-        call = begin(request, "/v1/models/{model}")
-
-        async def work() -> Response:
+        with begin(request, "/v1/models/{model}") as call:
             call.admit().settle(0)
             model = state.model_for(call.key, name)  # type: ignore[arg-type]
             call.model = model.name
             call.done(200)
             return JSONResponse(model_card(model))
-        return await call.guard(work())
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        call = begin(request, "/v1/completions")
-        return await call.guard(generate(call, request, chat=False))
+        with begin(request, "/v1/completions") as call:
+            return await generate(call, request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        call = begin(request, "/v1/chat/completions")
-        return await call.guard(generate(call, request, chat=True))
+        with begin(request, "/v1/chat/completions") as call:
+            return await generate(call, request, chat=True)
 
     return app
 

@@ -1,9 +1,6 @@
-"""The audit log: one JSON line per API request, appended whole.
-
-A line holds the time, request id, key id (never the key), route, model, token counts, HTTP status
-and latency; prompt and completion text only with `--log-prompts`. Each line is one `write` on an
-O_APPEND descriptor, so concurrent writers never interleave inside a line, and a crash leaves at
-most a cut last line, which readers skip.
+"""The audit log: one JSON line per API request (key id, never the key; text only with
+`--log-prompts`), each one `write` on an O_APPEND descriptor, so concurrent writers never interleave
+inside a line and a crash leaves at most a cut last line, which readers skip.
 """
 
 from __future__ import annotations

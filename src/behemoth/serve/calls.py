@@ -1,13 +1,11 @@
-"""Who may call and what each call costs: the state all calls share (`ServerState`), the key check
-of every path under /v1 (`KeyGate`, ASGI middleware before routing), and `Call`, the admission,
-metrics and audit line of one API call, whether or not it reached a route.
+"""The state all calls share (`ServerState`), the key check of every path under /v1 (`KeyGate`), and
+`Call`: the admission, metrics and audit line of one API call, whether or not it reached a route.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Awaitable
 from typing import Any
 
 from starlette.datastructures import Headers
@@ -87,16 +85,15 @@ class Call:
         except RateLimited as err:
             raise limited(err) from None
 
-    async def guard(self, work: Awaitable[Any]) -> Any:
-        """Await a route's work; an error ends the call with its status before it goes on."""
-        try:
-            return await work
-        except ApiError as err:
+    def __enter__(self) -> Call:
+        return self
+
+    def __exit__(self, kind: Any, err: BaseException | None, traceback: Any) -> None:
+        """A route's work raised: end the call with the error's status before it goes on."""
+        if isinstance(err, ApiError):
             self.done(err.status, err.code)
-            raise
-        except Exception as err:
+        elif isinstance(err, Exception):
             self.done(500, type(err).__name__)
-            raise
 
     def token_seen(self) -> None:
         if self.first_token is None:
@@ -134,10 +131,8 @@ def _route_label(path: str) -> str:
 
 
 class KeyGate:
-    """ASGI middleware: the key check for every path under /v1, and the body size limit.
-
-    It runs before routing, so an unknown /v1 path is a 401 to a caller without a key, not a 404.
-    """
+    """ASGI middleware: the body size limit, and the key check of every path under /v1, before
+    routing (so an unknown /v1 path is a 401 to a caller without a key, not a 404)."""
 
     def __init__(self, app: Any, state: ServerState):
         self.app, self.state = app, state

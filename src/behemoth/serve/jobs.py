@@ -1,6 +1,5 @@
-"""Generation calls: a body becomes a job checked against the model and `Settings`, its choices go
-to the engine, and the events come back as one JSON response or an SSE stream in OpenAI's shapes.
-The one place in serve/ that talks to the engine.
+"""Generation calls, the one place in serve/ that talks to the engine: a body becomes a checked job,
+its choices go to the engine, and the events come back as JSON or an SSE stream in OpenAI's shapes.
 """
 
 from __future__ import annotations
@@ -79,8 +78,6 @@ async def generate(call: Call, request: Request, chat: bool) -> Response:
     return await _run_job(call, job, ticket)
 
 
-# -- turning a request body into a job ------------------------------------------------------------
-
 def _invalid(err: ConfigError) -> ApiError:
     return ApiError(400, str(err), "invalid_value", getattr(err, "field", None))
 
@@ -100,12 +97,8 @@ def _max_tokens(settings: Settings, model: ServedModel, requested: int | None, p
     if requested is not None and requested > settings.max_tokens_limit:
         raise ApiError(400, f"{param} must be at most {settings.max_tokens_limit}, got {requested}.", "invalid_value",
                        param)
-    room = model.context - prompt_len
-    if requested is None:
-        requested = min(settings.default_max_tokens, room)
-        if requested >= 1:
-            return requested
-        requested = 1
+    if requested is None:  # the default, capped at the room left; with none left, the error below
+        requested = max(min(settings.default_max_tokens, model.context - prompt_len), 1)
     if prompt_len + requested > model.context:
         raise ApiError(400, f"This model's maximum context length is {model.context} tokens. However, you requested "
                             f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} in the "
@@ -197,8 +190,6 @@ def _completion_prompts(model: ServedModel, prompt: Any) -> list[list[int]]:
     return prompts
 
 
-# -- running a job on the engine ------------------------------------------------------------------
-
 def _submit(job: _Job) -> None:
     """Submit every choice to the engine; on any failure cancel those already submitted."""
     try:
@@ -220,14 +211,6 @@ def _submit(job: _Job) -> None:
 
 async def _events(choices: list[_Choice]) -> AsyncIterator[tuple[_Choice, Any]]:
     """Events of all choices' engine requests, as they come; unfinished ones are cancelled on exit."""
-    if len(choices) == 1:
-        try:
-            async for event in choices[0].request:
-                yield choices[0], event
-        finally:
-            if choices[0].finish_reason is None:
-                choices[0].request.cancel()
-        return
     queue: asyncio.Queue = asyncio.Queue()
     end = object()
 
@@ -342,8 +325,6 @@ def _shutting_down() -> ApiError:
     return ApiError(503, "The server is shutting down; retry shortly.", "server_shutting_down",
                     headers={"Retry-After": "1"})
 
-
-# -- OpenAI's response shapes ---------------------------------------------------------------------
 
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"

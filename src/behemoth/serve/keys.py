@@ -1,9 +1,6 @@
-"""API keys: created once, stored hashed, checked in constant time, revocable while serving.
-
-A key is `bh-<id>-<secret>`: `id`, 12 hex characters, names the key in lists and logs; `secret` is
-32 random bytes. The keys file (JSON, mode 0600: {"version": 1, "keys": [KeyRecord, ...]}) holds
-only the SHA-256 of each key: a plain fast hash suffices, as a 256-bit secret leaves nothing to
-guess. A running server rereads the file when it changes, so `behemoth keys revoke` acts at once.
+"""API keys `bh-<12 hex id>-<secret of 32 random bytes>`: created once, stored hashed, checked in
+constant time, revocable while serving (the server rereads the keys file when it changes). The
+file (JSON, mode 0600) holds only each key's SHA-256: a 256-bit secret leaves nothing to guess.
 """
 
 from __future__ import annotations
@@ -37,9 +34,8 @@ _DUMMY_HASH = hashlib.sha256(b"behemoth: no such key").hexdigest()
 
 @dataclass
 class Limits:
-    """Per-key limits, None meaning unlimited: per sliding minute, and (token_quota) over the key's
-    life, counted from the audit log, or since the server started if it has none. Tokens: prompt
-    + completion."""
+    """Per-key limits (None: unlimited) per sliding minute, and over the key's life (token_quota,
+    counted from the audit log). Tokens: prompt + completion."""
 
     requests_per_minute: int | None = 60
     tokens_per_minute: int | None = 100_000
@@ -114,8 +110,6 @@ def parse_key_id(key: str) -> str | None:
     return match.group(1) if match else None
 
 
-# -- the keys file --------------------------------------------------------------------------------
-
 def read_keys(path: str | Path) -> list[KeyRecord]:
     """All records in a keys file; a missing file holds no keys."""
     file = Path(path)
@@ -180,8 +174,6 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-# -- checking keys while serving ------------------------------------------------------------------
-
 class AuthError(Exception):
     """A request's key is missing, unknown or revoked; `status` is 401 or 403."""
 
@@ -244,8 +236,7 @@ class KeyStore:
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     def _refresh(self) -> None:
-        """Reread the file if it changed. A file that no longer parses (only a hand edit can break
-        it) fails closed: only the in-memory keys stay valid until it is fixed."""
+        """Reread the file if it changed; one that no longer parses fails closed (in-memory keys only)."""
         if self._path is None or self._file_stamp() == self._stamp:
             return
         with self._lock:

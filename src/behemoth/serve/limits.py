@@ -1,8 +1,6 @@
-"""Per-key rate limits (requests and tokens per sliding minute) and token quotas.
-
-A request reserves what it may use (prompt + max_tokens) once admitted and settles to what it used
-when it ends, so a burst of concurrent requests cannot overrun a limit before the first finishes.
-A quota is a hard cap on a key's tokens: a request that could cross it is refused.
+"""Per-key rate limits (requests and tokens per sliding minute) and token quotas (a hard cap). A
+request reserves prompt + max_tokens and settles to what it used when it ends, so a burst of
+concurrent requests cannot overrun a limit before the first finishes.
 """
 
 from __future__ import annotations

@@ -1,6 +1,4 @@
-"""The models a server answers for: `ServedModel`, `--model` specs, and loading a model folder
-(`behemoth.release` checks release names against `MODEL_NAME`).
-"""
+"""The models a server answers for: `ServedModel`, `--model` specs, and loading a model folder."""
 
 from __future__ import annotations
 
@@ -15,7 +13,7 @@ from behemoth.inference.offline import load_engine
 from behemoth.inference.prompts import TokenText
 from behemoth.tokenizer import Tokenizer
 
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # behemoth.release checks release names with it
 
 
 @dataclass
@@ -59,7 +57,6 @@ def parse_model_specs(specs: list[str]) -> dict[str, Path]:
 def load_served_model(name: str, directory: str | Path, max_batch_size: int = 16, max_queue: int = 256,
                       max_context: int | None = None, threads: int | None = None,
                       weights: str = "float32", compile: bool = False) -> ServedModel:
-    """Load a model directory into an engine (`behemoth.inference.load_engine`, not started yet)
-    served under `name`."""
+    """A model directory in an engine (`inference.load_engine`, not started yet) served as `name`."""
     engine = load_engine(directory, max_batch_size, max_queue, max_context, threads, weights, compile)
     return ServedModel(name=name, engine=engine, tokenizer=engine.tokenizer, context=engine.max_context)

@@ -1,6 +1,5 @@
-"""What a request may send and what a refusal looks like: `Settings` (the bounds), the strict
-request bodies, `ApiError` with its OpenAI-shaped body, and reading a JSON body under a size limit
-and a deadline.
+"""What a request may send and what a refusal looks like: `Settings` (the bounds), the strict request
+bodies, `ApiError` with its OpenAI-shaped body, and reading a body under a size limit and a deadline.
 """
 
 from __future__ import annotations
@@ -62,8 +61,6 @@ def error_response(err: ApiError) -> JSONResponse:
 def too_large(limit: int) -> ApiError:
     return ApiError(413, f"Request body too large: the limit is {limit} bytes.", "request_too_large")
 
-
-# -- request bodies -------------------------------------------------------------------------------
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -138,7 +135,7 @@ def _validation_error(err: ValidationError) -> ApiError:
 
 async def read_body(request: Request, settings: Settings, chat: bool) -> Body:
     """The JSON body as a ChatBody or CompletionBody, read with a running size check (Content-Length
-    may lie or be missing) and a deadline, so a client trickling its body cannot hold a task forever."""
+    may lie) and a deadline (a client trickling its body must not hold a task forever)."""
     limit, timeout = settings.max_body_bytes, settings.body_timeout_s
     content_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
     if content_type not in ("application/json", ""):
