@@ -1,11 +1,5 @@
-"""Data: documents from files, the embedded corpus, token shards and the packed resumable loader.
-
-    iter_documents(paths, text_field="text")   Documents from text / JSONL / Parquet / datasets folders
-    embedded_corpus(cache_dir) -> Path          the World English Bible, extracted once (speedrun corpus)
-    prepare(paths, tokenizer, out_dir, ...)     train/val token shards + manifest.json -> Manifest
-    load_manifest(dir), verify(dir, tokenizer)  read / check a prepared folder
-    PackedLoader(dir, split, batch_size, seq_len, seed)  next_batch(), state_dict(), iter_eval_batches()
-"""
+"""Data: documents from files (iter_documents), the embedded corpus, train/val token shards with their
+manifest (prepare, load_manifest, verify), and the packed, resumable loader (PackedLoader)."""
 
 from behemoth.data.embedded import embedded_corpus
 from behemoth.data.loader import PackedLoader

@@ -1,10 +1,5 @@
-"""The release gate and both release paths.
-
-    load_policy(path=None) -> Policy          (default: the shipped toy-scale policy)
-    run_gate(model_dir, policy, out_dir, baseline=None, variables={}, log=...) -> decision record
-    approve(record, by) / publish(record, out=...)   sign-off, then the open bundle or the closed registry
-    verify_log(log) -> LogHead                 the audit log's hash chain, checked end to end
-"""
+"""The release gate (load_policy, run_gate), sign-off and both release paths (approve, then publish:
+an open bundle or the closed registry), and the audit log's hash chain (verify_log)."""
 
 from behemoth.release.audit import AuditError, verify_log
 from behemoth.release.gate import GateError, decide, load_record, run_gate
