@@ -199,8 +199,6 @@ def _rounded(value: Any) -> Any:
     return value
 
 
-# -- record files --------------------------------------------------------------------------------
-
 def write_record(out: Path, record: dict[str, Any]) -> None:
     from behemoth.eval.cache import write_json_atomic
     from behemoth.release.cards import decision_markdown

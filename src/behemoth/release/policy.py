@@ -137,8 +137,6 @@ def parse_policy(data: dict[str, Any], where: str = "policy", sha256: str = "") 
     return Policy(name=name, path=where, sha256=sha256, evaluations=evaluations, rules=rules, compare=compare)
 
 
-# -- field checks --------------------------------------------------------------------------------
-
 def _keys(table: Any, where: str, allowed: set[str]) -> None:
     if not isinstance(table, dict):
         raise PolicyError(f"{where}: expected a table")
