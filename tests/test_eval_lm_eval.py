@@ -1,9 +1,14 @@
-"""The `behemoth` model type in lm-evaluation-harness, on local task YAMLs over local JSONL (no hub)."""
+"""The `behemoth` model type in lm-evaluation-harness, on local task YAMLs over local JSONL (no hub);
+and `behemoth eval lm-eval` without the hub: a cached hub dataset loads, one that is not is one line."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,6 +146,112 @@ def test_bad_model_dir_is_one_line(tmp_path):
 
     with pytest.raises(EvalError, match="no such model directory"):
         BehemothLM(pretrained=str(tmp_path / "missing"))
+
+
+# ------------------------------------------------------------------------------------------------
+# No hub: the datasets of hub tasks come from the local cache or not at all, without retries
+# ------------------------------------------------------------------------------------------------
+
+HUB_TASK = """\
+task: {task}
+dataset_path: {path}
+dataset_kwargs:
+  cache_dir: {cache}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: choices
+doc_to_target: gold
+metric_list:
+  - metric: acc
+"""
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+NO_HUB = "http://127.0.0.1:9"  # nothing listens on the discard port: refused at once
+
+
+def cache_as_downloaded(repo_id: str, rows: list[dict], cache_dir: Path) -> None:
+    """`rows` in `cache_dir` as datasets leaves a hub dataset it has downloaded
+    (NAMESPACE___NAME/default/VERSION/HASH/: dataset_info.json and NAME-test.arrow)."""
+    from datasets.data_files import DataFilesDict
+    from datasets.packaged_modules.json.json import Json
+
+    source = cache_dir.parent / f"{repo_id.replace('/', '-')}.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    builder = Json(cache_dir=str(cache_dir), dataset_name=repo_id.split("/")[1], repo_id=repo_id, hash="0" * 16,
+                   data_files=DataFilesDict.from_patterns({"test": [str(source)]}))
+    builder.download_and_prepare()
+    config_dir = Path(builder.cache_dir).parent.parent  # "default-<hash of the data files>"
+    config_dir.rename(config_dir.with_name("default"))
+
+
+@pytest.fixture(scope="module")
+def hub_tasks(tmp_path_factory):
+    """Two tasks on hub datasets: behemoth_cached_test's is in its cache, behemoth_uncached_test's is not."""
+    root = tmp_path_factory.mktemp("hub")
+    cache_as_downloaded("behemoth-tests/cached", QUESTIONS, root / "cache")
+    for task, path in (("behemoth_cached_test", "behemoth-tests/cached"),
+                       ("behemoth_uncached_test", "behemoth-tests/never-downloaded")):
+        (root / f"{task}.yaml").write_text(HUB_TASK.format(task=task, path=path, cache=root / "cache"), encoding="utf-8")
+    return root
+
+
+@pytest.fixture
+def no_hub(monkeypatch, tmp_path):
+    """No offline variable set, the hub's address refusing connections, an empty HF_HOME; and the
+    harness's command line indexing only the tasks named here, not its ~10,000 built-in task
+    files (8 s here)."""
+    from lm_eval import tasks
+
+    class OwnTasksOnly(tasks.TaskManager):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "include_defaults": False})
+
+    monkeypatch.setattr(tasks, "TaskManager", OwnTasksOnly)
+    for variable in OFFLINE_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", NO_HUB)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-home" / "datasets"))
+    return monkeypatch
+
+
+def lm_eval_cli(monkeypatch, setup, hub_tasks, task: str) -> int:
+    from behemoth.cli import main
+
+    # The harness's log handler keeps the stderr of its first run in this process: this test's capture now.
+    for handler in logging.getLogger("lm_eval").handlers:
+        if type(handler) is logging.StreamHandler:  # not pytest's capturing handlers
+            monkeypatch.setattr(handler, "stream", sys.stderr)
+    return main(["eval", "lm-eval", "--model", "behemoth", "--model_args", f"pretrained={setup[0]}",
+                 "--batch_size", "2", "--include_path", str(hub_tasks), "--tasks", task])
+
+
+@pytest.mark.parametrize("offline", ["hub-unreachable", "offline-set"])
+def test_dataset_not_cached_without_hub_is_one_line_naming_the_task(offline, setup, hub_tasks, no_hub, capsys):
+    """Exit status 2 and one line, at once: offline mode (set, or set because the hub does not
+    answer) makes datasets look in the cache only, instead of retrying the hub for ~40 s."""
+    if offline == "offline-set":
+        no_hub.setenv("HF_DATASETS_OFFLINE", "1")
+        why = "offline mode is set (HF_DATASETS_OFFLINE)"
+    else:
+        why = f"{NO_HUB} cannot be reached (no network?)"
+    assert lm_eval_cli(no_hub, setup, hub_tasks, "behemoth_uncached_test") == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        "behemoth: error: lm-eval: the dataset of task 'behemoth_uncached_test' (behemoth-tests/never-downloaded) "
+        f"could not be fetched and is not in the local cache: {why}; connect, or point HF_HOME (or "
+        "HF_DATASETS_CACHE) at a cache that holds it")
+    assert "Traceback" not in err
+    # the run's offline mode ends with it
+    assert [os.environ.get(v) for v in OFFLINE_VARIABLES] == [None, "1" if offline == "offline-set" else None, None]
+    import huggingface_hub.constants
+
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False
+
+
+def test_dataset_in_the_cache_loads_without_hub(setup, hub_tasks, no_hub, capsys):
+    assert lm_eval_cli(no_hub, setup, hub_tasks, "behemoth_cached_test") == 0
+    assert "behemoth_cached_test" in capsys.readouterr().out  # the harness's results table
 
 
 def test_cli_passes_arguments_through(setup, monkeypatch):

@@ -14,12 +14,25 @@ command line cannot see ours; these run it with the type registered, arguments u
 model_args: pretrained=DIR (required), batch_size, max_length, device, dtype (float32 / bfloat16),
 max_gen_toks (default 256), seed (sampling seed, default 0). Scoring is behemoth.eval.scoring's:
 the same numbers `behemoth eval` computes (prefix token, whitespace handling, rolling windows).
+
+Without a network the harness's datasets library would retry the Hugging Face hub for about 40
+seconds and then fail with a long traceback. So the command line first asks the hub (one HEAD
+request, a few seconds at most) unless HF_HUB_OFFLINE, HF_DATASETS_OFFLINE or TRANSFORMERS_OFFLINE
+already says how to run: when it does not answer, the run goes offline (HF_HUB_OFFLINE=1,
+HF_DATASETS_OFFLINE=1), where datasets in the local cache (HF_HOME, HF_DATASETS_CACHE) and local
+files still load, and a dataset that would have to be fetched is one line naming its task.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import ssl
 import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +45,9 @@ from behemoth.eval.run import _torch_dtype, load_model_tokenizer
 from behemoth.eval.scoring import Scorer
 
 GENERATION_CHUNK = 16  # new tokens between checks for a stop string
+HUB = "https://huggingface.co"
+HUB_PROBE_SECONDS = 5.0
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
 @register_model("behemoth")
@@ -118,12 +134,106 @@ def _batch_size(value: int | str | None, max_batch_size: int | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The lm-eval command line with the `behemoth` type registered; arguments as for `lm_eval`."""
+    """The lm-eval command line with the `behemoth` type registered; arguments as for `lm_eval`.
+
+    Offline when the hub cannot be reached (see the module docstring); a dataset that could not
+    be fetched is an EvalError naming its task."""
+    from huggingface_hub.utils import LocalEntryNotFoundError
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval", *(sys.argv[1:] if argv is None else argv)]
-    cli_evaluate()
+    with _offline_unless_hub_answers() as offline_because:
+        try:
+            cli_evaluate()
+        except BrokenPipeError:  # a ConnectionError too, but our output's: the caller's to handle
+            raise
+        except (ConnectionError, LocalEntryNotFoundError) as err:
+            problem = _not_fetched(err, offline_because)
+            if problem is None:
+                raise
+            raise problem from None
     return 0
+
+
+@contextmanager
+def _offline_unless_hub_answers() -> Iterator[str | None]:
+    """Offline mode for the duration, when the environment leaves it open and the hub does not
+    answer; yields why the run is offline (None when it is not). The environment is restored after."""
+    before = {name: os.environ.get(name) for name in OFFLINE_VARIABLES}
+    reason = None
+    if any(_true(value) for value in before.values()):
+        reason = f"offline mode is set ({', '.join(n for n, v in before.items() if _true(v))})"
+    elif not any(value is not None for value in before.values()):
+        endpoint = os.environ.get("HF_ENDPOINT", HUB).rstrip("/")
+        if not _answers(endpoint):
+            reason = f"{endpoint} cannot be reached (no network?)"
+            os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    _apply_offline_variables()
+    try:
+        yield reason
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        _apply_offline_variables()
+
+
+def _true(value: str | None) -> bool:
+    return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _answers(url: str) -> bool:
+    """Whether anything answers at `url` (through the proxies the environment names): one request,
+    no retries. A refused certificate counts as an answer: the hub's own client, which may trust
+    other certificates, decides then."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=HUB_PROBE_SECONDS).close()
+    except urllib.error.HTTPError:
+        return True
+    except urllib.error.URLError as err:
+        return isinstance(err.reason, ssl.SSLError)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _apply_offline_variables() -> None:
+    """huggingface_hub and datasets read the offline variables once, when imported: make those
+    already imported (in this process, by an earlier run) see them as they are now."""
+    hub = _true(os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE"))
+    datasets_value = os.environ.get("HF_DATASETS_OFFLINE")
+    datasets_offline = hub if datasets_value is None else _true(datasets_value)
+    if (constants := sys.modules.get("huggingface_hub.constants")) is not None:
+        constants.HF_HUB_OFFLINE = hub
+    if (config := sys.modules.get("datasets.config")) is not None:
+        config.HF_HUB_OFFLINE = config.HF_DATASETS_OFFLINE = datasets_offline
+
+
+def _not_fetched(err: Exception, offline_because: str | None) -> EvalError | None:
+    """One line for a dataset that could not be fetched, naming the task whose loading raised
+    `err`; for a hub file outside any task, one line too; None for any other connection error."""
+    from huggingface_hub.utils import LocalEntryNotFoundError, OfflineModeIsEnabled
+    from lm_eval.api.task import Task
+
+    task, tb = None, err.__traceback__
+    while tb is not None:  # the innermost task on the way from the harness to the error
+        candidate = tb.tb_frame.f_locals.get("self")
+        if isinstance(candidate, Task):
+            task = candidate
+        tb = tb.tb_next
+    why = offline_because or f"{type(err).__name__}: {err}"
+    remedy = "connect, or point HF_HOME (or HF_DATASETS_CACHE) at a cache that holds it"
+    if task is None:
+        if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+            return EvalError(f"lm-eval: a file could not be fetched from the Hugging Face hub: {why}; {remedy}")
+        return None
+    config = getattr(task, "config", None)
+    name = getattr(config, "task", None) or type(task).__name__
+    path = getattr(config, "dataset_path", None) or getattr(task, "DATASET_PATH", None)
+    dataset = f"the dataset of task {name!r}" + (f" ({path})" if path else "")
+    return EvalError(f"lm-eval: {dataset} could not be fetched and is not in the local cache: {why}; {remedy}")
 
 
 if __name__ == "__main__":
