@@ -196,16 +196,12 @@ class Engine:
         if decoder is not None and getattr(decoder, "model", None) is not model:
             raise ConfigError("the compiled decoder was built for another model than the engine's")
         self.model = model.eval()  # the engine owns the model from here: inference only
-        self.tokenizer = tokenizer
-        self.max_batch_size = max_batch_size
-        self.max_queue = max_queue
-        self.max_context = max_context or model_context
-        self.prefill_chunk = prefill_chunk
+        self.tokenizer, self.max_batch_size, self.max_queue = tokenizer, max_batch_size, max_queue
+        self.max_context, self.prefill_chunk = max_context or model_context, prefill_chunk
         self.threads = threads if threads is not None else torch.get_num_threads()  # of the engine thread
         self.decoder = decoder  # a compiled decode step (behemoth.inference.compiled), or None: eager
         self.vocab_size = model.config.vocab_size
         self.eos_token_ids = frozenset(_end_token_ids(tokenizer, model))
-
         self._cond = threading.Condition()  # guards the queue and the closing flag
         self._queue: deque[Request] = deque()
         self._closing = False
@@ -328,8 +324,7 @@ class Engine:
             return not self._closing
 
     def _fail_in_flight(self, error: BaseException) -> None:
-        """After a failed step the batch cache cannot be trusted: fail every admitted request
-        (queued ones are untouched and run next)."""
+        """After a failed step the cache cannot be trusted: fail every admitted request (queued ones run next)."""
         slots = self._running + self._prefilling
         self._running, self._prefilling, self._batch = [], [], None
         for slot in slots:

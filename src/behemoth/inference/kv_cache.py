@@ -21,9 +21,8 @@ MIN_CAPACITY = 64  # first allocation, in slots: avoids regrowing on every token
 
 
 class LayerCache:
-    """Keys, values [batch, kv_heads, capacity, head_dim] and positions [batch, capacity] (-1 =
-    empty) of one layer. `window`: a chunked layer's chunk size (None = global); `max_length` caps
-    a global layer's capacity."""
+    """One layer's keys, values [batch, kv_heads, capacity, head_dim] and positions [batch, capacity]
+    (-1 = empty); `window` is a chunked layer's chunk size (None: global, capped at `max_length` slots)."""
 
     def __init__(self, batch: int, kv_heads: int, head_dim: int, window: int | None, max_length: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
@@ -39,8 +38,8 @@ class LayerCache:
 
     def update(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Store key/value [batch, kv_heads, new, head_dim] at `positions` [batch, new]; return
-        the keys, values and positions attention must consider."""
+        """Store key/value [batch, kv_heads, new, head_dim] at `positions` [batch, new]; return the keys,
+        values and positions attention must consider."""
         if self.window is not None and key.shape[2] > 1:
             # Several tokens into a ring: a later token of this step may need the very slot an
             # earlier one of its own chunk is in (a prompt crossing a chunk boundary), so attend
@@ -66,8 +65,7 @@ class LayerCache:
 
     def _store_one(self, key: torch.Tensor, value: torch.Tensor, positions: torch.Tensor) -> None:
         """Decode step: one token per row."""
-        low, high = positions.aminmax()
-        low, high = int(low), int(high)  # the one host read of the step (it sizes the buffers)
+        low, high = (int(end) for end in positions.aminmax())  # the step's one host read (it sizes the buffers)
         if low < 0:  # a padding row among them: rare, take the careful path
             self._store_many(key, value, positions)
             return
@@ -104,8 +102,7 @@ class LayerCache:
 
     def _reserve_through(self, position: int) -> None:
         """Make the slot of every position up to `position` addressable (a ring: at most its chunk)."""
-        needed = position + 1
-        self._reserve(min(needed, self.window) if self.window is not None else needed)
+        self._reserve(position + 1 if self.window is None else min(position + 1, self.window))
 
     def _reserve(self, needed: int) -> None:
         """Make slots [0, needed) addressable; grow by doubling, never past the limit."""
@@ -171,8 +168,7 @@ class ModelCache:
 
     @classmethod
     def for_model(cls, model: Transformer, batch_size: int, max_length: int | None = None) -> ModelCache:
-        """Empty caches shaped for `model`: chunked local layers get a ring of one chunk, global
-        layers up to `max_length` slots (default: the model's context)."""
+        """Empty caches for `model`: a ring of one chunk per chunked layer, up to `max_length` slots per global one."""
         config = model.config
         max_length = max_length or config.max_position_embeddings
         return cls([

@@ -36,9 +36,8 @@ class Completion:
 def complete(model: Transformer, tokenizer, prompts: Sequence[str | list[int]],
              params: SamplingParams | Sequence[SamplingParams] | None = None, max_batch_size: int = 32,
              progress: Callable[[int, int], None] | None = None) -> list[Completion]:
-    """A completion for every prompt (text or token ids), in prompt order, at most `max_batch_size` at
-    a time; `params`: one SamplingParams for all or one per prompt. `progress(done, total)` is called
-    as they finish. A bad prompt or setting raises (a ConfigError) before anything runs."""
+    """A completion for every prompt (text or token ids), in order; `params`: one for all or one per
+    prompt; `progress(done, total)` as they finish. A bad prompt or setting raises before anything runs."""
     per_prompt = _params_per_prompt(params, len(prompts))
     ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
     was_training = model.training

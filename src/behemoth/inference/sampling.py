@@ -88,8 +88,7 @@ def _check_float(name: str, value: object, low: float, high: float | None = None
 
 @dataclass
 class Choice:
-    """The token picked for one row, with its log-probability under the model's raw
-    distribution (softmax of the logits, before penalty, temperature and filters)."""
+    """The token picked for one row, with its logprob under the model's raw distribution (softmax of the logits)."""
 
     token_id: int
     logprob: float
@@ -99,9 +98,8 @@ class Choice:
 def sample_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
                   generators: Sequence[torch.Generator | None],
                   seen: torch.Tensor | None = None) -> list[Choice]:
-    """One token per row of `logits` [batch, vocab] (float32), with one params and generator (None:
-    torch's global one) per row. seen: bool [batch, vocab], each row's prompt and output tokens,
-    for a repetition penalty."""
+    """One token per row of `logits` [batch, vocab] (float32), each with its params and generator (None:
+    torch's global one); seen: bool [batch, vocab], each row's prompt and output tokens, for a penalty."""
     raw = logits
     logits = _penalize_repeats(logits, params, seen)
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)

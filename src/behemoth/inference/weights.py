@@ -25,8 +25,7 @@ DEQUANTIZED_ROWS = 32
 
 
 def prepare_weights(model: Transformer, weights: str = "float32", cpu: CpuFeatures | None = None) -> Transformer:
-    """Convert `model` in place to the serving weight format `weights` (see WEIGHT_FORMATS), with
-    the kernels chosen for `cpu` (default: this machine's)."""
+    """Convert `model` in place to the serving format `weights`, with the kernels chosen for `cpu` (default: here)."""
     if weights not in WEIGHT_FORMATS:
         raise ConfigError(f"unknown weight format {weights!r} (choose from {', '.join(WEIGHT_FORMATS)})")
     paths = choose_paths(cpu or detect_cpu())

@@ -60,8 +60,7 @@ class _Job:
 
 
 async def generate(call: Call, request: Request, chat: bool) -> Response:
-    """The work of /v1/completions (or /v1/chat/completions with `chat`): admit the call, read the
-    body, reserve its tokens, submit it and answer. The ticket is settled whatever happens."""
+    """The work of /v1/completions or (`chat`) /v1/chat/completions; the ticket is settled whatever happens."""
     ticket = call.admit()
     try:
         body = await read_body(request, call.state.settings, chat)

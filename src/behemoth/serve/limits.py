@@ -38,8 +38,7 @@ class Ticket:
 
     def __init__(self, limiter: RateLimiter, key: KeyRecord, usage: _Usage, entry: list):
         self._limiter, self._key, self._usage, self._entry = limiter, key, usage, entry
-        self._reserved = 0
-        self._settled = False
+        self._reserved, self._settled = 0, False
 
     def reserve(self, tokens: int) -> None:
         """Reserve up to `tokens` (prompt + max_tokens), or raise RateLimited."""
@@ -60,9 +59,7 @@ class RateLimiter:
         """used: tokens each key id has already spent (from the audit log), for quotas."""
         self._clock = clock
         self._lock = threading.Lock()
-        self._usage: dict[str, _Usage] = {}
-        for key_id, tokens in (used or {}).items():
-            self._usage[key_id] = _Usage(total=tokens)
+        self._usage: dict[str, _Usage] = {key_id: _Usage(total=tokens) for key_id, tokens in (used or {}).items()}
 
     def used(self, key_id: str) -> int:
         with self._lock:
