@@ -292,16 +292,15 @@ async def _run_job(call: Call, job: _Job, ticket: Ticket) -> Response:
                     call.token_seen()
                     start, offset = len(choice.tokens), choice.chars
                     counted = _apply(job, choice, event)
-                    delta_text = event.text
-                    choice.chars += len(delta_text)
+                    choice.chars += len(event.text)
                     logprobs = _logprobs(job, choice, start, offset) if counted else None
                     if job.chat:
-                        if delta_text or logprobs:
-                            yield _sse(_chunk(job, choice, {"content": delta_text}, logprobs, None))
+                        if event.text or logprobs:
+                            yield _sse(_chunk(job, choice, {"content": event.text}, logprobs, None))
                         if event.finish_reason is not None:
                             yield _sse(_chunk(job, choice, {}, None, event.finish_reason))
                     else:
-                        yield _sse(_chunk(job, choice, delta_text, logprobs, event.finish_reason))
+                        yield _sse(_chunk(job, choice, event.text, logprobs, event.finish_reason))
             if job.include_usage:
                 yield _sse({**_chunk(job, None, None, None, None), "usage": _usage(job)})
             yield "data: [DONE]\n\n"

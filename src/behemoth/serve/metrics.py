@@ -70,11 +70,9 @@ class Histogram:
         yield f"# TYPE {self.name} histogram"
         with self._lock:
             for values, series in sorted(self._series.items()):
-                for bound, count in zip(self.buckets, series):
-                    le = 'le="' + _number(bound) + '"'
+                for bound, count in zip((*self.buckets, math.inf), series):  # the +Inf bucket holds the count
+                    le = f'le="{_number(bound)}"'
                     yield f"{self.name}_bucket{_labels(self.labels, values, le)} {count}"
-                le = 'le="+Inf"'
-                yield f"{self.name}_bucket{_labels(self.labels, values, le)} {series[-2]}"
                 yield f"{self.name}_count{_labels(self.labels, values)} {series[-2]}"
                 yield f"{self.name}_sum{_labels(self.labels, values)} {_number(series[-1])}"
 
