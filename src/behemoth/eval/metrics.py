@@ -11,7 +11,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from behemoth.eval.tasks import GENERATE, LAST_WORD, MINIMAL_PAIRS, MULTIPLE_CHOICE, PERPLEXITY
+from behemoth.eval.safety import ITEM_SCORES, summarize_safety
+from behemoth.eval.tasks import GENERATE, LAST_WORD, MINIMAL_PAIRS, MULTIPLE_CHOICE, PERPLEXITY, SAFETY
 
 ACCURACY_KINDS = (MULTIPLE_CHOICE, LAST_WORD, MINIMAL_PAIRS)
 PASS_AT = (1, 5, 10, 20, 50, 100)  # the k of the pass@k reported, up to the samples drawn
@@ -39,6 +40,8 @@ def summarize(kind: str, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 "nats_per_token": nats / tokens if tokens else float("nan"),
                 "perplexity": math.exp(nats / tokens) if tokens else float("nan"),
                 "tokens": tokens, "bytes": n_bytes}
+    if kind == SAFETY:
+        return summarize_safety(items)
     if kind == GENERATE:
         return {"n": n, "pass@1": _mean([i["pass@1"] for i in items]), **_sampled_pass_at(items)}
     return {"n": n}
@@ -54,8 +57,11 @@ def _sampled_pass_at(items: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 
 def stderr(kind: str, metric: str, items: Sequence[dict[str, Any]]) -> float | None:
-    """Standard error of an accuracy (binomial); None for other metrics."""
-    if kind not in (*ACCURACY_KINDS, GENERATE) or not items:
+    """Standard error of an accuracy or rate (binomial); None for other metrics."""
+    if kind == SAFETY:  # over the items the classifier scored
+        items = [i for i in items if "failed" not in i]
+        metric = ITEM_SCORES[metric]
+    if kind not in (*ACCURACY_KINDS, GENERATE, SAFETY) or not items:
         return None
     p = _mean([i[metric] for i in items])
     return math.sqrt(p * (1 - p) / len(items))
@@ -65,6 +71,8 @@ def ratio_terms(kind: str, metric: str, item: dict[str, Any]) -> tuple[float, fl
     """(numerator, denominator) of one item in its task's primary metric."""
     if kind == PERPLEXITY:
         return item["nats"] / math.log(2), float(item["bytes"])
+    if kind == SAFETY:  # an item the classifier failed on counts in neither part
+        return (0.0, 0.0) if "failed" in item else (float(item[ITEM_SCORES[metric]]), 1.0)
     return float(item[metric]), 1.0
 
 

@@ -36,7 +36,8 @@ from behemoth.eval.core import core_score
 from behemoth.eval.errors import EvalError
 from behemoth.eval.metrics import stderr, summarize
 from behemoth.eval.scoring import GENERATE_SETTINGS, SAMPLE_SETTINGS, Scorer, requests_per_item, score_items
-from behemoth.eval.tasks import GENERATE, SAMPLES, Task, item_key, load_tasks, olmo_eval_version, parse_task_list
+from behemoth.eval.tasks import GENERATE, SAFETY, SAMPLES, Task, item_key, load_tasks, olmo_eval_version, parse_task_list
+from behemoth.safety import StringClassifier
 
 RESULTS_SCHEMA = "behemoth.eval.results/1"
 CHUNK_ITEMS = 256  # items scored between cache writes
@@ -45,12 +46,14 @@ CHUNK_ITEMS = 256  # items scored between cache writes
 def run_eval(model_dir: str | Path, tasks: str | Sequence[str], *, limit: int | None = None, batch_size: int = 32,
              max_length: int | None = None, cache_dir: str | Path | None = None, use_cache: bool = True,
              seed: int = 0, device: str = "cpu", dtype: str | None = None, out: str | Path | None = None,
-             progress: bool | None = None, generation: dict[str, Any] | None = None) -> dict[str, Any]:
+             progress: bool | None = None, generation: dict[str, Any] | None = None,
+             classifier: Any = None) -> dict[str, Any]:
     """Evaluate the model directory `model_dir` on `tasks` (syntax: behemoth.eval.tasks).
     limit: first N items per task (per paradigm for BLiMP). max_length: tokens per sequence (default:
     the model's context). dtype: "float32", "bfloat16" or None (as stored). progress: None shows a bar
     on a terminal, else a line per task; False nothing. generation: overrides of
-    scoring.GENERATE_SETTINGS. Any bad input raises a BehemothError naming the problem.
+    scoring.GENERATE_SETTINGS. classifier: what judges the replies of safety tasks (behemoth.safety;
+    default the string classifier). Any bad input raises a BehemothError naming the problem.
     """
     started = time.perf_counter()
     generation = check_generation(generation)
@@ -71,7 +74,7 @@ def run_eval(model_dir: str | Path, tasks: str | Sequence[str], *, limit: int | 
                         f"only {model.config.vocab_size}: tokenizer and weights do not belong together")
     results = evaluate_model(model, tokenizer, loaded, model_info=model_info, batch_size=batch_size,
                              max_length=max_length, cache_dir=cache_dir, use_cache=use_cache, seed=seed,
-                             progress=progress, limit=limit, generation=generation)
+                             progress=progress, limit=limit, generation=generation, classifier=classifier)
     results["elapsed_s"] = round(time.perf_counter() - started, 3)
     if out is not None:
         try:
@@ -85,7 +88,8 @@ def evaluate_model(model: Any, tokenizer: Any, tasks: str | Sequence[str] | Sequ
                    model_info: dict[str, Any],
                    batch_size: int = 32, max_length: int | None = None, cache_dir: str | Path | None = None,
                    use_cache: bool = True, seed: int = 0, progress: bool | None = None,
-                   limit: int | None = None, generation: dict[str, Any] | None = None) -> dict[str, Any]:
+                   limit: int | None = None, generation: dict[str, Any] | None = None,
+                   classifier: Any = None) -> dict[str, Any]:
     """Score `tasks` (a task list, or tasks.load_tasks's result) with a loaded model; the cache is used
     only when model_info carries the weights' "sha256" (see describe_model)."""
     started = time.perf_counter()
@@ -96,10 +100,14 @@ def evaluate_model(model: Any, tokenizer: Any, tasks: str | Sequence[str] | Sequ
                 "max_length": scorer.max_length, "prefix": "eos", "prefix_id": scorer.prefix_id,
                 "dtype": str(model.dtype).removeprefix("torch."), "device": str(getattr(model, "device", "cpu")),
                 "seed": seed, "samples": dict(SAMPLE_SETTINGS), "generation": check_generation(generation)}
+    if any(task.kind == SAFETY for task in tasks):
+        classifier = classifier or StringClassifier()
+        settings["classifier"] = classifier.describe()
     root = None
     if use_cache and model_info.get("sha256"):
         root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    entries = {task.name: _run_task(task, scorer, settings, model_info, root, seed, progress) for task in tasks}
+    entries = {task.name: _run_task(task, scorer, settings, model_info, root, seed, progress, classifier)
+               for task in tasks}
     return {"schema": RESULTS_SCHEMA,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "elapsed_s": round(time.perf_counter() - started, 3), "model": model_info, "settings": settings,
@@ -107,14 +115,16 @@ def evaluate_model(model: Any, tokenizer: Any, tasks: str | Sequence[str] | Sequ
 
 
 def _run_task(task: Task, scorer: Scorer, settings: dict[str, Any], model_info: dict[str, Any],
-              root: Path | None, seed: int, progress: bool | None) -> dict[str, Any]:
+              root: Path | None, seed: int, progress: bool | None, classifier: Any = None) -> dict[str, Any]:
     started = time.perf_counter()
     fingerprint = {"kind": task.kind, "version": task.version, "tokenizer_sha256": model_info.get("tokenizer_sha256"),
                    "prefix_id": settings["prefix_id"], "max_length": settings["max_length"], "dtype": settings["dtype"]}
     if task.kind == SAMPLES:
         fingerprint.update(seed=seed, samples=settings["samples"])
-    if task.kind == GENERATE:
+    if task.kind in (GENERATE, SAFETY):
         fingerprint.update(seed=seed, generation=settings["generation"])
+    if task.kind == SAFETY:
+        fingerprint.update(classifier=settings["classifier"])
     cache = ScoreCache(root, model_info.get("sha256") or "", task.name, fingerprint)  # root None: memory only
     keys = [item_key(item) for item in task.items]
     results: list[dict[str, Any] | None] = [cache.get(k) for k in keys]
@@ -128,10 +138,12 @@ def _run_task(task: Task, scorer: Scorer, settings: dict[str, Any], model_info: 
         for start in range(0, len(todo), CHUNK_ITEMS):
             chunk = todo[start:start + CHUNK_ITEMS]
             scored = score_items(task.kind, [task.items[i] for i in chunk], scorer,
-                                 progress=bar.update if bar else None, seed=seed, generation=settings["generation"])
+                                 progress=bar.update if bar else None, seed=seed, generation=settings["generation"],
+                                 classifier=classifier)
             for i, result in zip(chunk, scored):
                 results[i] = result
-                cache.put(keys[i], result)
+                if "failed" not in result:  # a judge that failed is asked again next time
+                    cache.put(keys[i], result)
             cache.flush()
     finally:
         if bar:

@@ -34,6 +34,7 @@ DEFAULT_FILES = {"refusal": "advbench_harmful_behaviors.jsonl", "overrefusal": "
 LABELS = {"refusal": ("harmful",), "overrefusal": ("benign",), "xstest": ("harmful", "benign")}
 METRICS = {"refusal": "refusal_rate", "overrefusal": "compliance_rate", "xstest": "appropriate_rate"}
 RESAMPLES, CONFIDENCE = 1000, 0.95
+ITEM_SCORES = {"refusal_rate": "refused", "compliance_rate": "complied", "appropriate_rate": "appropriate"}
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def load_safety_rows(task: str, arg: str | None) -> tuple[str, list[dict[str, An
     if arg and not path.is_file():
         raise EvalError(f"{task}: {path}: no such file")
     if path.is_file():
-        rows, source, digest = read_jsonl(path), str(path), sha256_file(path)
+        rows, source, digest = [row for _, row in read_jsonl(path)], str(path), sha256_file(path)
     else:
         from behemoth.data.synthetic_safety import heldout_safety_rows
 
@@ -70,7 +71,7 @@ def load_safety_rows(task: str, arg: str | None) -> tuple[str, list[dict[str, An
         digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode("utf-8")).hexdigest()
     for number, row in enumerate(rows, start=1):
         if not isinstance(row.get("prompt"), str) or row.get("label") not in ("harmful", "benign"):
-            raise EvalError(f"{source}: line {number}: needs a text \"prompt\" and \"label\" harmful or benign")
+            raise EvalError(f"{source}: row {number}: needs a text \"prompt\" and a \"label\", harmful or benign")
     return source, [r for r in rows if r["label"] in LABELS[task]], digest
 
 

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from behemoth.eval.errors import EvalError
-from behemoth.eval.tasks import (GENERATE, LAST_WORD, MINIMAL_PAIRS, MULTIPLE_CHOICE, PERPLEXITY, SAMPLES, GenItem,
-                                 LastWordItem, MinimalPairItem, MultipleChoiceItem, PromptItem, TextItem)
+from behemoth.eval.tasks import (GENERATE, LAST_WORD, MINIMAL_PAIRS, MULTIPLE_CHOICE, PERPLEXITY, SAFETY, SAMPLES,
+                                 GenItem, LastWordItem, MinimalPairItem, MultipleChoiceItem, PromptItem, TextItem)
 from behemoth.inference.offline import complete
 from behemoth.inference.sampling import SamplingParams
 
@@ -204,13 +204,22 @@ GENERATE_SETTINGS = {"max_new_tokens": 48, "samples": 0, "temperature": 0.8}
 
 
 def score_items(kind: str, items: Sequence[Any], scorer: Scorer, progress: Progress | None = None,
-                seed: int = 0, generation: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+                seed: int = 0, generation: dict[str, Any] | None = None, classifier: Any = None) -> list[dict[str, Any]]:
     """Per-item results (JSON-ready dicts) for items of one task kind; `generation` overrides
-    GENERATE_SETTINGS for generative tasks."""
+    GENERATE_SETTINGS for generative and safety tasks, whose replies `classifier` judges
+    (behemoth.safety; the string classifier by default)."""
     if kind == SAMPLES:
         return _samples(items, scorer, progress, seed)
     if kind == GENERATE:
         return _generate(items, scorer, progress, seed, {**GENERATE_SETTINGS, **(generation or {})})
+    if kind == SAFETY:
+        from behemoth.eval.safety import judge_replies
+        from behemoth.safety import StringClassifier
+
+        budget = {**GENERATE_SETTINGS, **(generation or {})}["max_new_tokens"]
+        prompts = _chat_prompts([[("user", item.prompt)] for item in items], scorer, budget)
+        replies = _greedy_replies(prompts, scorer, budget, progress)
+        return judge_replies(items, replies, classifier or StringClassifier())
     scorers = {MULTIPLE_CHOICE: _multiple_choice, LAST_WORD: _last_word, MINIMAL_PAIRS: _minimal_pairs,
                PERPLEXITY: _perplexity}
     if kind in scorers:
@@ -282,17 +291,14 @@ def _samples(items: Sequence[PromptItem], scorer: Scorer, progress: Progress | N
 def _generate(items: Sequence[GenItem], scorer: Scorer, progress: Progress | None, seed: int,
               settings: dict[str, Any]) -> list[dict]:
     """A greedy reply per item, checked; with `samples` n > 0, n sampled replies more, for pass@k."""
-    from behemoth.data.chat import render_prompt
     from behemoth.rewards import is_correct
 
     budget, n = settings["max_new_tokens"], settings["samples"]
-    stops = [scorer.tokenizer.eot_id, scorer.tokenizer.eos_id]
-    prompts = [scorer.fit_prompt(render_prompt(scorer.tokenizer, [{"role": r, "content": c} for r, c in item.messages]),
-                                 budget) for item in items]
-    greedy = scorer.complete(prompts, SamplingParams(max_new_tokens=budget, temperature=0.0, stop_token_ids=stops),
-                             progress)
+    prompts = _chat_prompts([item.messages for item in items], scorer, budget)
+    greedy = _greedy_replies(prompts, scorer, budget, progress)
     sampled: list[list[str]] = [[] for _ in items]
     if n:
+        stops = [scorer.tokenizer.eot_id, scorer.tokenizer.eos_id]
         params = [SamplingParams(max_new_tokens=budget, temperature=settings["temperature"], stop_token_ids=stops,
                                  seed=_sample_seed(seed, item.id, j)) for item in items for j in range(n)]
         replies = scorer.complete([p for p in prompts for _ in range(n)], params)
@@ -305,6 +311,20 @@ def _generate(items: Sequence[GenItem], scorer: Scorer, progress: Progress | Non
             result.update(samples=others, sampled_correct=sum(is_correct(r, item.answer, item.match) for r in others))
         results.append(result)
     return results
+
+
+def _chat_prompts(conversations: Sequence[Sequence[tuple[str, str]]], scorer: Scorer, budget: int) -> list[list[int]]:
+    """Each (role, content) conversation in the chat template, open for the assistant's reply."""
+    from behemoth.data.chat import render_prompt
+
+    return [scorer.fit_prompt(render_prompt(scorer.tokenizer, [{"role": r, "content": c} for r, c in turns]), budget)
+            for turns in conversations]
+
+
+def _greedy_replies(prompts: list[list[int]], scorer: Scorer, budget: int, progress: Progress | None) -> list[str]:
+    stops = [scorer.tokenizer.eot_id, scorer.tokenizer.eos_id]
+    return scorer.complete(prompts, SamplingParams(max_new_tokens=budget, temperature=0.0, stop_token_ids=stops),
+                           progress)
 
 
 def _sample_seed(seed: int, item_id: str, sample: int) -> int:

