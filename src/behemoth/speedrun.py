@@ -208,7 +208,8 @@ def gate_and_release(folder: Path, stages: dict, heldout: Path, baselines: dict[
             record = load_record(record_dir)[0]
         else:
             record = run_gate(stages[stage].model_dir, None, record_dir, baseline=baselines.get(name),
-                              variables={"heldout": str(heldout)}, log=log, progress=progress)
+                              variables={"heldout": str(heldout)}, log=log, progress=progress,
+                              kind="chat" if name == "chat" else "base")
         outcome = {"record": record, "record_dir": record_dir, "approved_by": None, "location": None,
                    "registry": None}
         digest = sha256_file(record_dir / "decision.json")

@@ -21,7 +21,8 @@ def cmd_gate(args: argparse.Namespace) -> int:
         if not sep or not name:
             raise ConfigError(f"--var {item!r}: expected NAME=VALUE")
         variables[name] = value
-    record = run_gate(args.model, args.policy, args.out, baseline=args.baseline, variables=variables, log=args.log)
+    record = run_gate(args.model, args.policy, args.out, baseline=args.baseline, variables=variables, log=args.log,
+                      kind=args.kind)
     print(f"decision: {record['decision']} (rule {record['rule']}: {record['reason']})")
     print(f"record: {Path(args.out) / RECORD_FILE} (takes effect after `behemoth release approve {args.out} --by NAME`)")
     return 0
@@ -91,6 +92,9 @@ def add_release_commands(commands: argparse._SubParsersAction) -> None:
     gate.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for the decision record (new)")
     gate.add_argument("--log", type=Path, default=DEFAULT_LOG, metavar="FILE",
                       help=f"the audit log (default {DEFAULT_LOG})")
+    gate.add_argument("--kind", choices=("chat", "base"), default="chat",
+                      help="what the model is (default chat): the policy's chat-only evaluations (refusals of "
+                           "harmful requests, in the default policy) are not run on a base model")
 
     release_commands = add_group(commands, "release",
                                  help="approve and publish gate decisions; check the audit log",

@@ -14,7 +14,7 @@ from typing import Any
 from behemoth.errors import BehemothError
 from behemoth.hashing import sha256_file
 from behemoth.release import audit
-from behemoth.release.policy import BASELINE_CONDITIONS, DECISIONS, Policy, PolicyError, Rule, load_policy
+from behemoth.release.policy import BASELINE_CONDITIONS, DECISIONS, MODEL_KINDS, Policy, PolicyError, Rule, load_policy
 
 DECISION_SCHEMA = "behemoth.release.decision/1"
 RECORD_FILE, RECORD_MARKDOWN = "decision.json", "decision.md"
@@ -51,11 +51,14 @@ def changed_part(folder: str | Path, identity: dict[str, Any]) -> str | None:
 
 def run_gate(model_dir: str | Path, policy: Policy | str | Path | None, out_dir: str | Path, *,
              baseline: str | Path | None = None, variables: dict[str, str] | None = None,
-             log: str | Path = DEFAULT_LOG, progress: bool | None = None) -> dict[str, Any]:
-    """Evaluate, apply the policy's rules in order, write the record and log the decision."""
+             log: str | Path = DEFAULT_LOG, progress: bool | None = None, kind: str = "chat") -> dict[str, Any]:
+    """Evaluate, apply the policy's rules in order, write the record and log the decision. `kind`
+    ("chat" or "base") says what the model is: evaluations meant for the other kind are not run."""
     from behemoth.eval import compare_results, run_eval, write_json_atomic
 
     policy = policy if isinstance(policy, Policy) else load_policy(policy)
+    if kind not in MODEL_KINDS:
+        raise GateError(f"--kind {kind!r}: give one of {', '.join(MODEL_KINDS)}")
     variables = dict(variables or {})
     out = Path(out_dir)
     if (out / RECORD_FILE).exists():
@@ -72,6 +75,8 @@ def run_gate(model_dir: str | Path, policy: Policy | str | Path | None, out_dir:
     evaluations: dict[str, dict[str, Any]] = {}
     done: dict[tuple, dict[str, Any]] = {}  # evaluations with the same tasks and settings run once
     for name, evaluation in policy.evaluations.items():
+        if not evaluation.applies_to(kind):
+            continue
         settings = dict(limit=evaluation.limit, max_length=evaluation.max_length, batch_size=evaluation.batch_size,
                         seed=evaluation.seed)
         key = (task_lists[name], *settings.values())
@@ -95,7 +100,7 @@ def run_gate(model_dir: str | Path, policy: Policy | str | Path | None, out_dir:
         evaluations[name] = entry
 
     trace, fired = decide(policy, evaluations, has_baseline=base is not None)
-    record = {"schema": DECISION_SCHEMA, "created": audit.utc_now(), "model": model, "baseline": base,
+    record = {"schema": DECISION_SCHEMA, "created": audit.utc_now(), "model": model, "kind": kind, "baseline": base,
               "policy": {"path": policy.path, "name": policy.name, "sha256": policy.sha256},
               "variables": variables, "evaluations": evaluations, "rules": trace,
               "decision": fired.decision, "rule": fired.name, "reason": _reason(fired, trace),
@@ -124,7 +129,9 @@ def decide(policy: Policy, evaluations: dict[str, dict[str, Any]], has_baseline:
 def _test(rule: Rule, evaluations: dict[str, dict[str, Any]], has_baseline: bool) -> tuple[bool, str]:
     if rule.when == "always":
         return True, "the default when no earlier rule fired"
-    entry = evaluations[rule.evaluation]
+    entry = evaluations.get(rule.evaluation)
+    if entry is None:
+        return False, f"evaluation {rule.evaluation!r} is not run for this kind of model (rule skipped)"
     if rule.when in BASELINE_CONDITIONS:
         comparison = entry["comparison"]
         if not has_baseline or comparison is None:
@@ -170,6 +177,11 @@ def _metrics(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per task, the numbers a threshold rule may name; "core" is the aggregate core score."""
     metrics = {name: {k: v for k, v in task.get("metrics", {}).items() if isinstance(v, (int, float))}
                for name, task in results["tasks"].items()}
+    for name, task in results["tasks"].items():  # an interval X_ci gives X_low and X_high
+        for key, value in task.get("metrics", {}).items():
+            if key.endswith("_ci") and isinstance(value, list):
+                stem = key.removesuffix("_ci")
+                metrics[name][f"{stem}_low"], metrics[name][f"{stem}_high"] = value
     if results.get("core", {}).get("score") is not None:
         metrics["core"] = {"score": results["core"]["score"]}
     return metrics
@@ -183,7 +195,7 @@ def inputs_checksum(record: dict[str, Any]) -> str:
     evaluations = {name: {"tasks": e["tasks"], "metrics": e["metrics"], "data": e["data"],
                           "comparison": e["comparison"]} for name, e in record["evaluations"].items()}
     inputs = {"model": identity(record["model"]), "baseline": identity(record["baseline"]),
-              "policy": record["policy"]["sha256"], "variables": record["variables"],
+              "policy": record["policy"]["sha256"], "variables": record["variables"], "kind": record.get("kind"),
               "evaluations": evaluations, "decision": record["decision"], "rule": record["rule"]}
     return hashlib.sha256(audit.canonical(_rounded(inputs))).hexdigest()
 

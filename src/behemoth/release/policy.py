@@ -21,6 +21,7 @@ POLICY_SCHEMA = "behemoth.release.policy/1"
 DECISIONS = ("hold", "closed", "open")
 CONDITIONS = ("not_better", "any_worse", "threshold", "always")
 BASELINE_CONDITIONS = ("not_better", "any_worse")
+MODEL_KINDS = ("base", "chat")  # what `behemoth gate --kind` says the candidate is
 VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 
@@ -44,6 +45,10 @@ class Evaluation:
     max_length: int | None = None
     batch_size: int = 16
     seed: int = 0
+    models: str = "all"  # "chat": run on chat models only (a rule on it is skipped for base models)
+
+    def applies_to(self, kind: str) -> bool:
+        return self.models in ("all", kind)
 
     def variables(self) -> set[str]:
         return set(VARIABLE.findall(self.tasks))
@@ -182,7 +187,7 @@ def _compare(table: Any, where: str) -> CompareSettings:
 def _evaluation(key: str, table: Any, where: str) -> Evaluation:
     if not NAME.match(key):
         raise PolicyError(f"{where}: evaluation names use letters, digits and ._- starting with a letter")
-    _keys(table, where, {"tasks", "limit", "max_length", "batch_size", "seed"})
+    _keys(table, where, {"tasks", "limit", "max_length", "batch_size", "seed", "models"})
     tasks = _string(table, "tasks", where, required=True)
     from behemoth.eval.tasks import parse_task_list
 
@@ -193,7 +198,8 @@ def _evaluation(key: str, table: Any, where: str) -> Evaluation:
     return Evaluation(name=key, tasks=tasks, limit=_number(table, "limit", where, int, minimum=1),
                       max_length=_number(table, "max_length", where, int, minimum=2),
                       batch_size=_number(table, "batch_size", where, int, minimum=1) or 16,
-                      seed=_number(table, "seed", where, int, minimum=0) or 0)
+                      seed=_number(table, "seed", where, int, minimum=0) or 0,
+                      models=_string(table, "models", where, choices=("all", *MODEL_KINDS)) or "all")
 
 
 def _rule(index: int, table: Any, where: str) -> Rule:
