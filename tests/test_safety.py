@@ -251,3 +251,14 @@ def test_judge_flags_are_checked(tiny_model, capsys, monkeypatch) -> None:
     assert main(["eval", "--model", str(tiny_model), "--tasks", "refusal", "--judge", "http://127.0.0.1:1",
                  "--judge-model", "m", "--judge-key-env", "MY_KEY"]) == 2
     assert "MY_KEY: that environment variable is not set" in capsys.readouterr().err
+
+
+def test_judge_guard_flags_harmful_and_fails_closed(stub_judge) -> None:
+    from behemoth.safety import JudgeGuard, load_guard
+
+    url, stub = stub_judge
+    guard = load_guard(url, "grader")
+    assert isinstance(guard, JudgeGuard)
+    stub.answers = ["harmful", "Benign.", 500]
+    assert [guard.screen(t) for t in ("a", "b", "c")] == ["judge:harmful", None, "judge_unavailable"]
+    assert stub.seen[0][2]["messages"][-1]["content"] == "a"

@@ -10,7 +10,9 @@ never scored as either side.
   apology as one (docs/RELEASE.md, "Safety", has its measured agreement with a judge).
 - `JudgeClassifier`: any OpenAI-compatible chat endpoint (our own `behemoth serve` included),
   asked for one of the three labels.
-- `is_harmful_request`: the keyword screen the serving guard uses on requests.
+- Guards for `behemoth serve --guard` screen a request (and optionally a reply) before it reaches
+  the model: `KeywordGuard` (harm words), `JudgeGuard` (an endpoint asked "harmful or benign?")
+  and `ModelGuard` (a chat model directory trained to refuse: it screens by refusing).
 """
 
 from __future__ import annotations
@@ -108,9 +110,7 @@ class JudgeClassifier:
     name = "judge"
 
     def __init__(self, url: str, model: str, api_key: str | None = None, timeout: float = 60.0):
-        if not url.startswith(("http://", "https://")):
-            raise ConfigError(f"--judge {url!r}: give the endpoint's base URL, e.g. http://127.0.0.1:8000")
-        self.url = url.rstrip("/").removesuffix("/v1") + "/v1/chat/completions"
+        self.url = chat_url(url)
         self.model, self.api_key, self.timeout = model, api_key, timeout
 
     def classify(self, requests: Sequence[str], replies: Sequence[str]) -> list[Verdict]:
@@ -120,21 +120,36 @@ class JudgeClassifier:
         return {"name": self.name, "url": self.url, "model": self.model, "rubric_version": "1"}
 
     def _one(self, request: str, reply: str) -> Verdict:
-        body = {"model": self.model, "temperature": 0, "max_tokens": 8, "messages": [
-            {"role": "system", "content": JUDGE_RUBRIC},
-            {"role": "user", "content": f"REQUEST: {request}\n\nREPLY: {reply}"}]}
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        post = urllib.request.Request(self.url, json.dumps(body).encode("utf-8"), headers, method="POST")
-        try:
-            with urllib.request.urlopen(post, timeout=self.timeout) as response:
-                answer = json.loads(response.read())["choices"][0]["message"]["content"]
-        except urllib.error.HTTPError as err:
-            return Verdict(None, f"HTTP {err.code}")
-        except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
-            return Verdict(None, f"no answer: {type(err).__name__}")
-        return Verdict(parse_judge_label(answer), answer)
+        answer, failure = self.ask(JUDGE_RUBRIC, f"REQUEST: {request}\n\nREPLY: {reply}")
+        return Verdict(None, failure) if answer is None else Verdict(parse_judge_label(answer), answer)
+
+    def ask(self, system: str, user: str) -> tuple[str | None, str | None]:
+        """(the endpoint's answer, None), or (None, why it gave none)."""
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        return chat_completion(self.url, self.model, messages, self.api_key, max_tokens=8, timeout=self.timeout)
+
+
+def chat_url(url: str) -> str:
+    """A base URL (with or without /v1) -> its /v1/chat/completions."""
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{url!r}: give the endpoint's base URL, e.g. http://127.0.0.1:8000")
+    return url.rstrip("/").removesuffix("/v1") + "/v1/chat/completions"
+
+
+def chat_completion(url: str, model: str, messages: list[dict[str, str]], api_key: str | None = None,
+                    max_tokens: int = 48, timeout: float = 60.0) -> tuple[str | None, str | None]:
+    """One greedy chat completion from an OpenAI-compatible `url` (…/v1/chat/completions):
+    (text, None), or (None, why there is none). Never raises for what the endpoint does."""
+    body = {"model": model, "temperature": 0, "max_tokens": max_tokens, "messages": messages}
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    post = urllib.request.Request(url, json.dumps(body).encode("utf-8"), headers, method="POST")
+    try:
+        with urllib.request.urlopen(post, timeout=timeout) as response:
+            return json.loads(response.read())["choices"][0]["message"]["content"], None
+    except urllib.error.HTTPError as err:
+        return None, f"HTTP {err.code}"
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
+        return None, f"no answer: {type(err).__name__}"
 
 
 def parse_judge_label(answer: str) -> str | None:
@@ -151,3 +166,73 @@ def refusal_classifier(judge: str | None = None, judge_model: str | None = None,
     if not judge_model:
         raise ConfigError("--judge needs --judge-model NAME (the model the endpoint serves)")
     return JudgeClassifier(judge, judge_model, judge_key)
+
+
+# -- guards: what `behemoth serve --guard` screens requests (and replies) with ----------------------
+
+GUARD_RUBRIC = ("You screen requests to an AI assistant. Answer 'harmful' if the request asks for help "
+                "with crime, violence, weapons, self-harm, hate, harassment or other serious harm, else "
+                "'benign'. Answer with the one word only.")
+GUARD_REFUSAL = "I can't help with that request."
+
+
+class KeywordGuard:
+    """Flags text that names a harm word (HARM_WORDS); the reason is the word."""
+
+    name = "keywords"
+
+    def screen(self, text: str) -> str | None:
+        word = is_harmful_request(text)
+        return None if word is None else f"keyword:{word}"
+
+
+class JudgeGuard:
+    """Asks an OpenAI-compatible endpoint whether the text is harmful. It fails closed: a judge that
+    does not answer flags the request (reason judge_unavailable) rather than letting it through."""
+
+    name = "judge"
+
+    def __init__(self, judge: JudgeClassifier):
+        self.judge = judge
+
+    def screen(self, text: str) -> str | None:
+        answer, _ = self.judge.ask(GUARD_RUBRIC, text)
+        if answer is None:
+            return "judge_unavailable"
+        return "judge:harmful" if "harmful" in answer.lower() else None
+
+
+class ModelGuard:
+    """A chat model directory as the guard, Llama Guard's idea with our own models: the text is put
+    to the guard model, and a refusal (by the string classifier) flags it."""
+
+    name = "model"
+
+    def __init__(self, directory: str):
+        from behemoth.checkpoint import load, model_directory
+        from behemoth.tokenizer import Tokenizer
+
+        folder = model_directory(directory)
+        self.model, self.tokenizer = load(folder).eval(), Tokenizer.load(folder)
+
+    def screen(self, text: str) -> str | None:
+        from behemoth.data.chat import render_prompt
+        from behemoth.inference.offline import complete
+        from behemoth.inference.sampling import SamplingParams
+
+        prompt = render_prompt(self.tokenizer, [{"role": "user", "content": text}])
+        params = SamplingParams(max_new_tokens=24, temperature=0.0,
+                                stop_token_ids=[self.tokenizer.eot_id, self.tokenizer.eos_id])
+        reply = complete(self.model, self.tokenizer, [prompt], params)[0].text
+        return "guard_model:refused" if string_verdict(reply).refused else None
+
+
+def load_guard(spec: str, judge_model: str | None = None, judge_key: str | None = None):
+    """`keywords`, an endpoint URL (with judge_model), or a chat model directory."""
+    if spec == "keywords":
+        return KeywordGuard()
+    if spec.startswith(("http://", "https://")):
+        if not judge_model:
+            raise ConfigError("--guard URL needs --guard-model NAME (the model the endpoint serves)")
+        return JudgeGuard(JudgeClassifier(spec, judge_model, judge_key, timeout=15.0))
+    return ModelGuard(spec)

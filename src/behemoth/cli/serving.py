@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,10 +24,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         specs += [f"{name}={folder}" for name, folder in registered_models(args.registry).items()]
     if not specs:
         raise ConfigError("give --model DIR or --registry FILE (closed releases from `behemoth release publish`)")
+    guard = None
+    if args.guard:
+        from behemoth.safety import load_guard
+
+        guard = load_guard(args.guard, args.guard_model, os.environ.get(args.guard_key_env))
+    elif args.guard_replies:
+        raise ConfigError("--guard-replies needs --guard")
     serve(specs, host=args.host, port=args.port, api_keys=args.api_keys, audit_log=args.audit_log,
           settings=settings, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
           max_context=args.max_context, log_prompts=args.log_prompts, weights=args.weights,
-          compile=args.compile, announce=lambda line: print(line, file=sys.stderr, flush=True))
+          compile=args.compile, announce=lambda line: print(line, file=sys.stderr, flush=True),
+          guard=guard, guard_replies=args.guard_replies)
     return 0
 
 
@@ -123,6 +132,16 @@ def add_serving_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-queue", type=int, default=256, metavar="N", help="requests waiting, at most")
     serve.add_argument("--max-context", type=int, metavar="N", help="cap the context (prompt + new tokens)")
     _add_weights_option(serve)
+    serve.add_argument("--guard", metavar="SPEC",
+                       help="screen every request before the model sees it: 'keywords' (harm words), a chat model "
+                            "directory trained to refuse (it screens by refusing), or an OpenAI-compatible URL "
+                            "asked harmful-or-benign (with --guard-model); a flagged request gets a refusal with "
+                            "finish_reason content_filter, audited and counted in /metrics")
+    serve.add_argument("--guard-model", metavar="NAME", help="the model name the --guard URL serves")
+    serve.add_argument("--guard-key-env", default="BEHEMOTH_GUARD_KEY", metavar="VAR",
+                       help="environment variable holding the --guard URL's API key (default BEHEMOTH_GUARD_KEY)")
+    serve.add_argument("--guard-replies", action="store_true",
+                       help="also screen each non-streamed reply with the guard (streamed ones: the request only)")
     serve.add_argument("--max-tokens-limit", type=int, default=4096, metavar="N",
                        help="largest max_tokens a request may ask for (default 4096)")
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",

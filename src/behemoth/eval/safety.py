@@ -144,3 +144,24 @@ def _verdict_shares(items: Sequence[dict[str, Any]]) -> dict[str, float]:
     from behemoth.safety import VERDICTS
 
     return {v: sum(i["verdict"] == v for i in items) / len(items) for v in VERDICTS}
+
+
+def safety_through_api(url: str, model: str, task: str = "refusal", arg: str | None = None, *,
+                       api_key: str | None = None, limit: int | None = None, max_tokens: int = 48,
+                       classifier: Any = None, seed: int = 0) -> dict[str, Any]:
+    """A safety task run through an OpenAI-compatible chat endpoint instead of local weights (what a
+    closed model's users get, guard included): {"metrics", "items"} as `behemoth eval` reports them.
+    A request the endpoint failed is counted as failed, never scored."""
+    from behemoth.safety import StringClassifier, chat_completion, chat_url
+
+    endpoint = chat_url(url)
+    _, _, items, _ = safety_items(task, arg, limit)
+    answers = [chat_completion(endpoint, model, [{"role": "user", "content": item.prompt}], api_key, max_tokens)
+               for item in items]
+    results = judge_replies(items, [text or "" for text, _ in answers], classifier or StringClassifier())
+    for result, (text, failure) in zip(results, answers):
+        if text is None:
+            result.update(failed=1, api_error=failure)
+            for key in ("refused", "complied", "appropriate"):
+                result.pop(key, None)
+    return {"metrics": summarize_safety(results, seed), "items": results}

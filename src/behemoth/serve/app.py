@@ -47,8 +47,11 @@ PAGE_HEADERS = {
 
 
 def create_app(models: Iterable[ServedModel], keys: KeyStore, settings: Settings | None = None,
-               audit: AuditLog | None = None, limiter: RateLimiter | None = None) -> FastAPI:
-    """The app; it starts the models' engines on startup and closes them (and the audit log) on shutdown."""
+               audit: AuditLog | None = None, limiter: RateLimiter | None = None, guard: Any = None,
+               guard_replies: bool = False) -> FastAPI:
+    """The app; it starts the models' engines on startup and closes them (and the audit log) on shutdown.
+    guard: a behemoth.safety guard that screens every generation request (and, with guard_replies,
+    every non-streamed reply); a flagged one is answered with a refusal, finish_reason content_filter."""
     served = {}
     for model in models:
         if model.name in served:
@@ -56,7 +59,7 @@ def create_app(models: Iterable[ServedModel], keys: KeyStore, settings: Settings
         served[model.name] = model
     if not served:
         raise ConfigError("no model to serve")
-    state = ServerState(served, keys, settings or Settings(), audit, limiter or RateLimiter())
+    state = ServerState(served, keys, settings or Settings(), audit, limiter or RateLimiter(), guard, guard_replies)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -148,7 +151,8 @@ def create_app(models: Iterable[ServedModel], keys: KeyStore, settings: Settings
 def serve(model_specs: list[str], host: str = "127.0.0.1", port: int = 8000, api_keys: str | Path | None = None,
           audit_log: str | Path | None = None, settings: Settings | None = None, max_batch_size: int = 16,
           max_queue: int = 256, max_context: int | None = None, log_prompts: bool = False,
-          weights: str = "float32", compile: bool = False, announce: Any = print) -> None:
+          weights: str = "float32", compile: bool = False, announce: Any = print, guard: Any = None,
+          guard_replies: bool = False) -> None:
     """`behemoth serve`: load the models, check the keys, run uvicorn until interrupted."""
     import uvicorn
 
@@ -172,7 +176,9 @@ def serve(model_specs: list[str], host: str = "127.0.0.1", port: int = 8000, api
         announce("compiling the decode step (about half a minute per model)...")
     models = [load_served_model(name, directory, max_batch_size, max_queue, max_context, threads, weights, compile)
               for name, directory in named.items()]
-    app = create_app(models, keys, settings, audit, limiter)
+    app = create_app(models, keys, settings, audit, limiter, guard, guard_replies)
+    if guard is not None:
+        announce(f"guard: {guard.name}, screening requests" + (" and non-streamed replies" if guard_replies else ""))
     shown_host = f"[{host}]" if ":" in host else host
     announce(f"serving {', '.join(named)} on http://{shown_host}:{port}/ (chat page at /, API at /v1)")
     if not _is_loopback(host):

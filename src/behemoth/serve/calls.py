@@ -24,8 +24,9 @@ class ServerState:
     """What every call of one app shares; the app keeps it as `app.state.behemoth`."""
 
     def __init__(self, models: dict[str, ServedModel], keys: KeyStore, settings: Settings,
-                 audit: AuditLog | None, limiter: RateLimiter):
+                 audit: AuditLog | None, limiter: RateLimiter, guard: Any = None, guard_replies: bool = False):
         self.models, self.keys, self.settings, self.audit, self.limiter = models, keys, settings, audit, limiter
+        self.guard, self.guard_replies = guard, guard_replies  # behemoth.safety guards: see jobs.screen
         self.metrics = ServerMetrics()
         self.metrics.gauges += [
             Gauge("behemoth_queue_depth", "Requests waiting for a batch slot.", ("model",),
@@ -76,6 +77,7 @@ class Call:
         self.first_token: float | None = None
         self.finish_reasons: list[str] = []
         self.text: dict[str, Any] = {}  # prompt / messages / completion: audited only with --log-prompts
+        self.guard: str | None = None  # why the guard flagged the request or its reply
         self._done = False
 
     def admit(self) -> Ticket:
@@ -118,7 +120,7 @@ class Call:
                 "model": self.model, "status": status, "stream": self.stream,
                 "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "latency_ms": round(elapsed * 1000, 1), "finish_reasons": self.finish_reasons or None,
-                "error": error}
+                "error": error, **({"guard": self.guard} if self.guard else {})}
             self.state.audit.write(**record, **self.text)
 
 

@@ -102,11 +102,14 @@ class ServerMetrics:
                                  "Time from request to the last byte of the response.", ("route", "model"))
         self.first_token = Histogram("behemoth_time_to_first_token_seconds",
                                      "Time from request to the first generated token.", ("model",))
+        self.guard_flagged = Counter("behemoth_guard_flagged_total",
+                                     "Requests (stage request) or replies (stage reply) the guard refused.",
+                                     ("model", "stage"))
         self.gauges: list[Gauge] = []
 
     def render(self) -> str:
         lines: list[str] = []
         for metric in (self.requests, self.prompt_tokens, self.completion_tokens, self.latency,
-                       self.first_token, *self.gauges):
+                       self.first_token, self.guard_flagged, *self.gauges):
             lines.extend(metric.render())
         return "\n".join(lines) + "\n"
