@@ -215,7 +215,7 @@ def test_rate_limit_and_quota(server):
     ({"model": "tiny", "prompt": "x", "temperature": 7}, 400, "temperature"),
     ({"model": "tiny", "prompt": "x", "top_p": 0}, 400, "top_p"),
     ({"model": "tiny", "prompt": "x", "stop": ["a"] * 5}, 400, "stop"),
-    ({"model": "tiny", "prompt": "x", "echo": True}, 400, "echo"),
+    ({"model": "tiny", "prompt": "x", "echo": True, "stream": True}, 400, "echo"),
     ({"model": "tiny", "prompt": "x", "frobnicate": 1}, 400, "frobnicate"),
     ({"model": "tiny", "prompt": [10**9]}, 400, "prompt"),
     ({"model": "tiny", "prompt": []}, 400, "prompt"),

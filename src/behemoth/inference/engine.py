@@ -2,10 +2,11 @@
 
 Each iteration drops cancelled requests, runs one prefill forward of at most `prefill_chunk` tokens
 (queued prompts as one right-padded batch, or the next piece of a long prompt, which so stalls the
-others for one piece at most), then one decode step for every running request. Each thread running
-torch kernels has its own OpenMP team; once the teams outnumber the cores, waking their idle workers
-costs more than a small matmul (a decode step ran at half speed on two cores), so the engine thread
-sets its own count (`threads`) and servers first call `leave_cores_to_engines()`.
+others for one piece at most; a row that asked for `prompt_logprobs` also runs the LM head over its
+piece), then one decode step for every running request. Each thread running torch kernels has its own
+OpenMP team; once the teams outnumber the cores, waking their idle workers costs more than a small
+matmul (a decode step ran at half speed on two cores), so the engine thread sets its own count
+(`threads`) and servers first call `leave_cores_to_engines()`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from behemoth.inference.kv_cache import ModelCache
 if TYPE_CHECKING:
     from behemoth.inference.compiled import CompiledDecoder
 from behemoth.inference.sampling import (MAX_LOGPROBS, Choice, InvalidParameter, SamplingParams, TextStream,
-                                         sample_tokens)
+                                         sample_tokens, token_choices)
 
 __all__ = ["Engine", "Request", "SamplingParams", "TokenEvent", "PromptTooLong", "QueueFull", "EngineClosed",
            "InvalidParameter", "MAX_LOGPROBS", "leave_cores_to_engines"]
@@ -84,6 +85,9 @@ class Request:
         self.prompt_ids, self.params = prompt_ids, params
         self.prompt_tokens, self.completion_tokens = len(prompt_ids), 0
         self.finish_reason: str | None = None  # "stop", "length", "cancelled" or "error" at the end
+        # With params.prompt_logprobs: each prompt token's Choice (None for the first, which nothing
+        # predicts), complete once the first event arrives or, for max_new_tokens 0, at the end.
+        self.prompt_logprobs: list[Choice | None] | None = None if params.prompt_logprobs is None else [None]
         self.first_token_at: float | None = None  # for time-to-first-token metrics
         self.finished_at: float | None = None
         self._engine = engine
@@ -408,7 +412,13 @@ class Engine:
         else:
             cache = fresh
         hidden = self.model.hidden_states(ids.to(device), positions.to(device), cache.layers)
-        for slot, piece in zip(slots, pieces):
+        for row, (slot, piece) in enumerate(zip(slots, pieces)):
+            scored, start = slot.request.prompt_logprobs, slot.prefilled
+            targets = slot.request.prompt_ids[start + 1:start + piece + 1]  # what this piece's positions predict
+            if scored is not None and targets:
+                logits = self.model.lm_head(hidden[row, :len(targets)]).float()
+                scored += token_choices(logits, torch.tensor(targets, device=device),
+                                        [slot.request.params.prompt_logprobs] * len(targets))
             slot.prefilled += piece
             self._counts["prompt_tokens"] += piece
         if slots[0].prefilled < len(slots[0].request.prompt_ids):  # more pieces to come (it ran alone)
@@ -458,6 +468,10 @@ class Engine:
     def _advance(self, slot: _Slot, choice: Choice) -> bool:
         """Record a sampled token, send its event; True when the request is finished."""
         request, params, token = slot.request, slot.request.params, choice.token_id
+        if params.max_new_tokens == 0:  # the prompt only, for its logprobs: no token, no event
+            request._deliver(finish="length")
+            self._counts["requests_finished"] += 1
+            return True
         request.completion_tokens += 1
         self._counts["tokens_generated"] += 1
         finish = None

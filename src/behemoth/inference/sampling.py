@@ -47,10 +47,12 @@ class SamplingParams:
     seed: int | None = None  # same seed, same output
     logprobs: int = 0  # number of top alternatives to return per token; 0 = none; max 20
     ignore_eos: bool = False  # True: do not stop on the tokenizer's end-of-text / end-of-turn
+    prompt_logprobs: int | None = None  # score the prompt too, with this many alternatives (vLLM's);
+    # then max_new_tokens may be 0: the prompt goes through the model, nothing is generated
 
     def validate(self) -> None:
         """Raise InvalidParameter (a ConfigError) naming the first field that is out of range."""
-        _check_int("max_new_tokens", self.max_new_tokens, low=1)
+        _check_int("max_new_tokens", self.max_new_tokens, low=0 if self.prompt_logprobs is not None else 1)
         _check_float("temperature", self.temperature, low=0.0)
         _check_int("top_k", self.top_k, low=0)
         _check_float("top_p", self.top_p, low=0.0, high=1.0, low_open=True)
@@ -65,6 +67,8 @@ class SamplingParams:
         if self.seed is not None:
             _check_int("seed", self.seed, low=SEED_RANGE[0], high=SEED_RANGE[1])
         _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, low=0, high=MAX_LOGPROBS)
         if not isinstance(self.ignore_eos, bool):
             raise InvalidParameter("ignore_eos", f"must be true or false, got {self.ignore_eos!r}")
 
@@ -113,7 +117,7 @@ def sample_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
         rows = [params[i] for i in sampled]
         uniforms = torch.cat([torch.rand(1, generator=generators[i]) for i in sampled]).to(logits.device)
         tokens[sampled] = _sample(logits[sampled], rows, uniforms)
-    return _choices(raw, tokens, params)
+    return token_choices(raw, tokens, [p.logprobs for p in params])
 
 
 def _penalize_repeats(logits: torch.Tensor, params: Sequence[SamplingParams],
@@ -187,16 +191,15 @@ def _draw(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return index[:, 0].clamp(max=weights.shape[-1] - 1)
 
 
-def _choices(raw: torch.Tensor, tokens: torch.Tensor, params: Sequence[SamplingParams]) -> list[Choice]:
-    logprobs = raw.log_softmax(dim=-1)
+def token_choices(logits: torch.Tensor, tokens: torch.Tensor, counts: Sequence[int]) -> list[Choice]:
+    """Each row's token in `tokens` with its logprob under softmax(`logits` [rows, vocab]) and, where
+    its entry of `counts` is not 0, that many likeliest tokens (sampled tokens, and prompt tokens)."""
+    logprobs = logits.log_softmax(dim=-1)
     chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
-    wanted = max(p.logprobs for p in params)
+    wanted = max(counts)
     top_values, top_index = [t.tolist() for t in logprobs.topk(wanted, dim=-1)] if wanted else (None, None)
-    choices = []
-    for row, (token, logprob, p) in enumerate(zip(tokens.tolist(), chosen, params)):
-        top = list(zip(top_index[row][:p.logprobs], top_values[row][:p.logprobs])) if p.logprobs else None
-        choices.append(Choice(token, logprob, top))
-    return choices
+    return [Choice(token, logprob, list(zip(top_index[row][:n], top_values[row][:n])) if n else None)
+            for row, (token, logprob, n) in enumerate(zip(tokens.tolist(), chosen, counts))]
 
 
 REPLACEMENT = "\ufffd"  # what a cut-off UTF-8 sequence decodes to

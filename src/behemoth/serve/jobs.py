@@ -5,6 +5,7 @@ its choices go to the engine, and the events come back as JSON or an SSE stream 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import json
 import logging
@@ -12,6 +13,7 @@ import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 from fastapi import Request
@@ -19,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from behemoth.errors import ConfigError
 from behemoth.inference.engine import EngineClosed, PromptTooLong, QueueFull, SamplingParams
+from behemoth.safety import GUARD_REFUSAL
 from behemoth.serve.calls import Call, limited, request_id
 from behemoth.serve.limits import RateLimited, Ticket
 from behemoth.serve.models import ServedModel
@@ -40,7 +43,9 @@ class _Choice:
     logprobs: list[float | None] = field(default_factory=list)
     tops: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
-    chars: int = 0  # characters of text so far (text_offset of completions logprobs)
+    echoed: int = 0  # prompt tokens at the head of `tokens` (echo)
+    chars: int = 0  # characters of text before the next token to report (its text_offset)
+    utf8: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
 
 
 @dataclass
@@ -56,6 +61,7 @@ class _Job:
     include_usage: bool
     stop_ids: set[int]
     id: str
+    echo: bool = False  # /v1/completions: each text starts with its prompt, scored
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -70,11 +76,53 @@ async def generate(call: Call, request: Request, chat: bool) -> Response:
             ticket.reserve(sum(len(c.prompt_ids) + c.params.max_new_tokens for c in job.choices))
         except RateLimited as err:
             raise limited(err) from None
-        _submit(job)
+        if await screen(call, job.model.name, "request", _user_text(job, body)):
+            _refuse(job)
+        else:
+            _submit(job)
     except BaseException:
         ticket.settle(0)
         raise
     return await _run_job(call, job, ticket)
+
+
+async def screen(call: Call, model: str, stage: str, text: str) -> bool:
+    """True when the server's guard (if any) flags `text`; counted and noted for the audit line.
+    The guard may run a model or ask an endpoint, so it runs off the event loop."""
+    guard = call.state.guard
+    reason = None if guard is None else await asyncio.to_thread(guard.screen, text)
+    if reason is not None:
+        call.guard = f"{stage}:{reason}"
+        call.state.metrics.guard_flagged.inc(model, stage)
+    return reason is not None
+
+
+def _user_text(job: _Job, body: Body) -> str:
+    """What a guard screens: the conversation's user and system turns, or the prompts' text."""
+    if isinstance(body, ChatBody):
+        return "\n".join(m["content"] for m in job_messages(body) if m["role"] != "assistant")
+    return "\n".join(job.model.tokenizer.decode(ids) for ids in job.prompts)
+
+
+class _Refused:
+    """Stands in for an engine request the guard stopped: one event, the refusal, no model tokens."""
+
+    completion_tokens = 0
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        async def events() -> AsyncIterator[Any]:
+            yield SimpleNamespace(text=GUARD_REFUSAL, finish_reason="content_filter", token_id=None,
+                                  logprob=None, top_logprobs=None)
+        return events()
+
+    def cancel(self) -> None:
+        pass
+
+
+def _refuse(job: _Job) -> None:
+    job.top_logprobs = None  # the refusal has no model logprobs to show
+    for choice in job.choices:
+        choice.request = _Refused()
 
 
 def _invalid(err: ConfigError) -> ApiError:
@@ -115,9 +163,7 @@ def _build_job(call: Call, body: Body, chat: bool) -> _Job:
     stop_ids = {tok.eos_id, *getattr(model.engine, "eos_token_ids", ())}
     if chat:
         assert isinstance(body, ChatBody)
-        messages = [{"role": "system" if m.role == "developer" else m.role,
-                     "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
-                    for m in body.messages]
+        messages = job_messages(body)
         call.text["messages"] = messages
         prompts = [model.text.chat_prompt_ids(messages)]
         stop_ids.add(tok.eot_id)
@@ -131,8 +177,11 @@ def _build_job(call: Call, body: Body, chat: bool) -> _Job:
         top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     else:
         assert isinstance(body, CompletionBody)
-        if body.echo:
-            raise ApiError(400, "echo is not supported.", "unsupported_parameter", "echo")
+        if body.echo and body.stream:
+            raise ApiError(400, "echo is not supported with stream: true.", "unsupported_parameter", "echo")
+        if body.max_tokens == 0 and not body.echo:
+            raise ApiError(400, "max_tokens may be 0 only with echo (to score the prompt).", "invalid_value",
+                           "max_tokens")
         if body.suffix:
             raise ApiError(400, "suffix is not supported.", "unsupported_parameter", "suffix")
         if body.best_of not in (None, 1):
@@ -146,7 +195,7 @@ def _build_job(call: Call, body: Body, chat: bool) -> _Job:
     if len(prompts) * body.n > settings.max_choices:
         raise ApiError(400, f"n times the number of prompts must be at most {settings.max_choices}.",
                        "invalid_value", "n")
-    choices = []
+    choices, echo = [], getattr(body, "echo", False)
     for p, prompt in enumerate(prompts):
         max_tokens = _max_tokens(settings, model, requested, len(prompt), max_tokens_param)
         for j in range(body.n):
@@ -155,7 +204,8 @@ def _build_job(call: Call, body: Body, chat: bool) -> _Job:
                 min_p=body.min_p, repetition_penalty=body.repetition_penalty, stop=body.stops,
                 stop_token_ids=[] if body.ignore_eos else sorted(stop_ids),
                 seed=None if body.seed is None else body.seed + j,
-                logprobs=top_logprobs or 0, ignore_eos=body.ignore_eos)
+                logprobs=top_logprobs or 0, ignore_eos=body.ignore_eos,
+                prompt_logprobs=(top_logprobs or 0) if echo else None)
             try:
                 params.validate()
             except ConfigError as err:
@@ -166,7 +216,14 @@ def _build_job(call: Call, body: Body, chat: bool) -> _Job:
         raise ApiError(400, "stream_options is only allowed with stream: true.", "invalid_value", "stream_options")
     call.request_id = request_id("chatcmpl" if chat else "cmpl")  # the response's id names the audit line
     return _Job(chat=chat, model=model, prompts=prompts, choices=choices, top_logprobs=top_logprobs,
-                stream=body.stream, include_usage=include_usage, stop_ids=stop_ids, id=call.request_id)
+                stream=body.stream, include_usage=include_usage, stop_ids=stop_ids, id=call.request_id,
+                echo=echo)
+
+
+def job_messages(body: ChatBody) -> list[dict[str, str]]:
+    return [{"role": "system" if m.role == "developer" else m.role,
+             "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)}
+            for m in body.messages]
 
 
 def _completion_prompts(model: ServedModel, prompt: Any) -> list[list[int]]:
@@ -272,12 +329,19 @@ async def _run_job(call: Call, job: _Job, ticket: Ticket) -> Response:
                 async for choice, event in events:
                     call.token_seen()
                     _apply(job, choice, event)
+            for choice in job.choices:  # a prompt-only request (max_tokens 0, echo) ends without an event
+                choice.finish_reason = choice.finish_reason or choice.request.finish_reason
         except EngineClosed:  # the server is stopping: a clean, retryable error rather than a 500
             finish(503, "EngineClosed")
             raise _shutting_down() from None
         except BaseException as err:
             finish(500 if isinstance(err, Exception) else 499, type(err).__name__)
             raise
+        if call.state.guard_replies:  # streamed replies are screened at the request only
+            for choice in job.choices:
+                if choice.finish_reason != "content_filter" and await screen(call, job.model.name, "reply",
+                                                                             "".join(choice.text)):
+                    choice.text, choice.finish_reason = [GUARD_REFUSAL], "content_filter"
         finish(200)
         return JSONResponse(_full_response(job), headers={"x-request-id": job.id})
 
@@ -290,10 +354,8 @@ async def _run_job(call: Call, job: _Job, ticket: Ticket) -> Response:
             async with contextlib.aclosing(_events(job.choices)) as events:
                 async for choice, event in events:
                     call.token_seen()
-                    start, offset = len(choice.tokens), choice.chars
-                    counted = _apply(job, choice, event)
-                    choice.chars += len(event.text)
-                    logprobs = _logprobs(job, choice, start, offset) if counted else None
+                    start = len(choice.tokens)
+                    logprobs = _logprobs(job, choice, start) if _apply(job, choice, event) else None
                     if job.chat:
                         if event.text or logprobs:
                             yield _sse(_chunk(job, choice, {"content": event.text}, logprobs, None))
@@ -334,9 +396,13 @@ def _finite(value: float | None) -> float | None:
     return float(value) if math.isfinite(value) else NEG_INF_LOGPROB
 
 
-def _logprobs(job: _Job, choice: _Choice, start: int, offset: int) -> dict[str, Any] | None:
-    """Logprobs of the choice's tokens from `start` (whose text begins at character `offset`), in
-    the chat or the completions shape; None when the request did not ask for them."""
+def _logprobs(job: _Job, choice: _Choice, start: int) -> dict[str, Any] | None:
+    """Logprobs of the choice's tokens from `start` (called in order: each call goes on from the last),
+    in the chat or the completions shape; None when the request did not ask for them. A token's
+    text_offset counts the characters of the returned text that the tokens before it complete: its
+    bytes are decoded as the whole text is, so a token that ends inside a multi-byte character has
+    the text from its offset to the next token's without that character, and the token completing it
+    has all of it; the echoed prompt's text is decoded on its own, as it is returned."""
     if job.top_logprobs is None:
         return None
     text = job.model.text
@@ -346,14 +412,26 @@ def _logprobs(job: _Job, choice: _Choice, start: int, offset: int) -> dict[str, 
              "top_logprobs": [{"token": text.text(t), "logprob": _finite(lp), "bytes": list(text.bytes(t))}
                               for t, lp in tops]}
             for token, logprob, tops in zip(choice.tokens[start:], choice.logprobs[start:], choice.tops[start:])]}
-    tokens, offsets = [], []
-    for token in choice.tokens[start:]:
-        tokens.append(text.text(token))
-        offsets.append(offset)
-        offset += len(tokens[-1])
-    return {"tokens": tokens, "token_logprobs": [_finite(lp) for lp in choice.logprobs[start:]],
-            "top_logprobs": [{text.text(t): _finite(lp) for t, lp in tops} for tops in choice.tops[start:]],
-            "text_offset": offsets}
+    offsets = []
+    for i, token in enumerate(choice.tokens[start:], start):
+        if i == choice.echoed:  # the echoed prompt's text ends here
+            choice.chars += len(choice.utf8.decode(b"", final=True))
+        offsets.append(choice.chars)
+        choice.chars += len(choice.utf8.decode(text.bytes(token)))
+    return {"tokens": [text.text(t) for t in choice.tokens[start:]],
+            "token_logprobs": [_finite(lp) for lp in choice.logprobs[start:]],
+            "top_logprobs": [None if tops is None else {text.text(t): _finite(lp) for t, lp in tops}
+                             for tops in choice.tops[start:]], "text_offset": offsets}
+
+
+def _echo(job: _Job, choice: _Choice) -> None:
+    """Put the prompt before the completion: its text and its tokens, scored by the engine (the first
+    token, which nothing predicts, has logprob and top_logprobs null, as OpenAI's)."""
+    scores = getattr(choice.request, "prompt_logprobs", None) or [None] * len(choice.prompt_ids)
+    choice.text.insert(0, b"".join(map(job.model.text.bytes, choice.prompt_ids)).decode("utf-8", "replace"))
+    choice.tokens[:0], choice.echoed = choice.prompt_ids, len(choice.prompt_ids)
+    choice.logprobs[:0] = [s and s.logprob for s in scores]
+    choice.tops[:0] = [s and (s.top_logprobs or []) for s in scores]
 
 
 def _usage(job: _Job) -> dict[str, int]:
@@ -378,9 +456,11 @@ def _chunk(job: _Job, choice: _Choice | None, content: Any, logprobs: dict | Non
 def _full_response(job: _Job) -> dict[str, Any]:
     choices = []
     for choice in job.choices:
+        if job.echo:
+            _echo(job, choice)
         text = "".join(choice.text)
         content = {"message": {"role": "assistant", "content": text}} if job.chat else {"text": text}
-        choices.append({"index": choice.index, **content, "logprobs": _logprobs(job, choice, 0, 0),
+        choices.append({"index": choice.index, **content, "logprobs": _logprobs(job, choice, 0),
                         "finish_reason": choice.finish_reason})
     return {"id": job.id, "object": "chat.completion" if job.chat else "text_completion", "created": job.created,
             "model": job.model.name, "choices": choices, "usage": _usage(job)}

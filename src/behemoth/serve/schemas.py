@@ -97,6 +97,7 @@ class Body(BaseModel):
 
 class CompletionBody(Body):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0 only with echo: the prompt scored, nothing generated
     logprobs: int | None = Field(None, ge=0)
     echo: bool = False
     suffix: str | None = None
