@@ -294,9 +294,10 @@ def setup(ctx: Context) -> dict[str, Any]:
         dtype = getattr(torch, dtype_name)
         ctx.peaks[dtype_name] = measure_matmul_peak(size=size, dtype=dtype, device=ctx.device)
         ctx.say(f"setup: {dtype_name} matmul peak {ctx.peaks[dtype_name] / 1e12:.2f} TFLOP/s ({size}^3)")
-    # The training loop measures a float32 peak at every run start (seconds on a CPU) for its own MFU
-    # field; it gets the one measured here instead (see the training part for the bfloat16 MFU).
-    loop.machine_matmul_peak = lambda *_, **__: ctx.peaks["float32"]
+    # The training loop measures the peak of its compute dtype at every run start (seconds on a CPU)
+    # for its own MFU field; it gets the one measured here instead.
+    loop.machine_matmul_peak = lambda device, dtype=torch.float32: ctx.peaks.get(str(dtype).removeprefix("torch."),
+                                                                                ctx.peaks["float32"])
     root = ctx.out / "data"
     if root.exists():
         shutil.rmtree(root)
@@ -469,7 +470,7 @@ def part_training(ctx: Context) -> dict[str, Any]:
             "tokens_per_s_median_of_steps": f"{p.timed_after + 1}..{len(records)}",
             "mfu_as_the_loop_logs_it": sorted(r["mfu"] for r in records[p.timed_after:] or records)[
                 len(records[p.timed_after:] or records) // 2],
-            "loop_mfu_denominator": "a float32 matmul peak (behemoth.train.metrics.machine_matmul_peak)",
+            "loop_mfu_denominator": "the matmul peak of the run's compute dtype (train.metrics.machine_matmul_peak)",
             "peak_memory_source": peak_source,
             "planner": {item.name: round(item.total / GIB, 3) for item in estimate.memory},
             "planner_fits_device": estimate.fits,

@@ -82,7 +82,7 @@ def _install_hooks() -> None:
     import behemoth.train.checkpointing as checkpointing
     import behemoth.train.loop as loop
 
-    loop.machine_matmul_peak = lambda device: 1e12
+    loop.machine_matmul_peak = lambda *_: 1e12
     checkpointing.write_model_files = _announcing("model-files", checkpointing.write_model_files)
     checkpointing.write_manifest = _announcing("manifest", checkpointing.write_manifest)
     checkpointing.fsync_tree = _announcing("fsync", checkpointing.fsync_tree)

@@ -175,7 +175,8 @@ def test_ddp_trains_like_one_process(data, reference, tmp_path) -> None:
 
 def test_sft_trains_like_one_process(reference, tmp_path) -> None:
     """Post-training goes through the same loop: SFT on 2 ranks, whose shares hold different numbers
-    of assistant tokens, weighs them as one process does (Objective.loss_weight)."""
+    of assistant tokens, weighs them as one process does (Objective.loss_weight), and pads as one
+    process does, so the expert loads (pads included) and the selection biases agree."""
     from behemoth.data.synthetic_chat import write_chat_data
     from behemoth.train.sft import sft
 

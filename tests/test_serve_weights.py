@@ -38,6 +38,15 @@ def test_unknown_format_is_refused() -> None:
         prepare_weights(random_model(CONFIG, seed=0), "int4")
 
 
+def test_int8_off_the_cpu_is_refused_before_any_conversion() -> None:
+    """torch's int8 weight-only kernel is a CPU kernel: on another device (here "meta", standing in for
+    CUDA) the format is one line, and the model is left as it was."""
+    model = random_model(CONFIG, seed=0).to("meta")
+    with pytest.raises(ConfigError, match="int8 weights run on the CPU only .*meta.*use bfloat16"):
+        prepare_weights(model, "int8")
+    assert not any(isinstance(m, Int8Linear) for m in model.modules())
+
+
 def test_quantized_rows_are_within_half_a_step() -> None:
     weight = torch.randn(3, 40, 64) * torch.logspace(-3, 1, 40)[None, :, None]  # rows of very different sizes
     values, scales = quantize_rows(weight)

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from corpora import write_phrase_corpus
 
@@ -199,6 +200,21 @@ def test_machine_peak_keeps_the_best_measurement(tmp_path, monkeypatch) -> None:
     assert len(json.loads((tmp_path / "matmul_peak.json").read_text())) == 1
 
 
+def test_mfu_is_against_the_peak_of_the_runs_compute_dtype(corpus, tmp_path, monkeypatch) -> None:
+    """A bfloat16 run measured against the float32 peak would overstate its MFU (on a GPU several
+    times): the loop asks for the peak of the dtype it computes in, and the cache keys it apart."""
+    from behemoth.train import loop, metrics
+    from behemoth.train.trainer import pretrain
+
+    monkeypatch.setenv("BEHEMOTH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(metrics, "measure_matmul_peak", lambda dtype, **_: 1e9 if dtype == torch.bfloat16 else 4e9)
+    assert (metrics.machine_matmul_peak("cpu", torch.bfloat16), metrics.machine_matmul_peak("cpu")) == (1e9, 4e9)
+    asked = []
+    monkeypatch.setattr(loop, "machine_matmul_peak", lambda device, dtype: asked.append(dtype) or 1e12)
+    pretrain(tiny_run(corpus, 2, "run.dtype='bfloat16'"), tmp_path / "run", progress=False)
+    assert asked == [torch.bfloat16]
+
+
 def test_bfloat16_autocast_trains(corpus, tmp_path) -> None:
     """run.dtype = bfloat16 runs the forward under autocast; the loss must still fall."""
     pretrain(tiny_run(corpus, 15, "run.dtype='bfloat16'"), tmp_path / "run", progress=False)
@@ -280,3 +296,16 @@ def test_a_refused_resume_is_one_line_and_changes_no_file(corpus, tmp_path, caps
     err = capsys.readouterr().err
     assert message.format(out=out) in err and err.count("\n") == 1, err
     assert _run_files(out) == before
+
+
+def test_resume_may_change_how_the_run_executes(corpus, tmp_path) -> None:
+    """A checkpoint resumes on any layout, so [parallel] and run.device/compile/keep_checkpoints
+    may differ from the saved config.toml; the training settings may not."""
+    from behemoth.train.config import resume_run_config
+
+    out = tmp_path / "run"
+    assert _cli_pretrain(corpus, out, "--data", str(corpus), "--steps", "5", *TINY_FLAGS) == 0
+    run = resume_run_config(out, overrides=["parallel.expert_parallel=2", "run.keep_checkpoints=3", "run.steps=8"])
+    assert (run.parallel.expert_parallel, run.run.keep_checkpoints, run.run.steps) == (2, 3, 8)
+    with pytest.raises(ConfigError, match=r"run.seed 0 -> 1"):
+        resume_run_config(out, overrides=["parallel.expert_parallel=2", "run.seed=1"])

@@ -343,15 +343,8 @@ def _behemoth() -> ModelConfig:
         num_attention_heads=128, num_key_value_heads=8, head_dim=128)
 
 
-_PRESET_BUILDERS = {
-    "tiny": _tiny,
-    "cpu-small": _cpu_small,
-    "cpu-mini": _cpu_mini,
-    "dense-small": _dense_small,
-    "scout-17b-16e": _scout,
-    "maverick-17b-128e": _maverick,
-    "behemoth-288b-16e": _behemoth,
-}
+_PRESET_BUILDERS = {"tiny": _tiny, "cpu-small": _cpu_small, "cpu-mini": _cpu_mini, "dense-small": _dense_small,
+                    "scout-17b-16e": _scout, "maverick-17b-128e": _maverick, "behemoth-288b-16e": _behemoth}
 PRESETS: tuple[str, ...] = tuple(_PRESET_BUILDERS)
 
 

@@ -1,21 +1,14 @@
 """Distributed checkpoints with torch.distributed.checkpoint (DCP), and their consolidation.
 
-    checkpoints/step-000100/
-      config.json, generation_config.json, tokenizer files   the model's description (no weights)
-      dcp/.metadata, dcp/__<rank>_0.distcp                  weights, optimizer moments, expert biases
-      rng.<rank>.safetensors                                 each rank's RNG state
-      trainer.json, config.toml, manifest.json               as in a single-process checkpoint
+A `step-N` folder holds the model's config and tokenizer files (no weights), `dcp/` (weights,
+optimizer moments, expert biases: each rank writes the shards it holds, so N processes' checkpoint
+loads into M or into one, and `consolidate` makes it a model directory), `rng.<rank>.safetensors`,
+and trainer.json, config.toml and manifest.json as a single-process checkpoint. All ranks write
+into `.step-N.dcp.tmp`; rank 0 adds the small files, fsyncs and renames it into place.
 
-Every rank writes only the shards it holds and DCP records where each piece belongs, so a
-checkpoint saved by N processes loads into M (any mesh) or into one plain process, and
-`consolidate` turns it into a model directory. Optimizer hyper-parameters, step and loader
-position go to trainer.json. Writing is atomic: all ranks write into `.step-N.dcp.tmp`, and rank 0
-adds the small files and the manifest, fsyncs and renames the folder into place.
-
-DCP's `.metadata` is a pickle (the shards are read with `torch.load(weights_only=True)`).
-`SafeFileSystemReader` unpickles it admitting only DCP's metadata classes, torch.Size, dtypes and
-paths, and refuses non-tensor ("bytes") entries, which DCP would load with weights_only=False;
-the manifest's SHA-256 is checked first. So a crafted checkpoint runs no code of its choosing.
+DCP's `.metadata` is a pickle: `SafeFileSystemReader` admits only DCP's metadata classes,
+torch.Size, dtypes and paths, and refuses non-tensor ("bytes") entries, which DCP would load with
+weights_only=False; the manifest's SHA-256 is checked first. A crafted checkpoint runs no code.
 """
 
 from __future__ import annotations
@@ -126,9 +119,8 @@ def _rng_state() -> dict[str, torch.Tensor]:
 # -- loading (resume) -----------------------------------------------------------------------------
 
 def load_sharded_checkpoint(directory: Path, model: Transformer, optimizer: torch.optim.Optimizer) -> TrainerState:
-    """Restore weights, optimizer, expert biases (and RNG, when the world size is unchanged) from a
-    distributed checkpoint into `model`, which may be laid out over any number of processes or be
-    a plain single-process model. Collective when distributed."""
+    """Restore weights, optimizer, expert biases (and RNG, when the world size is unchanged) into
+    `model`, laid out over any number of processes or none. Collective when distributed."""
     distributed = dist.is_initialized()
     run_on_main(lambda: verify_checkpoint(directory))
     trainer = _read_trainer_state(directory)
@@ -164,8 +156,8 @@ def _hyper_parameters(saved: dict) -> dict:
 
 
 def _restore_rng(directory: Path, trainer: dict, rank: int, world: int) -> None:
-    """Each rank's RNG as it was, when the job has as many ranks as the one that saved (with another
-    count there is no rank to take it from; training draws no random numbers after init anyway)."""
+    """Each rank's RNG as saved, when the job has as many ranks as the saver (training draws no
+    random numbers after init anyway)."""
     path = directory / f"rng.{rank}.safetensors"
     if trainer.get("world_size") != world or not path.is_file():
         return
@@ -250,9 +242,8 @@ class SafeFileSystemReader(FileSystemReader):
 # -- consolidation: a distributed checkpoint -> a Hugging Face model directory --------------------
 
 def consolidate(checkpoint: Path, out_dir: Path, dtype: torch.dtype | None = None) -> Path:
-    """Write the weights of distributed checkpoint `checkpoint` as a model directory (with the
-    tokenizer, if the checkpoint has one) at `out_dir`, from one process holding the whole model
-    in CPU memory. It never communicates, so rank 0 of a job can call it alone."""
+    """Write a distributed checkpoint's weights (and tokenizer, if any) as a model directory, from
+    one process holding the whole model in CPU memory: no communication, so rank 0 may call it alone."""
     from behemoth.checkpoint import DTYPES, empty_model
     from behemoth.checkpoint import save as save_model
     from behemoth.tokenizer import Tokenizer

@@ -1,16 +1,13 @@
-"""Expert parallelism: the routed experts of each MoE layer are split over the ranks of the "ep"
-mesh, and tokens travel to the rank that holds their expert and back (all-to-all).
+"""Expert parallelism: the routed experts of each MoE layer are split over the "ep" ranks, and
+tokens travel to the rank holding their expert and back.
 
-Each rank routes its own tokens as the single-process model does (router and shared expert are
-ordinary data-parallel weights) and sorts the slots by expert with `sort_by_expert`; then it
-1. exchanges the per-expert slot counts with the other ep ranks (one small all-to-all);
-2. sends each rank the slots of the experts it holds (all-to-all with uneven splits);
-3. regroups what arrived (by source rank) by local expert, runs `grouped_experts`, regroups back;
-4. sends the outputs back (the reverse all-to-all) and sums them per token with `combine`.
-Both all-to-alls are autograd functions whose backward is the reverse exchange. Within an expert,
-slots arrive by source rank, then token: the order of one process holding the whole batch.
-The expert weights are DTensors sharded on dim 0 over "ep", so state dicts and checkpoints see
-whole [E, ...] tensors under their Hugging Face names.
+Each rank routes its own tokens as one process would and sorts the slots by expert; it exchanges
+the per-expert counts (a small all-to-all), sends each rank the slots of its experts (an uneven
+all-to-all whose backward is the reverse exchange), regroups them by local expert, runs
+`grouped_experts`, and sends the outputs back to be summed per token. Within an expert, slots
+arrive by source rank, then token: the order of one process holding the whole batch. The weights
+are DTensors sharded on dim 0 over "ep", so state dicts see whole [E, ...] tensors under their
+Hugging Face names.
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
-"""The process group and the device mesh of a run launched by torchrun.
-
-torchrun tells each process who it is (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); one
-that finds WORLD_SIZE > 1 joins the process group (NCCL between GPUs, gloo on CPU), any other never
-touches torch.distributed.
+"""The process group and device mesh of a run launched by torchrun (WORLD_SIZE > 1; any other
+process never touches torch.distributed).
 
 Mesh: world = dp_mod_ep x ep ranks. Every rank is a data-parallel replica, and every parameter
-outside the routed experts is sharded over all of them (the flattened "dp" mesh). The routed
-experts are split over "ep" (borrowing data-parallel ranks, as torchtitan does) and sharded
-further over "dp_mod_ep"; with expert_parallel = 1, "ep" has size 1 and changes nothing.
+outside the routed experts is sharded over all of them ("dp", flattened). The routed experts are
+split over "ep" (borrowing data-parallel ranks, as torchtitan does) and sharded further over
+"dp_mod_ep"; with expert_parallel = 1, "ep" has size 1 and changes nothing.
 """
 
 from __future__ import annotations
@@ -43,8 +40,7 @@ def launched_world_size() -> int:
 
 
 def local_device(name: str) -> torch.device:
-    """The device this process trains on: under torchrun, "auto" and "cuda" mean cuda:LOCAL_RANK,
-    so that every process of a node gets its own GPU."""
+    """The device this process trains on: under torchrun, "auto" and "cuda" mean cuda:LOCAL_RANK."""
     cuda = torch.cuda.is_available()
     if name == "auto":
         name = "cuda" if cuda else "cpu"
@@ -129,10 +125,9 @@ def close() -> None:
 
 def exit_if_distributed(code: int) -> None:
     """End a process that joined a process group with `code`, without finalizing the interpreter
-    (else return). gloo's threads free a collective's tensors a moment after the caller sees it
-    complete; during finalization they cannot take the GIL to do so and the process aborts (about
-    one run in a hundred). By now every file is written, so leave the group, flush and exit.
-    """
+    (else return): gloo's threads free a collective's tensors a moment after it completes, and
+    during finalization they cannot take the GIL to do so (about one run in a hundred aborted).
+    Every file is written by now, so leave the group, flush and exit."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     close()

@@ -1,10 +1,9 @@
-"""`parallelize(model, mesh, config)`: spread a built model over the ranks, from outside the model.
+"""`parallelize(model, mesh, config)`: spread a built model over the ranks, from outside it.
 
-Expert parallelism first (the routed experts become DTensors on "ep"), then data parallelism,
-bottom-up: FSDP2 (`fully_shard`) with each decoder layer one unit and the root holding embeddings,
-final norm and LM head (expert-parallel weights are their own unit on "dp_mod_ep", as "ep"
-already splits them); or DDP (`replicate`): whole weights on every rank, all-reduced gradients,
-cheaper for models that fit one device. Parameter names do not change.
+Expert parallelism first, then data parallelism bottom-up: FSDP2 with one unit per decoder layer
+and the root holding embeddings, final norm and LM head (expert-parallel weights are their own
+unit on "dp_mod_ep", as "ep" already splits them); or DDP (`replicate`), cheaper for models that
+fit one device. Parameter names do not change.
 """
 
 from __future__ import annotations

@@ -1,12 +1,4 @@
-"""What one training step needs from the process group, beyond what FSDP does by itself.
-
-- `shard_batch`: every rank draws the same global batch and keeps its own block of rows, so the
-  loader state is the same everywhere and a checkpoint resumes on any number of processes;
-- `all_reduce_sum`: the step's numbers summed over ranks in one collective, so what rank 0 logs
-  and what moves the expert bias are global;
-- `clip_grad_norm_`: the global norm over parameters on different meshes, which the stock clip
-  cannot combine.
-"""
+"""What one training step needs from the process group beyond what FSDP does by itself."""
 
 from __future__ import annotations
 
@@ -21,8 +13,9 @@ from behemoth.errors import ConfigError
 
 
 def shard_batch(batch: Any, rank: int, world_size: int) -> Any:
-    """This rank's rows of a global batch: a tensor (rows on dim 0), a tuple of such tensors, or a
-    list of rows (examples)."""
+    """This rank's rows of a global batch (a tensor, a tuple of tensors, or a list of examples):
+    every rank draws the same batch, so loader state is the same everywhere and a checkpoint
+    resumes on any number of processes."""
     if isinstance(batch, tuple):
         return tuple(shard_batch(part, rank, world_size) for part in batch)
     rows = len(batch)
@@ -34,7 +27,7 @@ def shard_batch(batch: Any, rank: int, world_size: int) -> Any:
 
 
 def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Sum float64 values over all ranks (float64: token counts stay exact)."""
+    """Sum float64 values over all ranks in one collective (float64: token counts stay exact)."""
     tensor = torch.as_tensor(values, dtype=torch.float64).to(device)
     dist.all_reduce(tensor)
     return tensor.cpu()
@@ -43,8 +36,8 @@ def all_reduce_sum(values: list[float] | torch.Tensor, device: torch.device) -> 
 @torch.no_grad()
 def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, device: torch.device) -> float:
     """Scale gradients so their global L2 norm is at most `max_norm`; return the norm before. Each
-    rank sums the squares of its pieces (a replicated piece weighted to count once); one
-    all-reduce adds them up."""
+    rank sums the squares of its pieces (a replicated piece weighted to count once), one
+    all-reduce adds them up: the stock clip cannot combine parameters on different meshes."""
     from torch.distributed.tensor import DTensor  # imported here: DTensor takes most of a second to import
 
     grads = [p.grad for p in parameters if p.grad is not None]

@@ -33,6 +33,9 @@ def prepare_weights(model: Transformer, weights: str = "float32", cpu: CpuFeatur
     if weights == "bfloat16":
         model.to(torch.bfloat16)
     elif weights == "int8":
+        if next(model.parameters()).device.type != "cpu":  # checked before any weight is converted
+            raise ConfigError("int8 weights run on the CPU only (torch's int8 weight-only kernel has no "
+                              f"{next(model.parameters()).device.type} version); use bfloat16 there")
         if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
             raise ConfigError(f"int8 weights need torch's _weight_int8pack_mm kernel, which torch "
                               f"{torch.__version__} does not have; use bfloat16")

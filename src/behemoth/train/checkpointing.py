@@ -1,16 +1,10 @@
-"""Training checkpoints: the model in our Hugging Face layout, everything else beside it.
+"""Single-process training checkpoints: a model directory, plus trainer.safetensors (optimizer
+moments, MoE selection biases, RNG states), trainer.json (step, tokens seen, loader position,
+optimizer hyper-parameters), config.toml and manifest.json (`behemoth.run_checkpoints`).
 
-    checkpoints/step-000100/
-      config.json, generation_config.json, model.safetensors, tokenizer files   (a model directory)
-      trainer.safetensors   optimizer moments, MoE selection biases, RNG states
-      trainer.json          step, optimizer hyper-parameters, loader position, tokens seen
-      config.toml           the resolved run configuration
-      manifest.json         SHA-256 and size of every file above
-
-A checkpoint is assembled in a temporary folder, fsynced and renamed into place, so a killed run
-leaves only complete checkpoints; every file is checked against the manifest before anything is
-loaded, and only safetensors and JSON are read. Names, manifest, listing and pruning are
-`behemoth.run_checkpoints`' (shared with distributed checkpoints).
+Assembled in a temporary folder and renamed into place, so a killed run leaves only complete
+checkpoints; every file is checked against the manifest before loading, and only safetensors and
+JSON are read.
 """
 
 from __future__ import annotations
@@ -92,7 +86,9 @@ def load_checkpoint(directory: Path, model: Transformer, optimizer: torch.optim.
     optimizer.load_state_dict(_optimizer_state(tensors, trainer["optimizer"]))
     torch.set_rng_state(tensors["rng.cpu"])
     if torch.cuda.is_available():
-        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+        # by device number: sorted as strings, rng.cuda.10 would come before rng.cuda.2
+        cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")),
+                                           key=lambda k: int(k.rsplit(".", 1)[1]))]
         if cuda:
             torch.cuda.set_rng_state_all(cuda)
     return TrainerState(step=trainer["step"], tokens_seen=trainer["tokens_seen"], loader=trainer["loader"])

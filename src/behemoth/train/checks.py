@@ -1,9 +1,6 @@
-"""Generation checks during training: greedy pass@1 on held-out prompts at every evaluation.
-
-Loss says how well a model predicts its training distribution; what post-training is for is what
-the model then says. `run.eval_tasks` names generative evaluation tasks (`chat:add`, `gen:FILE`,
-...); each evaluation decodes their first `run.eval_items` prompts through the inference engine
-and logs `val_pass@1/TASK` per task and `val_pass@1`, their mean.
+"""Generation checks during training: loss says how well a model predicts, post-training is for
+what it then says. Each evaluation decodes the first `run.eval_items` prompts of the generative
+tasks in `run.eval_tasks` greedily and logs `val_pass@1/TASK` per task and `val_pass@1`, their mean.
 """
 
 from __future__ import annotations

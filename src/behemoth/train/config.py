@@ -193,8 +193,10 @@ def load_run_config(path: Path | None = None, overrides: list[str] | None = None
 
 def resume_run_config(out_dir: Path, path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """A resumed run's settings: its own config.toml, with the file and overrides given again on
-    top. Equal values pass and run.steps may move past the newest checkpoint; any other change is
-    refused, naming each, so that the folder keeps recording how its run was made."""
+    top. Equal values pass; run.steps may move past the newest checkpoint, and how the run executes
+    (the [parallel] layout, run.device, run.compile, run.keep_checkpoints) may change, since a
+    checkpoint resumes on any layout; any other change is refused, naming each, so that the folder
+    keeps recording how its run was made."""
     saved = Path(out_dir) / "config.toml"
     data = _read_toml(saved)
     before = build_run_config(data, str(saved))
@@ -204,7 +206,7 @@ def resume_run_config(out_dir: Path, path: Path | None = None, overrides: list[s
     after = build_run_config(data, str(path) if path else "--set")
     old, new = _flatten(before.to_dict()), _flatten(after.to_dict())
     changes = [f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
-               if key != "run.steps" and old.get(key) != new.get(key)]
+               if not _may_change_on_resume(key) and old.get(key) != new.get(key)]
     if changes:
         raise ConfigError(f"--resume: {saved} records other settings ({'; '.join(changes)}); resume without "
                           "them, or start a new run with another --out")
@@ -214,6 +216,10 @@ def resume_run_config(out_dir: Path, path: Path | None = None, overrides: list[s
         raise ConfigError(f"--steps {after.run.steps}: {out_dir} is already at step {reached}; give more steps "
                           "to train further")
     return after
+
+
+def _may_change_on_resume(key: str) -> bool:
+    return key.startswith("parallel.") or key in ("run.steps", "run.device", "run.compile", "run.keep_checkpoints")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -2,24 +2,23 @@
 
     loss = -log sigmoid(beta * ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))))
 
-where log pi(answer) sums the answer's token log-probabilities given the prompt. The reference is
-the starting model; its log-probabilities are computed once, before training, and saved in the
-run folder (reference_logps.safetensors), so no second model stays in memory and a resumed run
-uses the same reference. A run that does not resume from a checkpoint computes them afresh: a file
-left by a run killed before its first checkpoint may belong to another model or other data.
+where log pi(answer) sums the answer's token log-probabilities given the prompt. The reference
+(the starting model) is computed once before training into the run folder, so no second model
+stays in memory and a resumed run uses the same one; a run not resumed from a checkpoint computes
+it afresh (a file left by a run killed before its first checkpoint may be another model's).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from behemoth.data.chat import Preference, load_preferences, render_answer, render_prompt
 from behemoth.data.rows import RowLoader, fingerprint
+from behemoth.durable import write_atomic
 from behemoth.errors import CheckpointError
 from behemoth.model import RouterOutput, Transformer
 from behemoth.train.config import RunConfig
@@ -82,8 +81,7 @@ class Preferences:
         ref_rejected = torch.tensor([r for _, _, r in batch], device=device)
         chosen, rejected = answer_logps(model, pairs, self.pad_id, routers)
         loss, logged = dpo_loss(chosen, rejected, ref_chosen, ref_rejected, self.beta)
-        tokens = sum(len(p) + len(c) + len(r) for p, c, r in pairs)
-        return loss, logged, tokens
+        return loss, logged, sum(len(p) + len(c) + len(r) for p, c, r in pairs)
 
     @torch.no_grad()
     def evaluate(self, model: Transformer) -> dict[str, float]:
@@ -94,10 +92,9 @@ class Preferences:
             chosen, rejected = answer_logps(model, [p for p, _, _ in chunk], self.pad_id)
             loss, logged = dpo_loss(chosen, rejected, torch.tensor([c for _, c, _ in chunk]),
                                     torch.tensor([r for _, _, r in chunk]), self.beta)
-            weight = len(chunk) / len(self.val)
-            totals["val_loss"] += loss.item() * weight
-            totals["val_reward_margin"] += logged["reward_margin"] * weight
-            totals["val_preference_accuracy"] += logged["preference_accuracy"] * weight
+            for key, value in (("loss", loss.item()), ("reward_margin", logged["reward_margin"]),
+                               ("preference_accuracy", logged["preference_accuracy"])):
+                totals[f"val_{key}"] += value * len(chunk) / len(self.val)
         return totals
 
 
@@ -119,10 +116,9 @@ def reference_logps(model: Transformer, pairs: list[Pair], pad_id: int, batch_si
         chosen += c.tolist()
         rejected += r.tolist()
     model.train()
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # every data-parallel rank computes and writes the same file
-    save_file({"chosen": torch.tensor(chosen, dtype=torch.float64), "rejected": torch.tensor(rejected, dtype=torch.float64)},
-              str(tmp))
-    os.replace(tmp, path)
+    # Every data-parallel rank computes and writes the same file, each through its own temporary one.
+    write_atomic(path, save({"chosen": torch.tensor(chosen, dtype=torch.float64),
+                             "rejected": torch.tensor(rejected, dtype=torch.float64)}))
     return chosen, rejected
 
 

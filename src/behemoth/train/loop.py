@@ -138,7 +138,8 @@ def _train_loop(run: RunConfig, out_dir: Path, model: Transformer, tokenizer: An
     if parallel.is_main:
         metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=first_step if resume else None)
         bar = Progress(total, first_step, enabled=progress)
-        peak = machine_matmul_peak(device) * parallel.world_size  # MFU of the whole job
+        compute_dtype = {"bfloat16": torch.bfloat16, "float64": torch.float64}.get(run.run.dtype, torch.float32)
+        peak = machine_matmul_peak(device, compute_dtype) * parallel.world_size  # MFU of the whole job
     else:
         metrics, bar, peak = _Silent(), _Silent(), math.inf
     if state is not None:

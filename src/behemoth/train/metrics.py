@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from behemoth.durable import write_atomic
+
 
 def measure_matmul_peak(size: int = 2048, repeats: int = 6, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu") -> float:
@@ -31,28 +33,28 @@ def measure_matmul_peak(size: int = 2048, repeats: int = 6, dtype: torch.dtype =
     return 2 * size**3 / best
 
 
-def machine_matmul_peak(device: str | torch.device = "cpu") -> float:
-    """The highest matmul peak ever measured on this machine (device, thread count and torch
+def machine_matmul_peak(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """The highest matmul peak ever measured on this machine (device, dtype, thread count and torch
     version), measuring again now: a peak taken while other work held the cores would overstate
-    MFU, and the best one seen keeps MFU comparable across runs."""
+    MFU, and the best one seen keeps MFU comparable across runs. The dtype is the one the training
+    computes in: a bfloat16 run measured against the float32 peak would overstate its MFU several
+    times on a GPU."""
     import os
     import platform
 
     device = torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    key = f"{device.type}|{name}|{torch.get_num_threads()} threads|torch {torch.__version__}"
+    key = f"{device.type}|{name}|{str(dtype).removeprefix('torch.')}|{torch.get_num_threads()} threads|torch {torch.__version__}"
     cache = Path(os.environ.get("BEHEMOTH_CACHE", Path.home() / ".cache" / "behemoth")) / "matmul_peak.json"
     try:
         known = json.loads(cache.read_text())
     except (OSError, ValueError):
         known = {}
-    peak = max(measure_matmul_peak(device=device), float(known.get(key, 0.0)))
+    peak = max(measure_matmul_peak(dtype=dtype, device=device), float(known.get(key, 0.0)))
     known[key] = peak
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known, indent=1))
-        tmp.replace(cache)
+        write_atomic(cache, json.dumps(known, indent=1))
     except OSError:
         pass  # a read-only home only costs the cache
     return peak
@@ -71,9 +73,7 @@ class MetricsLog:
         if resume_step is not None and path.exists():
             kept = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(path)
+            write_atomic(path, "".join(line + "\n" for line in kept))
         elif resume_step is None and path.exists():
             path.unlink()
 

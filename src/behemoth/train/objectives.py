@@ -1,11 +1,7 @@
-"""Training objectives: next-token loss and MoE balance terms.
-
-Balance options (BalanceConfig):
-- auxiliary-loss-free expert bias (default): after each step, experts that got more than their
-  share of tokens have their selection bias lowered, the others raised (DeepSeek-V3). It moves
-  no gradient and never changes gate values;
-- switch-style load-balancing loss: num_experts * sum_e(token share_e * mean router prob_e);
-- router z-loss: mean(logsumexp(logits)^2), keeps router logits small.
+"""Training objectives: next-token loss and MoE balance terms (BalanceConfig): the auxiliary-loss-
+free expert bias (default, DeepSeek-V3: no gradient, never a gate value), the switch-style
+balance loss num_experts * sum_e(token share_e * mean router prob_e), and the router z-loss
+mean(logsumexp(logits)^2), which keeps router logits small.
 """
 
 from __future__ import annotations
@@ -42,11 +38,9 @@ def router_z_loss(router: RouterOutput) -> torch.Tensor:
 
 @torch.no_grad()
 def update_selection_bias(model: Transformer, loads: list[torch.Tensor], rate: float) -> None:
-    """Nudge each MoE layer's selection bias toward equal load (sign update, step `rate`).
-
-    `loads` holds one [num_experts] load vector per MoE layer, in layer order, already summed
-    over micro-batches (and, when distributed, over ranks) so every replica moves identically.
-    """
+    """Nudge each MoE layer's selection bias toward equal load: overloaded experts' down, the others'
+    up, by `rate`. `loads`: one [num_experts] vector per MoE layer, summed over micro-batches and
+    ranks, so every replica moves identically."""
     moe_layers = [layer.feed_forward for layer in model.model.layers if layer.is_moe]
     for moe, load in zip(moe_layers, loads, strict=True):
         moe.selection_bias += rate * torch.sign(load.mean() - load)

@@ -1,11 +1,7 @@
-"""What the training loop asks of the processes it runs on, through `behemoth.distributed`; a
-single process answers trivially, so the loop reads the same with one process or many.
-
-A distributed run: 1. `join(run)` (from `start_run`): ranks other than 0 wait until rank 0 has done
-the stage's setup (tokenizer, token shards, files), then repeat it and find everything in place;
-2. `Parallelism.start` (from `train_loop`): rank 0 releases them, the mesh is built; 3. `prepare`:
-restore, shard the model, build the optimizer; 4. per step `shard`, `gradient_sync` on the last
-micro-batch, `all_reduce`, `clip_grad_norm`; 5. `save_checkpoint` (all ranks), `save_model` (rank 0).
+"""What the training loop asks of its processes, through `behemoth.distributed`; one process
+answers trivially, so the loop reads the same with one process or many. Under torchrun, `join`
+(from `start_run`) holds ranks other than 0 until rank 0 has done the stage's setup (tokenizer,
+token shards), which they then repeat and find in place; `Parallelism.start` releases them.
 """
 
 from __future__ import annotations
@@ -29,8 +25,8 @@ from behemoth.train.optim import build_optimizer
 
 
 def join(run: RunConfig) -> None:
-    """Join the process group when launched by torchrun with several processes; ranks other than 0
-    then wait here until rank 0 reaches the training loop (see `Parallelism.start`)."""
+    """Join the process group under torchrun; ranks other than 0 then wait here until rank 0 reaches
+    the training loop."""
     if not init_from_env(run.parallel, local_device(run.run.device)) or dist.get_rank() == 0:
         return
     try:
@@ -61,10 +57,9 @@ def gather_objects(value: Any) -> list[Any]:
 
 
 def whole_model(model: Transformer, into: Transformer | None = None) -> Transformer:
-    """The model with all its weights in one plain module on this rank: something to run forwards
-    on with no collective inside them (generation, whose number of forwards differs between ranks).
-    One all-gather, on every rank at once; `into` is an earlier copy to refill. One process: the
-    model itself."""
+    """The model with all its weights in one plain module on this rank, to run forwards with no
+    collective inside (generation, whose number of forwards differs between ranks): one
+    all-gather on every rank at once; `into` is an earlier copy to refill. One process: the model."""
     if not dist.is_initialized():
         return model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -109,8 +104,6 @@ class Parallelism:
     def distributed(self) -> bool:
         return self.mesh is not None
 
-    # -- setup --------------------------------------------------------------------------------
-
     def prepare(self, model: Transformer, checkpoint: Path | None
                 ) -> tuple[Transformer, torch.optim.Optimizer, TrainerState | None]:
         """(model laid out over the mesh, its optimizer, the restored state if `checkpoint`)."""
@@ -148,8 +141,6 @@ class Parallelism:
         optimizer = build_optimizer(model, self.run.optim)
         set_optimizer_state_dict(model, optimizer, whole_state, options=StateDictOptions(full_state_dict=True))
         return model, optimizer, state
-
-    # -- one step -----------------------------------------------------------------------------
 
     def shard(self, batch: Any) -> Any:
         """This rank's share of a global batch."""
@@ -190,11 +181,9 @@ class Parallelism:
                 module.reshard()
         return results
 
-    # -- saving (distributed; a single process uses train.checkpointing and checkpoint.save) ----
-
     def save_checkpoint(self, root: Path, model: Transformer, optimizer: torch.optim.Optimizer, state: TrainerState,
                         tokenizer: Any, keep: int) -> Path:
-        """A DCP checkpoint written by every rank."""
+        """A DCP checkpoint written by every rank (one process saves with train.checkpointing)."""
         from behemoth.distributed.checkpoint import save_sharded_checkpoint
 
         return save_sharded_checkpoint(root, model, optimizer, state, self.run.save, tokenizer, keep=keep)
@@ -216,8 +205,6 @@ class Parallelism:
 
         run_on_main(write)
         return path
-
-    # -- failures -----------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def failures(self, checkpoints: Path) -> Iterator[None]:

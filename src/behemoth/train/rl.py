@@ -1,54 +1,28 @@
 """Online RL with verifiable rewards: GRPO and its variants (Dr. GRPO, DAPO) on the shared loop.
 
-At every `rl.num_iterations`-th step the objective makes a batch of rollouts, on which that many
-optimizer steps then train:
+Every `rl.num_iterations` steps the objective samples a batch of rollouts that many optimizer steps
+then train on: `rl.num_generations` (G) completions of each prompt from the current weights
+(`inference.complete`; a completion's seed comes from run.seed, the step and its place in the
+batch only), each rewarded 1.0 when `rewards.is_correct` accepts it (else 0.0) or by a reward
+function (`--reward module:function`). Advantage: reward minus its group's mean, divided by the
+standard deviation (+ 1e-4) of the group, of the batch, or by nothing (`rl.scale_rewards`). Loss
+per completion token: -min(r A, clip(r, 1 - epsilon, 1 + epsilon_high) A) + beta k3, r = pi / pi_old,
+k3 = exp(ref - logp) - (ref - logp) - 1 against the frozen starting model (only when beta > 0),
+added up per `rl.loss_type`.
 
-1. rollout: data.batch_size prompts per micro-batch, `rl.num_generations` (G) completions of each,
-   sampled by the inference engine (`inference.complete`: continuous batching, KV cache) from the
-   current weights. A completion's seed comes from run.seed, the step and its place in the batch
-   only, so rollouts depend on nothing but the weights, the seed and the step;
-2. reward: 1.0 when `behemoth.rewards.is_correct` accepts the reply for the row's answer, else 0.0;
-   or what a reward function (`--reward module:function`) returns;
-3. advantage = reward - the mean of its group, divided by the standard deviation (+ 1e-4) of the
-   group, of the whole batch, or by nothing (`rl.scale_rewards`);
-4. loss per completion token: -min(r A, clip(r, 1 - epsilon, 1 + epsilon_high) A) + beta k3, with
-   r = pi(token) / pi_old(token) and k3 = exp(ref - logp) - (ref - logp) - 1 against the frozen
-   starting model (kept only when beta > 0); token losses add up per `rl.loss_type`.
+Rollouts run in eval mode, where MoE layers ignore the selection bias, so `rl()` freezes it at
+zero and the loss routes alike. They are not saved: checkpoints fall between groups of steps that
+share them, so a resume samples them again. Under torchrun each rank samples its share from a
+plain copy of the whole weights, then all ranks hold the whole batch (docs/ARCHITECTURE.md).
 
-Routing. The engine runs the model in eval mode, where MoE layers ignore the aux-loss-free
-selection bias; the loss runs in train mode, where they add it. So RL keeps the bias frozen at
-the zero a model directory loads with (`rl()` sets balance.bias_update_rate = 0, which config.toml
-records): rollout and loss route every token alike, and the engine's log-probabilities of a
-completion are the training forward's (tested).
-
-Resume. Rollouts are not saved. Checkpoints fall only between groups of steps that share a batch
-of rollouts (run.steps and run.checkpoint_every must be multiples of rl.num_iterations), so a
-resumed run starts a group with the weights, seed, step and loader position of the uninterrupted
-run, and samples the same rollouts.
-
-Processes (torchrun). Ranks finish their generations after different numbers of decode steps, so
-generation holds no collective: once per batch of rollouts every rank gathers the whole weights
-into a plain copy (`whole_model`: one collective, the same on every rank), samples and scores its
-own share of the prompts with it, and the ranks then exchange their rollouts (a second
-collective). Every rank holds the whole batch: advantages, loss weights and logged numbers are
-computed from it alike everywhere, and each loss is scaled so that the step's loss is one sum over
-all its tokens, micro-batches and ranks (`Objective.loss_weight` would give the mean of each
-micro-batch; DAPO's normaliser is the whole step's token count).
-
-Where this differs from TRL's GRPOTrainer (whose names and defaults [rl] follows):
-- one reward: the verifier or one function (TRL: a weighted list of them);
-- a reward of None leaves the completion out of its group's statistics, with advantage 0 (TRL:
-  NaN, summed as 0 over the reward functions);
-- the old log-probabilities are those of the first iteration's own forward, detached: the same
-  numbers as a separate no-grad forward right after the rollout (the weights have not moved), one
-  forward less, and the ratio is exactly 1 at the first iteration;
-- reward functions get completions as text, also for chat prompts (TRL: assistant messages);
-- `epsilon_high = 0` means epsilon (TRL: None); `drop_zero_std_groups` (DAPO's filter, without its
-  resampling) has no TRL counterpart; `max_prompt_length` (cut from the left) follows older TRL
-  releases;
-- the learning rate is the run's optim.lr, as for every stage (TRL's GRPOConfig defaults to 1e-6,
-  for billion-parameter models); TRL's other options (masking truncated completions, sequence-level
-  ratios, entropy masks, reference syncing, vLLM) are not here.
+Unlike TRL's GRPOTrainer, whose names and defaults [rl] follows: one reward, not a weighted list;
+a None reward leaves its completion out of its group's statistics, with advantage 0 (TRL: NaN);
+the old log-probabilities are the first iteration's own forward, detached (the same numbers as a
+no-grad forward after the rollout, one forward less); reward functions get completions as text,
+also for chat prompts; `epsilon_high = 0` means epsilon; `drop_zero_std_groups` is DAPO's filter
+without its resampling; `max_prompt_length` cuts from the left as older TRL releases did; the
+learning rate is the run's optim.lr (TRL defaults to 1e-6); TRL's other options (truncation masks,
+sequence-level ratios, entropy masks, reference syncing, vLLM) are not here.
 """
 
 from __future__ import annotations
@@ -59,6 +33,7 @@ import hashlib
 import importlib
 import math
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -103,9 +78,7 @@ class Rollout:
     ref_logps: torch.Tensor | None = None
 
 
-# ------------------------------------------------------------------------------------------------
-# The arithmetic: advantages, loss weights, token losses
-# ------------------------------------------------------------------------------------------------
+# -- The arithmetic: advantages, loss weights, token losses -----------------------------------
 
 def group_advantages(rewards: Sequence[float | None], group_size: int, scale: str
                      ) -> tuple[list[float], list[bool]]:
@@ -127,10 +100,7 @@ def group_advantages(rewards: Sequence[float | None], group_size: int, scale: st
 
 def sample_std(values: Sequence[float]) -> float:
     """Standard deviation with Bessel's correction (torch.std's); 0 for fewer than two values."""
-    if len(values) < 2:
-        return 0.0
-    mean = sum(values) / len(values)
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def token_weights(lengths: Sequence[int], kept: Sequence[bool], loss_type: str, max_completion_length: int
@@ -170,11 +140,9 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
 
 def completion_logps(model, rollouts: Sequence[Rollout], pad_id: int, temperature: float = 1.0,
                      routers: list[RouterOutput] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log-probability of each completion token given what precedes it, at `temperature`; the
-    policy's entropy there, without gradient; the mask of real tokens), each [completions, longest].
-
-    One forward over prompt + completion, right-padded, so every token sits at the position the
-    engine generated it at."""
+    """(log-probability of each completion token at `temperature`; the policy's entropy there, without
+    gradient; the mask of real tokens), each [completions, longest]. One right-padded forward over
+    prompt + completion, so every token sits at the position the engine generated it at."""
     count = len(rollouts)
     width = max(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
     longest = max(len(r.completion_ids) for r in rollouts)
@@ -199,15 +167,12 @@ def completion_logps(model, rollouts: Sequence[Rollout], pad_id: int, temperatur
     return logps, entropy, mask
 
 
-# ------------------------------------------------------------------------------------------------
-# Rewards
-# ------------------------------------------------------------------------------------------------
+# -- Rewards ----------------------------------------------------------------------------------
 
 def load_reward_function(spec: str) -> RewardFunction:
-    """`module:function`, imported now (the current directory searched too), so a bad name fails
-    before any work with one line. The function is called as
-    function(prompts=..., completions=..., completion_ids=..., **the rows' other fields), every
-    argument a list with one entry per completion, and returns one float (or None) per completion."""
+    """`module:function`, imported now (the current directory searched too): a bad name fails before
+    any work. It is called as function(prompts=..., completions=..., completion_ids=..., **the rows'
+    other fields), each a list with one entry per completion, and returns a float or None for each."""
     module_name, _, name = spec.partition(":")
     if not module_name or not name:
         raise ConfigError(f"--reward {spec!r}: expected module:function, e.g. my_rewards:brevity")
@@ -248,13 +213,11 @@ def _checked_rewards(rewards: Any, count: int, name: str) -> list[float | None]:
     return [None if value is None else float(value) for value in rewards]
 
 
-# ------------------------------------------------------------------------------------------------
-# The objective
-# ------------------------------------------------------------------------------------------------
+# -- The objective ----------------------------------------------------------------------------
 
 class RolloutLoader:
-    """Serves the micro-batches of the current batch of rollouts, one per `next_batch`; its state is
-    the prompt sampler's position (the rollouts are regenerated on resume: see the module notes)."""
+    """The micro-batches of the current rollouts, one per `next_batch`; its state is the prompt
+    sampler's position (rollouts are sampled again on resume)."""
 
     def __init__(self, prompts: ExampleLoader):
         self.prompts = prompts
@@ -274,8 +237,7 @@ class RolloutLoader:
 
 
 class GroupRelative:
-    """Group-relative policy optimisation: rollouts at the start of each group of steps, then the
-    clipped policy-gradient loss (plus KL) on them."""
+    """Rollouts at the start of each group of steps, then the clipped policy-gradient loss (+ KL)."""
 
     def __init__(self, model: Transformer, tokenizer: Any, train: list[Example], val: list[Example], run: RunConfig,
                  reward: RewardFunction | None = None, reference: Transformer | None = None):
@@ -291,8 +253,6 @@ class GroupRelative:
         self.step_tokens = 1  # completion tokens in the current batch of rollouts
         self.stats: dict[str, float] = {}  # what the current rollouts are logged with
         self._copy: Transformer | None = None  # the whole weights, under torchrun
-
-    # -- rollouts -----------------------------------------------------------------------------
 
     def start_step(self, step: int) -> None:
         self.iteration = step % self.settings.num_iterations
@@ -368,8 +328,6 @@ class GroupRelative:
         self.step_tokens = sum(len(r.completion_ids) for r in rollouts)
         return uniform
 
-    # -- the loss -----------------------------------------------------------------------------
-
     def loss(self, model, batch: list[Rollout], routers: list[RouterOutput]
              ) -> tuple[torch.Tensor, dict[str, float], int]:
         settings, pad = self.settings, self.tokenizer.pad_id
@@ -398,25 +356,17 @@ class GroupRelative:
             _keep(batch, "ref_logps", logps)
         return _kept(batch, "ref_logps")
 
-    # -- validation ---------------------------------------------------------------------------
-
     @torch.no_grad()
     def evaluate(self, model: Transformer) -> dict[str, float]:
-        """Greedy replies to (up to run.eval_batches batches of) the held-out prompts: mean reward,
-        and the share the verifier accepts when rows have answers."""
+        """Greedy replies to up to run.eval_batches batches of held-out prompts: mean reward, and the
+        share the verifier accepts when rows have answers."""
         examples = self.val[:self.run.run.eval_batches * self.run.data.batch_size]
         params = SamplingParams(max_new_tokens=self.settings.max_completion_length, temperature=0.0)
         completions = complete(self._policy(model), self.tokenizer, [ids for _, ids in examples], params,
                                max_batch_size=self.settings.rollout_batch_size)
         rewards, correct = self._score([row for row, _ in examples], completions)
-        result = {}
-        scored = [r for r in rewards if r is not None]
-        if scored:
-            result["val_reward"] = sum(scored) / len(scored)
-        checked = [ok for ok in correct if ok is not None]
-        if checked:
-            result["val_pass_rate"] = sum(checked) / len(checked)
-        return result
+        result = {"val_reward": _known_mean(rewards), "val_pass_rate": _known_mean(correct)}
+        return {key: value for key, value in result.items() if value is not None}
 
 
 def _keep(batch: list[Rollout], name: str, values: torch.Tensor) -> None:
@@ -445,18 +395,21 @@ def rollout_stats(rollouts: list[Rollout], uniform: list[bool]) -> dict[str, flo
     scored = [r.reward for r in rollouts if r.reward is not None]
     if scored:
         stats.update(reward=sum(scored) / len(scored), reward_std=sample_std(scored))
-    checked = [r.correct for r in rollouts if r.correct is not None]
-    if checked:
-        stats["pass_rate"] = sum(checked) / len(checked)
+    if (pass_rate := _known_mean([r.correct for r in rollouts])) is not None:
+        stats["pass_rate"] = pass_rate
     return stats
 
 
-# ------------------------------------------------------------------------------------------------
-# The stage
-# ------------------------------------------------------------------------------------------------
+def _known_mean(values: Sequence[float | bool | None]) -> float | None:
+    """The mean of the values that are not None; None if there are none."""
+    known = [value for value in values if value is not None]
+    return sum(known) / len(known) if known else None
+
+
+# -- The stage --------------------------------------------------------------------------------
 
 def check_rollout_groups(run: RunConfig) -> None:
-    """Checkpoints must fall between groups of steps that share rollouts (see the module notes)."""
+    """Checkpoints must fall between groups of steps that share rollouts (module notes)."""
     group = run.rl.num_iterations
     for key, value in (("run.steps", run.run.steps), ("run.checkpoint_every", run.run.checkpoint_every)):
         if value % group:
@@ -467,8 +420,8 @@ def check_rollout_groups(run: RunConfig) -> None:
 
 def rl(run: RunConfig, model_dir: Path, data: Path, out_dir: Path, resume: bool = False,
        progress: bool | None = None, reward: str | RewardFunction | None = None) -> TrainResult:
-    """Train the model in `model_dir` by online RL on the prompts in `data` (see the module notes);
-    `reward`: a reward function, or its `module:function` name; None: the rows' answers are checked."""
+    """Train the model in `model_dir` by online RL on the prompts in `data`; `reward`: a reward
+    function or its `module:function` name, None: the rows' answers are checked."""
     out_dir = Path(out_dir)
     reward = load_reward_function(reward) if isinstance(reward, str) else reward
     rows = load_prompt_rows(data, need_answers=reward is None)  # checked before any work

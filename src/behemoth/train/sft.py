@@ -8,7 +8,9 @@ assistant token to learn is dropped (a batch of only such rows would have no los
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,14 +47,17 @@ class SupervisedChat:
 
     def __init__(self, train: list[Example], val: list[Example], batch_size: int, seed: int, pad_id: int):
         self.train, self.val, self.pad_id, self.batch_size = train, val, pad_id, batch_size
-        self.loader = ExampleLoader(train, RowLoader(len(train), batch_size, seed, fingerprint(train)))
+        # The whole batch is padded before the ranks take their rows: every layout routes the same
+        # padding through the experts, so the expert loads that move the selection bias agree.
+        self.loader = ExampleLoader(train, RowLoader(len(train), batch_size, seed, fingerprint(train)),
+                                    collate=lambda examples: sft_batch(examples, pad_id))
 
     def start_step(self, step: int) -> None:
         pass
 
     def loss(self, model, batch, routers: list[RouterOutput]) -> tuple[torch.Tensor, dict[str, float], int]:
         device = device_of(model)
-        inputs, targets = (t.to(device) for t in sft_batch(batch, self.pad_id))
+        inputs, targets = (t.to(device) for t in batch)
         logits = model(inputs, router_outputs=routers)
         loss = F.cross_entropy(wide(logits.flatten(0, 1)), targets.flatten(), ignore_index=IGNORE)
         return loss, {"assistant_tokens": float((targets != IGNORE).sum())}, inputs.numel()
@@ -60,7 +65,7 @@ class SupervisedChat:
     def loss_weight(self, batch) -> float:
         """The assistant tokens this batch's loss averages over: data-parallel ranks hold different
         numbers of them, so the loop weighs each rank's mean by this to get the global mean."""
-        return float(sum(sum(learn[1:]) for _, learn in batch))
+        return float((batch[1] != IGNORE).sum())
 
     @torch.no_grad()
     def evaluate(self, model: Transformer) -> dict[str, float]:
@@ -77,13 +82,14 @@ class SupervisedChat:
 
 
 class ExampleLoader:
-    """RowLoader positions, examples out."""
+    """RowLoader positions, examples out (through `collate`, if given)."""
 
-    def __init__(self, examples: list, rows: RowLoader):
-        self.examples, self.rows = examples, rows
+    def __init__(self, examples: list, rows: RowLoader, collate: Callable[[list], Any] | None = None):
+        self.examples, self.rows, self.collate = examples, rows, collate
 
-    def next_batch(self) -> list:
-        return [self.examples[i] for i in self.rows.next_indices()]
+    def next_batch(self) -> Any:
+        batch = [self.examples[i] for i in self.rows.next_indices()]
+        return batch if self.collate is None else self.collate(batch)
 
     def state_dict(self) -> dict:
         return self.rows.state_dict()
