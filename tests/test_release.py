@@ -484,6 +484,41 @@ def test_closed_release_is_registered_for_serving(world, tmp_path, capsys):
         registered_models(registry)
 
 
+def test_a_run_folders_name_names_its_release_and_a_collision_says_how_to_rename(world, tmp_path, capsys):
+    """Every trainer writes RUN/model: the release takes the run's name, not "model", and a second
+    release under a name already taken is one line that points at --name, exit 2, nothing written."""
+    import shutil
+
+    from behemoth.checkpoint import model_name
+
+    models = {out: tmp_path / out / "mine" / "model" for out in ("first", "second")}  # two runs both named mine
+    shutil.copytree(world["strong"], models["first"])
+    shutil.copytree(world["weak"], models["second"])
+    assert (model_name(models["first"]), model_name(tmp_path / "mine" / "checkpoints" / "step-000100"),
+            model_name(world["strong"])) == ("mine", "mine-step-000100", "strong")
+    policy = write_policy(tmp_path / "policy.toml", 100.0)
+    for out, model in models.items():
+        record = run_gate(model, policy, tmp_path / out, variables={"heldout": str(world["heldout"])},
+                          log=tmp_path / "audit.jsonl", progress=False)
+        assert (record["decision"], record["model"]["name"]) == ("closed", "mine")
+        approve(tmp_path / out, by="Grace")
+    assert main(["release", "publish", str(tmp_path / "first")]) == 0
+    assert (tmp_path / "closed" / "mine").is_dir()
+    capsys.readouterr()
+    assert main(["release", "publish", str(tmp_path / "second")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already exists" in err and "another name with --name" in err, err
+    assert main(["release", "publish", str(tmp_path / "second"), "--name", "mine-2"]) == 0
+    assert sorted(registered_models(tmp_path / "registry.json")) == ["mine", "mine-2"]
+
+
+def test_the_clis_gguf_choices_are_the_exporters():
+    from behemoth.cli.release import GGUF_DTYPES as offered
+    from behemoth.export.gguf import GGUF_DTYPES
+
+    assert offered == GGUF_DTYPES
+
+
 def test_cli_gate_end_to_end(world, tmp_path, capsys):
     policy = write_policy(tmp_path / "policy.toml", 1e-6)
     log = tmp_path / "log.jsonl"

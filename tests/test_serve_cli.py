@@ -147,7 +147,8 @@ def test_serve_command_with_keys_file(model_dir, tmp_path):
     try:
         headers = {"Authorization": f"Bearer {key}"}
         models = httpx.get(url + "/v1/models", headers=headers, timeout=10).json()
-        assert [m["id"] for m in models["data"]] == ["mine", "model"]
+        # a bare RUN/model directory is served under its run's name
+        assert [m["id"] for m in models["data"]] == ["mine", model_dir.parent.name]
         body = {"model": "mine", "messages": [{"role": "user", "content": "secret words"}], "max_tokens": 3}
         assert httpx.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=30).status_code == 200
         assert httpx.get(url + "/v1/models", timeout=10).status_code == 401

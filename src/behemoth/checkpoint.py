@@ -218,6 +218,18 @@ def _check_layout(file: Path, tensors: dict[str, TensorInfo], data_bytes: int) -
 _SAFETENSORS_FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
+def model_name(folder: str | Path) -> str:
+    """The name a model goes by: its folder's, or its run's where the folder is the trainer's own
+    (runs/mine/model -> "mine", runs/mine/checkpoints/step-000100 -> "mine-step-000100"), so that
+    models of different runs do not all release as "model"."""
+    folder = Path(folder).resolve()
+    if folder.name == "model" and folder.parent.name:
+        return folder.parent.name
+    if folder.parent.name == "checkpoints" and folder.parent.parent.name:
+        return f"{folder.parent.parent.name}-{folder.name}"
+    return folder.name
+
+
 def model_directory(path: str | Path) -> Path:
     """`path`, checked to be a model directory (a run folder is refused, naming its model)."""
     directory = Path(path)
@@ -311,18 +323,15 @@ def write_model_files(model: Transformer, directory: Path, *, config_form: str =
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # the tie is in config.json; safetensors refuses shared storage
     shards = _split_into_shards(state, max_shard_bytes)
-    metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_safetensors(shards[0], directory / WEIGHTS_NAME, metadata=metadata)
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_safetensors(shard, directory / name, metadata=metadata)
-        weight_map.update({key: name for key in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    names = [WEIGHTS_NAME] if len(shards) == 1 else [f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                                                     for i in range(1, len(shards) + 1)]
+    for name, shard in zip(names, shards):
+        save_safetensors(shard, directory / name, metadata={"format": "pt"})
+    if len(shards) > 1:
+        weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def write_config_files(config: ModelConfig, dtype: torch.dtype, directory: Path, config_form: str = "5") -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 from behemoth.cli.parsing import add_command, add_group
 from behemoth.errors import ConfigError
 
+GGUF_DTYPES = ("f32", "f16", "q8_0")  # export.gguf's, named here so that --help imports no torch
+
 
 def cmd_gate(args: argparse.Namespace) -> int:
     from behemoth.release.gate import RECORD_FILE, run_gate
@@ -119,9 +121,10 @@ def add_release_commands(commands: argparse._SubParsersAction) -> None:
                               "(default: closed/NAME beside the audit log)")
     publish.add_argument("--registry", type=Path, metavar="FILE",
                          help="closed: the registry file (default: registry.json beside the audit log)")
-    publish.add_argument("--name", metavar="NAME", help="release name (default: the model folder's name)")
-    publish.add_argument("--gguf-dtype", choices=("f16", "f32"), default="f16",
-                         help="open: precision of the GGUF file (default f16)")
+    publish.add_argument("--name", metavar="NAME",
+                         help="release name (default: the model's run folder, e.g. mine for runs/mine/model)")
+    publish.add_argument("--gguf-dtype", choices=GGUF_DTYPES, default="f16",
+                         help="open: precision of the GGUF file (default f16; q8_0 for llama.cpp's 8-bit)")
     publish.add_argument("--log", type=Path, metavar="FILE", help="the audit log (default: the one the record names)")
 
     verify = add_command(
@@ -142,7 +145,7 @@ def add_release_commands(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--model", type=Path, required=True, metavar="DIR", help="model directory")
     export.add_argument("--format", choices=("hf", "gguf"), required=True)
     export.add_argument("--out", type=Path, required=True, metavar="PATH", help="folder (hf) or file (gguf)")
-    export.add_argument("--dtype", choices=("f32", "f16", "q8_0"), default="f32",
+    export.add_argument("--dtype", choices=GGUF_DTYPES, default="f32",
                         help="gguf: f32 keeps the weights exact; f16 halves the file, q8_0 (8-bit blocks) quarters it "
                              "(norms and router stay f32)")
     export.add_argument("--overwrite", action="store_true", help="replace PATH if it exists (refused otherwise)")

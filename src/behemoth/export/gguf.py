@@ -102,7 +102,7 @@ def export_gguf(model_dir: Path, out_path: Path, dtype: str = "f32", *, overwrit
     tensors = [(n, *_encode(n, t, dtype)) for n, t in gguf_tensors(model)]
 
     def fill(writer: gguf.GGUFWriter) -> None:
-        _add_general(writer, name or model_dir.resolve().name, dtype)
+        _add_general(writer, name or checkpoint.model_name(model_dir), dtype)
         _add_hparams(writer, config)
         _add_vocab(writer, tokenizer, pre_tokenizer, config.vocab_size)
         for tensor_name, array, raw_dtype in tensors:

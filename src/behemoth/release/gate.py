@@ -37,7 +37,9 @@ def model_identity(directory: str | Path) -> dict[str, Any]:
         weights = model_checksum(folder)
     except EvalError as err:
         raise GateError(str(err)) from None
-    return {"path": str(folder.resolve()), "name": folder.resolve().name, "weights_sha256": weights,
+    from behemoth.checkpoint import model_name
+
+    return {"path": str(folder.resolve()), "name": model_name(folder), "weights_sha256": weights,
             "config_sha256": sha256_file(folder / "config.json"),
             "tokenizer_sha256": sha256_file(folder / "tokenizer.json")}
 

@@ -64,13 +64,14 @@ def publish(record_path: str | Path, out: str | Path | None = None, *, log: str 
     if record["decision"] == "open":
         if out is None:
             raise ReleaseError("an open release needs --out DIR for its bundle")
-        location = _new_folder(Path(out), lambda staging: _open_bundle(
+        location = _new_folder(Path(out), "choose another --out", lambda staging: _open_bundle(
             staging, model_dir, record, file, approvals[0], name, gguf_dtype, training, log))
         registered = None
     else:
         registry = Path(registry) if registry is not None else log.parent / "registry.json"
         folder = Path(out) if out is not None else log.parent / "closed" / name
-        location = _new_folder(folder, lambda staging: _closed_folder(staging, model_dir, file))
+        location = _new_folder(folder, "give the release another name with --name" if out is None else
+                               "choose another --out", lambda staging: _closed_folder(staging, model_dir, file))
         registered = str(register(registry, name, location, record["model"], decision["record_sha256"]))
     return audit.append(log, "publish", {"record_sha256": decision["record_sha256"], "decision": record["decision"],
                                          "location": str(location.resolve()), "name": name,
@@ -101,10 +102,10 @@ def _unchanged_model(record: dict[str, Any]) -> Path:
     return folder
 
 
-def _new_folder(target: Path, build: Callable[[Path], None]) -> Path:
+def _new_folder(target: Path, hint: str, build: Callable[[Path], None]) -> Path:
     """Build a folder beside `target` and rename it into place; never replace an existing one."""
     if target.exists():
-        raise ReleaseError(f"{target}: already exists; a release never overwrites another")
+        raise ReleaseError(f"{target}: already exists; a release never overwrites another ({hint})")
     with staging_folder(target) as staging:
         build(staging)
         fsync_tree(staging)

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from behemoth.checkpoint import model_name
 from behemoth.errors import ConfigError
 from behemoth.inference.engine import Engine
 from behemoth.inference.offline import load_engine
@@ -34,7 +35,8 @@ class ServedModel:
 
 
 def parse_model_specs(specs: list[str]) -> dict[str, Path]:
-    """`DIR` or `NAME=DIR` -> {name: dir}; a bare DIR is named after its folder."""
+    """`DIR` or `NAME=DIR` -> {name: dir}; a bare DIR is named after its folder (its run's, for
+    RUN/model: `checkpoint.model_name`)."""
     named: dict[str, Path] = {}
     for spec in specs:
         name, sep, rest = spec.partition("=")
@@ -42,7 +44,7 @@ def parse_model_specs(specs: list[str]) -> dict[str, Path]:
             directory = Path(rest)
         else:
             directory = Path(spec)
-            name = directory.resolve().name
+            name = model_name(directory)
             if not MODEL_NAME.match(name):
                 raise ConfigError(f"--model {spec}: the folder name {name!r} is not a usable model name; "
                                   "give one as NAME=DIR")
