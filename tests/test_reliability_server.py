@@ -1,8 +1,9 @@
 """The server under attack and load, on loopback only, every loop bounded in count and time.
 
 - schemathesis generates requests from an OpenAPI description of the API (built here from the
-  request models, since the app serves no schema): valid ones and deliberately invalid ones; no
-  response may be a 5xx.
+  request models, since the app serves no schema): valid ones, deliberately invalid ones, and
+  completions that score their prompt (echo with logprobs, max_tokens from 0); no response may be
+  a 5xx.
 - Attacks test_serve_api does not already cover: a body that trickles in (408), huge headers,
   keys in the wrong place, a burst from a rate-limited key.
 - Shutdown with requests in flight (a real `behemoth serve` process and SIGTERM; and the engine
@@ -68,9 +69,11 @@ def bearer(key: str) -> dict[str, str]:
 # Fuzzing the API with schemathesis
 # ------------------------------------------------------------------------------------------------
 
-def openapi_description(model_names: list[str] | None) -> dict[str, Any]:
+def openapi_description(model_names: list[str] | None, echo: bool = False) -> dict[str, Any]:
     """The API as OpenAPI 3.1, request bodies from the pydantic models the server validates with.
-    model_names: restrict `model` to these (so valid requests reach generation), or leave it free."""
+    model_names: restrict `model` to these (so valid requests reach generation), or leave it free.
+    echo: completions that score their prompt (echo, logprobs within the server's bound, max_tokens
+    from 0), which requests drawn from the whole schema rarely are."""
     from pydantic.json_schema import models_json_schema
 
     _, top = models_json_schema([(CompletionBody, "validation"), (ChatBody, "validation")],
@@ -79,6 +82,20 @@ def openapi_description(model_names: list[str] | None) -> dict[str, Any]:
     if model_names:
         for name in ("CompletionBody", "ChatBody"):
             schemas[name]["properties"]["model"] = {"type": "string", "enum": model_names}
+    if echo:  # the fields that matter to scoring, each within the server's bounds; the others left out
+        def integers(low: int, high: int) -> dict[str, Any]:  # as an enum: no 3.0 for 3, which strict
+            return {"enum": list(range(low, high + 1))}          # validation refuses (seen elsewhere)
+
+        text = {"type": "string", "minLength": 1, "maxLength": 64}
+        body = schemas["CompletionBody"]
+        body["properties"] = {
+            "model": body["properties"]["model"], "echo": {"const": True},
+            "prompt": {"anyOf": [text, {"type": "array", "items": text, "minItems": 1, "maxItems": 2},
+                                 {"type": "array", "items": integers(0, 255), "minItems": 1, "maxItems": 32}]},
+            "max_tokens": integers(0, SETTINGS.max_tokens_limit), "logprobs": integers(0, SETTINGS.max_logprobs),
+            "n": integers(1, 2), "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+            "seed": {"enum": [0, 1234, 2**31]}, "ignore_eos": {"type": "boolean"}}
+        body["required"] = ["model", "prompt", "echo", "max_tokens", "logprobs"]
     responses = {"200": {"description": "ok"}, "default": {"description": "an OpenAI-shaped error"}}
 
     def post(body: str) -> dict[str, Any]:
@@ -99,12 +116,15 @@ def test_schemathesis_finds_no_5xx(server) -> None:
 
     examples = int(os.environ.get("BEHEMOTH_API_FUZZ_EXAMPLES", "25"))
     statuses: dict[int, int] = {}
+    scored: dict[str, int] = {"prompt only": 0, "with completion": 0}  # echo requests answered 200
     runs = [(True, "/v1/completions", "POST"), (True, "/v1/chat/completions", "POST"), (True, "/v1/models", "GET"),
             (True, "/v1/models/{name}", "GET"), (False, "/v1/completions", "POST"), (False, "/v1/completions", "POST"),
-            (False, "/v1/chat/completions", "POST"), (False, "/v1/chat/completions", "POST")]
+            (False, "/v1/chat/completions", "POST"), (False, "/v1/chat/completions", "POST"),
+            ("echo", "/v1/completions", "POST")]
     for positive, path, method in runs:
         mode = schemathesis.GenerationMode.POSITIVE if positive else schemathesis.GenerationMode.NEGATIVE
-        schema = schemathesis.openapi.from_dict(openapi_description(["tiny"] if positive else None))
+        schema = schemathesis.openapi.from_dict(openapi_description(["tiny"] if positive else None,
+                                                                    echo=positive == "echo"))
         operation = schema[path][method]
 
         @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
@@ -117,9 +137,17 @@ def test_schemathesis_finds_no_5xx(server) -> None:
             if response.status_code >= 400:
                 error = response.json()["error"]
                 assert error["message"] and error["type"], response.text
+            elif positive == "echo":  # called at once, in this run of the loop
+                reply = response.json()
+                for choice in reply["choices"]:  # each text is scored from its prompt's first token
+                    logprobs = choice["logprobs"]
+                    assert logprobs["token_logprobs"][0] is None and len(logprobs["tokens"]) == len(
+                        logprobs["token_logprobs"]) == len(logprobs["text_offset"])
+                scored["prompt only" if case.body["max_tokens"] == 0 else "with completion"] += 1
 
         call()
     assert statuses.get(200, 0) > 10, statuses  # valid requests really reached the engine
+    assert all(scored.values()), scored  # prompts were scored, with and without a completion
     assert sum(n for s, n in statuses.items() if 400 <= s < 500) > 50, statuses
     record("api_fuzz", requests=sum(statuses.values()), ok=statuses.get(200, 0),
            rejected_4xx=sum(n for s, n in statuses.items() if 400 <= s < 500),

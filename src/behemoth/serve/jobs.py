@@ -300,11 +300,13 @@ async def _events(choices: list[_Choice]) -> AsyncIterator[tuple[_Choice, Any]]:
 
 def _apply(job: _Job, choice: _Choice, event: Any) -> bool:
     """Record one engine event; False for an end token (its event carries only held-back text:
-    the token itself is not part of the reply, so it gets no logprobs entry)."""
+    the token itself is not part of the reply, so it gets no logprobs entry), except with echo: there
+    the logprobs score the sequence, one entry per prompt and generated token (lm-eval asks for one
+    token and drops the last entry, whatever it is), so an end token is listed, with no text."""
     if event.finish_reason is not None:
         choice.finish_reason = event.finish_reason
     choice.text.append(event.text)
-    if event.finish_reason == "stop" and event.token_id in job.stop_ids:
+    if event.finish_reason == "stop" and event.token_id in job.stop_ids and not job.echo:
         return False
     choice.tokens.append(event.token_id)
     choice.logprobs.append(event.logprob)
@@ -420,8 +422,17 @@ def _logprobs(job: _Job, choice: _Choice, start: int) -> dict[str, Any] | None:
         choice.chars += len(choice.utf8.decode(text.bytes(token)))
     return {"tokens": [text.text(t) for t in choice.tokens[start:]],
             "token_logprobs": [_finite(lp) for lp in choice.logprobs[start:]],
-            "top_logprobs": [None if tops is None else {text.text(t): _finite(lp) for t, lp in tops}
-                             for tops in choice.tops[start:]], "text_offset": offsets}
+            "top_logprobs": [None if tops is None else _by_text(text, tops) for tops in choice.tops[start:]],
+            "text_offset": offsets}
+
+
+def _by_text(text: Any, tops: list[tuple[int, float]]) -> dict[str, float | None]:
+    """The completions shape of a token's alternatives, keyed by text: where tokens share a text (byte
+    tokens of split characters are all U+FFFD), the likeliest one's logprob stands for it."""
+    out: dict[str, float | None] = {}
+    for token, logprob in tops:  # likeliest first
+        out.setdefault(text.text(token), _finite(logprob))
+    return out
 
 
 def _echo(job: _Job, choice: _Choice) -> None:
