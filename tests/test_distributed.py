@@ -166,6 +166,28 @@ def test_expert_parallel_trains_like_one_process(data, reference, tmp_path) -> N
     assert_biases_agree(out, reference)
 
 
+MUON = ["optim.name='muon'"]
+
+
+@pytest.fixture(scope="module")
+def muon_reference(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("muon-reference") / "run"
+    one_process(data, out, STEPS, *MUON)
+    return out
+
+
+def test_muon_trains_like_one_process_through_a_resharded_resume(data, reference, muon_reference, tmp_path) -> None:
+    """Muon under FSDP2 (2D weights gathered whole for Newton-Schulz, expert stacks orthogonalised
+    where their whole experts lie), steps 1-5; then FSDP x EP from the DCP checkpoint, 6-10 (the
+    momentum buffers resharded): the single process's losses and biases."""
+    out = tmp_path / "muon"
+    checked(torchrun(data, out, 5, *MUON))
+    checked(torchrun(data, out, STEPS, *MUON, *EP, resume=True))
+    assert_same_training(out, muon_reference)
+    assert_biases_agree(out, muon_reference)
+    assert losses(muon_reference)[-1] != pytest.approx(losses(reference)[-1], rel=1e-3)  # Muon really ran
+
+
 def test_ddp_trains_like_one_process(data, reference, tmp_path) -> None:
     out = tmp_path / "ddp"
     checked(torchrun(data, out, STEPS, "parallel.data_parallel='ddp'"))

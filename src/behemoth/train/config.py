@@ -43,6 +43,9 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    # "adamw", or "muon": Muon for the hidden matrices and expert stacks, AdamW (lr, betas, eps) for
+    # embeddings, the LM head, norms and the router (train/optim.py)
+    name: str = "adamw"
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # final learning rate as a fraction of lr
     schedule: str = "cosine"  # "cosine" or "wsd" (warmup-stable-decay)
@@ -54,6 +57,8 @@ class OptimConfig:
     weight_decay: float = 0.1  # not applied to norms, embeddings or biases
     grad_clip: float = 1.0  # 0 disables
     grad_accum: int = 1
+    muon_lr: float = 0.02  # Muon's peak rate (the schedule scales it as it scales lr)
+    muon_momentum: float = 0.95
 
 
 @dataclass
@@ -295,8 +300,12 @@ def validate(config: RunConfig, source: str = "config") -> None:
             raise ConfigError(f"{source}: {section}.{key} must be positive")
     if not 0 < config.data.val_fraction < 1:
         raise ConfigError(f"{source}: data.val_fraction must be between 0 and 1")
-    if config.optim.lr <= 0:
-        raise ConfigError(f"{source}: optim.lr must be positive")
+    if config.optim.lr <= 0 or config.optim.muon_lr <= 0:
+        raise ConfigError(f"{source}: optim.lr and optim.muon_lr must be positive")
+    if config.optim.name not in ("adamw", "muon"):
+        raise ConfigError(f"{source}: optim.name {config.optim.name!r} is unknown (adamw or muon)")
+    if not 0 <= config.optim.muon_momentum < 1:
+        raise ConfigError(f"{source}: optim.muon_momentum must be in [0, 1)")
     if not 0 <= config.optim.min_lr_ratio <= 1:
         raise ConfigError(f"{source}: optim.min_lr_ratio must be between 0 and 1")
     if config.optim.warmup_steps < 0 or config.optim.grad_clip < 0 or config.optim.weight_decay < 0:

@@ -36,7 +36,7 @@ from behemoth.train.checks import generation_check
 from behemoth.train.config import RunConfig
 from behemoth.train.metrics import MetricsLog, Progress, machine_matmul_peak, read_metrics
 from behemoth.train.objectives import router_z_loss, switch_balance_loss, update_selection_bias
-from behemoth.train.optim import learning_rate
+from behemoth.train.optim import lr_factor
 from behemoth.train.parallelism import Parallelism, join
 
 
@@ -152,9 +152,10 @@ def _train_loop(run: RunConfig, out_dir: Path, model: Transformer, tokenizer: An
     bad_steps = BadSteps(run.run.max_bad_steps)
     for step in range(first_step, total):
         started = time.perf_counter()
-        lr = learning_rate(step, total, run.optim)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        factor = lr_factor(step, total, run.optim)
+        for group in optimizer.param_groups:  # (a checkpoint from before groups had peaks: optim.lr)
+            group["lr"] = group.get("peak_lr", run.optim.lr) * factor
+        lr = run.optim.lr * factor
         objective.start_step(step)
         loss_value, loads, logged, tokens = _optimizer_step(forward, model, optimizer, objective, run, parallel)
         skipped = bad_steps.check(step, loss_value, logged["grad_norm"], checkpoints)
