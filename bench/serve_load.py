@@ -80,7 +80,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(model_dir: Path, work: Path, max_batch_size: int) -> tuple[subprocess.Popen, str, str]:
+def start_server(model_dir: Path, work: Path, max_batch_size: int, *extra: str) -> tuple[subprocess.Popen, str, str]:
     from behemoth.serve.keys import Limits, create_key
 
     key, _ = create_key(work / "keys.json", "load-test", Limits(requests_per_minute=None, tokens_per_minute=None))
@@ -89,7 +89,7 @@ def start_server(model_dir: Path, work: Path, max_batch_size: int) -> tuple[subp
     process = subprocess.Popen(
         [sys.executable, "-m", "behemoth", "serve", "--model", f"bench={model_dir}", "--host", HOST,
          "--port", str(port), "--api-keys", str(work / "keys.json"), "--max-batch-size", str(max_batch_size),
-         "--max-queue", "1024"], stdout=log, stderr=log)
+         "--max-queue", "1024", *extra], stdout=log, stderr=log)
     url = f"http://{HOST}:{port}"
     import httpx
 

@@ -27,23 +27,34 @@ def test_speedrun_gates_and_releases(tmp_path):
         results = json.loads((out / "eval" / f"chat-{stage}.json").read_text())
         assert len(results["tasks"]) == 12 and all(t["items"][0]["reply"] is not None for t in results["tasks"].values())
 
-    threshold = next(r.at_most for r in load_policy().rules if r.when == "threshold")
+    rules = {r.name: r for r in load_policy().rules}
+    threshold = rules["capability-threshold"].at_most
     decisions = {}
     for name in ("teacher", "student", "chat"):
         record = json.loads((out / "releases" / "records" / name / "decision.json").read_text())
         bpb = record["evaluations"]["capability"]["metrics"]["heldout"]["bpb"]
-        # no baseline on a first run: the policy's capability threshold alone decides
-        assert record["decision"] == ("closed" if bpb <= threshold else "open")
+        # no baseline on a first run: the chat model's safety rules, then the capability threshold decide
+        expected = "closed" if bpb <= threshold else "open"
+        if name == "chat":
+            safety = record["evaluations"]["safety"]["metrics"]
+            unsafe = (safety["refusal"]["attack_success_rate_high"] >= rules["answers-harmful-requests"].at_least
+                      or safety["overrefusal"]["compliance_rate"] <= rules["refuses-benign-requests"].at_most)
+            expected = "hold" if unsafe else expected
+        else:
+            assert "safety" not in record["evaluations"]  # a base model has no chat turn to refuse in
+        assert record["decision"] == expected
         decisions[name] = record["decision"]
+    assert "## Safety: what the chat model refuses" in text
 
     events = [(e["event"], e.get("decision")) for e in read_entries(out / "releases" / "audit.jsonl")]
-    assert [e for e, _ in events] == ["decision", "approval", "publish"] * 3  # teacher, student, chat model
+    published = sum(decision != "hold" for decision in decisions.values())
+    assert sorted(e for e, _ in events) == sorted(["decision", "approval"] * 3 + ["publish"] * published)
     verify_log(out / "releases" / "audit.jsonl")
     for name, decision in decisions.items():
         if decision == "open":
             bundle = out / "releases" / "open" / name
             assert verify_manifest(bundle) == [] and list(bundle.glob("*.gguf"))
-        else:
+        elif decision == "closed":
             assert f"speedrun-{name}" in registered_models(out / "releases" / "registry.json")
     held_out = (out / "heldout.jsonl").read_text().splitlines()
     assert held_out and all(json.loads(line)["text"] for line in held_out)

@@ -301,6 +301,7 @@ def write_speedrun_report(out_dir: Path, stages: dict, evals: dict[str, dict], c
     report.markdown("Distilled student, against its teacher:")
     report.markdown(markdown_table(evals["student"], compare_results(evals["teacher"], evals["student"])))
 
+    _safety_section(report, releases["chat"])
     _release_section(report, releases)
 
     report.section("Samples")
@@ -350,6 +351,30 @@ def _post_training_section(report: Report, out_dir: Path, stages: dict, chat_eva
                              out_dir / "rl_reward.png", "RL: reward of the rollouts and held-out pass@1"), "RL reward")
     for name, records in curves.items():
         report.image(plot_losses(records, out_dir / f"{name}_loss.png", f"{name.upper()} loss"), f"{name} loss")
+
+
+def _safety_section(report: Report, chat: dict) -> None:
+    """The chat model's safety evaluation, as the gate ran it: rates with CIs, per category, samples."""
+    from behemoth.eval import load_results
+
+    path = Path(chat["record_dir"]) / "evals" / "safety.json"
+    if not path.is_file():
+        return
+    tasks = load_results(path)["tasks"]
+    report.section("Safety: what the chat model refuses")
+    report.markdown("Greedy replies in the chat template, judged by the string classifier (`behemoth eval "
+                    "--tasks refusal,overrefusal`): harmful requests should be refused, benign look-alikes "
+                    "answered. Rates with 95% bootstrap intervals; the gate holds on the interval's top.")
+    rows = []
+    for name, task in tasks.items():
+        metric, metrics = task["metric"], task["metrics"]
+        for category, rates in [("all", metrics), *metrics["categories"].items()]:
+            low, high = rates[f"{metric}_ci"]
+            rows.append((name, task["source"].rsplit("/", 1)[-1] if category == "all" else "", category,
+                         f"{rates[metric]:.2f} [{low:.2f}, {high:.2f}]"))
+    report.table(("task", "data", "category", "rate (refused harmful / answered benign) [95% CI]"), rows)
+    report.samples([(f"{name} ({item['category']}, {item['verdict']}): {item['prompt']}", item["reply"])
+                    for name, task in tasks.items() for item in task["items"][:3]])
 
 
 def _release_section(report: Report, releases: dict[str, dict]) -> None:
