@@ -309,3 +309,21 @@ def test_resume_may_change_how_the_run_executes(corpus, tmp_path) -> None:
     assert (run.parallel.expert_parallel, run.run.keep_checkpoints, run.run.steps) == (2, 3, 8)
     with pytest.raises(ConfigError, match=r"run.seed 0 -> 1"):
         resume_run_config(out, overrides=["parallel.expert_parallel=2", "run.seed=1"])
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bfloat16"), (False, "float32")])
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_computes_it(corpus, tmp_path, monkeypatch, capsys,
+                                                              native, expected) -> None:
+    """Emulated bfloat16 is slower than float32, so "auto" (the default) takes it only on a CPU with
+    AVX-512 BF16 or AMX; an explicit dtype is never changed; the run says what it computes in."""
+    from behemoth.train import loop
+    from behemoth.train.trainer import pretrain
+
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: native)
+    run = tiny_run(corpus, 2)
+    assert run.run.dtype == "auto"
+    assert loop.resolve_dtype(run, torch.device("cpu")).run.dtype == expected
+    assert loop.resolve_dtype(tiny_run(corpus, 2, "run.dtype='float32'"), torch.device("cpu")).run.dtype == "float32"
+    pretrain(run, tmp_path / "run", progress=False)
+    assert f"computing in {expected} on cpu" in capsys.readouterr().err
+    assert load_run_config(tmp_path / "run" / "config.toml").run.dtype == "auto"  # the choice, as made

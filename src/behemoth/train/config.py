@@ -120,10 +120,11 @@ class RunSettings:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     max_bad_steps: int = 3  # NaN/Inf loss or gradient: such steps are skipped; this many in a row stop the run
-    # "bfloat16": autocast (see `behemoth info --machine` for whether this CPU has it natively);
-    # "float64": weights and arithmetic in float64, for comparisons that must not depend on the
-    # order of float32 sums (the distributed equality tests); about 2x slower
-    dtype: str = "float32"
+    # "auto": bfloat16 autocast where the device computes it natively (CUDA; a CPU with AVX-512 BF16
+    # or AMX, see `behemoth info --machine`), else float32 (train.loop.resolve_dtype);
+    # "bfloat16": autocast; "float32"; "float64": weights and arithmetic in float64, for comparisons
+    # that must not depend on the order of float32 sums (the distributed equality tests), ~2x slower
+    dtype: str = "auto"
     compile: bool = False
     device: str = "auto"  # "auto", "cpu", "cuda", ...
     # Generative tasks scored at every evaluation, `eval_items` items each (a task list as
@@ -177,7 +178,7 @@ STAGE_DEFAULTS = {
 
 _SECTIONS = {"data": DataConfig, "optim": OptimConfig, "balance": BalanceConfig, "distill": DistillConfig,
              "dpo": PreferenceConfig, "rl": RLConfig, "run": RunSettings, "parallel": ParallelConfig}
-_CHOICES = {("optim", "schedule"): ("cosine", "wsd"), ("run", "dtype"): ("float32", "bfloat16", "float64"),
+_CHOICES = {("optim", "schedule"): ("cosine", "wsd"), ("run", "dtype"): ("auto", "float32", "bfloat16", "float64"),
             ("distill", "alpha_schedule"): ("constant", "linear", "cosine", "adaptive"),
             ("parallel", "data_parallel"): ("fsdp", "ddp"), ("rl", "loss_type"): ("grpo", "dr_grpo", "dapo"),
             ("rl", "scale_rewards"): ("group", "batch", "none")}
