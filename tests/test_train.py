@@ -14,6 +14,7 @@ from corpora import write_phrase_corpus
 from behemoth.errors import CheckpointError, ConfigError
 from behemoth.run_checkpoints import list_checkpoints, verify_checkpoint
 from behemoth.train.config import load_run_config
+from behemoth.train.loop import resolve_dtype
 from behemoth.train.metrics import read_metrics
 from behemoth.train.optim import learning_rate
 from behemoth.train.trainer import pretrain
@@ -140,7 +141,7 @@ def test_config_saved_with_checkpoint_round_trips(corpus, tmp_path) -> None:
     run = tiny_run(corpus, 5)
     pretrain(run, tmp_path / "run", progress=False)
     saved = load_run_config(tmp_path / "run" / "checkpoints" / "step-000005" / "config.toml")
-    assert saved == run
+    assert saved == resolve_dtype(run, torch.device("cpu"))  # run.dtype as computed, not "auto"
     manifest = json.loads((tmp_path / "run" / "checkpoints" / "step-000005" / "manifest.json").read_text())
     assert {"model.safetensors", "trainer.safetensors", "trainer.json", "config.toml"} <= set(manifest["files"])
     assert os.path.getsize(tmp_path / "run" / "checkpoints" / "step-000005" / "trainer.safetensors") > 0
