@@ -370,7 +370,9 @@ def _safety_section(report: Report, chat: dict) -> None:
         metric, metrics = task["metric"], task["metrics"]
         for category, rates in [("all", metrics), *metrics["categories"].items()]:
             low, high = rates[f"{metric}_ci"]
-            rows.append((name, task["source"].rsplit("/", 1)[-1] if category == "all" else "", category,
+            source = task["source"]  # "builtin:..." when ../shared/data/safety is absent
+            data = "the project's held-out prompts" if source.startswith("builtin:") else Path(source).name
+            rows.append((name, data if category == "all" else "", category,
                          f"{rates[metric]:.2f} [{low:.2f}, {high:.2f}]"))
     report.table(("task", "data", "category", "rate (refused harmful / answered benign) [95% CI]"), rows)
     report.samples([(f"{name} ({item['category']}, {item['verdict']}): {item['prompt']}", item["reply"])
