@@ -16,7 +16,7 @@ from behemoth.run_checkpoints import list_checkpoints, verify_checkpoint
 from behemoth.train.config import load_run_config
 from behemoth.train.loop import resolve_dtype
 from behemoth.train.metrics import read_metrics
-from behemoth.train.optim import learning_rate
+from behemoth.train.optim import lr_factor
 from behemoth.train.trainer import pretrain
 
 @pytest.fixture(scope="module")
@@ -127,14 +127,15 @@ def test_bad_toml_file(tmp_path) -> None:
 
 
 def test_schedules() -> None:
+    """The factor of each group's peak rate; with lr = 1.0 it is the rate itself."""
     run = load_run_config(None, ["optim.warmup_steps=10", "optim.lr=1.0", "optim.min_lr_ratio=0.1"])
-    assert learning_rate(0, 100, run.optim) == pytest.approx(0.1)
-    assert learning_rate(9, 100, run.optim) == pytest.approx(1.0)
-    assert learning_rate(99, 100, run.optim) == pytest.approx(0.1, abs=1e-3)
+    assert lr_factor(0, 100, run.optim) == pytest.approx(0.1)
+    assert lr_factor(9, 100, run.optim) == pytest.approx(1.0)
+    assert lr_factor(99, 100, run.optim) == pytest.approx(0.1, abs=1e-3)
     wsd = load_run_config(None, ["optim.schedule='wsd'", "optim.warmup_steps=10", "optim.lr=1.0",
                                  "optim.decay_fraction=0.2", "optim.min_lr_ratio=0.0"]).optim
-    assert learning_rate(50, 100, wsd) == 1.0
-    assert learning_rate(99, 100, wsd) == pytest.approx(0.0)
+    assert lr_factor(50, 100, wsd) == 1.0
+    assert lr_factor(99, 100, wsd) == pytest.approx(0.0)
 
 
 def test_config_saved_with_checkpoint_round_trips(corpus, tmp_path) -> None:

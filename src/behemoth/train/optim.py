@@ -151,7 +151,3 @@ def lr_factor(step: int, total_steps: int, config: OptimConfig) -> float:
     progress = min(1.0, (step - config.warmup_steps) / span)
     return floor + (1.0 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
-
-def learning_rate(step: int, total_steps: int, config: OptimConfig) -> float:
-    """optim.lr's rate at optimizer step `step`: `lr_factor` times the peak."""
-    return config.lr * lr_factor(step, total_steps, config)
