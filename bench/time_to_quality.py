@@ -1,19 +1,22 @@
-"""Time to quality of the speedrun teacher's recipe: held-out bits/byte against training time, per
-recipe arm and seed, and the time each arm needs to reach today's final bits/byte.
+"""Time to quality of the speedrun's pretraining recipe: held-out bits/byte against training time, per
+recipe arm and seed, and the time each arm needs to reach the baseline recipe's final bits/byte.
 
-    .venv/bin/python bench/time_to_quality.py [--arms baseline bf16 muon ...] [--seeds 0 1 2 3 4]
-                                             [--minutes 10] [--workdir DIR] [--reuse] [--no-write]
+    .venv/bin/python bench/time_to_quality.py [--stage teacher|student] [--arms baseline bf16 muon ...]
+                                             [--seeds 0 1 2 3 4] [--minutes 10] [--workdir DIR]
+                                             [--reuse] [--no-write]
 
-Every run is the speedrun's teacher stage as `behemoth speedrun --minutes M` runs it (cpu-small on
-the embedded corpus, the same step count, batch and sequence length), with the arm's settings on
-top and a validation every 1/20 of the run. Training time is the sum of the steps' own times
+Every run is a speedrun stage as `behemoth speedrun --minutes M` runs it, with the arm's settings on
+top and a validation every 1/20 of the run: the teacher (cpu-small pretrained on the embedded
+corpus) or the student (cpu-mini distilled from one teacher of today's default recipe, trained once
+in the workdir with seed 0 and shared by every student run). Training time is the sum of the steps' own times
 (tokens / tokens_per_s from metrics.jsonl), so evaluations do not count. Per arm: the mean final
 held-out bits/byte over seeds, and the time each seed first reaches the target (the baseline
 arm's mean final bits/byte; linear between evaluations). Significance across seeds, never repeats
 of one seed: a one-sided Welch t-test that the arm's final bits/byte is below the baseline's, and
 that its time to the target is below the baseline's full training time (the modded-nanogpt rule:
-a record needs p < 0.01). Curves go to time_to_quality.png. Runs one after another, the arms
-interleaved seed by seed: nothing else should use the cores meanwhile.
+a record needs p < 0.01). Curves go to time_to_quality.png (the student's to
+time_to_quality_student.png). Runs one after another, the arms interleaved seed by seed: nothing
+else should use the cores meanwhile.
 """
 
 from __future__ import annotations
@@ -30,10 +33,12 @@ from common import write_section  # noqa: E402
 
 from behemoth.data.embedded import embedded_corpus  # noqa: E402
 from behemoth.speedrun import plan_steps, stage_config  # noqa: E402
+from behemoth.train.distill import distill  # noqa: E402
 from behemoth.train.metrics import read_metrics  # noqa: E402
 from behemoth.train.trainer import pretrain  # noqa: E402
 
-SECTION = "Time to quality: the speedrun teacher's recipe"
+SECTIONS = {"teacher": "Time to quality: the speedrun teacher's recipe",
+            "student": "Time to quality: the speedrun student's recipe (distillation)"}
 ARMS = {
     "baseline": ["run.dtype='float32'"],  # the recipe before this study: AdamW, float32, cosine
     "bf16": ["run.dtype='bfloat16'"],
@@ -43,18 +48,22 @@ ARMS = {
 }
 
 
-def run_arm(arm: str, seed: int, steps: int, corpus: Path, workdir: Path, reuse: bool = False
-            ) -> list[tuple[float, float]]:
-    """(training seconds, held-out bits/byte) at every evaluation of one run; with `reuse`, a run
-    of the same arm, seed and steps that finished in `workdir` before is read, not repeated."""
-    out = workdir / f"{arm}-seed{seed}-{steps}steps"
+def run_arm(arm: str, seed: int, steps: int, corpus: Path, workdir: Path, reuse: bool = False,
+            teacher: Path | None = None) -> list[tuple[float, float]]:
+    """(training seconds, held-out bits/byte) at every evaluation of one run: a teacher, or with
+    `teacher` a student distilled from it. With `reuse`, a run of the same arm, seed and steps that
+    finished in `workdir` before is read, not repeated."""
+    out = workdir / f"{'student-' if teacher else ''}{arm}-seed{seed}-{steps}steps"
     finished = (out / "model").is_dir() and (out / "metrics.jsonl").is_file()
     if not (reuse and finished):
         if out.exists():
             shutil.rmtree(out)
         settings = [*ARMS[arm], f"run.eval_every={max(1, steps // 20)}", f"run.checkpoint_every={steps}",
                     "run.keep_checkpoints=1"]
-        pretrain(stage_config("teacher", steps, seed, settings, [corpus]), out, progress=False)
+        if teacher is None:
+            pretrain(stage_config("teacher", steps, seed, settings, [corpus]), out, progress=False)
+        else:
+            distill(stage_config("student", steps, seed, settings, [corpus]), teacher, out, progress=False)
     seconds, seen, curve = 0.0, 0, []
     for record in read_metrics(out / "metrics.jsonl"):
         if "tokens_per_s" in record:  # a step: its tokens over its own speed
@@ -83,7 +92,7 @@ def one_sided_below(sample: list[float], reference: list[float]) -> float:
     return float(stats.ttest_ind(sample, reference, equal_var=False, alternative="less").pvalue)
 
 
-def plot(curves: dict[str, list[list[tuple[float, float]]]], target: float, path: Path) -> None:
+def plot(curves: dict[str, list[list[tuple[float, float]]]], target: float, path: Path, stage: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,7 +107,7 @@ def plot(curves: dict[str, list[list[tuple[float, float]]]], target: float, path
     ax.set_xlabel("training time (minutes, evaluations excluded)")
     ax.set_ylabel("held-out bits per byte")
     ax.set_ylim(top=min(ax.get_ylim()[1], target + 0.6))
-    ax.set_title("Speedrun teacher: time to quality, every seed")
+    ax.set_title(f"Speedrun {stage}: time to quality, every seed")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -108,6 +117,7 @@ def plot(curves: dict[str, list[list[tuple[float, float]]]], target: float, path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stage", choices=list(SECTIONS), default="teacher")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--minutes", type=float, default=10.0, help="the speedrun budget whose teacher is run")
@@ -117,12 +127,13 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     arms = ["baseline", *[a for a in args.arms if a != "baseline"]]
-    steps = plan_steps(args.minutes)["teacher"]
+    steps = plan_steps(args.minutes)[args.stage]
     corpus = embedded_corpus(args.workdir / "corpus")
+    teacher = default_teacher(args.minutes, corpus, args.workdir) if args.stage == "student" else None
     curves = {arm: [] for arm in arms}
     for seed in args.seeds:  # arms interleaved, so a slow spell of the machine hits them alike
         for arm in arms:
-            curve = run_arm(arm, seed, steps, corpus, args.workdir, args.reuse)
+            curve = run_arm(arm, seed, steps, corpus, args.workdir, args.reuse, teacher)
             curves[arm].append(curve)
             print(f"{arm} seed {seed}: final {curve[-1][1]:.4f} bits/byte after {curve[-1][0]:.0f} s", flush=True)
 
@@ -141,21 +152,32 @@ def main() -> None:
         rows.append(f"| {arm} | {' '.join(ARMS[arm])} | {statistics.mean(final[arm]):.4f} ± {spread:.4f} | "
                     f"{len(reached)}/{len(times)} | {mean_time / baseline_time:.2f}x | "
                     f"{'-' if p_final is None else f'{p_final:.3g}'} | {'-' if p_time is None else f'{p_time:.3g}'} |")
-    png = Path(__file__).parent / "time_to_quality.png"
-    plot(curves, target, png)
+    png = Path(__file__).parent / f"time_to_quality{'' if args.stage == 'teacher' else '_' + args.stage}.png"
+    plot(curves, target, png, args.stage)
+    what = {"teacher": f"the speedrun teacher ({steps} steps of cpu-small on the embedded corpus)",
+            "student": f"the speedrun student ({steps} steps of cpu-mini distilled from one teacher of the "
+                       "default recipe, seed 0)"}[args.stage]
     body = "\n".join([
-        f"`bench/time_to_quality.py --arms {' '.join(arms)} --seeds {' '.join(map(str, args.seeds))} "
-        f"--minutes {args.minutes:g}`: the speedrun teacher ({steps} steps of cpu-small on the embedded corpus), "
+        f"`bench/time_to_quality.py --stage {args.stage} --arms {' '.join(arms)} "
+        f"--seeds {' '.join(map(str, args.seeds))} --minutes {args.minutes:g}`: {what}, "
         f"{len(args.seeds)} seeds per arm, one run after another. Target: the baseline's mean final held-out "
         f"bits/byte, {target:.4f}. Time: training steps only, as a multiple of the baseline's "
         f"{baseline_time:.0f} s. p: one-sided Welch t-tests across seeds (final bits/byte below the "
         "baseline's; time to the target below the baseline's time); a record needs p < 0.01.", "",
         "| arm | settings | final bits/byte (mean ± sd) | seeds reaching the target | time to target | p (final) | p (time) |",
         "|---|---|---|---|---|---|---|", *rows, "",
-        "![time to quality](time_to_quality.png)"])
+        f"![time to quality]({png.name})"])
     print(body)
     if not args.no_write:
-        write_section(SECTION, body)
+        write_section(SECTIONS[args.stage], body)
+
+
+def default_teacher(minutes: float, corpus: Path, workdir: Path) -> Path:
+    """The teacher every student run distils from: the speedrun's teacher stage, default recipe, seed 0."""
+    out = workdir / f"teacher-default-{minutes:g}min"
+    if not (out / "model").is_dir():
+        pretrain(stage_config("teacher", plan_steps(minutes)["teacher"], 0, [], [corpus]), out, progress=False)
+    return out / "model"
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ STEPS = 10
 SETTINGS = ["model.preset='tiny'", "data.seq_len=32", "data.batch_size=4", "run.eval_every=1000",
             "run.eval_batches=2", "run.checkpoint_every=5", "run.keep_checkpoints=10", "optim.warmup_steps=2",
             "optim.lr=0.01", "optim.min_lr_ratio=1.0",  # constant after warmup: resumes need no planned length
+            "optim.name='adamw'",  # the library's default (`behemoth pretrain` takes Muon; MUON below)
             "run.dtype='float64'"]  # see the module docstring
 EP = ["parallel.expert_parallel=2"]
 

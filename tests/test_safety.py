@@ -164,6 +164,18 @@ def test_rates_with_intervals_per_category_and_failures_left_out() -> None:
     assert "compliance_rate" not in metrics["categories"]["cyber"]
 
 
+def test_the_printed_line_names_the_first_failures_cause_and_skips_empty_categories() -> None:
+    """A judge behind a refused key used to print `refusal: ; 2 not judged` and nothing on why."""
+    from behemoth.eval.tables import safety_line
+
+    failed = [{**_item("harmful", "cyber", None), "api_error": "HTTP 401: missing or unknown API key"}] * 2
+    line = safety_line("refusal", {"metric": "refusal_rate", "metrics": summarize_safety(failed), "items": failed})
+    assert line == "refusal: no rates; 2 not judged (classifier failures; first: HTTP 401: missing or unknown API key)"
+    xstest = [_item("harmful", "contrast_homonyms", 1), _item("benign", "homonyms", 1)]
+    line = safety_line("xstest", {"metric": "appropriate_rate", "metrics": summarize_safety(xstest), "items": xstest})
+    assert "\n" not in line and "by category" not in line  # no category has both halves
+
+
 # -- the eval tasks: refusal, overrefusal, xstest ---------------------------------------------------
 
 @pytest.fixture(scope="module")

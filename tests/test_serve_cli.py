@@ -16,6 +16,7 @@ from serve_support import make_model_dir
 
 from behemoth.cli import main
 from behemoth.chat import ChatSession, run_chat
+from behemoth.checkpoint import model_name
 from behemoth.errors import ConfigError
 from behemoth.serve.keys import create_key
 
@@ -68,7 +69,8 @@ def test_chat_command(model_dir):
                                      "--weights", "int8"),
                             input="Hello\n/exit\n", capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "behemoth chat with model" in result.stdout and "assistant> " in result.stdout
+    # named as serve and the release name it: runs/mine/model is "mine"
+    assert f"behemoth chat with {model_name(model_dir)} (" in result.stdout and "assistant> " in result.stdout
 
 
 def test_compile_option_gives_the_engine_a_compiled_decoder(model_dir, monkeypatch):

@@ -159,7 +159,7 @@ def test_sigkill_at_any_moment_then_resume_matches_uninterrupted(corpus, tmp_pat
     steps = 30
     settings = ["model.preset='tiny'", "data.vocab_size=300", "data.seq_len=32", "data.batch_size=4",
                 f"run.steps={steps}", "run.eval_every=1000", "run.checkpoint_every=1", "run.keep_checkpoints=2",
-                "optim.warmup_steps=2", "optim.lr=0.01"]
+                "optim.warmup_steps=2", "optim.lr=0.01", "optim.name='adamw'"]  # tiny_run's optimizer
     pretrain(tiny_run(corpus, steps, "run.checkpoint_every=1", "run.keep_checkpoints=2"), tmp_path / "whole",
              progress=False)
 
@@ -281,6 +281,7 @@ def test_resume_takes_the_runs_own_settings_and_extends_steps(corpus, tmp_path, 
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, 11))
     saved = load_run_config(out / "config.toml")
     assert (saved.data.seq_len, saved.run.steps, saved.model["preset"]) == (32, 10, "tiny")
+    assert saved.optim.name == "muon"  # the pretraining stage's default, kept on resume
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from behemoth.checkpoint import model_name
 from behemoth.errors import ConfigError
 from behemoth.inference.engine import SamplingParams, leave_cores_to_engines
 from behemoth.inference.offline import load_engine
@@ -139,6 +140,6 @@ def chat_main(model_dir: str | Path, temperature: float = 0.7, max_tokens: int =
     try:
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input())
-        run_chat(session, name=Path(model_dir).name)
+        run_chat(session, name=model_name(Path(model_dir)))
     finally:
         session.close()

@@ -59,7 +59,9 @@ def cmd_verify_log(args: argparse.Namespace) -> int:
     counts: dict[str, int] = {}
     for entry in read_entries(args.log):
         counts[entry["event"]] = counts.get(entry["event"], 0) + 1
-    summary = ", ".join(f"{n} {event}s" for event, n in counts.items()) or "empty"
+    plural = {"publish": "publishes"}
+    summary = ", ".join(f"{n} {event if n == 1 else plural.get(event, event + 's')}"
+                        for event, n in counts.items()) or "empty"
     print(f"{args.log}: intact, {head.entries} entries ({summary}); head {head.sha256}")
     return 0
 

@@ -1,5 +1,5 @@
 """Training commands: `pretrain`, `distill`, `sft`, `rl`, `dpo`, `tokenizer train`, `data ...`,
-`consolidate`. Each parses its flags and calls one library function."""
+`consolidate`, `merge`. Each parses its flags and calls one library function."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     extra = [f"data.sources={[str(p) for p in args.data]!r}"] if args.data else []
     if args.tokenizer:
         extra.append(f"data.tokenizer={str(args.tokenizer)!r}")
-    _print_result(pretrain(_run_config(args, extra), args.out, resume=args.resume))
+    _print_result(pretrain(_run_config(args, extra, stage="pretrain"), args.out, resume=args.resume))
     return 0
 
 
@@ -91,12 +91,14 @@ def _print_result(result) -> None:
     numbers = ", ".join(f"{k} {v:.4f}" for k, v in result.validation.items())
     print(f"trained {result.steps} steps: loss {result.final_loss:.4f}" + (f"; {numbers}" if numbers else ""))
     print(f"model: {result.model_dir}")
+    if result.adapter_dir is not None:
+        print(f"adapter: {result.adapter_dir}")
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from behemoth.train.distill import distill
 
-    run = _run_config(args, [f"data.sources={[str(p) for p in args.data]!r}"])
+    run = _run_config(args, [f"data.sources={[str(p) for p in args.data]!r}"], stage="distill")
     _print_result(distill(run, args.teacher, args.out, resume=args.resume))
     return 0
 
@@ -128,6 +130,13 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
     from behemoth.distributed import consolidate
 
     print(f"model: {consolidate(args.checkpoint, args.out, dtype=DTYPES[args.dtype] if args.dtype else None)}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from behemoth.export.merge import merge_adapter
+
+    print(f"model: {merge_adapter(args.model, args.adapter, args.out, overwrite=args.overwrite)}")
     return 0
 
 
@@ -251,3 +260,14 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
     consolidate.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a checkpoints/step-N folder")
     consolidate.add_argument("--out", type=Path, required=True, metavar="DIR", help="model directory to write")
     consolidate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: as trained")
+    merge = add_command(
+        commands, "merge", cmd_merge, help="merge a LoRA adapter into its base: a plain model directory",
+        description="Add the adapters of an adapter directory (a LoRA run's OUT/adapter, or a checkpoint's "
+                    "adapter/) into the weights of the base model they were trained on, and write the result "
+                    "as a model directory that loads wherever the base does. The adapter must fit the base's "
+                    "shapes and its recorded base checksum; nothing is written otherwise.")
+    merge.add_argument("--model", type=Path, required=True, metavar="DIR", help="the base model directory")
+    merge.add_argument("--adapter", type=Path, required=True, metavar="DIR",
+                       help="adapter directory (adapter_model.safetensors + adapter_config.json)")
+    merge.add_argument("--out", type=Path, required=True, metavar="DIR", help="model directory to write")
+    merge.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

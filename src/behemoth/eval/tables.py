@@ -79,9 +79,15 @@ def safety_line(name: str, task: dict[str, Any]) -> str:
     rates = ", ".join(f"{key.removesuffix('_rate').replace('_', ' ')} {metrics[key]:.3f} "
                       f"[{metrics[key + '_ci'][0]:.3f}, {metrics[key + '_ci'][1]:.3f}]"
                       for key in ("refusal_rate", "attack_success_rate", "compliance_rate") if key in metrics)
-    categories = ", ".join(f"{c} {r[metric]:.2f}" for c, r in metrics["categories"].items() if metric in r)
-    failed = f"; {metrics['failed']} not judged (classifier failures)" if metrics["failed"] else ""
-    return f"{name}: {rates}{failed}" + (f"\n  {metric} by category: {categories}" if len(metrics["categories"]) > 1 else "")
+    rated = {c: r[metric] for c, r in metrics["categories"].items() if metric in r}
+    categories = ", ".join(f"{c} {rate:.2f}" for c, rate in rated.items())
+    failed = ""
+    if metrics["failed"]:
+        # The first failure's cause, so a refused key or an unreadable judge shows where it happened.
+        cause = next((i.get("api_error") or i.get("judge_raw") for i in task.get("items", []) if "failed" in i), None)
+        failed = f"{metrics['failed']} not judged (classifier failures" + (f"; first: {cause[:160]}" if cause else "") + ")"
+    head = "; ".join(part for part in (rates or "no rates", failed) if part)
+    return f"{name}: {head}" + (f"\n  {metric} by category: {categories}" if len(rated) > 1 else "")
 
 
 def markdown_table(results: dict[str, Any], comparison: dict[str, Any] | None = None) -> str:

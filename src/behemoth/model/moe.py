@@ -9,6 +9,7 @@ tokens are sorted by expert and each expert runs one matmul over its own slice.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -66,11 +67,18 @@ def sort_by_expert(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tenso
     return routed_in, token_of_slot, counts
 
 
+# An optional term added to one expert's product: (expert, its input rows) -> rows to add. A LoRA
+# adapter (model/lora.py) supplies one per stacked matrix: x @ A[e] @ B[e] * scale.
+LowRankTerm = Callable[[int, torch.Tensor], torch.Tensor]
+
+
 def grouped_experts(routed_in: torch.Tensor, counts: list[int], gate_up_proj: torch.Tensor,
-                    down_proj: torch.Tensor, skip_empty: bool = True) -> torch.Tensor:
+                    down_proj: torch.Tensor, skip_empty: bool = True,
+                    low_rank: tuple[LowRankTerm | None, LowRankTerm | None] = (None, None)) -> torch.Tensor:
     """SwiGLU expert e of `gate_up_proj` [E, hidden, 2I] and `down_proj` [E, I, hidden] applied to
-    the e-th contiguous group of `routed_in` (sizes `counts`). With `skip_empty=False` an expert
-    without tokens still takes part in the graph, so it gets a zero gradient rather than none."""
+    the e-th contiguous group of `routed_in` (sizes `counts`), plus the `low_rank` terms of the two
+    products when given. With `skip_empty=False` an expert without tokens still takes part in the
+    graph, so it gets a zero gradient rather than none."""
     # unbind, not indexing: the backward of W[e] would allocate (and zero) a full [E, ...]
     # gradient per expert; unbind's backward stacks the per-expert gradients once.
     gate_up_weights, down_weights = gate_up_proj.unbind(0), down_proj.unbind(0)
@@ -78,11 +86,23 @@ def grouped_experts(routed_in: torch.Tensor, counts: list[int], gate_up_proj: to
     for expert, tokens in enumerate(routed_in.split(counts)):
         if skip_empty and tokens.shape[0] == 0:
             continue
-        gate, up = (tokens @ gate_up_weights[expert]).chunk(2, dim=-1)
-        outputs.append((F.silu(gate) * up) @ down_weights[expert])
+        outputs.append(_expert(expert, tokens, gate_up_weights[expert], down_weights[expert], low_rank))
     if not outputs:
         return routed_in.new_zeros((0, down_proj.shape[-1]))
     return torch.cat(outputs)
+
+
+def _expert(expert: int, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+            low_rank: tuple[LowRankTerm | None, LowRankTerm | None]) -> torch.Tensor:
+    """One SwiGLU expert on its rows `x`, with the optional low-rank terms of its two products."""
+    gate_up_term, down_term = low_rank
+    projected = x @ gate_up
+    if gate_up_term is not None:
+        projected = projected + gate_up_term(expert, x)
+    gate, up = projected.chunk(2, dim=-1)
+    hidden = F.silu(gate) * up
+    out = hidden @ down
+    return out if down_term is None else out + down_term(expert, hidden)
 
 
 def combine(x: torch.Tensor, token_of_slot: torch.Tensor, routed_out: torch.Tensor) -> torch.Tensor:
@@ -102,6 +122,10 @@ class Experts(nn.Module):
         self.num_experts = num_experts
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * intermediate_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        # Optional low-rank adapters of the two stacks (model/lora.py installs them): modules with a
+        # `bind()` that returns a LowRankTerm for one forward. Absent, the experts are plain Llama 4.
+        self.lora_gate_up: nn.Module | None = None
+        self.lora_down: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """x [tokens, hidden]; expert_ids, gates [tokens, top_k] -> summed expert outputs [tokens, hidden]."""
@@ -109,18 +133,22 @@ class Experts(nn.Module):
             return self._one_token(x, expert_ids[0], gates[0])
         routed_in, token_of_slot, counts = sort_by_expert(x, expert_ids, gates, self.num_experts)
         # The one host sync of the layer: slice sizes must be known to split the sorted tokens.
-        routed_out = grouped_experts(routed_in, counts.tolist(), self.gate_up_proj, self.down_proj)
+        routed_out = grouped_experts(routed_in, counts.tolist(), self.gate_up_proj, self.down_proj,
+                                     low_rank=self.low_rank_terms())
         return combine(x, token_of_slot, routed_out)
+
+    def low_rank_terms(self) -> tuple[LowRankTerm | None, LowRankTerm | None]:
+        """The adapters' terms for this forward (each binds its factors once, as the weights are unbound)."""
+        return tuple(None if lora is None else lora.bind() for lora in (self.lora_gate_up, self.lora_down))
 
     def _one_token(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """A single token (decoding one sequence): run its top-k experts directly, since sorting,
         counting and scattering would cost more than the experts. Summed in expert order, as
         the sorted path's index_add does, so both give the same bits."""
         out = None
+        low_rank = self.low_rank_terms()
         for expert, gate in sorted(zip(expert_ids.tolist(), gates.unbind())):
-            gate_up = (x * gate.to(x.dtype)) @ self.gate_up_proj[expert]
-            gate_part, up = gate_up.chunk(2, dim=-1)
-            y = (F.silu(gate_part) * up) @ self.down_proj[expert]
+            y = _expert(expert, x * gate.to(x.dtype), self.gate_up_proj[expert], self.down_proj[expert], low_rank)
             out = y if out is None else out + y
         return out
 
@@ -141,9 +169,17 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, router_outputs: list[RouterOutput] | None = None) -> torch.Tensor:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
-        logits = F.linear(tokens.float(), self.router.weight.float())
+        logits = self.router_logits(tokens)
         expert_ids, gates = route(logits, self.top_k, self.selection_bias if self.training else None)
         if router_outputs is not None:
             router_outputs.append(RouterOutput(logits, expert_ids, gates))
         out = self.shared_expert(tokens) + self.experts(tokens, expert_ids, gates)
         return out.view(shape)
+
+    def router_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Float32 router logits [tokens, experts]. The router's weight is read directly (not through
+        its forward, which would compute in the tokens' dtype), so an adapter on the router (a LoRA
+        module's `lora_term`, model/lora.py) is added here, or it would be silently ignored."""
+        logits = F.linear(tokens.float(), self.router.weight.float())
+        lora_term = getattr(self.router, "lora_term", None)
+        return logits if lora_term is None else logits + lora_term(tokens.float()).float()

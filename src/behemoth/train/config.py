@@ -7,6 +7,7 @@
     [distill]          teacher temperature and the soft/hard weighting schedule
     [dpo]              beta
     [rl]               online RL (`behemoth rl`): group size, sampling, loss type, clipping, KL
+    [lora]             LoRA adapters for sft, dpo, rl, distill: rank (0 = off), alpha, targets, rsLoRA, dropout
     [run]              steps, seed, evaluation and checkpoint cadence, dtype, compile
     [parallel]         multi-process runs (torchrun): data-parallel kind, expert-parallel degree, timeout
 
@@ -112,6 +113,20 @@ class RLConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (model/lora.py): the base stays frozen, only the adapters train; the run's
+    model/ is the merged model, adapter/ beside it the adapters alone."""
+
+    rank: int = 0  # 0 = off: every weight trains
+    alpha: float = 16.0  # scale = alpha / rank (alpha / sqrt(rank) with use_rslora)
+    # Groups ("all", "attention", "mlp", "shared_expert", "experts", "router") or name endings
+    # ("q_proj", "experts.down_proj"); "all" is everything but the router
+    targets: list[str] = field(default_factory=lambda: ["all"])
+    use_rslora: bool = False
+    dropout: float = 0.0  # on each adapter's input, training only
+
+
+@dataclass
 class RunSettings:
     steps: int = 200
     seed: int = 0
@@ -143,6 +158,7 @@ class RunConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     dpo: PreferenceConfig = field(default_factory=PreferenceConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     run: RunSettings = field(default_factory=RunSettings)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
@@ -165,11 +181,14 @@ class RunConfig:
         path.write_text(tomli_w.dumps(_drop_none(self.to_dict())))
 
 
-# Each post-training stage's own defaults, beneath a config file and flags: these stages move a
-# model that already answers, and pretraining's learning rate would wipe out what it learned
-# (measured in bench/RESULTS.md, "Post-training").
+# Each stage's own defaults, beneath a config file and flags. Pretraining and SFT train with Muon
+# (bench/RESULTS.md: the speedrun teacher reaches AdamW's final held-out bits/byte in 0.40x the
+# time; SFT's held-out pass@1 at 1,000 steps is 0.21 against AdamW's 0.07); distillation keeps AdamW,
+# where Muon measured no better. RL and DPO keep AdamW at their own rates: they move a model that
+# already answers, and pretraining's learning rate would wipe out what it learned ("Post-training").
 STAGE_DEFAULTS = {
-    "sft": ["optim.lr=3e-3", "optim.warmup_steps=5"],
+    "pretrain": ["optim.name='muon'"],
+    "sft": ["optim.name='muon'", "optim.lr=3e-3", "optim.warmup_steps=5"],
     # No weight decay where the starting model is the point (TRL's default too): with no reward
     # signal in a step, decay alone would still pull the weights away from it.
     "rl": ["optim.lr=1e-4", "optim.warmup_steps=5", "optim.weight_decay=0.0"],
@@ -177,7 +196,8 @@ STAGE_DEFAULTS = {
 }
 
 _SECTIONS = {"data": DataConfig, "optim": OptimConfig, "balance": BalanceConfig, "distill": DistillConfig,
-             "dpo": PreferenceConfig, "rl": RLConfig, "run": RunSettings, "parallel": ParallelConfig}
+             "dpo": PreferenceConfig, "rl": RLConfig, "lora": LoraConfig, "run": RunSettings,
+             "parallel": ParallelConfig}
 _CHOICES = {("optim", "schedule"): ("cosine", "wsd"), ("run", "dtype"): ("auto", "float32", "bfloat16", "float64"),
             ("distill", "alpha_schedule"): ("constant", "linear", "cosine", "adaptive"),
             ("parallel", "data_parallel"): ("fsdp", "ddp"), ("rl", "loss_type"): ("grpo", "dr_grpo", "dapo"),
@@ -186,8 +206,8 @@ _CHOICES = {("optim", "schedule"): ("cosine", "wsd"), ("run", "dtype"): ("auto",
 
 def load_run_config(path: Path | None = None, overrides: list[str] | None = None,
                     stage: str | None = None) -> RunConfig:
-    """Defaults, then the stage's own (STAGE_DEFAULTS; "sft", "rl", "dpo"), then the TOML file,
-    then `key.sub=value` overrides; validated as a whole."""
+    """Defaults, then the stage's own (STAGE_DEFAULTS: "pretrain", "distill", "sft", "rl", "dpo"),
+    then the TOML file, then `key.sub=value` overrides; validated as a whole."""
     data: dict[str, Any] = {}
     for item in STAGE_DEFAULTS.get(stage, []):
         _apply_override(data, item)
@@ -320,6 +340,7 @@ def validate(config: RunConfig, source: str = "config") -> None:
     if config.distill.temperature <= 0 or config.dpo.beta <= 0:
         raise ConfigError(f"{source}: distill.temperature and dpo.beta must be positive")
     _validate_rl(config.rl, source)
+    _validate_lora(config.lora, source)
     if config.parallel.expert_parallel < 1 or config.parallel.timeout_s <= 0:
         raise ConfigError(f"{source}: parallel.expert_parallel and parallel.timeout_s must be positive")
     if config.parallel.expert_parallel > 1 and config.parallel.data_parallel != "fsdp":
@@ -349,6 +370,18 @@ def _validate_rl(rl: RLConfig, source: str) -> None:
     for key in ("top_k", "epsilon_high", "beta"):
         if getattr(rl, key) < 0:
             raise ConfigError(f"{source}: rl.{key} must not be negative")
+
+
+def _validate_lora(lora: LoraConfig, source: str) -> None:
+    # target names are checked against the model when the adapters are applied (its modules decide)
+    if lora.rank < 0:
+        raise ConfigError(f"{source}: lora.rank must not be negative (0 = off)")
+    if lora.alpha <= 0:
+        raise ConfigError(f"{source}: lora.alpha must be positive")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"{source}: lora.dropout must be in [0, 1)")
+    if lora.rank and not lora.targets:
+        raise ConfigError(f"{source}: lora.targets is empty; name what to adapt, e.g. [\"all\"]")
 
 
 def _apply_override(data: dict[str, Any], item: str) -> None:

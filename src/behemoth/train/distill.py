@@ -105,4 +105,6 @@ def distill(run: RunConfig, teacher_dir: Path, out_dir: Path, resume: bool = Fal
     student.to(device, parameter_dtype(run))
     objective = Distillation(teacher.to(device), run.distill, run.run.steps, train_loader, val_batches,
                              bytes_per_token, run.run.eval_batches)
-    return train_loop(run, out_dir, student, tokenizer, objective, resume=resume, progress=progress)
+    # With lora, the adapters' base is this seeded student: the same weights again on a resume.
+    base = f"a fresh {run.model.get('preset')} student (run.seed {run.run.seed}), distilled from {teacher_dir}"
+    return train_loop(run, out_dir, student, tokenizer, objective, resume=resume, progress=progress, base_model=base)

@@ -151,4 +151,5 @@ def dpo(run: RunConfig, model_dir: Path, data: Path, out_dir: Path, resume: bool
     keys = [repr((p.prompt, p.chosen, p.rejected)) for p in preferences]
     train, val = split_examples(keys, rows, run.data.val_fraction, run.run.seed)
     objective = Preferences(train, val, run.data.batch_size, run.run.seed, tokenizer.pad_id, run.dpo.beta)
-    return train_loop(run, out_dir, model, tokenizer, objective, resume=resume, progress=progress)
+    return train_loop(run, out_dir, model, tokenizer, objective, resume=resume, progress=progress,
+                      base_model=str(Path(model_dir).resolve()))

@@ -5,6 +5,7 @@
       config.toml           the resolved run configuration
       checkpoints/step-N/   resumable checkpoints (model directory + trainer state + manifest)
       model/                the final model directory (Hugging Face layout, with tokenizer)
+      adapter/              with lora.rank > 0: the LoRA adapters alone (model/ is then base + adapters merged)
 
 The loop owns everything the stages share: learning-rate schedule, gradient accumulation and
 clipping, MoE balance (selection-bias updates, balance and z-losses), metrics, progress,
@@ -23,13 +24,14 @@ from typing import Any, Protocol
 
 import torch
 
-from behemoth.checkpoint import WRITE_ERRORS, write_failure
+from behemoth.checkpoint import WRITE_ERRORS, AdapterInfo, base_sha256, save_adapter, write_failure
 from behemoth.checkpoint import save as save_model
 from behemoth.distributed.mesh import is_main_process, local_device
 from behemoth.errors import BehemothError, ConfigError
 from behemoth.hardware import detect_cpu
 from behemoth.info import model_size
 from behemoth.model import RouterOutput, Transformer
+from behemoth.model.lora import LoraCoverage, apply_lora, merged_state_dict
 from behemoth.run_checkpoints import TrainerState, list_checkpoints
 from behemoth.train.checkpointing import save_checkpoint
 from behemoth.train.checks import generation_check
@@ -37,7 +39,7 @@ from behemoth.train.config import RunConfig
 from behemoth.train.metrics import MetricsLog, Progress, machine_matmul_peak, read_metrics
 from behemoth.train.objectives import router_z_loss, switch_balance_loss, update_selection_bias
 from behemoth.train.optim import lr_factor
-from behemoth.train.parallelism import Parallelism, join
+from behemoth.train.parallelism import Parallelism, join, process_share
 
 
 class TrainingError(BehemothError):
@@ -84,6 +86,7 @@ class TrainResult:
     steps: int
     final_loss: float
     validation: dict[str, float]
+    adapter_dir: Path | None = None  # a LoRA run's adapters (model_dir holds them merged)
 
     @property
     def val_loss(self) -> float | None:
@@ -111,15 +114,41 @@ def start_run(out_dir: Path, run: RunConfig, resume: bool) -> list[Path]:
 
 
 def train_loop(run: RunConfig, out_dir: Path, model: Transformer, tokenizer: Any, objective: Objective,
-               resume: bool = False, progress: bool | None = None) -> TrainResult:
+               resume: bool = False, progress: bool | None = None, base_model: str = "") -> TrainResult:
     """Train `model` for run.run.steps optimizer steps of `objective`; resumable at any checkpoint.
+    With lora.rank > 0 only LoRA adapters train (`base_model`: where the frozen base came from,
+    recorded in the adapter's config).
 
     With several processes (see `start_run`), every rank runs this together on the same global
     batches, each on its share; rank 0 alone writes metrics and progress."""
     run = resolve_dtype(run, model.device)
+    adapters = attach_adapters(run, model, base_model)  # before the optimizer: it sees the adapters only
     parallel = Parallelism.start(run, model)
     with parallel.failures(Path(out_dir) / "checkpoints"):
-        return _train_loop(run, Path(out_dir), model, tokenizer, objective, resume, progress, parallel)
+        return _train_loop(run, Path(out_dir), model, tokenizer, objective, resume, progress, parallel, adapters)
+
+
+@dataclass
+class Adapters:
+    """A LoRA run's adapters: what they cover (the start line) and their config (every save)."""
+
+    coverage: LoraCoverage
+    info: AdapterInfo
+
+
+def attach_adapters(run: RunConfig, model: Transformer, base_model: str) -> Adapters | None:
+    """Freeze `model` and give it the [lora] adapters; None when lora.rank is 0 (all weights train)."""
+    settings = run.lora
+    if settings.rank == 0:
+        return None
+    if process_share()[1] > 1:
+        raise ConfigError("lora.rank > 0 with several processes is not supported yet (expert parallelism and "
+                          "FSDP do not carry the adapters); run LoRA in one process")
+    base = base_sha256(model)
+    coverage = apply_lora(model, settings, seed=run.run.seed)
+    info = AdapterInfo(settings.rank, settings.alpha, settings.use_rslora, settings.dropout, list(settings.targets),
+                       coverage.sites, base_model, base)
+    return Adapters(coverage, info)
 
 
 def resolve_dtype(run: RunConfig, device: torch.device) -> RunConfig:
@@ -140,7 +169,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 def _train_loop(run: RunConfig, out_dir: Path, model: Transformer, tokenizer: Any, objective: Objective,
-                resume: bool, progress: bool | None, parallel: Parallelism) -> TrainResult:
+                resume: bool, progress: bool | None, parallel: Parallelism,
+                adapters: Adapters | None = None) -> TrainResult:
     checkpoints = out_dir / "checkpoints"
     existing = list_checkpoints(checkpoints)
     device = model.device
@@ -160,6 +190,8 @@ def _train_loop(run: RunConfig, out_dir: Path, model: Transformer, tokenizer: An
         peak = machine_matmul_peak(device, compute_dtype) * parallel.world_size  # MFU of the whole job
     else:
         metrics, bar, peak = _Silent(), _Silent(), math.inf
+    if adapters is not None:
+        bar.note(adapters.coverage.line())
     if state is not None:
         bar.note(f"resuming from step {first_step} of {total} (checkpoint {existing[-1]})")
     bar.note(f"computing in {run.run.dtype} on {device.type}" + (" (run.dtype = float32 to change)"
@@ -207,19 +239,23 @@ def _train_loop(run: RunConfig, out_dir: Path, model: Transformer, tokenizer: An
                                              keep=run.run.keep_checkpoints)
                 else:
                     save_checkpoint(checkpoints, model, optimizer, trainer_state, run, tokenizer,
-                                    keep=run.run.keep_checkpoints)
+                                    keep=run.run.keep_checkpoints, adapter=adapters.info if adapters else None)
     bar.close()
     if first_step >= total and (out_dir / "metrics.jsonl").is_file():
         # A finished run resumed: nothing left to train, so report the numbers it ended with.
         last = read_metrics(out_dir / "metrics.jsonl")[-1]
         loss_value = last["loss"]
         validation = {k: v for k, v in last.items() if k.startswith("val_")}
+    adapter_dir = None
     with _disk_errors("final model", checkpoints):
         if parallel.distributed:  # weights gathered to rank 0, which writes the directory
             model_dir = parallel.save_model(model, out_dir / "model", tokenizer=tokenizer)
+        elif adapters is not None:  # the merged model, loadable everywhere; the adapters beside it
+            model_dir = save_model(model.eval(), out_dir / "model", tokenizer=tokenizer, state=merged_state_dict(model))
+            adapter_dir = save_adapter(model, out_dir / "adapter", adapters.info)
         else:
             model_dir = save_model(model.eval(), out_dir / "model", tokenizer=tokenizer)
-    return TrainResult(out_dir, model_dir, total, loss_value, validation)
+    return TrainResult(out_dir, model_dir, total, loss_value, validation, adapter_dir)
 
 
 @contextlib.contextmanager

@@ -443,4 +443,5 @@ def rl(run: RunConfig, model_dir: Path, data: Path, out_dir: Path, resume: bool 
     train, val = split_examples(keys, examples, run.data.val_fraction, run.run.seed)
     reference = copy.deepcopy(model).eval().requires_grad_(False) if run.rl.beta > 0 else None
     objective = GroupRelative(model, tokenizer, train, val, run, reward, reference)
-    return train_loop(run, out_dir, model, tokenizer, objective, resume=resume, progress=progress)
+    return train_loop(run, out_dir, model, tokenizer, objective, resume=resume, progress=progress,
+                      base_model=str(Path(model_dir).resolve()))

@@ -135,4 +135,5 @@ def sft(run: RunConfig, model_dir: Path, data: Path, out_dir: Path, resume: bool
     torch.manual_seed(run.run.seed)
     train, val = split_examples(keys, examples, run.data.val_fraction, run.run.seed)
     objective = SupervisedChat(train, val, run.data.batch_size, run.run.seed, tokenizer.pad_id)
-    return train_loop(run, out_dir, model, tokenizer, objective, resume=resume, progress=progress)
+    return train_loop(run, out_dir, model, tokenizer, objective, resume=resume, progress=progress,
+                      base_model=str(Path(model_dir).resolve()))

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from behemoth.errors import ConfigError
 from behemoth.model import RouterOutput, Transformer, init_weights
 from behemoth.train.config import RunConfig
 from behemoth.train.loop import (TrainingError, TrainResult, device_of, parameter_dtype, pick_device, start_run,
@@ -50,6 +51,9 @@ def pretrain(run: RunConfig, out_dir: Path, resume: bool = False, progress: bool
     """Train a model as `run` describes, from random initialisation, writing under `out_dir`."""
     from behemoth.train.data_setup import prepare_run_data  # tokenizer + shards (heavier imports)
 
+    if run.lora.rank:
+        raise ConfigError(f"lora.rank = {run.lora.rank}: pretraining trains every weight of a fresh model; "
+                          "LoRA adapters are for sft, dpo, rl and distill")
     out_dir = Path(out_dir)
     start_run(out_dir, run, resume)
     torch.manual_seed(run.run.seed)
