@@ -207,7 +207,9 @@ def test_sft_trains_like_one_process(reference, tmp_path) -> None:
     settings = ["data.seq_len=64", "data.batch_size=4", "run.eval_every=1000", "run.eval_batches=2",
                 "run.checkpoint_every=6", "optim.warmup_steps=2", "optim.lr=0.001", "run.steps=6",
                 "run.dtype='float64'"]
-    sft(load_run_config(None, settings), reference / "model", conversations, tmp_path / "one", progress=False)
+    # stage "sft", as `behemoth sft` below: Muon, so its gathered Newton-Schulz is checked on 2 ranks too
+    sft(load_run_config(None, settings, stage="sft"), reference / "model", conversations, tmp_path / "one",
+        progress=False)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
                "sft", "--model", str(reference / "model"), "--data", str(conversations), "--out", str(tmp_path / "two")]
     for setting in settings:
