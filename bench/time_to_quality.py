@@ -39,12 +39,14 @@ from behemoth.train.trainer import pretrain  # noqa: E402
 
 SECTIONS = {"teacher": "Time to quality: the speedrun teacher's recipe",
             "student": "Time to quality: the speedrun student's recipe (distillation)"}
+# Every arm names its optimizer and precision: the stages' own defaults (train/config.py
+# STAGE_DEFAULTS) are what this study decides, so no arm may inherit them.
 ARMS = {
-    "baseline": ["run.dtype='float32'"],  # the recipe before this study: AdamW, float32, cosine
-    "bf16": ["run.dtype='bfloat16'"],
+    "baseline": ["run.dtype='float32'", "optim.name='adamw'"],  # the recipe before this study: AdamW, float32, cosine
+    "bf16": ["run.dtype='bfloat16'", "optim.name='adamw'"],
     "muon": ["run.dtype='bfloat16'", "optim.name='muon'"],
     "muon-wsd": ["run.dtype='bfloat16'", "optim.name='muon'", "optim.schedule='wsd'"],
-    "bf16-lr2x": ["run.dtype='bfloat16'", "optim.lr=6e-3"],
+    "bf16-lr2x": ["run.dtype='bfloat16'", "optim.name='adamw'", "optim.lr=6e-3"],
 }
 
 

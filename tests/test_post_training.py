@@ -581,13 +581,13 @@ def test_each_post_training_stage_has_its_own_defaults_beneath_file_and_flags(tm
     assert load_run_config(config, ["optim.lr=7e-6"], stage="dpo").optim.lr == 7e-6
 
 
-def test_pretraining_and_sft_take_muon_the_other_stages_adamw() -> None:
-    """Muon reaches AdamW's final bits/byte in 0.40x the time when pretraining and triples SFT's
-    held-out pass@1 at equal steps, and measured no better when distilling (bench/RESULTS.md); the
-    other stages stay on AdamW, as does RunConfig's own default."""
+def test_pretraining_distillation_and_sft_take_muon_rl_and_dpo_adamw() -> None:
+    """Muon reaches AdamW's final bits/byte in 0.40x the time when pretraining, ends distillation
+    lower and triples SFT's held-out pass@1 at equal steps (bench/RESULTS.md); RL and DPO stay on
+    AdamW, as does RunConfig's own default."""
     names = {stage: load_run_config(None, [], stage=stage).optim.name
              for stage in (None, "pretrain", "distill", "sft", "rl", "dpo")}
-    assert names == {None: "adamw", "pretrain": "muon", "distill": "adamw", "sft": "muon", "rl": "adamw",
+    assert names == {None: "adamw", "pretrain": "muon", "distill": "muon", "sft": "muon", "rl": "adamw",
                      "dpo": "adamw"}
     assert load_run_config(None, ["optim.name='adamw'"], stage="pretrain").optim.name == "adamw"
 

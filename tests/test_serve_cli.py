@@ -108,6 +108,18 @@ def test_chat_command_refuses_a_missing_model(tmp_path, capsys):
     assert "behemoth: error:" in capsys.readouterr().err
 
 
+def test_a_taken_port_is_one_line_before_any_loading(model_dir, capsys):
+    """It used to print `serving model on ...`, then uvicorn's `[Errno 98]`, and exit 3."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", str(model_dir), "--port", str(port)]) == 2
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and f"--port {port}: cannot listen on 127.0.0.1:{port}" in err, err
+    assert "serving" not in out and "temporary key" not in out
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import socket
 from collections.abc import AsyncIterator, Iterable
 from importlib import resources
 from pathlib import Path
@@ -158,6 +159,7 @@ def serve(model_specs: list[str], host: str = "127.0.0.1", port: int = 8000, api
 
     settings = settings or Settings()
     named = parse_model_specs(model_specs)
+    check_port_free(host, port)  # before minutes of loading, not after them
     if api_keys is not None:
         keys = KeyStore(api_keys)
         if not any(r.active for r in keys.records()):
@@ -187,6 +189,19 @@ def serve(model_specs: list[str], host: str = "127.0.0.1", port: int = 8000, api
     if audit_path:
         announce(f"audit log: {audit_path}" + (" (with prompt text)" if log_prompts else ""))
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=10)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """ConfigError naming --port when nothing could listen on host:port (taken, or not ours to use)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((host, port))
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise ConfigError(f"--port {port}: cannot listen on {host}:{port} ({reason}); choose another --port "
+                          "or stop what uses it") from None
 
 
 def _is_loopback(host: str) -> bool:
