@@ -427,7 +427,7 @@ def _summary(stages: dict, minutes_taken: float, budget: float) -> dict:
                    f"{teacher.steps} steps, {records[-1]['tokens_seen']:,} tokens",
         "teacher validation": f"loss {teacher.val_loss:.4f}, {teacher.val_bpb:.4f} bits/byte",
         "teacher throughput": f"{tokens_per_s[len(tokens_per_s) // 2]:,.0f} tokens/s, MFU {mfu[len(mfu) // 2]:.0%} "
-                              "of the measured float32 matmul peak",
+                              "of the measured matmul peak in its compute dtype",
         "student (distilled)": f"{STUDENT}, {_params(student.model_dir) / 1e6:.1f}M "
                                f"parameters, {student.steps} steps; validation loss {student.val_loss:.4f}, "
                                f"{student.val_bpb:.4f} bits/byte",
