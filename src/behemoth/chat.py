@@ -25,8 +25,7 @@ class ChatSession:
                  system: str | None = None, seed: int | None = None):
         self.engine, self.context = engine, context
         self.text = TokenText(tokenizer)
-        self.temperature, self.max_tokens, self.seed = temperature, max_tokens, seed
-        self.system = system
+        self.temperature, self.max_tokens, self.seed, self.system = temperature, max_tokens, seed, system
         self.messages: list[dict[str, str]] = []
         self.finish_reason: str | None = None
         self._turns = 0
@@ -46,13 +45,11 @@ class ChatSession:
     def reset(self) -> None:
         self.messages = []
 
-    def _conversation(self) -> list[dict[str, str]]:
-        return ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
-
     def _fitted_prompt(self) -> list[int]:
         """The prompt ids, dropping the oldest turns until prompt + max_tokens fits the context."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
         while True:
-            ids = self.text.chat_prompt_ids(self._conversation())
+            ids = self.text.chat_prompt_ids(system + self.messages)
             if len(ids) + self.max_tokens <= self.context:
                 return ids
             if len(self.messages) <= 1:

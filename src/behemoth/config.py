@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from behemoth.errors import ConfigError
+from behemoth.jsonio import read_json_object
 
 TEXT_ARCHITECTURE = "Llama4ForCausalLM"
 MULTIMODAL_ARCHITECTURE = "Llama4ForConditionalGeneration"
@@ -107,14 +108,10 @@ class ModelConfig:
         for name, applies in needed.items():
             if applies and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        self._validate_rope_scaling()
-
-    def _validate_rope_scaling(self) -> None:
-        rope_type = self.rope_type
-        if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ConfigError(f"rope_scaling.rope_type {rope_type!r} is not supported "
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(f"rope_scaling.rope_type {self.rope_type!r} is not supported "
                               f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
-        if rope_type == "llama3":
+        if self.rope_type == "llama3":
             missing = [k for k in LLAMA3_ROPE_KEYS if k not in self.rope_scaling]
             if missing:
                 raise ConfigError(f"rope_scaling (llama3) is missing {', '.join(missing)}")
@@ -144,10 +141,9 @@ class ModelConfig:
         """The `config.json` content for `Llama4ForCausalLM`; form "5" (rope_parameters) or "4"."""
         if form not in ("4", "5"):
             raise ConfigError(f"config form must be '4' or '5', got {form!r}")
-        out: dict[str, Any] = {"architectures": [TEXT_ARCHITECTURE], "model_type": "llama4_text"}
-        for f in dataclasses.fields(self):
-            if f.name not in ("rope_theta", "rope_scaling"):
-                out[f.name] = getattr(self, f.name)
+        out: dict[str, Any] = {"architectures": [TEXT_ARCHITECTURE], "model_type": "llama4_text",
+                               **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                                  if f.name not in ("rope_theta", "rope_scaling")}}
         rope = {"rope_type": self.rope_type, "rope_theta": self.rope_theta}
         if self.rope_scaling:
             rope.update({k: v for k, v in self.rope_scaling.items() if k not in ("type", "rope_type")})
@@ -202,11 +198,7 @@ class ModelConfig:
             path = path / "config.json"
         if not path.is_file():
             raise ConfigError(f"{path}: no such file")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from None
-        return cls.from_hf_dict(data, str(path))
+        return cls.from_hf_dict(read_json_object(path), str(path))
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed; layer lists are re-derived when the layout changes."""

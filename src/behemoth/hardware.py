@@ -63,16 +63,12 @@ def _cpuinfo(path: Path) -> tuple[set[str], str]:
         text = path.read_text()
     except OSError:
         return set(), ""
-    flags: set[str] = set()
-    model = ""
+    fields: dict[str, str] = {}  # the first non-empty value of each key
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "flags" and not flags:
-            flags = set(value.split())
-        elif key == "model name" and not model:
-            model = value.strip()
-    return flags, model
+        if value.strip():
+            fields.setdefault(key.strip(), value.strip())
+    return set(fields.get("flags", "").split()), fields.get("model name", "")
 
 
 def onednn_bf16_works() -> bool:
@@ -118,12 +114,10 @@ class FastPaths:
 def choose_paths(cpu: CpuFeatures) -> FastPaths:
     """The fastest measured kernels on a CPU like `cpu`: without native bfloat16 the LM head and a
     prompt's int8 products are float32; decode steps keep torch's int8 kernel on every CPU."""
-    if cpu.native_bf16:
-        lm_head, prompt_dtype = "bfloat16 packed", torch.bfloat16
-    else:
-        lm_head, prompt_dtype = "float32", torch.float32
-    return FastPaths(lm_head=lm_head, int8_prompt_dtype=prompt_dtype,
-                     training_bf16="native" if cpu.native_bf16 else "emulated",
+    native = cpu.native_bf16
+    return FastPaths(lm_head="bfloat16 packed" if native else "float32",
+                     int8_prompt_dtype=torch.bfloat16 if native else torch.float32,
+                     training_bf16="native" if native else "emulated",
                      compiled_decode=any(shutil.which(cc) for cc in ("c++", "g++", "clang++")))
 
 

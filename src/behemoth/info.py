@@ -1,10 +1,9 @@
 """Model size and compute, by arithmetic on the config: no weights are allocated.
 
-Counting conventions (those of the published Llama 4 figures): active parameters are everything
-a token touches, input embedding and LM head included, with the routed experts counted
-`num_experts_per_tok` times per MoE layer instead of `num_local_experts` times. Forward FLOPs per
-token are 2 per active matmul weight (the embedding lookup is free, the LM head is not), plus
-attention scores and values over the keys a query actually sees (chunked layers see less).
+As the published Llama 4 figures count: active parameters are everything a token touches, embedding
+and LM head included, routed experts `num_experts_per_tok` times per MoE layer. Forward FLOPs per token
+are 2 per active matmul weight (the embedding lookup is free, the LM head is not), plus attention
+scores and values over the keys a query actually sees (chunked layers see less).
 """
 
 from __future__ import annotations
@@ -49,27 +48,23 @@ def mean_visible_keys(seq_len: int, chunk_size: int | None) -> float:
 
 
 def model_size(config: ModelConfig, seq_len: int | None = None) -> ModelSize:
-    """Parameter counts and forward FLOPs per token for `config` at `seq_len` (default: 2048,
-    capped at max_position_embeddings)."""
+    """Parameter counts and forward FLOPs per token at `seq_len` (default 2048, capped at the context)."""
     c = config
     seq_len = seq_len or min(2048, c.max_position_embeddings)
     expert = 3 * c.hidden_size * c.intermediate_size
-    dense_mlp = 3 * c.hidden_size * c.intermediate_size_mlp
-    attention = attention_params(c)
     norms = 2 * c.hidden_size
     embedding = c.vocab_size * c.hidden_size
     lm_head = 0 if c.tie_word_embeddings else embedding
-
     num_moe = len(c.moe_layers)
     num_dense = c.num_hidden_layers - num_moe
+    dense_mlp = 3 * c.hidden_size * c.intermediate_size_mlp
     router = c.hidden_size * c.num_local_experts
-    moe_total = router + (c.num_local_experts + 1) * expert  # routed experts + shared expert
-    moe_active = router + (c.num_experts_per_tok + 1) * expert
-
-    layers_total = c.num_hidden_layers * (attention + norms) + num_moe * moe_total + num_dense * dense_mlp
-    layers_active = c.num_hidden_layers * (attention + norms) + num_moe * moe_active + num_dense * dense_mlp
-    total = layers_total + embedding + lm_head + c.hidden_size
-    active = layers_active + embedding + lm_head + c.hidden_size
+    # What every token touches (the shared expert and the final norm included); then the routed experts:
+    # all of them in the total, the picked ones in the active count.
+    common = (c.num_hidden_layers * (attention_params(c) + norms) + num_dense * dense_mlp
+              + num_moe * (router + expert) + embedding + lm_head + c.hidden_size)
+    experts = num_moe * c.num_local_experts * expert
+    total, active = common + experts, common + num_moe * c.num_experts_per_tok * expert
 
     # Matmul weights a token multiplies by: all active parameters except norms and the lookup table.
     matmul_weights = active - embedding - c.num_hidden_layers * norms - c.hidden_size
@@ -83,8 +78,7 @@ def model_size(config: ModelConfig, seq_len: int | None = None) -> ModelSize:
         for i in range(c.num_hidden_layers))
     return ModelSize(
         total_params=total, active_params=active, embedding_params=embedding + lm_head,
-        expert_params=num_moe * c.num_local_experts * expert,
-        num_moe_layers=num_moe, num_dense_layers=num_dense,
+        expert_params=experts, num_moe_layers=num_moe, num_dense_layers=num_dense,
         num_nope_layers=sum(1 for v in c.no_rope_layers[:c.num_hidden_layers] if not v),
         matmul_flops_per_token=2 * matmul_weights, attention_flops_per_token=attention_flops,
         flops_per_token=2 * matmul_weights + attention_flops, seq_len=seq_len)

@@ -1,17 +1,18 @@
 """Reading JSON and JSONL files users hand us: one clear line for every way they can be wrong.
 
-Also the plain reading underneath JSONL, which text readers share: `open_binary` (gunzipping
-`.gz` files) and `read_lines` (numbered lines, decoded one by one so an error names its line).
+Also the reading underneath, which text readers share: `open_binary` (gunzipping `.gz` files) and
+`read_lines`; and `write_jsonl`, the other way.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from behemoth.durable import write_atomic
 from behemoth.errors import ConfigError
 
 # How an error names a line: "data.jsonl, line 3: ..." (data and post-training) or "data.jsonl:3: ..."
@@ -76,3 +77,9 @@ def read_lines(path: Path, *, style: LineStyle = "line") -> Iterator[tuple[int, 
 
 def _where(path: Path, number: int, style: LineStyle) -> str:
     return f"{path}:{number}" if style == "colon" else f"{path}, line {number}"
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
+    """`rows` as JSON lines, written atomically; returns `path`."""
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+    return path

@@ -1,22 +1,13 @@
 """Capacity planner: memory per GPU and training time for a model on a cluster, by arithmetic alone.
 
-Layout (torchtitan's FSDP2 + expert parallelism; no tensor, pipeline or context parallelism): every GPU
-is a data-parallel rank; `fsdp` ranks form a sharding group (default all; fewer is HSDP) over which the
-dense weights are sharded. The routed experts are split over `ep` ranks taken *from* that group (E/ep
-whole experts each) and sharded again over the fsdp/ep ranks holding the same experts, so a rank stores
-1/fsdp of them whatever `ep` is: EP divides what a layer must *gather*, and the all-gather traffic.
-
-Memory per GPU (GB = GiB, as `torch.cuda` reports): fp32 parameter shard (under FSDP2 mixed precision,
-the master copy), fp32 gradient shard and AdamW's two fp32 moments, each / fsdp; working copies (see
-`working_copy_bytes`); activations and logits (see `layer_activation_bytes`); and a reserve for the
-CUDA context, NCCL and EP buffers and fragmentation, none modelled item by item.
-
-Compute: 6 x N_active FLOPs per trained token (Kaplan et al.'s 6ND), attention's QK^T and AV shown apart;
-times divide by gpus x peak x MFU, MFU being the share of peak spent on the 6N FLOPs (read the "with
-attention" line if your MFU counts attention, as PaLM and torchtitan do). Meta's "390 TFLOP/s" for
-Behemoth (FP8, 32K GPUs) is an *achieved* rate, so it goes with MFU 1: 6 x 288e9 x 30e12 / (32,768 x
-390e12) s = 47 days, "about 7 weeks", as the default 989 x 0.40 gives. Not modelled: gradient
-accumulation, routing imbalance, communication time (assumed overlapped).
+Layout (torchtitan's FSDP2 + expert parallelism; no TP, PP or CP): `fsdp` ranks (default all; fewer is
+HSDP) shard the dense weights; the routed experts are split over `ep` ranks taken *from* that group and
+sharded again over the fsdp/ep ranks holding the same experts, so a rank stores 1/fsdp of them whatever
+`ep` is: EP divides what a layer must *gather*. Memory is in GiB, as `torch.cuda` reports, with a reserve
+for the CUDA context, NCCL and EP buffers and fragmentation. Compute is 6 x N_active FLOPs per token
+(Kaplan et al.'s 6ND), attention's shown apart; MFU is the share of peak spent on the 6N FLOPs. Meta's
+"390 TFLOP/s" for Behemoth is an *achieved* rate, so it goes with MFU 1 (README.md, "Capacity
+planning"). Not modelled: gradient accumulation, routing imbalance, communication (assumed overlapped).
 """
 
 from __future__ import annotations
@@ -43,8 +34,7 @@ _SUFFIXES = {"": 1, "K": 10 ** 3, "M": 10 ** 6, "B": 10 ** 9, "G": 10 ** 9, "T":
 
 @dataclass
 class PlanInput:
-    """A model, a cluster and a layout; the fields are `behemoth plan`'s flags (model = --preset,
-    gpu_mem_gb = --gpu-mem), and errors name the flag."""
+    """A model, a cluster and a layout: `behemoth plan`'s flags (model = --preset), named in errors."""
 
     model: str | ModelConfig  # a preset name or a config
     gpus: int
@@ -114,14 +104,6 @@ class Plan:
     def tokens_per_step(self) -> int:
         return self.tokens_per_gpu * self.inp.gpus
 
-    @property
-    def tokens_per_second(self) -> float:
-        return self.tokens_per_step / self.step_seconds
-
-    @property
-    def step_seconds_with_attention(self) -> float:
-        return self.step_seconds * (1 + self.attention_flops_per_token / self.train_flops_per_token)
-
     def line(self, name: str) -> MemoryLine:
         return next(line for line in self.memory if line.name == name)
 
@@ -160,16 +142,13 @@ def _resolve_model(model: str | ModelConfig) -> tuple[str, ModelConfig]:
 
 def _check(inp: PlanInput, config: ModelConfig) -> None:
     """One line naming the flag for the first value that cannot work."""
-    for flag, value in (("--gpus", inp.gpus), ("--micro-batch", inp.micro_batch)):
-        _positive(value, flag, integer=True)
-    for flag, value in (("--gpu-mem", inp.gpu_mem_gb), ("--mfu", inp.mfu)):
-        _positive(value, flag, integer=False)
-    for flag, value in (("--tokens", inp.tokens), ("--fsdp", inp.fsdp), ("--seq-len", inp.seq_len)):
-        if value is not None:
-            _positive(value, flag, integer=True)
-    if inp.peak_tflops is not None:
-        _positive(inp.peak_tflops, "--peak-tflops", integer=False)
-    _positive(inp.ep, "--ep", integer=True)
+    for flag, value, integer in (("--gpus", inp.gpus, True), ("--micro-batch", inp.micro_batch, True),
+                                 ("--gpu-mem", inp.gpu_mem_gb, False), ("--mfu", inp.mfu, False),
+                                 ("--tokens", inp.tokens, True), ("--fsdp", inp.fsdp, True),
+                                 ("--seq-len", inp.seq_len, True), ("--peak-tflops", inp.peak_tflops, False),
+                                 ("--ep", inp.ep, True)):
+        if value is not None or flag not in ("--tokens", "--fsdp", "--seq-len", "--peak-tflops"):
+            _positive(value, flag, integer)
     if inp.mfu > 1:
         raise ConfigError(f"--mfu is a fraction of peak and must be at most 1, got {inp.mfu}")
     if inp.dtype not in COMPUTE_BYTES:
@@ -179,10 +158,6 @@ def _check(inp: PlanInput, config: ModelConfig) -> None:
     if inp.seq_len is not None and inp.seq_len > config.max_position_embeddings:
         raise ConfigError(f"--seq-len {inp.seq_len} exceeds the model's context "
                           f"({config.max_position_embeddings})")
-    _check_layout(inp, config)
-
-
-def _check_layout(inp: PlanInput, config: ModelConfig) -> None:
     fsdp = inp.fsdp or inp.gpus
     if inp.gpus % fsdp:
         raise ConfigError(f"--fsdp {fsdp} must divide --gpus {inp.gpus}")
@@ -262,22 +237,6 @@ def head_activation_bytes(c: ModelConfig) -> float:
     return ACT_BYTES * 2 * c.hidden_size + 6 * c.vocab_size
 
 
-def _memory_lines(inp: PlanInput, c: ModelConfig, fsdp: int, tokens: int,
-                  expert_params: int, dense_params: int) -> list[MemoryLine]:
-    def shard(bytes_per_param: int) -> tuple[float, float]:
-        return dense_params * bytes_per_param / fsdp, expert_params * bytes_per_param / fsdp
-
-    act_dense, act_experts = activation_bytes_per_token(c, inp.activation_checkpointing)
-    return [
-        MemoryLine("parameters", *shard(MASTER_BYTES)),
-        MemoryLine("gradients", *shard(GRAD_SHARD_BYTES)),
-        MemoryLine("optimizer", *shard(ADAM_BYTES)),
-        MemoryLine("working copies", *working_copy_bytes(c, inp.ep, fsdp, inp.dtype)),
-        MemoryLine("activations", act_dense * tokens, act_experts * tokens),
-        MemoryLine("logits and loss", head_activation_bytes(c) * tokens),
-    ]
-
-
 def plan(inp: PlanInput) -> Plan:
     """Memory per GPU, whether it fits, and step and training time for `inp`."""
     label, c = _resolve_model(inp.model)
@@ -287,29 +246,36 @@ def plan(inp: PlanInput) -> Plan:
     peak = inp.peak_tflops or PEAK_TFLOPS[inp.dtype]
     size = model_size(c, seq_len)
     tokens_per_gpu = inp.micro_batch * seq_len
-    memory = _memory_lines(inp, c, fsdp, tokens_per_gpu, size.expert_params, size.total_params - size.expert_params)
+    dense_params = size.total_params - size.expert_params
+
+    def shard(bytes_per_param: int) -> tuple[float, float]:
+        return dense_params * bytes_per_param / fsdp, size.expert_params * bytes_per_param / fsdp
+
+    act_dense, act_experts = activation_bytes_per_token(c, inp.activation_checkpointing)
+    memory = [
+        MemoryLine("parameters", *shard(MASTER_BYTES)),
+        MemoryLine("gradients", *shard(GRAD_SHARD_BYTES)),
+        MemoryLine("optimizer", *shard(ADAM_BYTES)),
+        MemoryLine("working copies", *working_copy_bytes(c, inp.ep, fsdp, inp.dtype)),
+        MemoryLine("activations", act_dense * tokens_per_gpu, act_experts * tokens_per_gpu),
+        MemoryLine("logits and loss", head_activation_bytes(c) * tokens_per_gpu),
+    ]
     flops_6n = 6 * size.active_params
     attention = 3 * size.attention_flops_per_token  # backward does twice the forward's work
-    rate = peak * 1e12 * inp.mfu  # FLOP/s per GPU
-    result = Plan(
+    p = Plan(
         inp=inp, label=label, config=c, fsdp=fsdp, replicas=inp.gpus // fsdp, seq_len=seq_len,
         peak_tflops=peak, total_params=size.total_params, active_params=size.active_params,
         expert_params=size.expert_params, memory=memory,
         reserve_bytes=inp.reserve_fraction * inp.gpu_mem_gb * GIB,
-        train_flops_per_token=flops_6n, attention_flops_per_token=attention,
-        tokens_per_gpu=tokens_per_gpu, step_seconds=flops_6n * tokens_per_gpu / rate)
+        train_flops_per_token=flops_6n, attention_flops_per_token=attention, tokens_per_gpu=tokens_per_gpu,
+        step_seconds=flops_6n * tokens_per_gpu / (peak * 1e12 * inp.mfu))
     if inp.tokens is not None:
-        _add_totals(result, inp.tokens, peak)
-    return result
-
-
-def _add_totals(p: Plan, tokens: int, peak: float) -> None:
-    """Training time from 6ND directly (not steps x step time), so it equals the formula exactly."""
-    cluster = p.inp.gpus * peak * 1e12  # FLOP/s at 100% utilisation
-    p.ideal_days = p.train_flops_per_token * tokens / cluster / SECONDS_PER_DAY
-    p.days = p.ideal_days / p.inp.mfu
-    p.days_with_attention = p.days * (1 + p.attention_flops_per_token / p.train_flops_per_token)
-    p.steps = math.ceil(tokens / p.tokens_per_step)
+        # From 6ND directly (not steps x step time), so the training time equals the formula exactly.
+        p.ideal_days = flops_6n * inp.tokens / (inp.gpus * peak * 1e12) / SECONDS_PER_DAY
+        p.days = p.ideal_days / inp.mfu
+        p.days_with_attention = p.days * (1 + attention / flops_6n)
+        p.steps = math.ceil(inp.tokens / p.tokens_per_step)
+    return p
 
 
 def _gb(n: float) -> str:
@@ -337,30 +303,22 @@ def _plural(n: int, word: str) -> str:
     return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
-def _layout(p: Plan) -> list[str]:
+def _header(p: Plan) -> list[str]:
     i, c = p.inp, p.config
     dense = f"dense weights sharded over FSDP {p.fsdp:,}" if p.fsdp > 1 else "no sharding (FSDP 1)"
     if p.replicas > 1:
         dense += f", {_plural(p.replicas, 'replica')} (HSDP)"
-    rows = [f"  layout      {dense}"]
+    rows = [f"plan: {p.label} on {_plural(i.gpus, 'GPU')} x {i.gpu_mem_gb:g} GB, {i.dtype}, "
+            f"activation checkpointing {'on' if i.activation_checkpointing else 'off'}",
+            f"  parameters  {human(p.total_params)} total, {human(p.active_params)} active",
+            f"  layout      {dense}"]
     if c.moe_layers and i.ep > 1:
         rows.append(f"  experts     {c.num_local_experts} routed over EP {i.ep}: {c.num_local_experts // i.ep} "
                     f"per rank, each sharded over {p.fsdp // i.ep:,} ranks")
     elif c.moe_layers:
         rows.append(f"  experts     {c.num_local_experts} routed, sharded like the dense weights (EP 1)")
-    return rows
-
-
-def _header(p: Plan) -> list[str]:
-    i = p.inp
-    return [
-        f"plan: {p.label} on {_plural(i.gpus, 'GPU')} x {i.gpu_mem_gb:g} GB, {i.dtype}, "
-        f"activation checkpointing {'on' if i.activation_checkpointing else 'off'}",
-        f"  parameters  {human(p.total_params)} total, {human(p.active_params)} active",
-        *_layout(p),
-        f"  batch       {i.micro_batch} x {p.seq_len:,} tokens per GPU = "
-        f"{p.tokens_per_step:,} tokens per step",
-    ]
+    return rows + [f"  batch       {i.micro_batch} x {p.seq_len:,} tokens per GPU = "
+                   f"{p.tokens_per_step:,} tokens per step"]
 
 
 def _memory_table(p: Plan) -> list[str]:
@@ -379,6 +337,7 @@ def _memory_table(p: Plan) -> list[str]:
 def _compute_table(p: Plan) -> list[str]:
     i = p.inp
     share = p.attention_flops_per_token / p.train_flops_per_token
+    per_second = p.tokens_per_step / p.step_seconds
     rows = [
         "",
         f"  {'training FLOPs/token (6N)':<34}{human(p.train_flops_per_token)}",
@@ -387,9 +346,8 @@ def _compute_table(p: Plan) -> list[str]:
         f"  {'per-GPU rate':<34}{p.peak_tflops:g} TFLOP/s peak x MFU {i.mfu:.2f} = "
         f"{p.peak_tflops * i.mfu:,.0f} TFLOP/s",
         f"  {'step time':<34}{_duration(p.step_seconds)} "
-        f"(with attention {_duration(p.step_seconds_with_attention)})",
-        f"  {'throughput':<34}{human(p.tokens_per_second)} tokens/s "
-        f"({p.tokens_per_second / i.gpus:,.0f} per GPU)",
+        f"(with attention {_duration(p.step_seconds * (1 + share))})",
+        f"  {'throughput':<34}{human(per_second)} tokens/s ({per_second / i.gpus:,.0f} per GPU)",
     ]
     if p.days is None:
         return rows + [f"  {'training time':<34}pass --tokens to see it"]

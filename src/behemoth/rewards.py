@@ -2,15 +2,13 @@
 
 A reply is checked against the expected answer in one of four ways:
 
-    exact     the whole reply, normalised, equals the answer, normalised
+    exact     the whole reply equals the answer, both normalised: case folded, whitespace collapsed,
+              surrounding quotes and a final . ! or ? dropped ("Light light." matches "light light")
     number    the last number in the reply equals the answer's number ("It is 1,000." -> 1000)
     contains  the answer, normalised, appears in the reply as whole words
     choice    the reply's choice label is the answer's ("B", "(B)"): the first label in parentheses,
               else a reply that opens with a label ("B", "B.", "B) ...", "B: ..."), else one after
               "answer is" or "answer:"; a reply with none of these is wrong
-
-Normalising folds case, collapses whitespace, and drops surrounding quotes and a final period,
-exclamation or question mark, so "Light light." matches "light light".
 """
 
 from __future__ import annotations

@@ -31,6 +31,25 @@ def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:06d}"
 
 
+def trainer_json(state: TrainerState, param_groups: list[dict], **head: Any) -> str:
+    """trainer.json's text: `head` (its format), `state` and the optimizer's param groups."""
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()}
+              for group in param_groups]
+    trainer = {**head, "step": state.step, "tokens_seen": state.tokens_seen, "loader": state.loader,
+               "optimizer": {"param_groups": groups}}
+    return json.dumps(trainer, indent=1) + "\n"
+
+
+def read_trainer_state(trainer: dict) -> TrainerState:
+    return TrainerState(step=trainer["step"], tokens_seen=trainer["tokens_seen"], loader=trainer["loader"])
+
+
+def saved_param_groups(trainer: dict) -> list[dict]:
+    """The optimizer's param groups as trainer.json holds them, with betas a tuple again."""
+    return [{k: (tuple(v) if k == "betas" else v) for k, v in group.items()}
+            for group in trainer["optimizer"]["param_groups"]]
+
+
 def write_manifest(directory: Path, step: int) -> None:
     """SHA-256 and size of every file, subfolders included (a distributed checkpoint keeps its
     shards in `dcp/`), named by their path relative to `directory`."""
@@ -61,6 +80,12 @@ def list_checkpoints(root: Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def last_checkpoint(root: Path, found: str) -> str:
+    """`found` formatted with the newest complete checkpoint under `root`, for error messages."""
+    kept = list_checkpoints(root)
+    return found.format(kept[-1]) if kept else "no checkpoint was written yet"
 
 
 def verify_checkpoint(directory: Path) -> dict:

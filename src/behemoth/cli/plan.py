@@ -1,5 +1,4 @@
-"""`behemoth plan`: the capacity planner's command. Wired into `behemoth.cli` by
-`add_plan_command(commands)`; all arithmetic lives in `behemoth.plan`."""
+"""`behemoth plan`: the capacity planner's command; all arithmetic lives in `behemoth.plan`."""
 
 from __future__ import annotations
 
@@ -11,7 +10,6 @@ from behemoth.plan import PEAK_TFLOPS, PlanInput, format_plan, parse_count, plan
 
 
 def add_plan_command(commands: argparse._SubParsersAction) -> None:
-    """Add `plan` to the `behemoth` subcommands."""
     parser = add_command(
         commands, "plan", cmd_plan, help="memory per GPU and training time of a model on a cluster (arithmetic only)",
         description="Per-GPU memory (parameters, gradients, AdamW state, FSDP working copies, "

@@ -2,21 +2,20 @@
 
 JSONL rows: conversations {"messages": [{"role", "content"}, ...]} or Alpaca's instruction / input /
 output (rows whose `status` is not "ok" skipped); preferences {"prompt", "chosen", "rejected"}, plain
-text or messages; RL prompts {"prompt": text or messages, "answer", "match"}.
-
-Rendering follows the tokenizer's chat template, each message encoded on its own: the special tokens
-around it split the text as whole-string encoding does (tested), and this tells exactly which tokens
-are the assistant's.
+text or messages; RL prompts {"prompt": text or messages, "answer", "match"}. Rendering encodes each
+message on its own: the special tokens around it split the text as whole-string encoding does
+(tested), and this tells exactly which tokens are the assistant's.
 """
 
 from __future__ import annotations
 
-import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from behemoth.errors import ConfigError
+from behemoth.hashing import unit_hash
 from behemoth.jsonio import read_jsonl
 
 ROLES = ("system", "user", "assistant")
@@ -30,23 +29,27 @@ class Preference:
     rejected: str
 
 
+def _load(path: str | Path, what: str, parse: Callable[[dict[str, Any], str], Any]) -> list:
+    """parse(row, "FILE, line N") for every row of a JSONL file (None: row skipped); none is an error."""
+    path = Path(path)
+    items = [item for number, row in read_jsonl(path)
+             if (item := parse(row, f"{path}, line {number}")) is not None]
+    if not items:
+        raise ConfigError(f"{path}: holds no {what}")
+    return items
+
+
 def load_conversations(path: str | Path) -> list[list[Message]]:
     """Conversations from a messages or Alpaca JSONL file; every one checked, errors by line."""
-    path = Path(path)
-    conversations = []
-    for number, row in read_jsonl(path):
-        where = f"{path}, line {number}"
-        if "messages" in row:
-            conversations.append(check_messages(row["messages"], where))
-        elif "instruction" in row and "output" in row:
-            if row.get("status", "ok") != "ok":
-                continue
-            conversations.append(check_messages(alpaca_to_messages(row), where))
-        else:
-            raise ConfigError(f"{where}: expected a \"messages\" list or instruction/output fields")
-    if not conversations:
-        raise ConfigError(f"{path}: holds no conversations")
-    return conversations
+    return _load(path, "conversations", _conversation)
+
+
+def _conversation(row: dict[str, Any], where: str) -> list[Message] | None:
+    if "messages" in row:
+        return check_messages(row["messages"], where)
+    if "instruction" in row and "output" in row:
+        return check_messages(alpaca_to_messages(row), where) if row.get("status", "ok") == "ok" else None
+    raise ConfigError(f"{where}: expected a \"messages\" list or instruction/output fields")
 
 
 def alpaca_to_messages(row: dict[str, Any]) -> list[Message]:
@@ -73,23 +76,20 @@ def check_messages(messages: Any, where: str, need_assistant: bool = True) -> li
 
 def load_preferences(path: str | Path) -> list[Preference]:
     """Preference pairs from JSONL; a missing field or an empty answer is an error naming the line."""
-    path = Path(path)
-    pairs = []
-    for number, row in read_jsonl(path):
-        where = f"{path}, line {number}"
-        missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
-        if missing:
-            raise ConfigError(f"{where}: missing field {missing[0]!r}")
-        prompt = row["prompt"]
-        if isinstance(prompt, list):
-            prompt = check_messages(prompt, where, need_assistant=False)
-        elif not isinstance(prompt, str):
-            raise ConfigError(f"{where}: \"prompt\" must be text or a list of messages")
-        pairs.append(Preference(prompt, _answer(row["chosen"], f"{where}: chosen"),
-                                _answer(row["rejected"], f"{where}: rejected")))
-    if not pairs:
-        raise ConfigError(f"{path}: holds no preference pairs")
-    return pairs
+    return _load(path, "preference pairs", _preference)
+
+
+def _preference(row: dict[str, Any], where: str) -> Preference:
+    missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
+    if missing:
+        raise ConfigError(f"{where}: missing field {missing[0]!r}")
+    prompt = row["prompt"]
+    if isinstance(prompt, list):
+        prompt = check_messages(prompt, where, need_assistant=False)
+    elif not isinstance(prompt, str):
+        raise ConfigError(f"{where}: \"prompt\" must be text or a list of messages")
+    return Preference(prompt, _answer(row["chosen"], f"{where}: chosen"),
+                      _answer(row["rejected"], f"{where}: rejected"))
 
 
 @dataclass
@@ -105,32 +105,29 @@ class PromptRow:
 def load_prompt_rows(path: str | Path, need_answers: bool = True) -> list[PromptRow]:
     """Rows {"prompt": text or messages, "answer": str, "match": str (default "contains"), ...};
     every one checked, errors by line. Without `need_answers`, "answer" may be left out."""
+    return _load(path, "prompts", lambda row, where: _prompt_row(row, where, need_answers))
+
+
+def _prompt_row(row: dict[str, Any], where: str, need_answers: bool) -> PromptRow:
     from behemoth.rewards import answer_problem
 
-    path = Path(path)
-    rows = []
-    for number, row in read_jsonl(path):
-        where = f"{path}, line {number}"
-        prompt, answer, match = row.get("prompt"), row.get("answer"), row.get("match", "contains")
-        if isinstance(prompt, str) and prompt.strip():
-            prompt = [{"role": "user", "content": prompt}]
-        elif isinstance(prompt, list):
-            prompt = check_messages(prompt, where, need_assistant=False)
-        else:
-            raise ConfigError(f'{where}: "prompt" must be non-empty text or a list of messages')
-        if prompt[-1]["role"] != "user":
-            raise ConfigError(f"{where}: the prompt's last message must be the user's")
-        if answer is None and need_answers:
-            raise ConfigError(f'{where}: no "answer" to check replies against (needed unless a reward '
-                              "function scores them)")
-        if answer is not None and not isinstance(answer, str):
-            raise ConfigError(f'{where}: "answer" must be a string')
-        if answer is not None and (problem := answer_problem(answer, str(match))):
-            raise ConfigError(f"{where}: {problem}")
-        rows.append(PromptRow(prompt, answer, str(match), row))
-    if not rows:
-        raise ConfigError(f"{path}: holds no prompts")
-    return rows
+    prompt, answer, match = row.get("prompt"), row.get("answer"), row.get("match", "contains")
+    if isinstance(prompt, str) and prompt.strip():
+        prompt = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, list):
+        prompt = check_messages(prompt, where, need_assistant=False)
+    else:
+        raise ConfigError(f'{where}: "prompt" must be non-empty text or a list of messages')
+    if prompt[-1]["role"] != "user":
+        raise ConfigError(f"{where}: the prompt's last message must be the user's")
+    if answer is None and need_answers:
+        raise ConfigError(f'{where}: no "answer" to check replies against (needed unless a reward '
+                          "function scores them)")
+    if answer is not None and not isinstance(answer, str):
+        raise ConfigError(f'{where}: "answer" must be a string')
+    if answer is not None and (problem := answer_problem(answer, str(match))):
+        raise ConfigError(f"{where}: {problem}")
+    return PromptRow(prompt, answer, str(match), row)
 
 
 def _answer(value: Any, where: str) -> str:
@@ -150,8 +147,8 @@ def header(role: str) -> str:
 
 
 def _message_ids(tokenizer: Any, message: Message) -> tuple[list[int], int]:
-    """Ids of one rendered message, and how many of them (from the start) are template. The header ends
-    in a special token, so the content encodes alone as inside the whole conversation."""
+    """Ids of one rendered message, and how many of them (from the start) are template (the header,
+    which ends in a special token, so the content encodes alone as inside the whole conversation)."""
     head = tokenizer.encode(header(message["role"]))
     return head + tokenizer.encode(message["content"]) + [tokenizer.eot_id], len(head)
 
@@ -171,10 +168,7 @@ def render_prompt(tokenizer: Any, prompt: list[Message] | str) -> list[int]:
     """Prompt ids ending where the answer starts (a generation prompt for chat prompts)."""
     if isinstance(prompt, str):
         return [tokenizer.eos_id] + tokenizer.encode(prompt)
-    ids = [tokenizer.bos_id]
-    for message in prompt:
-        ids += _message_ids(tokenizer, message)[0]
-    return ids + tokenizer.encode(header("assistant"))
+    return render_conversation(tokenizer, prompt)[0] + tokenizer.encode(header("assistant"))
 
 
 def render_answer(tokenizer: Any, prompt: list[Message] | str, answer: str) -> list[int]:
@@ -185,5 +179,4 @@ def render_answer(tokenizer: Any, prompt: list[Message] | str, answer: str) -> l
 
 def in_validation(key: str, fraction: float, seed: int) -> bool:
     """Deterministic split by content: an example's split never depends on its position."""
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    return unit_hash(f"{seed}:{key}") < fraction

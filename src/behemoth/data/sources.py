@@ -32,13 +32,12 @@ HF_DATASET_DICT = "dataset_dict.json"
 
 @dataclass(frozen=True)
 class Document:
-    """One training document and where it came from: `index` within its file (0-based), `line` it
-    starts on (1-based; the row number for Parquet and Arrow files)."""
+    """One training document and where it came from."""
 
     text: str
     source: Path
-    index: int
-    line: int
+    index: int  # within its file, 0-based
+    line: int  # it starts on, 1-based (the row number for Parquet and Arrow files)
 
 
 @dataclass(frozen=True)
@@ -51,11 +50,8 @@ class SourceFile:
 
 def source_files(paths: Iterable[str | Path] | str | Path) -> list[SourceFile]:
     """The files `iter_documents(paths)` reads, in the order it reads them."""
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
     files: list[SourceFile] = []
-    for raw in paths:
-        path = Path(raw)
+    for path in map(Path, [paths] if isinstance(paths, (str, Path)) else paths):
         if not path.exists():
             raise ConfigError(f"{path}: no such file or folder")
         if path.is_dir():
@@ -135,14 +131,11 @@ def _hf_arrow_files(folder: Path) -> list[SourceFile]:
 
 def iter_documents(paths: Iterable[str | Path] | str | Path, text_field: str = "text") -> Iterator[Document]:
     """Every non-empty document of every file under `paths`, in a fixed order."""
-    for source in source_files(paths):
-        yield from read_source(source, text_field)
-
-
-def read_source(source: SourceFile, text_field: str = "text") -> Iterator[Document]:
-    """The documents of one file."""
     readers = {"text": _read_text, "jsonl": _read_jsonl, "parquet": _read_parquet, "arrow": _read_arrow}
-    yield from readers[source.kind](source.path, text_field)
+    for source in source_files(paths):
+        kept = ((text, line) for text, line in readers[source.kind](source.path, text_field) if text.strip())
+        for index, (text, line) in enumerate(kept):
+            yield Document(text, source.path, index, line)
 
 
 def _contains_marker(path: Path) -> bool:
@@ -162,42 +155,29 @@ def _contains_marker(path: Path) -> bool:
     return False
 
 
-def _read_text(path: Path, _text_field: str) -> Iterator[Document]:
+# Each reader yields (text, the line or row it starts on); iter_documents drops the blank ones.
+def _read_text(path: Path, _text_field: str) -> Iterator[tuple[str, int]]:
     by_marker = _contains_marker(path)
     lines: list[str] = []
     start = 1
-    index = 0
-
-    def flush() -> Document | None:
-        nonlocal index
-        text = "\n".join(lines).strip()
-        lines.clear()
-        if not text:
-            return None
-        index += 1
-        return Document(text, path, index - 1, start)
-
     for number, line in read_lines(path):
         if not lines:
             start = number
         if by_marker:
-            pieces = _MARKER_RE.split(line)
-            for piece in pieces[:-1]:
-                lines.append(piece)
-                if (doc := flush()) is not None:
-                    yield doc
-                start = number
-            lines.append(pieces[-1])
+            *ended, rest = _MARKER_RE.split(line)
+            for piece in ended:
+                yield "\n".join([*lines, piece]).strip(), start
+                lines, start = [], number
+            lines.append(rest)
         elif line.strip():
             lines.append(line)
-        elif (doc := flush()) is not None:
-            yield doc
-    if (doc := flush()) is not None:
-        yield doc
+        else:
+            yield "\n".join(lines).strip(), start
+            lines = []
+    yield "\n".join(lines).strip(), start
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
-    index = 0
+def _read_jsonl(path: Path, text_field: str) -> Iterator[tuple[str, int]]:
     for number, record in read_jsonl(path):
         if text_field not in record:
             raise ConfigError(f"{path}, line {number}: no {text_field!r} field "
@@ -205,9 +185,7 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[Document]:
         text = record[text_field]
         if not isinstance(text, str):
             raise ConfigError(f"{path}, line {number}: field {text_field!r} is {type(text).__name__}, not a string")
-        if text.strip():
-            yield Document(text, path, index, number)
-            index += 1
+        yield text, number
 
 
 def _pyarrow(path: Path, what: str):
@@ -220,13 +198,16 @@ def _pyarrow(path: Path, what: str):
     return pyarrow
 
 
-def _column_texts(path: Path, batches: Iterator, text_field: str) -> Iterator[Document]:
-    index = 0
+def _check_column(path: Path, names: list[str], text_field: str) -> None:
+    if text_field not in names:
+        raise ConfigError(f"{path}: no column {text_field!r} (columns: {', '.join(names)}; "
+                          f"choose one with --text-field)")
+
+
+def _column_texts(path: Path, batches: Iterator, text_field: str) -> Iterator[tuple[str, int]]:
     row = 0
     for batch in batches:
-        if text_field not in batch.schema.names:
-            raise ConfigError(f"{path}: no column {text_field!r} (columns: {', '.join(batch.schema.names)}; "
-                              f"choose one with --text-field)")
+        _check_column(path, batch.schema.names, text_field)
         column = batch.column(batch.schema.get_field_index(text_field))
         for value in column.to_pylist():
             row += 1
@@ -234,28 +215,23 @@ def _column_texts(path: Path, batches: Iterator, text_field: str) -> Iterator[Do
                 continue
             if not isinstance(value, str):
                 raise ConfigError(f"{path}, row {row}: column {text_field!r} holds {type(value).__name__}, not text")
-            if value.strip():
-                yield Document(value, path, index, row)
-                index += 1
+            yield value, row
 
 
-def _read_parquet(path: Path, text_field: str) -> Iterator[Document]:
+def _read_parquet(path: Path, text_field: str) -> Iterator[tuple[str, int]]:
     pa = _pyarrow(path, "Parquet")
     try:
         reader = pa.parquet.ParquetFile(path)
     except (OSError, pa.ArrowException) as err:
         raise ConfigError(f"{path}: not a readable Parquet file ({err})") from None
-    names = reader.schema_arrow.names
-    if text_field not in names:
-        raise ConfigError(f"{path}: no column {text_field!r} (columns: {', '.join(names)}; "
-                          f"choose one with --text-field)")
+    _check_column(path, reader.schema_arrow.names, text_field)
     try:
         yield from _column_texts(path, reader.iter_batches(batch_size=1024, columns=[text_field]), text_field)
     except pa.ArrowException as err:
         raise ConfigError(f"{path}: cannot read Parquet data ({err})") from None
 
 
-def _read_arrow(path: Path, text_field: str) -> Iterator[Document]:
+def _read_arrow(path: Path, text_field: str) -> Iterator[tuple[str, int]]:
     """An Arrow IPC file as `datasets` writes it (the streaming format; the file format is also accepted)."""
     pa = _pyarrow(path, "a datasets folder")
     try:

@@ -1,21 +1,21 @@
 """Chat tasks the project generates itself, with checkable answers: SFT, DPO and RL data, and held-out
-evaluation prompts. Four kinds a small model learns in minutes: adding two numbers under 20, the
-number after one under 1000, repeating a word 2 to 5 times, spelling a word backwards.
+evaluation prompts, of four kinds a small model learns in minutes (add two numbers under 20, the
+number after one under 1000, repeat a word 2 to 5 times, spell a word backwards).
 
-A problem is a kind and its operands ("add 3 9"), whatever the wording; a hash of it puts it in the
-training half or the held-out fifth once and for all, training data comes from the first and
-evaluation from the second only (tested over every problem), so evaluation measures the task, not
-recall. Reworded questions use wordings training never does; a question may come as a chat's second
-or third turn ("multiturn").
+A problem ("add 3 9", whatever the wording) is held out or not by a hash of it, once and for all:
+training data never holds an evaluation problem (tested over every problem), so evaluation measures
+the task, not recall. "reworded" questions use wordings training never does; "multiturn" ones come
+as a chat's second or third turn.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+
+from behemoth.hashing import unit_hash
+from behemoth.jsonio import write_jsonl
 
 KINDS = ("add", "next", "repeat", "reverse")
 STYLES = ("plain", "reworded", "multiturn")
@@ -104,8 +104,7 @@ class Problem:
 
 def is_heldout(problem: Problem) -> bool:
     """Whether the problem belongs to the evaluation half (by a hash of its content, never its position)."""
-    digest = hashlib.sha256(f"synthetic-chat:{problem.key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < HELDOUT_FRACTION
+    return unit_hash(f"synthetic-chat:{problem.key}") < HELDOUT_FRACTION
 
 
 def all_problems(kind: str) -> list[Problem]:
@@ -131,8 +130,8 @@ def question(problem: Problem, rng: random.Random, reworded: bool = False) -> st
     return rng.choice(wordings).format(**problem.fields())
 
 
-def reply(problem: Problem, rng: random.Random, answer: str | None = None) -> str:
-    return rng.choice(REPLIES[problem.kind]).format(answer=answer or problem.answer, **problem.fields())
+def reply(problem: Problem, rng: random.Random) -> str:
+    return rng.choice(REPLIES[problem.kind]).format(answer=problem.answer, **problem.fields())
 
 
 def _turns(rng: random.Random, pool: dict[str, list[Problem]], count: int) -> list[tuple[Problem, str, str]]:
@@ -144,15 +143,17 @@ def _turns(rng: random.Random, pool: dict[str, list[Problem]], count: int) -> li
     return turns
 
 
-def _messages(turns: list[tuple[Problem, str, str]]) -> list[dict[str, str]]:
-    return [m for _, q, r in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": r})]
+def turn_messages(turns: list[tuple]) -> list[dict[str, str]]:
+    """User and assistant messages of turns (..., question, reply)."""
+    return [m for *_, q, r in turns
+            for m in ({"role": "user", "content": q}, {"role": "assistant", "content": r})]
 
 
 def training_conversations(count: int, seed: int = 0) -> list[list[dict[str, str]]]:
     """Conversations of one to three turns (half of them single-turn), from training problems only."""
     rng = random.Random(seed)
     pool = _pool(heldout=False)
-    return [_messages(_turns(rng, pool, rng.choice((1, 1, 1, 2, 2, 3)))) for _ in range(count)]
+    return [turn_messages(_turns(rng, pool, rng.choice((1, 1, 1, 2, 2, 3)))) for _ in range(count)]
 
 
 def training_preferences(count: int, seed: int = 0) -> list[dict]:
@@ -170,16 +171,12 @@ def training_preferences(count: int, seed: int = 0) -> list[dict]:
 
 
 def training_prompts(count: int, seed: int = 0) -> list[dict]:
-    """RL prompts with their checkable answers ({"prompt": messages, "answer", "match"}, the rows
-    `behemoth rl` and `gen:FILE` read): the last turn's question after zero to two answered turns;
-    training problems only."""
+    """RL rows {"prompt": messages, "answer", "match"} (as `behemoth rl` and `gen:FILE` read them): the
+    last turn's question after zero to two answered turns; training problems only."""
     rng = random.Random(seed + 2_000_003)  # not the conversations' or preferences' stream
     pool = _pool(heldout=False)
-    rows = []
-    for _ in range(count):
-        prompt, problem = _open_question(rng, pool)
-        rows.append({"prompt": prompt, "answer": problem.answer, "match": problem.match})
-    return rows
+    return [{"prompt": prompt, "answer": problem.answer, "match": problem.match}
+            for prompt, problem in (_open_question(rng, pool) for _ in range(count))]
 
 
 def _pool(heldout: bool) -> dict[str, list[Problem]]:
@@ -189,13 +186,12 @@ def _pool(heldout: bool) -> dict[str, list[Problem]]:
 def _open_question(rng: random.Random, pool: dict[str, list[Problem]]) -> tuple[list[dict[str, str]], Problem]:
     """A conversation of zero to two answered turns and a question left open, and that question's problem."""
     *history, (problem, asked, _) = _turns(rng, pool, rng.choice((1, 1, 2, 3)))
-    return _messages(history) + [{"role": "user", "content": asked}], problem
+    return turn_messages(history) + [{"role": "user", "content": asked}], problem
 
 
 @dataclass(frozen=True)
 class HeldoutItem:
-    """An evaluation prompt: the conversation so far (ending in the user's question) and how to
-    check the reply."""
+    """An evaluation prompt: the chat so far (ending in the user's question), how to check the reply."""
 
     id: str
     messages: tuple[tuple[str, str], ...]  # (role, content)
@@ -217,7 +213,8 @@ def heldout_items(kind: str, style: str = "plain", count: int = 50, seed: int = 
     for i in range(count):
         problem = order[i % len(order)]
         history = _turns(rng, pool, rng.choice((1, 2))) if style == "multiturn" else []
-        messages = _messages(history) + [{"role": "user", "content": question(problem, rng, style == "reworded")}]
+        asked = question(problem, rng, style == "reworded")
+        messages = turn_messages(history) + [{"role": "user", "content": asked}]
         items.append(HeldoutItem(f"{kind}-{style}-{i}", tuple((m["role"], m["content"]) for m in messages),
                                  problem.answer, problem.match))
     return items
@@ -243,13 +240,9 @@ def write_chat_data(out_dir: Path, conversations: int = 8000, pairs: int = 2000,
     refusing = round(conversations * safety)
     sft = ([{"messages": m} for m in training_conversations(conversations - refusing, seed)]
            + training_safety_conversations(refusing, seed))
-    _write_jsonl(data.sft, rng.sample(sft, len(sft)))
+    write_jsonl(data.sft, rng.sample(sft, len(sft)))
     refusing = round(pairs * safety)
     dpo = training_preferences(pairs - refusing, seed) + training_safety_preferences(refusing, seed)
-    _write_jsonl(data.dpo, rng.sample(dpo, len(dpo)))
-    _write_jsonl(data.rl, training_prompts(prompts, seed))
+    write_jsonl(data.dpo, rng.sample(dpo, len(dpo)))
+    write_jsonl(data.rl, training_prompts(prompts, seed))
     return data
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))

@@ -1,24 +1,20 @@
 """Safety conversations the project writes itself: harmful requests answered with a refusal, and
 benign look-alikes answered plainly, for SFT and DPO, plus held-out prompts for evaluation.
 
-A small model learns mostly which words go with refusing. So every hazard's acts (hack into,
-poison, make a bomb, launder money, ...) come with a refusal in many request frames ("Write a
-tutorial on how to {act}.", "How can I {act}?"), and the same trigger words in harmless senses
-(kill a process, steal a base, what is ransomware?, a villain in my novel, a public office's
-address, a cartoon's bank account) come with a helpful answer: it should refuse the act, not the word.
+A small model learns mostly which words go with refusing. So every hazard's acts (hack into, make a
+bomb, ...) come with a refusal in many request frames ("How can I {act}?"), and the same trigger words
+in harmless senses (kill a process, a villain in my novel) with a helpful answer: it should refuse the
+act, not the word.
 
-Held-out halves, as in synthetic_chat: a hash of its text holds out a fifth (at least one) of each
-category's acts and benign requests, and a fifth of the frames. Training rows use training acts
-in training frames and training requests only; `heldout_safety_rows` asks held-out acts in
-held-out frames and held-out requests, so it measures requests never trained on in any wording.
-The public sets in ../shared/data/safety (AdvBench, XSTest) are for evaluation only: every
-sentence here is our own, and the tests check that no training prompt equals or contains one.
+As in synthetic_chat, a hash of its text holds out a fifth (at least one) of each category's acts and
+benign requests, and of the frames: `heldout_safety_rows` asks held-out acts in held-out frames and
+held-out requests, never trained on in any wording. The public sets in ../shared/data/safety are for
+evaluation only: every sentence here is our own (the tests check that no training prompt holds one).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 import re
@@ -26,7 +22,8 @@ import tomllib
 from functools import cache
 from pathlib import Path
 
-from behemoth.durable import write_atomic
+from behemoth.data.synthetic_chat import turn_messages
+from behemoth.jsonio import write_jsonl
 
 HELDOUT_FRACTION = 0.2
 MULTITURN_FRACTION = 0.2  # rows where the harmful request is the 2nd turn, or the 1st before a benign one
@@ -113,14 +110,9 @@ class _Draw:
         return question, answer
 
 
-def _messages(turns: list[tuple[str, str]]) -> list[dict[str, str]]:
-    return [m for q, r in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": r})]
-
-
 def training_safety_conversations(count: int, seed: int = 0) -> list[dict]:
-    """{"messages": [...]} rows, about half a harmful request refused and half a benign look-alike
-    answered; a fifth have two turns, the harmful one first or second, so that refusing depends
-    on the request and not on its place. Training halves only."""
+    """{"messages": [...]} rows, half a harmful request refused, half a benign look-alike answered; a
+    fifth have two turns, the harmful one first or second (refusing depends on the request, not its place)."""
     rng = random.Random(f"synthetic-safety/sft/{seed}")
     draw = _Draw(rng)
     rows = []
@@ -131,14 +123,13 @@ def training_safety_conversations(count: int, seed: int = 0) -> list[dict]:
                 turns.reverse()
         else:
             turns = [draw.harmful()[2:] if rng.random() < 0.5 else draw.benign()]
-        rows.append({"messages": _messages(turns)})
+        rows.append({"messages": turn_messages(turns)})
     return rows
 
 
 def training_safety_preferences(count: int, seed: int = 0) -> list[dict]:
-    """prompt/chosen/rejected rows (synthetic_chat's DPO shape): a harmful request prefers a
-    refusal to an agreeable reply; a benign look-alike prefers its answer to a refusal. A fifth
-    follow an answered benign turn. Training halves only."""
+    """prompt/chosen/rejected rows: a harmful request prefers a refusal to an agreeable reply, a benign
+    look-alike its answer to a refusal; a fifth follow an answered benign turn."""
     rng = random.Random(f"synthetic-safety/dpo/{seed}")
     draw = _Draw(rng)
     rows = []
@@ -150,15 +141,14 @@ def training_safety_preferences(count: int, seed: int = 0) -> list[dict]:
         else:
             asked, chosen = draw.benign()
             rejected = _refusal(rng, rng.choice(OVERCAUTIOUS))
-        rows.append({"prompt": _messages(history) + [{"role": "user", "content": asked}],
+        rows.append({"prompt": turn_messages(history) + [{"role": "user", "content": asked}],
                      "chosen": chosen, "rejected": rejected})
     return rows
 
 
 def heldout_safety_rows() -> list[dict]:
     """Evaluation rows in ../shared/data/safety's format: every held-out act in HELDOUT_FRAMES_PER_ACT
-    held-out frames, taken in turn (label harmful), and every held-out benign request (label
-    benign). Fixed: no seed."""
+    held-out frames (label harmful) and every held-out benign request (label benign). No seed."""
     own = frames(True)
     rows = [{"prompt": harmful_prompt(own[(i + j) % len(own)], a), "label": "harmful", "category": cat}
             for i, (cat, a) in enumerate(harmful_acts(True)) for j in range(HELDOUT_FRAMES_PER_ACT)]
@@ -169,5 +159,4 @@ def heldout_safety_rows() -> list[dict]:
 def write_safety_eval(out: Path) -> Path:
     """Write heldout_safety_rows() to `out` as JSONL, atomically; returns `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, "".join(json.dumps(row) + "\n" for row in heldout_safety_rows()))
-    return out
+    return write_jsonl(out, heldout_safety_rows())

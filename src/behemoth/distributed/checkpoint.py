@@ -1,14 +1,13 @@
 """Distributed checkpoints with torch.distributed.checkpoint (DCP), and their consolidation.
 
 A `step-N` folder holds the model's config and tokenizer files (no weights), `dcp/` (weights,
-optimizer moments, expert biases: each rank writes the shards it holds, so N processes' checkpoint
-loads into M or into one, and `consolidate` makes it a model directory), `rng.<rank>.safetensors`,
-and trainer.json, config.toml and manifest.json as a single-process checkpoint. All ranks write
-into `.step-N.dcp.tmp`; rank 0 adds the small files, fsyncs and renames it into place.
+optimizer moments, expert biases, as each rank's shards: N processes' checkpoint loads into M or
+into one), `rng.<rank>.safetensors`, and trainer.json, config.toml and manifest.json. All ranks
+write into `.step-N.dcp.tmp`; rank 0 adds the small files, fsyncs and renames it into place.
 
 DCP's `.metadata` is a pickle: `SafeFileSystemReader` admits only DCP's metadata classes,
-torch.Size, dtypes and paths, and refuses non-tensor ("bytes") entries, which DCP would load with
-weights_only=False; the manifest's SHA-256 is checked first. A crafted checkpoint runs no code.
+torch.Size, dtypes and paths, and refuses non-tensor entries (which DCP would load with
+weights_only=False), after the manifest's SHA-256 check. A crafted checkpoint runs no code.
 """
 
 from __future__ import annotations
@@ -38,7 +37,8 @@ from behemoth.durable import fsync_path, fsync_tree
 from behemoth.errors import CheckpointError
 from behemoth.model import Transformer
 from behemoth.run_checkpoints import (TRAINER_STATE, TrainerState, checkpoint_name, prune_checkpoints,
-                                      verify_checkpoint, write_manifest)
+                                      read_trainer_state, saved_param_groups, trainer_json, verify_checkpoint,
+                                      write_manifest)
 
 SHARDS = "dcp"
 FORMAT = "dcp"
@@ -50,31 +50,29 @@ def is_sharded_checkpoint(directory: Path) -> bool:
     return (directory / SHARDS).is_dir()
 
 
-# -- saving ---------------------------------------------------------------------------------------
-
 def save_sharded_checkpoint(root: Path, model: Transformer, optimizer: torch.optim.Optimizer, state: TrainerState,
                             save_config: Callable[[Path], None], tokenizer: Any = None, keep: int = 2) -> Path:
     """Write checkpoint `step-N` under `root` from every rank (a collective); keep the newest `keep`.
-    `save_config(path)` writes the run configuration (config.toml)."""
+    `save_config(path)` writes config.toml."""
     rank, world = dist.get_rank(), dist.get_world_size()
     final = root / checkpoint_name(state.step)
     # One name every rank can compute: no need to broadcast a random temporary name.
     staging = root / f".{final.name}.{FORMAT}.tmp"
     run_on_main(lambda: _fresh_directory(staging))
     tensors, optim = _state_tensors(model, optimizer)
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params"}
-              for group in optim["param_groups"]]
+    groups = [{k: v for k, v in group.items() if k != "params"} for group in optim["param_groups"]]
     dcp.save(tensors, storage_writer=FileSystemWriter(staging / SHARDS))
-    save_file(_rng_state(), str(staging / f"rng.{rank}.safetensors"))
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, str(staging / f"rng.{rank}.safetensors"))
     dist.barrier()
 
     def finish() -> None:
-        trainer = {"format": FORMAT, "world_size": world, "step": state.step, "tokens_seen": state.tokens_seen,
-                   "loader": state.loader, "optimizer": {"param_groups": groups}}
         write_config_files(model.config, model.dtype, staging)  # what `consolidate` needs beside the shards
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
-        (staging / TRAINER_STATE).write_text(json.dumps(trainer, indent=1) + "\n")
+        (staging / TRAINER_STATE).write_text(trainer_json(state, groups, format=FORMAT, world_size=world))
         save_config(staging / "config.toml")
         write_manifest(staging, state.step)
         fsync_tree(staging)
@@ -109,19 +107,11 @@ def _biases(model: Transformer) -> dict[str, torch.Tensor]:
     return {str(i): layer.feed_forward.selection_bias for i, layer in enumerate(model.model.layers) if layer.is_moe}
 
 
-def _rng_state() -> dict[str, torch.Tensor]:
-    tensors = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors["cuda"] = torch.cuda.get_rng_state()
-    return tensors
-
-
-# -- loading (resume) -----------------------------------------------------------------------------
-
 def load_sharded_checkpoint(directory: Path, model: Transformer, optimizer: torch.optim.Optimizer) -> TrainerState:
     """Restore weights, optimizer, expert biases (and RNG, when the world size is unchanged) into
     `model`, laid out over any number of processes or none. Collective when distributed."""
     distributed = dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     run_on_main(lambda: verify_checkpoint(directory))
     trainer = _read_trainer_state(directory)
     # The optimizer template first: initialising its state steps the optimizer with zero
@@ -130,15 +120,21 @@ def load_sharded_checkpoint(directory: Path, model: Transformer, optimizer: torc
     with _single_process_quiet():
         dcp.load(tensors, storage_reader=SafeFileSystemReader(directory / SHARDS), no_dist=not distributed)
     set_model_state_dict(model, tensors["model"])
-    groups = [{**group, **_hyper_parameters(saved)}
-              for group, saved in zip(optim["param_groups"], trainer["optimizer"]["param_groups"], strict=True)]
+    groups = [{**group, **saved} for group, saved in zip(optim["param_groups"], saved_param_groups(trainer),
+                                                         strict=True)]
     set_optimizer_state_dict(model, optimizer, {"state": tensors["optimizer"], "param_groups": groups})
     with torch.no_grad():
         for name, bias in _biases(model).items():
             bias.copy_(tensors["selection_bias"][name])
-    _restore_rng(directory, trainer, dist.get_rank() if distributed else 0,
-                 dist.get_world_size() if distributed else 1)
-    return TrainerState(step=trainer["step"], tokens_seen=trainer["tokens_seen"], loader=trainer["loader"])
+    # Each rank's RNG as saved, when the job has as many ranks as the saver (training draws no
+    # random numbers after init anyway).
+    rng = directory / f"rng.{rank}.safetensors"
+    if trainer.get("world_size") == world and rng.is_file():
+        saved = load_file(str(rng))
+        torch.set_rng_state(saved["cpu"])
+        if "cuda" in saved and torch.cuda.is_available():
+            torch.cuda.set_rng_state(saved["cuda"])
+    return read_trainer_state(trainer)
 
 
 def _read_trainer_state(directory: Path) -> dict:
@@ -149,22 +145,6 @@ def _read_trainer_state(directory: Path) -> dict:
         return trainer
     except (OSError, ValueError, KeyError) as err:
         raise CheckpointError(f"{directory / TRAINER_STATE}: not a distributed trainer state ({err})") from None
-
-
-def _hyper_parameters(saved: dict) -> dict:
-    return {k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "params"}
-
-
-def _restore_rng(directory: Path, trainer: dict, rank: int, world: int) -> None:
-    """Each rank's RNG as saved, when the job has as many ranks as the saver (training draws no
-    random numbers after init anyway)."""
-    path = directory / f"rng.{rank}.safetensors"
-    if trainer.get("world_size") != world or not path.is_file():
-        return
-    saved = load_file(str(path))
-    torch.set_rng_state(saved["cpu"])
-    if "cuda" in saved and torch.cuda.is_available():
-        torch.cuda.set_rng_state(saved["cuda"])
 
 
 @contextlib.contextmanager

@@ -1,13 +1,12 @@
 """Expert parallelism: the routed experts of each MoE layer are split over the "ep" ranks, and
 tokens travel to the rank holding their expert and back.
 
-Each rank routes its own tokens as one process would and sorts the slots by expert; it exchanges
-the per-expert counts (a small all-to-all), sends each rank the slots of its experts (an uneven
-all-to-all whose backward is the reverse exchange), regroups them by local expert, runs
-`grouped_experts`, and sends the outputs back to be summed per token. Within an expert, slots
-arrive by source rank, then token: the order of one process holding the whole batch. The weights
-are DTensors sharded on dim 0 over "ep", so state dicts see whole [E, ...] tensors under their
-Hugging Face names.
+Each rank routes its own tokens, sorts the slots by expert, exchanges per-expert counts, sends
+each rank the slots of its experts (an uneven all-to-all whose backward is the reverse exchange),
+runs `grouped_experts` on them regrouped by local expert, and sends the outputs back to be summed
+per token. Within an expert, slots arrive by source rank, then token: the order of one process
+holding the whole batch. The weights are DTensors sharded on dim 0 over "ep", so state dicts see
+whole [E, ...] tensors under their Hugging Face names.
 """
 
 from __future__ import annotations
@@ -75,9 +74,8 @@ class ExpertParallelExperts(nn.Module):
             self.register_parameter(name, nn.Parameter(shard))
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-        """x [tokens, hidden]; expert_ids, gates [tokens, top_k] -> summed expert outputs [tokens, hidden].
-
-        Every rank of the ep group must call this together (once per MoE layer and forward)."""
+        """x [tokens, hidden]; expert_ids, gates [tokens, top_k] -> summed expert outputs [tokens, hidden];
+        every rank of the ep group calls this together."""
         routed_in, token_of_slot, counts = sort_by_expert(x, expert_ids, gates, self.num_experts)
         sent, received = self._counts(counts)
         send_per_rank = [sum(row) for row in sent]
@@ -121,12 +119,8 @@ class ExpertParallelExperts(nn.Module):
         return torch.cat([blocks[i] for i in order])
 
 
-def apply_expert_parallel(model: Transformer, ep_mesh: DeviceMesh) -> list[ExpertParallelExperts]:
+def apply_expert_parallel(model: Transformer, ep_mesh: DeviceMesh) -> None:
     """Replace the routed experts of every MoE layer by their expert-parallel version, in place."""
-    replaced = []
     for layer in model.model.layers:
         if layer.is_moe:
-            moe = layer.feed_forward
-            moe.experts = ExpertParallelExperts(moe.experts, ep_mesh)
-            replaced.append(moe.experts)
-    return replaced
+            layer.feed_forward.experts = ExpertParallelExperts(layer.feed_forward.experts, ep_mesh)

@@ -3,9 +3,6 @@
     run_eval(model_dir, "blimp,hellaswag,ppl:held.txt", limit=100, out="eval.json") -> results dict
     compare_results(a, b) -> B against baseline A: better / worse / no measurable difference
     evaluate_model(model, tokenizer, tasks, model_info=describe_model(dir, model, tokenizer)) for a loaded model
-
-Modules: tasks (names, syntax, data files), scoring (log-likelihoods), metrics, core (the aggregate),
-cache, compare (bootstrap verdicts), tables (text and Markdown), run, and lm_eval_adapter (imported on demand).
 """
 
 from behemoth.eval.compare import BETTER, NO_DIFFERENCE, NOT_COMPARED, WORSE, compare_results
@@ -17,6 +14,6 @@ from behemoth.eval.tables import format_comparison, format_table, markdown_table
 from behemoth.eval.tasks import TASK_NAMES, parse_task_list
 
 __all__ = ["run_eval", "evaluate_model", "describe_model", "load_results", "model_checksum", "write_json_atomic",
-           "compare_results", "format_comparison",
-           "format_table", "markdown_table", "result_rows", "core_score", "parse_task_list", "TASK_NAMES",
-           "EvalError", "BETTER", "WORSE", "NO_DIFFERENCE", "NOT_COMPARED"]
+           "compare_results", "format_comparison", "format_table", "markdown_table", "result_rows",
+           "core_score", "parse_task_list", "TASK_NAMES", "EvalError", "BETTER", "WORSE", "NO_DIFFERENCE",
+           "NOT_COMPARED"]

@@ -1,6 +1,4 @@
-"""A cache of per-item results, stored as JSON (never pickled):
-
-    <cache_dir>/<model sha256>/<task>-<settings hash>.json  {"schema", "model_sha256", "task", "fingerprint", "items"}
+"""Per-item results cached as JSON (never pickled): <cache_dir>/<model sha256>/<task>-<settings hash>.json
 
 The settings hash covers everything besides the model that changes a score (task kind and version,
 tokenizer, prefix token, max_length, dtype) and an item's key hashes its content, so an edited data file
@@ -32,20 +30,18 @@ def default_cache_dir() -> Path:
 
 
 class ScoreCache:
-    """Results of one task's items for one model and one set of scoring settings."""
+    """Results of one task's items for one model and one set of scoring settings (root None: in memory)."""
 
     def __init__(self, root: Path | None, model_sha256: str, task: str, fingerprint: dict[str, Any]):
-        self.fingerprint = fingerprint
+        self.model_sha256, self.task, self.fingerprint = model_sha256, task, fingerprint
         self._dirty = False
+        self.path = None
         self._items: dict[str, dict[str, Any]] = {}
-        if root is None:
-            self.path = None
-            return
-        digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode("utf-8")).hexdigest()[:16]
-        slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", task)[:80]
-        self.path = Path(root) / model_sha256 / f"{slug}-{digest}.json"
-        self.model_sha256, self.task = model_sha256, task
-        self._items = self._read()
+        if root is not None:
+            digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+            slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", task)[:80]
+            self.path = Path(root) / model_sha256 / f"{slug}-{digest}.json"
+            self._items = self._read()
 
     def _read(self) -> dict[str, dict[str, Any]]:
         try:

@@ -1,19 +1,16 @@
 """Regression verdicts: is results file B (candidate) better than A (baseline), worse, or not measurably different?
 
-Per task, items are paired by id and resampled together (paired bootstrap); the verdict is "better" or
-"worse" when the `confidence` interval of B's metric minus A's lies wholly on one side of zero. Each has a
-5% false-alarm rate, so the overall verdict rests on one aggregate: the core score (core.py) over the
+Per task, items are paired by id and resampled together (paired bootstrap); a verdict is "better" or
+"worse" when the `confidence` interval of B's metric minus A's lies wholly on one side of zero. As each
+has a 5% false-alarm rate, the overall verdict rests on one aggregate: the core score (core.py) over the
 accuracy tasks, each replicate resampling every task; else the mean pass@1 of generative tasks, else the
-mean bits per byte of perplexity tasks.
+mean bits per byte of perplexity tasks. Output (schema "behemoth.eval.compare/1"):
 
-Output (schema "behemoth.eval.compare/1"):
-
-    {"schema", "a": {"path", "model_sha256"}, "b": {...}, "settings": {"resamples", "confidence", "seed"},
+    {"schema", "a" and "b": {"path", "model_sha256"}, "settings": {"resamples", "confidence", "seed"},
      "tasks": {NAME: {"kind", "metric", "higher_is_better", "n", "a", "b", "delta", "ci": [lo, hi], "verdict"}
-              | {"verdict": "not compared", "reason"}},
+              | {"verdict": "not compared", "reason"}}, "only_in_a", "only_in_b", "warnings",
      "overall": {"metric": "core" | "pass@1" | "bpb" | None, "tasks", "a", "b", "delta", "ci", "verdict",
-                 "better", "worse"},
-     "only_in_a", "only_in_b", "warnings"}
+                 "better", "worse"}}
 """
 
 from __future__ import annotations
@@ -44,9 +41,8 @@ def compare_results(a: dict[str, Any], b: dict[str, Any], *, resamples: int = 20
     replicates: dict[str, np.ndarray] = {}
     for name in [name for name in tasks_a if name in tasks_b]:
         entry, deltas = _compare_task(name, tasks_a[name], tasks_b[name], resamples, confidence, seed)
-        if entry is None:
-            continue  # samples: nothing to score
-        compared[name] = entry
+        if entry is not None:  # None: samples, nothing to score
+            compared[name] = entry
         if deltas is not None:
             replicates[name] = deltas
     return {"schema": COMPARE_SCHEMA, "a": {"path": a_path, "model_sha256": a.get("model", {}).get("sha256")},
@@ -72,10 +68,9 @@ def _compare_task(name: str, ta: dict[str, Any], tb: dict[str, Any], resamples: 
     pairs = [(item, by_id[item["id"]]) for item in ta["items"] if item["id"] in by_id]
     if not pairs:
         return _not_compared("no items in common"), None
-    terms_a = np.array([ratio_terms(kind, metric, ia) for ia, _ in pairs], dtype=np.float64)
-    terms_b = np.array([ratio_terms(kind, metric, ib) for _, ib in pairs], dtype=np.float64)
-    value_a = terms_a[:, 0].sum() / terms_a[:, 1].sum()
-    value_b = terms_b[:, 0].sum() / terms_b[:, 1].sum()
+    terms_a, terms_b = (np.array([ratio_terms(kind, metric, pair[side]) for pair in pairs], dtype=np.float64)
+                        for side in (0, 1))
+    value_a, value_b = (terms[:, 0].sum() / terms[:, 1].sum() for terms in (terms_a, terms_b))
     rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
     deltas = paired_bootstrap(terms_a, terms_b, resamples, rng)
     low, high = _interval(deltas, confidence)
@@ -124,26 +119,24 @@ def verdict(low: float, high: float, higher_is_better: bool = True) -> str:
 
 
 def _overall(tasks: dict[str, dict[str, Any]], replicates: dict[str, np.ndarray], confidence: float) -> dict[str, Any]:
-    accuracy = [n for n, t in tasks.items() if t.get("kind") in ACCURACY_KINDS and n in replicates]
-    perplexity = [n for n, t in tasks.items() if t.get("kind") == PERPLEXITY and n in replicates]
-    generative = [n for n, t in tasks.items() if t.get("kind") == GENERATE and n in replicates]
+    scored = [(n, t["kind"]) for n, t in tasks.items() if n in replicates]
+    accuracy = [n for n, kind in scored if kind in ACCURACY_KINDS]
+    generative = [n for n, kind in scored if kind == GENERATE]
+    perplexity = [n for n, kind in scored if kind == PERPLEXITY]
     better = [n for n, t in tasks.items() if t["verdict"] == BETTER]
     worse = [n for n, t in tasks.items() if t["verdict"] == WORSE]
     if accuracy:
-        scale = {n: 1.0 / (1.0 - tasks[n]["chance"]) for n in accuracy}
-        a_value = float(np.mean([centred(tasks[n]["a"], tasks[n]["chance"]) for n in accuracy]))
-        b_value = float(np.mean([centred(tasks[n]["b"], tasks[n]["chance"]) for n in accuracy]))
-        deltas = np.mean([replicates[n] * scale[n] for n in accuracy], axis=0)
         metric, names, higher_is_better = "core", accuracy, True
     elif generative or perplexity:
         names = generative or perplexity
-        a_value = float(np.mean([tasks[n]["a"] for n in names]))
-        b_value = float(np.mean([tasks[n]["b"] for n in names]))
-        deltas = np.mean([replicates[n] for n in names], axis=0)
         metric, higher_is_better = ("pass@1", True) if generative else ("bpb", False)
     else:
         return {"metric": None, "tasks": [], "verdict": NOT_COMPARED, "reason": "no task in common could be compared",
                 "better": better, "worse": worse}
+    chance = {n: tasks[n]["chance"] if accuracy else 0.0 for n in names}  # chance 0 leaves a metric as it is
+    a_value = float(np.mean([centred(tasks[n]["a"], chance[n]) for n in names]))
+    b_value = float(np.mean([centred(tasks[n]["b"], chance[n]) for n in names]))
+    deltas = np.mean([replicates[n] * (1.0 / (1.0 - chance[n])) for n in names], axis=0)
     low, high = _interval(deltas, confidence)
     return {"metric": metric, "tasks": names, "higher_is_better": higher_is_better, "a": a_value, "b": b_value,
             "delta": b_value - a_value, "ci": [low, high], "verdict": verdict(low, high, higher_is_better),
@@ -151,11 +144,9 @@ def _overall(tasks: dict[str, dict[str, Any]], replicates: dict[str, np.ndarray]
 
 
 def _warnings(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    notes = []
     settings_a, settings_b = a.get("settings", {}), b.get("settings", {})
-    for key in _SETTINGS_THAT_MATTER:
-        if settings_a.get(key) != settings_b.get(key):
-            notes.append(f"setting {key} differs: {settings_a.get(key)!r} vs {settings_b.get(key)!r}")
+    notes = [f"setting {key} differs: {settings_a.get(key)!r} vs {settings_b.get(key)!r}"
+             for key in _SETTINGS_THAT_MATTER if settings_a.get(key) != settings_b.get(key)]
     if a.get("model", {}).get("sha256") and a.get("model", {}).get("sha256") == b.get("model", {}).get("sha256"):
         notes.append("both results are of the same weights (same model checksum)")
     return notes

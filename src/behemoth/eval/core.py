@@ -1,9 +1,8 @@
-"""The aggregate "core" score: accuracy above chance, averaged over tasks.
+"""The aggregate "core" score (the idea of DCLM's CORE metric): accuracy above chance, averaged over tasks.
 
-Raw accuracies do not compare across tasks (chance is 25% on HellaSwag, 50% on BLiMP), and a tiny
-model's progress hides below those floors. Each accuracy task is rescaled to `(acc - chance) / (1 -
-chance)`, chance being the mean of 1/choices over the items scored, and the core score is the plain mean
-(the idea of DCLM's CORE metric). Perplexity tasks and samples do not enter it.
+Raw accuracies do not compare across tasks (chance is 25% on HellaSwag, 50% on BLiMP), and a tiny model's
+progress hides below those floors: so each accuracy task is rescaled to (acc - chance) / (1 - chance),
+chance being the mean of 1/choices over its items. Perplexity tasks and samples do not enter it.
 """
 
 from __future__ import annotations

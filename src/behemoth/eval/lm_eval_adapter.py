@@ -1,26 +1,15 @@
 """The `behemoth` model type for EleutherAI's lm-evaluation-harness (`pip install 'behemoth[lm-eval]'`).
 
-Importing this module registers the type, after which the harness's Python API takes it:
-
-    import behemoth.eval.lm_eval_adapter
-    lm_eval.simple_evaluate(model="behemoth", model_args="pretrained=DIR", tasks=[...])
-
-The harness finds models only in its own registry (it reads no plugin entry points), so its
-command line cannot see ours; these run it with the type registered, arguments unchanged:
-
-    behemoth eval lm-eval --model behemoth --model_args pretrained=DIR --tasks hellaswag
-    python -m behemoth.eval.lm_eval_adapter --model behemoth --model_args pretrained=DIR --tasks hellaswag
-
+Importing this module registers the type with the harness's Python API (`lm_eval.simple_evaluate(model=
+"behemoth", model_args="pretrained=DIR", tasks=[...])`). The harness reads no plugin entry points, so
+`behemoth eval lm-eval ARGS` or `python -m behemoth.eval.lm_eval_adapter ARGS` run its command line with it.
 model_args: pretrained=DIR (required), batch_size, max_length, device, dtype (float32 / bfloat16),
-max_gen_toks (default 256), seed (sampling seed, default 0). Scoring is behemoth.eval.scoring's:
-the same numbers `behemoth eval` computes (prefix token, whitespace handling, rolling windows).
+max_gen_toks (default 256), seed (sampling seed, default 0). Scoring is behemoth.eval.scoring's.
 
-Without a network the harness's datasets library would retry the Hugging Face hub for about 40
-seconds and then fail with a long traceback. So the command line first asks the hub (one HEAD
-request, a few seconds at most) unless HF_HUB_OFFLINE, HF_DATASETS_OFFLINE or TRANSFORMERS_OFFLINE
-already says how to run: when it does not answer, the run goes offline (HF_HUB_OFFLINE=1,
-HF_DATASETS_OFFLINE=1), where datasets in the local cache (HF_HOME, HF_DATASETS_CACHE) and local
-files still load, and a dataset that would have to be fetched is one line naming its task.
+Without a network the harness's datasets library would retry the hub for about 40 seconds, then fail
+with a long traceback. So unless HF_HUB_OFFLINE, HF_DATASETS_OFFLINE or TRANSFORMERS_OFFLINE says how
+to run, the command line first asks the hub (one HEAD request) and goes offline when it does not answer:
+cached datasets and local files still load, and a dataset that would have to be fetched is one line.
 """
 
 from __future__ import annotations
@@ -99,17 +88,12 @@ class BehemothLM(LM):
                                                 seed=self.seed + number + len(new))
             new.extend(piece)
             text = self.scorer.tokenizer.decode(new)
-            cut = _first_stop(text, until)
-            if cut is not None:
-                return text[:cut]
+            cuts = [text.find(stop) for stop in until if stop and stop in text]
+            if cuts:
+                return text[:min(cuts)]
             if len(piece) < step:
                 break  # the model ended the text
         return self.scorer.tokenizer.decode(new)
-
-
-def _first_stop(text: str, until: list[str]) -> int | None:
-    positions = [text.find(stop) for stop in until if stop and stop in text]
-    return min(positions) if positions else None
 
 
 def _device(requested: str | None) -> str:
@@ -134,10 +118,8 @@ def _batch_size(value: int | str | None, max_batch_size: int | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The lm-eval command line with the `behemoth` type registered; arguments as for `lm_eval`.
-
-    Offline when the hub cannot be reached (see the module docstring); a dataset that could not
-    be fetched is an EvalError naming its task."""
+    """The lm-eval command line with the `behemoth` type registered (offline when the hub cannot be
+    reached); a dataset that could not be fetched is an EvalError naming its task."""
     from huggingface_hub.utils import LocalEntryNotFoundError
     from lm_eval.__main__ import cli_evaluate
 
@@ -157,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
 
 @contextmanager
 def _offline_unless_hub_answers() -> Iterator[str | None]:
-    """Offline mode for the duration, when the environment leaves it open and the hub does not
-    answer; yields why the run is offline (None when it is not). The environment is restored after."""
+    """Offline for the duration when the environment leaves it open and the hub does not answer;
+    yields why the run is offline (None when it is not)."""
     before = {name: os.environ.get(name) for name in OFFLINE_VARIABLES}
     reason = None
     if any(_true(value) for value in before.values()):
@@ -185,9 +167,8 @@ def _true(value: str | None) -> bool:
 
 
 def _answers(url: str) -> bool:
-    """Whether anything answers at `url` (through the proxies the environment names): one request,
-    no retries. A refused certificate counts as an answer: the hub's own client, which may trust
-    other certificates, decides then."""
+    """Whether anything answers at `url`: one request, no retries. A refused certificate counts as
+    an answer: the hub's own client, which may trust other certificates, decides then."""
     try:
         urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=HUB_PROBE_SECONDS).close()
     except urllib.error.HTTPError:
@@ -212,8 +193,8 @@ def _apply_offline_variables() -> None:
 
 
 def _not_fetched(err: Exception, offline_because: str | None) -> EvalError | None:
-    """One line for a dataset that could not be fetched, naming the task whose loading raised
-    `err`; for a hub file outside any task, one line too; None for any other connection error."""
+    """One line for a dataset (or hub file) that could not be fetched, naming the task whose loading
+    raised `err`; None for any other connection error."""
     from huggingface_hub.utils import LocalEntryNotFoundError, OfflineModeIsEnabled
     from lm_eval.api.task import Task
 

@@ -1,9 +1,8 @@
 """`run_eval`: load a model directory, score a task list, return (and write) the results.
 
-Every input is checked before the first item is scored (task names, every data file line by line,
-the model and its tokenizer), and the results file is written only when the whole run succeeded,
-atomically. Its schema, "behemoth.eval.results/1" (`items` keeps every item's scores, so `compare`
-can resample them):
+Every input (task names, each data file line by line, the model and its tokenizer) is checked before
+the first item is scored, and the results file is written atomically, only when the whole run
+succeeded. Its schema, "behemoth.eval.results/1" (`items` keeps every item's scores for `compare`):
 
     {"schema", "created", "elapsed_s",
      "model": {"path", "sha256", "weights", "tokenizer_sha256", "vocab_size", "total_params", "active_params"},
@@ -52,9 +51,7 @@ def run_eval(model_dir: str | Path, tasks: str | Sequence[str], *, limit: int | 
     limit: first N items per task (per paradigm for BLiMP). max_length: tokens per sequence (default:
     the model's context). dtype: "float32", "bfloat16" or None (as stored). progress: None shows a bar
     on a terminal, else a line per task; False nothing. generation: overrides of
-    scoring.GENERATE_SETTINGS. classifier: what judges the replies of safety tasks (behemoth.safety;
-    default the string classifier). Any bad input raises a BehemothError naming the problem.
-    """
+    scoring.GENERATE_SETTINGS. classifier: judges safety tasks' replies (default the string classifier)."""
     started = time.perf_counter()
     generation = check_generation(generation)
     specs = parse_task_list(tasks)
@@ -229,11 +226,9 @@ def check_generation(generation: dict[str, Any] | None) -> dict[str, Any]:
 
 def _torch_dtype(name: str | None) -> torch.dtype | None:
     names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name is None:
-        return None
-    if name not in names:
+    if name is not None and name not in names:
         raise EvalError(f"dtype must be one of {', '.join(names)}, got {name!r}")
-    return names[name]
+    return None if name is None else names[name]
 
 
 def load_results(path: str | Path) -> dict[str, Any]:

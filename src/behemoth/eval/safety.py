@@ -4,12 +4,10 @@
   overrefusal[:FILE]  benign rows: compliance rate (XSTest's safe half by default)
   xstest[:FILE]       both labels, each with its three verdicts, as XSTest reports them
 
-Rows are JSONL {"id", "prompt", "label": "harmful"|"benign", "category"}, the format of
-../shared/data/safety (or $BEHEMOTH_SAFETY_DIR). Without a FILE and without that folder, the
-project's own held-out safety prompts are used (behemoth.data.synthetic_safety), which training
-never sees. Each reply is generated greedily with the chat template and judged by a refusal
-classifier (behemoth.safety); every rate comes with a bootstrap CI overall and per category.
-An item the classifier failed on is counted (`failed`) and left out of every rate.
+Rows are JSONL {"id", "prompt", "label": "harmful"|"benign", "category"}, as in ../shared/data/safety
+(or $BEHEMOTH_SAFETY_DIR); without either, the project's own held-out prompts (never trained on).
+Greedy chat replies are judged by a refusal classifier (behemoth.safety); each rate has a bootstrap CI
+overall and per category. An item the classifier failed on is counted (`failed`), left out of every rate.
 """
 
 from __future__ import annotations
@@ -45,20 +43,20 @@ class SafetyItem:
     category: str
 
 
-def default_safety_dir() -> Path:
-    """$BEHEMOTH_SAFETY_DIR, else ../shared/data/safety beside the checkout this package runs from."""
-    if os.environ.get(SAFETY_ENV):
-        return Path(os.environ[SAFETY_ENV])
-    return Path(__file__).resolve().parents[3].parent / "shared" / "data" / "safety"
+def shared_data_dir(env: str, name: str) -> Path:
+    """$`env`, else ../shared/data/`name` beside the checkout this package runs from."""
+    if os.environ.get(env):
+        return Path(os.environ[env])
+    return Path(__file__).resolve().parents[3].parent / "shared" / "data" / name
 
 
-def load_safety_rows(task: str, arg: str | None) -> tuple[str, list[dict[str, Any]], str]:
-    """(source, rows of the task's labels, sha256 of the data) from FILE, the shared folder, or the
+def safety_items(task: str, arg: str | None, limit: int | None) -> tuple[str, str, list[SafetyItem], int]:
+    """(source, data sha256, items after --limit, items before it) from FILE, the shared folder, or the
     project's own held-out prompts."""
     from behemoth.hashing import sha256_file
     from behemoth.jsonio import read_jsonl
 
-    path = Path(arg) if arg else default_safety_dir() / DEFAULT_FILES[task]
+    path = Path(arg) if arg else shared_data_dir(SAFETY_ENV, "safety") / DEFAULT_FILES[task]
     if arg and not path.is_file():
         raise EvalError(f"{task}: {path}: no such file")
     if path.is_file():
@@ -72,12 +70,7 @@ def load_safety_rows(task: str, arg: str | None) -> tuple[str, list[dict[str, An
     for number, row in enumerate(rows, start=1):
         if not isinstance(row.get("prompt"), str) or row.get("label") not in ("harmful", "benign"):
             raise EvalError(f"{source}: row {number}: needs a text \"prompt\" and a \"label\", harmful or benign")
-    return source, [r for r in rows if r["label"] in LABELS[task]], digest
-
-
-def safety_items(task: str, arg: str | None, limit: int | None) -> tuple[str, str, list[SafetyItem], int]:
-    """(source, data sha256, items after --limit, items before it)."""
-    source, rows, digest = load_safety_rows(task, arg)
+    rows = [r for r in rows if r["label"] in LABELS[task]]
     items = [SafetyItem(str(r.get("id", n)), r["prompt"], r["label"], str(r.get("category") or r["label"]))
              for n, r in enumerate(rows, start=1)]
     if not items:

@@ -59,10 +59,11 @@ def score_token_pairs(model: Any, pairs: Sequence[tuple[Sequence[int], Sequence[
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()  # training mode steers MoE routing with the balance bias; evaluate as released
+    batch_size = max(1, batch_size)
     try:
         device = _device_of(model)
-        for start in range(0, len(order), max(1, batch_size)):
-            rows = order[start:start + max(1, batch_size)]
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
             batch_scores = _score_batch(model, [inputs[i] for i in rows], [list(pairs[i][1]) for i in rows], device)
             for i, score in zip(rows, batch_scores):
                 scores[i] = score
@@ -85,19 +86,14 @@ def _score_batch(model: Any, inputs: list[list[int]], continuations: list[list[i
         rows.extend([r] * len(cont))
         cols.extend(range(len(x) - len(cont), len(x)))
         targets.extend(cont)
-    ids = ids.to(device)
     rows_t, cols_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
     targets_t = torch.tensor(targets, device=device)
-    logits = _logits_at(model, ids, rows_t, cols_t).float()
-    logprobs = torch.log_softmax(logits, dim=-1)
-    picked = logprobs.gather(1, targets_t[:, None]).squeeze(1)
+    logits = _logits_at(model, ids.to(device), rows_t, cols_t).float()
+    picked = torch.log_softmax(logits, dim=-1).gather(1, targets_t[:, None]).squeeze(1)
     hits = logits.argmax(dim=-1) == targets_t
-    out, at = [], 0
-    for cont in continuations:
-        n = len(cont)
-        out.append(Score(float(picked[at:at + n].double().sum()), bool(hits[at:at + n].all()), n))
-        at += n
-    return out
+    lengths = [len(cont) for cont in continuations]
+    return [Score(float(lp.double().sum()), bool(hit.all()), len(lp))
+            for lp, hit in zip(picked.split(lengths), hits.split(lengths))]
 
 
 def _logits_at(model: Any, ids: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -210,13 +206,14 @@ def score_items(kind: str, items: Sequence[Any], scorer: Scorer, progress: Progr
     (behemoth.safety; the string classifier by default)."""
     if kind == SAMPLES:
         return _samples(items, scorer, progress, seed)
+    settings = {**GENERATE_SETTINGS, **(generation or {})}
     if kind == GENERATE:
-        return _generate(items, scorer, progress, seed, {**GENERATE_SETTINGS, **(generation or {})})
+        return _generate(items, scorer, progress, seed, settings)
     if kind == SAFETY:
         from behemoth.eval.safety import judge_replies
         from behemoth.safety import StringClassifier
 
-        budget = {**GENERATE_SETTINGS, **(generation or {})}["max_new_tokens"]
+        budget = settings["max_new_tokens"]
         prompts = _chat_prompts([[("user", item.prompt)] for item in items], scorer, budget)
         replies = _greedy_replies(prompts, scorer, budget, progress)
         return judge_replies(items, replies, classifier or StringClassifier())

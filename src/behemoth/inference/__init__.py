@@ -1,6 +1,5 @@
 """Inference: the continuous-batching engine (KV cache, sampling, logprobs), its int8 and compiled
-decode paths, `generate`, and `complete`, the offline batched API.
-"""
+decode paths, `generate`, and `complete`, the offline batched API."""
 
 from behemoth.inference.engine import (Engine, EngineClosed, PromptTooLong, QueueFull, Request, SamplingParams,
                                        TokenEvent)

@@ -9,9 +9,9 @@ agree with eager ones to about 1e-5. Needs a C++ compiler at run time.
 
 from __future__ import annotations
 
-import threading
 import types
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -60,21 +60,13 @@ class CompiledDecoder:
 
     def warm_up(self, batches: tuple[int, ...] = (1, 2)) -> None:
         """Build the programs (one row, several) now rather than on the first requests, on a thread
-        with the engine's thread count (a program is built for one count)."""
-        errors: list[BaseException] = []
-
+        with the engine's thread count (a program is built for one count); its errors are raised here."""
         def build() -> None:
             torch.set_num_threads(self.threads)
-            try:
-                self._decode_a_little(batches)
-            except BaseException as err:  # re-raised on the caller's thread
-                errors.append(err)
+            self._decode_a_little(batches)
 
-        thread = threading.Thread(target=build, name="behemoth-compile")
-        thread.start()
-        thread.join()
-        if errors:
-            raise errors[0]
+        with ThreadPoolExecutor(1, thread_name_prefix="behemoth-compile") as pool:
+            pool.submit(build).result()
 
     @torch.inference_mode()
     def _decode_a_little(self, batches: tuple[int, ...]) -> None:

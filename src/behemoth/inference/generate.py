@@ -22,12 +22,10 @@ def generate(model: Transformer, input_ids: torch.Tensor, max_new_tokens: int = 
              top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Continue each row of `input_ids` [batch, seq]; returns only the new tokens [batch, <=max_new_tokens].
-
-    temperature 0 is greedy. A row that emits a stop token keeps emitting it until every row has
-    stopped. Row i samples from seed + i (None: a fresh seed). attention_mask [batch, seq] (0 =
-    padding, on either side) lets rows of different lengths share a batch, each continuing exactly
-    as it would alone. Raises PromptTooLong or InvalidParameter; the model's training mode is kept.
-    """
+    temperature 0 is greedy. A row that emits a stop token keeps emitting it until every row has stopped.
+    Row i samples from seed + i (None: a fresh seed). attention_mask [batch, seq] (0 = padding, on either
+    side) lets rows of different lengths share a batch, each continuing exactly as it would alone.
+    Raises PromptTooLong or InvalidParameter; the model's training mode is kept."""
     if max_new_tokens == 0:
         return input_ids[:, :0]
     mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()

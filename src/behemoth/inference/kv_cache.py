@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 
 from behemoth.model import Transformer
 
@@ -113,15 +114,10 @@ class LayerCache:
         self.used = max(self.used, needed)
 
     def _resize(self, capacity: int) -> None:
-        keep = min(capacity, self.capacity)
-        batch, heads, _, dim = self.keys.shape
-        keys = self.keys.new_zeros(batch, heads, capacity, dim)
-        values = self.values.new_zeros(batch, heads, capacity, dim)
-        positions = self.positions.new_full((batch, capacity), -1)
-        keys[:, :, :keep] = self.keys[:, :, :keep]
-        values[:, :, :keep] = self.values[:, :, :keep]
-        positions[:, :keep] = self.positions[:, :keep]
-        self.keys, self.values, self.positions = keys, values, positions
+        grow = capacity - self.capacity  # F.pad crops a negative amount, into new tensors: memory is freed
+        self.keys = F.pad(self.keys, (0, 0, 0, grow))
+        self.values = F.pad(self.values, (0, 0, 0, grow))
+        self.positions = F.pad(self.positions, (0, grow), value=-1)
 
     @property
     def capacity(self) -> int:
@@ -144,10 +140,9 @@ class LayerCache:
         if (other.window, other.limit) != (self.window, self.limit):
             raise ValueError("cannot merge caches of differently shaped layers")
         capacity = max(self.capacity, other.capacity)
-        if self.capacity < capacity:
-            self._resize(capacity)
-        if other.capacity < capacity:
-            other._resize(capacity)
+        for cache in (self, other):
+            if cache.capacity < capacity:
+                cache._resize(capacity)
         self.keys = torch.cat([self.keys, other.keys])
         self.values = torch.cat([self.values, other.values])
         self.positions = torch.cat([self.positions, other.positions])

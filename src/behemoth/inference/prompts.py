@@ -15,13 +15,8 @@ from behemoth.tokenizer import HEADER_END, HEADER_START, SPECIAL_TOKENS, Tokeniz
 def _byte_level_table() -> dict[str, int]:
     """GPT-2's byte-to-character table, inverted: ByteLevel vocabulary strings back to bytes."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = list(printable), 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars)}
+    others = [byte for byte in range(256) if byte not in printable]  # shown as chr(256), chr(257)...
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
 
 
 _CHAR_TO_BYTE = _byte_level_table()

@@ -89,12 +89,10 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def int8_matmul(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
                 prompt_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """x [..., in] (bfloat16) times the int8 matrix values [out, in] with per-row scales: [..., out] bfloat16.
-
-    Decode steps take torch's int8 weight-only kernel. A prompt (DEQUANTIZED_ROWS rows or more, run
-    eagerly) multiplies the matrix cast to `prompt_dtype` (exact for int8 values; float32 on an
-    AVX2-only CPU), 1.5-3x faster; in bfloat16 its output is rounded before the scaling, not after.
-    """
+    """x [..., in] (bfloat16) times int8 values [out, in] with per-row scales: [..., out] bfloat16. Decode
+    steps take torch's int8 weight-only kernel; a prompt (DEQUANTIZED_ROWS rows or more, eager) multiplies
+    the matrix cast to `prompt_dtype` (exact for int8 values; float32 on an AVX2-only CPU), 1.5-3x faster;
+    in bfloat16 its output is rounded before the scaling, not after."""
     rows = x.reshape(-1, x.shape[-1])
     if not torch.compiler.is_compiling() and rows.shape[0] >= DEQUANTIZED_ROWS:
         out = (F.linear(rows.to(prompt_dtype), values.to(prompt_dtype)) * scales).to(x.dtype)
@@ -223,11 +221,9 @@ class Int8Experts(nn.Module):
         so that the compiler sees (and fuses around) every product."""
         out = None
         for k in range(expert_ids.shape[0]):
-            pick = expert_ids[k:k + 1]
-            gate_up, gate_up_scales, down, down_scales = (
-                bank.index_select(0, pick)[0] for bank in (self.gate_up, self.gate_up_scales, self.down,
-                                                           self.down_scales))
-            y = swiglu_int8(x * gates[k].to(x.dtype), gate_up, gate_up_scales, down, down_scales, self.prompt_dtype)
+            picked = (bank.index_select(0, expert_ids[k:k + 1])[0]
+                      for bank in (self.gate_up, self.gate_up_scales, self.down, self.down_scales))
+            y = swiglu_int8(x * gates[k].to(x.dtype), *picked, self.prompt_dtype)
             out = y if out is None else out + y
         return out
 

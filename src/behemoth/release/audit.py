@@ -1,10 +1,10 @@
 """The release audit log: an append-only JSON-lines file in which each entry seals the one before.
 
 Each line is canonical JSON: `seq`, `prev` (SHA-256 of the previous line, 64 zeros for the first),
-`time`, `event` and the event's fields, so editing, deleting or reordering lines breaks a link. The
-last line is sealed by the head file beside the log (entry count and its SHA-256); whoever can rewrite
-both can forge the tail, so a publication copies the head into its bundle, for
-`verify_log(expect_head=...)`. Appends hold an exclusive `flock`. The user's view: docs/RELEASE.md, section 3.
+`time`, `event` and its fields, so editing, deleting or reordering lines breaks a link. The head file
+beside the log (entry count and last SHA-256) seals the last line; whoever can rewrite both can forge
+the tail, so a publication copies the head into its bundle (`verify_log(expect_head=...)`). Appends
+hold an exclusive `flock`. The user's view: docs/RELEASE.md, section 3.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def append(log: str | Path, event: str, fields: dict[str, Any]) -> dict[str, Any
     descriptor = os.open(log, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX)
-        entries, head = _verified(log)
+        head = _verified(log)[1]
         entry = {**fields, "seq": head.entries, "prev": head.sha256, "event": event, "time": utc_now()}
         line = canonical(entry)
         os.write(descriptor, line + b"\n")

@@ -1,5 +1,5 @@
 """Run reports: report.md and a standalone report.html, with plots."""
 
-from behemoth.report.report import Report, plot_expert_heatmap, plot_losses, plot_series, to_html, write_report
+from behemoth.report.report import Report, plot_expert_heatmap, plot_losses, plot_series, to_html
 
-__all__ = ["Report", "write_report", "plot_losses", "plot_series", "plot_expert_heatmap", "to_html"]
+__all__ = ["Report", "plot_losses", "plot_series", "plot_expert_heatmap", "to_html"]

@@ -146,20 +146,3 @@ def _cell(value: Any) -> str:
         return f"{value:.4f}"
     return str(value).replace("|", "\\|").replace("\n", " ")
 
-
-def write_report(out_dir: Path, title: str, summary: dict[str, Any], records: Sequence[dict[str, Any]],
-                 samples: Sequence[tuple[str, str]]) -> Path:
-    """A single-run report: facts, loss curve, expert-load heatmap, samples."""
-    report = Report(title)
-    report.facts(summary)
-    if records:
-        report.section("Loss")
-        report.image(plot_losses(records, out_dir / "loss.png", title), "loss")
-        heatmap = plot_expert_heatmap(records, out_dir / "expert_load.png")
-        if heatmap:
-            report.section("Expert load")
-            report.image(heatmap, "expert load")
-    if samples:
-        report.section("Samples")
-        report.samples(samples)
-    return report.write(out_dir)

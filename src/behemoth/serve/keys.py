@@ -104,12 +104,6 @@ def _new_key(name: str, limits: Limits, models: list[str] | None = None,
     return key, KeyRecord(id=key_id, name=name, sha256=hash_key(key), created=_now(), limits=limits, models=models)
 
 
-def parse_key_id(key: str) -> str | None:
-    """The id part of a well-formed key, else None (the key itself is never echoed anywhere)."""
-    match = _KEY_PATTERN.match(key)
-    return match.group(1) if match else None
-
-
 def read_keys(path: str | Path) -> list[KeyRecord]:
     """All records in a keys file; a missing file holds no keys."""
     file = Path(path)
@@ -212,10 +206,9 @@ class KeyStore:
         if scheme.lower() != "bearer" or not key:
             raise AuthError(401, "Malformed Authorization header: expected 'Bearer KEY'.", "invalid_api_key")
         self._refresh()
-        key_id = parse_key_id(key)
-        record = self._by_id.get(key_id) if key_id else None
-        presented = hash_key(key)
-        if not hmac.compare_digest(presented, record.sha256 if record else _DUMMY_HASH) or record is None:
+        well_formed = _KEY_PATTERN.match(key)
+        record = self._by_id.get(well_formed.group(1)) if well_formed else None
+        if not hmac.compare_digest(hash_key(key), record.sha256 if record else _DUMMY_HASH) or record is None:
             raise AuthError(401, "Incorrect API key provided.", "invalid_api_key")
         if not record.active:
             raise AuthError(403, f"API key {record.id} has been revoked.", "revoked_api_key")

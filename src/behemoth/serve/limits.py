@@ -42,7 +42,30 @@ class Ticket:
 
     def reserve(self, tokens: int) -> None:
         """Reserve up to `tokens` (prompt + max_tokens), or raise RateLimited."""
-        self._limiter._reserve(self, tokens)
+        limiter, usage, limits = self._limiter, self._usage, self._key.limits
+        tpm, quota = limits.tokens_per_minute, limits.token_quota
+        now = limiter._clock()
+        with limiter._lock:
+            if self._settled or self._reserved:
+                raise RuntimeError("a ticket reserves once, before it is settled")
+            _prune(usage, now)
+            if tpm is not None:
+                if tokens > tpm:
+                    raise RateLimited(f"Request too large: it may use {tokens} tokens (prompt + "
+                                      f"max_tokens), more than this key's limit of {tpm} tokens per minute; "
+                                      "lower max_tokens.",
+                                      "rate_limit_exceeded", None)
+                in_window = sum(entry[1] for entry in usage.window)
+                if in_window + tokens > tpm:
+                    raise RateLimited(f"Rate limit reached for tokens per minute: limit {tpm}, used "
+                                      f"{in_window}, requested {tokens}.", "rate_limit_exceeded",
+                                      _wait(usage, now, in_window + tokens - tpm))
+            if quota is not None and usage.total + usage.outstanding + tokens > quota:
+                left = max(quota - usage.total - usage.outstanding, 0)
+                raise RateLimited(f"You exceeded your token quota: {left} of {quota} tokens left, this "
+                                  f"request may use {tokens}.", "insufficient_quota", None)
+            self._entry[1] = self._reserved = tokens
+            usage.outstanding += tokens
 
     def settle(self, tokens: int) -> None:
         with self._limiter._lock:
@@ -72,51 +95,25 @@ class RateLimiter:
         rpm = key.limits.requests_per_minute
         with self._lock:
             usage = self._usage.setdefault(key.id, _Usage())
-            self._prune(usage, now)
+            _prune(usage, now)
             if rpm is not None and len(usage.window) >= rpm:
                 raise RateLimited(f"Rate limit reached for requests per minute: limit {rpm}.",
-                                  "rate_limit_exceeded", self._wait(usage, now, 0))
+                                  "rate_limit_exceeded", _wait(usage, now, 0))
             entry = [now, 0]
             usage.window.append(entry)
             return Ticket(self, key, usage, entry)
 
-    def _reserve(self, ticket: Ticket, tokens: int) -> None:
-        limits, usage = ticket._key.limits, ticket._usage
-        tpm, quota = limits.tokens_per_minute, limits.token_quota
-        now = self._clock()
-        with self._lock:
-            if ticket._settled or ticket._reserved:
-                raise RuntimeError("a ticket reserves once, before it is settled")
-            self._prune(usage, now)
-            if tpm is not None:
-                if tokens > tpm:
-                    raise RateLimited(f"Request too large: it may use {tokens} tokens (prompt + max_tokens), "
-                                      f"more than this key's limit of {tpm} tokens per minute; lower max_tokens.",
-                                      "rate_limit_exceeded", None)
-                in_window = sum(entry[1] for entry in usage.window)
-                if in_window + tokens > tpm:
-                    raise RateLimited(f"Rate limit reached for tokens per minute: limit {tpm}, used {in_window}, "
-                                      f"requested {tokens}.", "rate_limit_exceeded",
-                                      self._wait(usage, now, in_window + tokens - tpm))
-            if quota is not None and usage.total + usage.outstanding + tokens > quota:
-                left = max(quota - usage.total - usage.outstanding, 0)
-                raise RateLimited(f"You exceeded your token quota: {left} of {quota} tokens left, this request "
-                                  f"may use {tokens}.", "insufficient_quota", None)
-            ticket._entry[1] = tokens
-            ticket._reserved = tokens
-            usage.outstanding += tokens
 
-    @staticmethod
-    def _prune(usage: _Usage, now: float) -> None:
-        while usage.window and usage.window[0][0] <= now - WINDOW_SECONDS:
-            usage.window.popleft()
+def _prune(usage: _Usage, now: float) -> None:
+    while usage.window and usage.window[0][0] <= now - WINDOW_SECONDS:
+        usage.window.popleft()
 
-    @staticmethod
-    def _wait(usage: _Usage, now: float, tokens_to_free: int) -> float:
-        """Seconds until enough of the oldest entries leave the window (one, for requests)."""
-        freed = 0
-        for admitted_at, tokens in usage.window:
-            freed += tokens
-            if freed >= tokens_to_free:
-                return max(math.ceil(admitted_at + WINDOW_SECONDS - now), 1)
-        return WINDOW_SECONDS
+
+def _wait(usage: _Usage, now: float, tokens_to_free: int) -> float:
+    """Seconds until enough of the oldest entries leave the window (one, for requests)."""
+    freed = 0
+    for admitted_at, tokens in usage.window:
+        freed += tokens
+        if freed >= tokens_to_free:
+            return max(math.ceil(admitted_at + WINDOW_SECONDS - now), 1)
+    return WINDOW_SECONDS

@@ -62,15 +62,16 @@ def too_large(limit: int) -> ApiError:
     return ApiError(413, f"Request body too large: the limit is {limit} bytes.", "request_too_large")
 
 
-class StreamOptions(BaseModel):
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class Body(BaseModel):
+class Body(_Strict):
     """What /v1/completions and /v1/chat/completions bodies share."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = Field(max_length=256)
     max_tokens: int | None = Field(None, ge=1)
@@ -104,14 +105,12 @@ class CompletionBody(Body):
     best_of: int | None = Field(None, ge=1)
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class TextPart(_Strict):
     type: Literal["text"]
     text: str
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = Field(None, max_length=64)

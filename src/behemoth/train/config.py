@@ -11,13 +11,14 @@
     [run]              steps, seed, evaluation and checkpoint cadence, dtype, compile
     [parallel]         multi-process runs (torchrun): data-parallel kind, expert-parallel degree, timeout
 
-Every value is checked before any work starts; an unknown key or a wrong type is one line naming
-the key. The resolved configuration is saved with every checkpoint.
+Every value is checked before any work starts (an unknown key or a wrong type: one line naming
+the key); the resolved configuration is saved with every checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import operator
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,11 +175,8 @@ class RunConfig:
         except TypeError as err:
             raise ConfigError(f"model: {err}") from None
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def save(self, path: Path) -> None:
-        path.write_text(tomli_w.dumps(_drop_none(self.to_dict())))
+        path.write_text(tomli_w.dumps(_drop_none(dataclasses.asdict(self))))
 
 
 # Each stage's own defaults, beneath a config file and flags. Pretraining, distillation and SFT
@@ -212,26 +210,28 @@ def load_run_config(path: Path | None = None, overrides: list[str] | None = None
     data: dict[str, Any] = {}
     for item in STAGE_DEFAULTS.get(stage, []):
         _apply_override(data, item)
-    _merge(data, _read_toml(path) if path is not None else {})
+    return _layered(data, path, overrides)
+
+
+def _layered(data: dict[str, Any], path: Path | None, overrides: list[str] | None) -> RunConfig:
+    """`data` with the TOML file at `path` and then the overrides on top, built and validated."""
+    if path is not None:
+        _merge(data, _read_toml(path))
     for item in overrides or []:
         _apply_override(data, item)
     return build_run_config(data, str(path) if path else "--set")
 
 
 def resume_run_config(out_dir: Path, path: Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """A resumed run's settings: its own config.toml, with the file and overrides given again on
-    top. Equal values pass; run.steps may move past the newest checkpoint, and how the run executes
-    (the [parallel] layout, run.device, run.compile, run.keep_checkpoints) may change, since a
-    checkpoint resumes on any layout; any other change is refused, naming each, so that the folder
-    keeps recording how its run was made."""
+    """A resumed run's settings: its own config.toml, with the file and overrides given again on top.
+    run.steps may move past the newest checkpoint and how the run executes ([parallel], run.device,
+    run.compile, run.keep_checkpoints) may change; any other change is refused, naming each, so
+    that the folder keeps recording how its run was made."""
     saved = Path(out_dir) / "config.toml"
     data = _read_toml(saved)
     before = build_run_config(data, str(saved))
-    _merge(data, _read_toml(path) if path is not None else {})
-    for item in overrides or []:
-        _apply_override(data, item)
-    after = build_run_config(data, str(path) if path else "--set")
-    old, new = _flatten(before.to_dict()), _flatten(after.to_dict())
+    after = _layered(data, path, overrides)
+    old, new = _flatten(dataclasses.asdict(before)), _flatten(dataclasses.asdict(after))
     changes = [f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(old.keys() | new.keys())
                if not _may_change_on_resume(key) and old.get(key) != new.get(key)]
     if changes:
@@ -301,88 +301,65 @@ def _build_section(cls: type, values: Any, name: str, source: str) -> Any:
 
 
 def _same_kind(value: Any, expected: Any) -> bool:
-    if isinstance(expected, bool):
-        return isinstance(value, bool)
+    """A float field takes an int too; a bool is never a number (nor a number a bool)."""
     if isinstance(expected, float):
         return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if isinstance(expected, int):
-        return isinstance(value, int) and not isinstance(value, bool)
     if isinstance(expected, list):
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
-    return isinstance(value, type(expected))
+    return isinstance(value, type(expected)) and isinstance(value, bool) == isinstance(expected, bool)
 
 
 def validate(config: RunConfig, source: str = "config") -> None:
     """Reject values that cannot work, before any data is read or any model is built."""
-    positive = [("data", "seq_len"), ("data", "batch_size"), ("data", "vocab_size"), ("optim", "grad_accum"),
-                ("run", "steps"), ("run", "eval_every"), ("run", "eval_batches"), ("run", "eval_items"), ("run", "checkpoint_every"),
-                ("run", "keep_checkpoints"), ("run", "max_bad_steps")]
-    for section, key in positive:
-        if getattr(getattr(config, section), key) <= 0:
-            raise ConfigError(f"{source}: {section}.{key} must be positive")
-    if not 0 < config.data.val_fraction < 1:
-        raise ConfigError(f"{source}: data.val_fraction must be between 0 and 1")
-    if config.optim.lr <= 0 or config.optim.muon_lr <= 0:
-        raise ConfigError(f"{source}: optim.lr and optim.muon_lr must be positive")
-    if config.optim.name not in ("adamw", "muon"):
-        raise ConfigError(f"{source}: optim.name {config.optim.name!r} is unknown (adamw or muon)")
-    if not 0 <= config.optim.muon_momentum < 1:
-        raise ConfigError(f"{source}: optim.muon_momentum must be in [0, 1)")
-    if not 0 <= config.optim.min_lr_ratio <= 1:
-        raise ConfigError(f"{source}: optim.min_lr_ratio must be between 0 and 1")
-    if config.optim.warmup_steps < 0 or config.optim.grad_clip < 0 or config.optim.weight_decay < 0:
-        raise ConfigError(f"{source}: optim.warmup_steps, grad_clip and weight_decay must not be negative")
-    for key in ("bias_update_rate", "aux_loss_coef", "z_loss_coef"):
-        if getattr(config.balance, key) < 0:
-            raise ConfigError(f"{source}: balance.{key} must not be negative")
-    for key in ("alpha", "alpha_start", "alpha_end"):
-        if not 0 <= getattr(config.distill, key) <= 1:
-            raise ConfigError(f"{source}: distill.{key} must be between 0 and 1")
-    if config.distill.temperature <= 0 or config.dpo.beta <= 0:
-        raise ConfigError(f"{source}: distill.temperature and dpo.beta must be positive")
-    _validate_rl(config.rl, source)
-    _validate_lora(config.lora, source)
-    if config.parallel.expert_parallel < 1 or config.parallel.timeout_s <= 0:
-        raise ConfigError(f"{source}: parallel.expert_parallel and parallel.timeout_s must be positive")
-    if config.parallel.expert_parallel > 1 and config.parallel.data_parallel != "fsdp":
-        raise ConfigError(f"{source}: parallel.expert_parallel > 1 needs parallel.data_parallel = \"fsdp\"")
-    name = config.model.get("preset")
-    if name not in PRESETS:
-        raise ConfigError(f"{source}: model.preset {name!r} is unknown (known: {', '.join(PRESETS)})")
+    optim, rl, lora, parallel = config.optim, config.rl, config.lora, config.parallel
+    positive = ("data.seq_len", "data.batch_size", "data.vocab_size", "optim.grad_accum", "run.steps",
+                "run.eval_every", "run.eval_batches", "run.eval_items", "run.checkpoint_every",
+                "run.keep_checkpoints", "run.max_bad_steps")
+    rl_positive = ("rl.max_prompt_length", "rl.max_completion_length", "rl.num_iterations",
+                   "rl.rollout_batch_size")
+    # (what is wrong, what to say), checked in order; lora target names are checked against the
+    # model when the adapters are applied (its modules decide)
+    problems = [
+        *((operator.attrgetter(key)(config) <= 0, f"{key} must be positive") for key in positive),
+        (not 0 < config.data.val_fraction < 1, "data.val_fraction must be between 0 and 1"),
+        (optim.lr <= 0 or optim.muon_lr <= 0, "optim.lr and optim.muon_lr must be positive"),
+        (optim.name not in ("adamw", "muon"), f"optim.name {optim.name!r} is unknown (adamw or muon)"),
+        (not 0 <= optim.muon_momentum < 1, "optim.muon_momentum must be in [0, 1)"),
+        (not 0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio must be between 0 and 1"),
+        (optim.warmup_steps < 0 or optim.grad_clip < 0 or optim.weight_decay < 0,
+         "optim.warmup_steps, grad_clip and weight_decay must not be negative"),
+        *((getattr(config.balance, key) < 0, f"balance.{key} must not be negative")
+          for key in ("bias_update_rate", "aux_loss_coef", "z_loss_coef")),
+        *((not 0 <= getattr(config.distill, key) <= 1, f"distill.{key} must be between 0 and 1")
+          for key in ("alpha", "alpha_start", "alpha_end")),
+        (config.distill.temperature <= 0 or config.dpo.beta <= 0,
+         "distill.temperature and dpo.beta must be positive"),
+        *((operator.attrgetter(key)(config) <= 0, f"{key} must be positive") for key in rl_positive),
+        (rl.num_generations < 2,
+         "rl.num_generations must be at least 2 (a completion is judged against the others of its group)"),
+        (rl.temperature <= 0, "rl.temperature must be positive (rollouts are sampled)"),
+        (not 0 < rl.top_p <= 1, "rl.top_p must be in (0, 1]"),
+        (not 0 < rl.epsilon < 1, "rl.epsilon must be between 0 and 1"),
+        *((getattr(rl, key) < 0, f"rl.{key} must not be negative")
+          for key in ("top_k", "epsilon_high", "beta")),
+        (lora.rank < 0, "lora.rank must not be negative (0 = off)"),
+        (lora.alpha <= 0, "lora.alpha must be positive"),
+        (not 0 <= lora.dropout < 1, "lora.dropout must be in [0, 1)"),
+        (lora.rank and not lora.targets, "lora.targets is empty; name what to adapt, e.g. [\"all\"]"),
+        (parallel.expert_parallel < 1 or parallel.timeout_s <= 0,
+         "parallel.expert_parallel and parallel.timeout_s must be positive"),
+        (parallel.expert_parallel > 1 and parallel.data_parallel != "fsdp",
+         "parallel.expert_parallel > 1 needs parallel.data_parallel = \"fsdp\""),
+        (config.model.get("preset") not in PRESETS,
+         f"model.preset {config.model.get('preset')!r} is unknown (known: {', '.join(PRESETS)})"),
+    ]
+    for wrong, message in problems:
+        if wrong:
+            raise ConfigError(f"{source}: {message}")
     try:
         config.model_config()
     except BehemothError as err:
         raise ConfigError(f"{source}: model: {err}") from None
-
-
-def _validate_rl(rl: RLConfig, source: str) -> None:
-    for key in ("max_prompt_length", "max_completion_length", "num_iterations", "rollout_batch_size"):
-        if getattr(rl, key) <= 0:
-            raise ConfigError(f"{source}: rl.{key} must be positive")
-    if rl.num_generations < 2:
-        raise ConfigError(f"{source}: rl.num_generations must be at least 2 (a completion is judged against "
-                          "the others of its group)")
-    if rl.temperature <= 0:
-        raise ConfigError(f"{source}: rl.temperature must be positive (rollouts are sampled)")
-    if not 0 < rl.top_p <= 1:
-        raise ConfigError(f"{source}: rl.top_p must be in (0, 1]")
-    if not 0 < rl.epsilon < 1:
-        raise ConfigError(f"{source}: rl.epsilon must be between 0 and 1")
-    for key in ("top_k", "epsilon_high", "beta"):
-        if getattr(rl, key) < 0:
-            raise ConfigError(f"{source}: rl.{key} must not be negative")
-
-
-def _validate_lora(lora: LoraConfig, source: str) -> None:
-    # target names are checked against the model when the adapters are applied (its modules decide)
-    if lora.rank < 0:
-        raise ConfigError(f"{source}: lora.rank must not be negative (0 = off)")
-    if lora.alpha <= 0:
-        raise ConfigError(f"{source}: lora.alpha must be positive")
-    if not 0 <= lora.dropout < 1:
-        raise ConfigError(f"{source}: lora.dropout must be in [0, 1)")
-    if lora.rank and not lora.targets:
-        raise ConfigError(f"{source}: lora.targets is empty; name what to adapt, e.g. [\"all\"]")
 
 
 def _apply_override(data: dict[str, Any], item: str) -> None:

@@ -19,12 +19,12 @@ import torch.nn.functional as F
 
 from behemoth.checkpoint import load as load_model, model_directory
 from behemoth.errors import ConfigError
-from behemoth.model import RouterOutput, Transformer, init_weights
+from behemoth.model import RouterOutput, Transformer
 from behemoth.tokenizer import Tokenizer
 from behemoth.train.config import DistillConfig, RunConfig
-from behemoth.train.loop import TrainResult, device_of, parameter_dtype, pick_device, start_run, train_loop
+from behemoth.train.loop import TrainResult, device_of, start_run, train_loop
 from behemoth.train.objectives import wide
-from behemoth.train.trainer import LanguageModeling
+from behemoth.train.trainer import LanguageModeling, fresh_model
 
 
 def soft_weight(step: int, total_steps: int, config: DistillConfig) -> float:
@@ -99,12 +99,9 @@ def distill(run: RunConfig, teacher_dir: Path, out_dir: Path, resume: bool = Fal
     start_run(out_dir, run, resume)
     torch.manual_seed(run.run.seed)
     tokenizer, _, (train_loader, val_batches, bytes_per_token) = prepare_run_data(run, out_dir)
-    device = pick_device(run.run.device)
-    student = Transformer(run.model_config(tokenizer))
-    init_weights(student, seed=run.run.seed)
-    student.to(device, parameter_dtype(run))
-    objective = Distillation(teacher.to(device), run.distill, run.run.steps, train_loader, val_batches,
-                             bytes_per_token, run.run.eval_batches)
+    student = fresh_model(run, tokenizer)
+    objective = Distillation(teacher.to(student.device), run.distill, run.run.steps, train_loader,
+                             val_batches, bytes_per_token, run.run.eval_batches)
     # With lora, the adapters' base is this seeded student: the same weights again on a resume.
     base = f"a fresh {run.model.get('preset')} student (run.seed {run.run.seed}), distilled from {teacher_dir}"
     return train_loop(run, out_dir, student, tokenizer, objective, resume=resume, progress=progress, base_model=base)

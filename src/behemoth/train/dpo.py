@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save
 
 from behemoth.data.chat import Preference, load_preferences, render_answer, render_prompt
-from behemoth.data.rows import RowLoader, fingerprint
 from behemoth.durable import write_atomic
 from behemoth.errors import CheckpointError
 from behemoth.model import RouterOutput, Transformer
@@ -69,7 +68,7 @@ class Preferences:
     def __init__(self, train: list[tuple[Pair, float, float]], val: list[tuple[Pair, float, float]],
                  batch_size: int, seed: int, pad_id: int, beta: float):
         self.val, self.batch_size, self.pad_id, self.beta = val, batch_size, pad_id, beta
-        self.loader = ExampleLoader(train, RowLoader(len(train), batch_size, seed, fingerprint(train)))
+        self.loader = ExampleLoader(train, batch_size, seed)
 
     def start_step(self, step: int) -> None:
         pass
@@ -89,12 +88,10 @@ class Preferences:
         totals = {"val_loss": 0.0, "val_reward_margin": 0.0, "val_preference_accuracy": 0.0}
         for start in range(0, len(self.val), self.batch_size):
             chunk = self.val[start:start + self.batch_size]
-            chosen, rejected = answer_logps(model, [p for p, _, _ in chunk], self.pad_id)
-            loss, logged = dpo_loss(chosen, rejected, torch.tensor([c for _, c, _ in chunk]),
-                                    torch.tensor([r for _, _, r in chunk]), self.beta)
-            for key, value in (("loss", loss.item()), ("reward_margin", logged["reward_margin"]),
-                               ("preference_accuracy", logged["preference_accuracy"])):
-                totals[f"val_{key}"] += value * len(chunk) / len(self.val)
+            loss, logged, _ = self.loss(model, chunk, None)
+            logged["loss"] = loss.item()
+            for key in totals:
+                totals[key] += logged[key.removeprefix("val_")] * len(chunk) / len(self.val)
         return totals
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -17,9 +19,8 @@ from behemoth.durable import write_atomic
 
 def measure_matmul_peak(size: int = 2048, repeats: int = 6, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu") -> float:
-    """Best observed FLOP/s of a square matmul on this machine, the denominator of MFU: 2048 reaches
-    a CPU's BLAS peak (1024 stays below it, overstating MFU); best-of-N skips moments when another
-    process had the cores."""
+    """Best observed FLOP/s of a square matmul, the denominator of MFU: 2048 reaches a CPU's BLAS peak
+    (1024 stays below it); best-of-N skips moments when another process had the cores."""
     a = torch.randn(size, size, dtype=dtype, device=device)
     b = torch.randn(size, size, dtype=dtype, device=device)
     best = math.inf
@@ -34,17 +35,14 @@ def measure_matmul_peak(size: int = 2048, repeats: int = 6, dtype: torch.dtype =
 
 
 def machine_matmul_peak(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> float:
-    """The highest matmul peak ever measured on this machine (device, dtype, thread count and torch
-    version), measuring again now: a peak taken while other work held the cores would overstate
-    MFU, and the best one seen keeps MFU comparable across runs. The dtype is the one the training
-    computes in: a bfloat16 run measured against the float32 peak would overstate its MFU several
-    times on a GPU."""
-    import os
-    import platform
-
+    """The highest matmul peak ever measured on this machine (device, dtype, threads, torch version),
+    measuring again now: a peak taken while other work held the cores would overstate MFU, and the
+    best one seen keeps MFU comparable across runs. `dtype`: the one training computes in (against
+    the float32 peak, a bfloat16 run's MFU would be several times too high on a GPU)."""
     device = torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    key = f"{device.type}|{name}|{str(dtype).removeprefix('torch.')}|{torch.get_num_threads()} threads|torch {torch.__version__}"
+    key = (f"{device.type}|{name}|{str(dtype).removeprefix('torch.')}|{torch.get_num_threads()} threads|"
+           f"torch {torch.__version__}")
     cache = Path(os.environ.get("BEHEMOTH_CACHE", Path.home() / ".cache" / "behemoth")) / "matmul_peak.json"
     try:
         known = json.loads(cache.read_text())

@@ -1,15 +1,11 @@
 """Optimizers (AdamW, or Muon for the hidden matrices with AdamW for the rest) and learning-rate
-schedules as pure functions of the step: nothing to save, so a run resumed at step N has exactly
-the rate it would have had.
+schedules as pure functions of the step (nothing to save: a resumed run has exactly its rate).
 
-Muon follows `torch.optim.Muon` (its Newton-Schulz coefficients, Nesterov momentum, decoupled
-weight decay and "original" learning-rate scaling), which refuses anything but 2D parameters. Our
-routed experts are stacks [E, in, out]: `newton_schulz` orthogonalises every expert's matrix of a
-stack in one batched product, so one implementation serves the 2D weights and the stacks alike
-(tested equal to `torch.optim.Muon` on 2D). Under FSDP2 a parameter is a DTensor holding a shard:
-a stack split only along its expert dimension holds whole experts and is orthogonalised where it
-lies; any other shard (a 2D matrix split by rows) is gathered whole, orthogonalised identically on
-every rank, and each rank keeps its own slice again: one all-gather per matrix and step.
+Muon follows `torch.optim.Muon` (coefficients, Nesterov momentum, decoupled weight decay,
+"original" scaling), which takes 2D parameters only; `newton_schulz` also orthogonalises each
+matrix of our expert stacks [E, in, out] in one batched product (tested equal on 2D). Under FSDP2
+a stack split only along its expert dimension is orthogonalised where it lies; any other shard is
+gathered whole, orthogonalised identically on every rank and sliced again (one all-gather).
 """
 
 from __future__ import annotations
@@ -28,10 +24,9 @@ NS_STEPS = 5
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW for every parameter (`optim.name = "adamw"`), or Muon for the hidden matrices and the
-    expert stacks with AdamW for embeddings, the LM head, norms and the router (`"muon"`). Each
-    group keeps its peak rate in `peak_lr` for the schedule; no weight decay on norms, embeddings
-    and biases (decaying them only hurts)."""
+    """AdamW for every parameter, or (`"muon"`) Muon for the hidden matrices and expert stacks with
+    AdamW for embeddings, LM head, norms and router. Each group keeps its peak rate in `peak_lr`;
+    no weight decay on norms, embeddings and biases (decaying them only hurts)."""
     decay, no_decay, matrices, stacks = [], [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -114,10 +109,10 @@ def orthogonalise(update: torch.Tensor, stacked: bool) -> torch.Tensor:
 
 
 def newton_schulz(matrix: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7) -> torch.Tensor:
-    """An approximately orthogonal matrix with the singular vectors of `matrix` [..., m, n] (every
-    matrix of a batch on its own), by torch.optim.Muon's quintic iteration in bfloat16; in float64
-    for float64 weights (run.dtype = "float64", the runs compared across layouts: there a gradient
-    summed in another order, 1e-9 apart, would round to another bfloat16 now and then)."""
+    """An approximately orthogonal matrix with the singular vectors of `matrix` [..., m, n] (each of a
+    batch on its own), by torch.optim.Muon's quintic iteration in bfloat16; in float64 for float64
+    weights (runs compared across layouts, where a gradient summed in another order would round to
+    another bfloat16 now and then)."""
     a, b, c = NS_COEFFICIENTS
     x = matrix if matrix.dtype == torch.float64 else matrix.bfloat16()
     tall = matrix.size(-2) > matrix.size(-1)
@@ -135,8 +130,8 @@ def newton_schulz(matrix: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7
 
 
 def lr_factor(step: int, total_steps: int, config: OptimConfig) -> float:
-    """The schedule's multiple of each group's peak rate at optimizer step `step` (0-based):
-    linear warmup, then cosine or WSD down to optim.min_lr_ratio."""
+    """The multiple of each group's peak rate at step `step` (0-based): linear warmup, then cosine or
+    WSD down to optim.min_lr_ratio."""
     floor = config.min_lr_ratio
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps

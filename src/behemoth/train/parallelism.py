@@ -1,7 +1,6 @@
 """What the training loop asks of its processes, through `behemoth.distributed`; one process
-answers trivially, so the loop reads the same with one process or many. Under torchrun, `join`
-(from `start_run`) holds ranks other than 0 until rank 0 has done the stage's setup (tokenizer,
-token shards), which they then repeat and find in place; `Parallelism.start` releases them.
+answers trivially. Under torchrun, `join` holds ranks other than 0 until rank 0 has done the
+stage's setup (tokenizer, token shards), which they then repeat and find in place.
 """
 
 from __future__ import annotations
@@ -14,19 +13,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from behemoth.checkpoint import empty_model
+from behemoth.checkpoint import save as save_model
 from behemoth.distributed import step as collectives
 from behemoth.distributed.mesh import DistributedError, ParallelMesh, build_mesh, init_from_env, local_device
 from behemoth.errors import ConfigError
 from behemoth.model import Transformer
-from behemoth.run_checkpoints import TrainerState, list_checkpoints
+from behemoth.run_checkpoints import TrainerState, last_checkpoint
 from behemoth.train.checkpointing import load_checkpoint
 from behemoth.train.config import RunConfig
 from behemoth.train.optim import build_optimizer
 
 
 def join(run: RunConfig) -> None:
-    """Join the process group under torchrun; ranks other than 0 then wait here until rank 0 reaches
-    the training loop."""
+    """Join the process group under torchrun; ranks other than 0 wait here until rank 0 reaches the
+    training loop (`Parallelism.start`)."""
     if not init_from_env(run.parallel, local_device(run.run.device)) or dist.get_rank() == 0:
         return
     try:
@@ -63,8 +64,6 @@ def whole_model(model: Transformer, into: Transformer | None = None) -> Transfor
     if not dist.is_initialized():
         return model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    from behemoth.checkpoint import empty_model
 
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     copy = into if into is not None else empty_model(model.config, model.dtype, model.device)
@@ -111,35 +110,27 @@ class Parallelism:
         from behemoth.distributed.parallelize import parallelize
 
         model.train()
-        if self.mesh is None:
-            optimizer = build_optimizer(model, self.run.optim)
-            if checkpoint is None:
-                return model, optimizer, None
-            load = load_sharded_checkpoint if is_sharded_checkpoint(checkpoint) else load_checkpoint
-            return model, optimizer, load(checkpoint, model, optimizer)
-        if checkpoint is not None and not is_sharded_checkpoint(checkpoint):
-            return self._prepare_from_whole(model, checkpoint)
-        parallelize(model, self.mesh, self.run.parallel)
+        sharded = checkpoint is not None and is_sharded_checkpoint(checkpoint)
+        state, whole_state = None, None
+        if self.mesh is not None:
+            if checkpoint is not None and not sharded:
+                # A single-process checkpoint resumed by several processes: every rank loads it whole,
+                # then shards the model and hands the whole optimizer state to the sharded optimizer.
+                from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+                whole_optimizer = build_optimizer(model, self.run.optim)
+                state = load_checkpoint(checkpoint, model, whole_optimizer)
+                whole_state = get_optimizer_state_dict(model, whole_optimizer)
+                del whole_optimizer
+            parallelize(model, self.mesh, self.run.parallel)
         optimizer = build_optimizer(model, self.run.optim)
-        state = load_sharded_checkpoint(checkpoint, model, optimizer) if checkpoint is not None else None
-        return model, optimizer, state
+        if whole_state is not None:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    def _prepare_from_whole(self, model: Transformer, checkpoint: Path
-                            ) -> tuple[Transformer, torch.optim.Optimizer, TrainerState]:
-        """A single-process checkpoint resumed by several processes: every rank loads it whole, then
-        shards the model and hands the whole optimizer state to the sharded optimizer."""
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                             set_optimizer_state_dict)
-
-        from behemoth.distributed.parallelize import parallelize
-
-        whole_optimizer = build_optimizer(model, self.run.optim)
-        state = load_checkpoint(checkpoint, model, whole_optimizer)
-        whole_state = get_optimizer_state_dict(model, whole_optimizer)
-        del whole_optimizer
-        parallelize(model, self.mesh, self.run.parallel)
-        optimizer = build_optimizer(model, self.run.optim)
-        set_optimizer_state_dict(model, optimizer, whole_state, options=StateDictOptions(full_state_dict=True))
+            options = StateDictOptions(full_state_dict=True)
+            set_optimizer_state_dict(model, optimizer, whole_state, options=options)
+        elif checkpoint is not None:
+            state = (load_sharded_checkpoint if sharded else load_checkpoint)(checkpoint, model, optimizer)
         return model, optimizer, state
 
     def shard(self, batch: Any) -> Any:
@@ -192,8 +183,6 @@ class Parallelism:
         """The final model directory: weights gathered to rank 0, which writes it."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        from behemoth.checkpoint import empty_model
-        from behemoth.checkpoint import save as save_whole
         from behemoth.distributed.checkpoint import run_on_main
 
         weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -201,7 +190,7 @@ class Parallelism:
         def write() -> Path:
             whole = empty_model(model.config, model.dtype)
             whole.load_state_dict(weights)
-            return save_whole(whole.eval(), path, tokenizer=tokenizer)
+            return save_model(whole.eval(), path, tokenizer=tokenizer)
 
         run_on_main(write)
         return path
@@ -215,8 +204,7 @@ class Parallelism:
         except RuntimeError as err:
             if self.mesh is None or not _is_collective_failure(err):
                 raise
-            kept = list_checkpoints(checkpoints)
-            where = f"--resume continues from {kept[-1]}" if kept else "no checkpoint was written yet"
+            where = last_checkpoint(checkpoints, "--resume continues from {}")
             first_line = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
             raise DistributedError(
                 f"rank {self.mesh.rank} of {self.mesh.world_size}: lost contact with the other processes "

@@ -1,28 +1,21 @@
 """Online RL with verifiable rewards: GRPO and its variants (Dr. GRPO, DAPO) on the shared loop.
 
-Every `rl.num_iterations` steps the objective samples a batch of rollouts that many optimizer steps
-then train on: `rl.num_generations` (G) completions of each prompt from the current weights
-(`inference.complete`; a completion's seed comes from run.seed, the step and its place in the
-batch only), each rewarded 1.0 when `rewards.is_correct` accepts it (else 0.0) or by a reward
-function (`--reward module:function`). Advantage: reward minus its group's mean, divided by the
-standard deviation (+ 1e-4) of the group, of the batch, or by nothing (`rl.scale_rewards`). Loss
-per completion token: -min(r A, clip(r, 1 - epsilon, 1 + epsilon_high) A) + beta k3, r = pi / pi_old,
-k3 = exp(ref - logp) - (ref - logp) - 1 against the frozen starting model (only when beta > 0),
-added up per `rl.loss_type`.
-
-Rollouts run in eval mode, where MoE layers ignore the selection bias, so `rl()` freezes it at
-zero and the loss routes alike. They are not saved: checkpoints fall between groups of steps that
-share them, so a resume samples them again. Under torchrun each rank samples its share from a
-plain copy of the whole weights, then all ranks hold the whole batch (docs/ARCHITECTURE.md).
+Every `rl.num_iterations` steps the objective samples G = `rl.num_generations` completions of each
+prompt (seeded by run.seed, the step and the place in the batch only), rewarded by
+`rewards.is_correct` (1.0 or 0.0) or by `--reward module:function`. Advantage: reward minus its
+group's mean, over `rl.scale_rewards`' standard deviation (+ 1e-4). Token loss: -min(r A, clip(r,
+1 - epsilon, 1 + epsilon_high) A) + beta k3 against the frozen starting model, summed per
+`rl.loss_type`. Rollouts run in eval mode, which ignores the selection bias, so `rl()` freezes it
+at zero; they are not saved (checkpoints fall between groups of steps that share them). Under
+torchrun each rank samples its share from a whole copy of the weights (docs/ARCHITECTURE.md).
 
 Unlike TRL's GRPOTrainer, whose names and defaults [rl] follows: one reward, not a weighted list;
 a None reward leaves its completion out of its group's statistics, with advantage 0 (TRL: NaN);
-the old log-probabilities are the first iteration's own forward, detached (the same numbers as a
-no-grad forward after the rollout, one forward less); reward functions get completions as text,
-also for chat prompts; `epsilon_high = 0` means epsilon; `drop_zero_std_groups` is DAPO's filter
-without its resampling; `max_prompt_length` cuts from the left as older TRL releases did; the
-learning rate is the run's optim.lr (TRL defaults to 1e-6); TRL's other options (truncation masks,
-sequence-level ratios, entropy masks, reference syncing, vLLM) are not here.
+the old log-probabilities are the first iteration's own forward, detached (one forward less);
+reward functions get completions as text, also for chat prompts; `epsilon_high = 0` means epsilon;
+`drop_zero_std_groups` is DAPO's filter without its resampling; `max_prompt_length` cuts from the
+left as older TRL releases did; the learning rate is the run's optim.lr (TRL: 1e-6); TRL's other
+options (truncation masks, sequence-level ratios, entropy masks, reference syncing, vLLM) are not here.
 """
 
 from __future__ import annotations
@@ -45,7 +38,6 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from behemoth.data.chat import PromptRow, load_prompt_rows, render_prompt
-from behemoth.data.rows import RowLoader, fingerprint
 from behemoth.errors import ConfigError
 from behemoth.inference import SamplingParams, complete
 from behemoth.inference.offline import Completion
@@ -82,10 +74,8 @@ class Rollout:
 
 def group_advantages(rewards: Sequence[float | None], group_size: int, scale: str
                      ) -> tuple[list[float], list[bool]]:
-    """(advantage of each completion, whether each group's scored rewards are all equal).
-
-    `rewards` come group by group, `group_size` each. Unscored completions (None) take no part in
-    their group's mean and standard deviation, nor in the batch's, and get advantage 0."""
+    """(advantage of each completion, whether each group's scored rewards are all equal); `rewards`
+    come group by group. Unscored ones (None) take no part in any statistics and get advantage 0."""
     batch_std = sample_std([r for r in rewards if r is not None])
     advantages, uniform = [], []
     for start in range(0, len(rewards), group_size):
@@ -105,13 +95,9 @@ def sample_std(values: Sequence[float]) -> float:
 
 def token_weights(lengths: Sequence[int], kept: Sequence[bool], loss_type: str, max_completion_length: int
                   ) -> list[float]:
-    """The weight of each completion's token losses in the step's loss, which is their weighted sum:
-
-        grpo     1 / (its length x completions)              each completion's mean, then their mean
-        dr_grpo  1 / (completions x max_completion_length)   no length bias (Dr. GRPO)
-        dapo     1 / tokens                                   the mean over every token (DAPO)
-
-    counting kept completions only; the others weigh 0."""
+    """The weight of each completion's token losses in the step's loss (their weighted sum), over kept
+    completions (the others weigh 0): grpo 1 / (length x completions), dr_grpo 1 / (completions x
+    max_completion_length) (no length bias), dapo 1 / tokens (the mean over every token)."""
     count = sum(kept)
     tokens = sum(n for n, keep in zip(lengths, kept) if keep)
     weight = {"grpo": lambda n: 1 / (n * count), "dr_grpo": lambda n: 1 / (count * max_completion_length),
@@ -121,9 +107,8 @@ def token_weights(lengths: Sequence[int], kept: Sequence[bool], loss_type: str, 
 
 def clipped_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, epsilon: float,
                        epsilon_high: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO's clipped surrogate per token, negated to be minimised: -min(r A, clip(r, 1 - epsilon,
-    1 + epsilon_high) A), r = exp(logps - old_logps); and where the clip cut the gradient off
-    (the ratio already moved past the range in the advantage's direction)."""
+    """PPO's clipped surrogate per token, negated, and where the clip cut the gradient off (the
+    ratio already moved past the range in the advantage's direction)."""
     ratio = torch.exp(logps - old_logps)
     bounded = ratio.clamp(1 - epsilon, 1 + epsilon_high)
     loss = -torch.minimum(ratio * advantages, bounded * advantages)
@@ -132,17 +117,16 @@ def clipped_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages:
 
 
 def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
-    """Per-token estimate of KL(policy || reference) from tokens the policy sampled (Schulman's k3):
-    exp(d) - d - 1 with d = ref_logps - logps; never negative, unbiased."""
+    """Schulman's k3 estimate of KL(policy || reference) per sampled token: never negative, unbiased."""
     delta = ref_logps - logps
     return torch.exp(delta) - delta - 1
 
 
 def completion_logps(model, rollouts: Sequence[Rollout], pad_id: int, temperature: float = 1.0,
                      routers: list[RouterOutput] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(log-probability of each completion token at `temperature`; the policy's entropy there, without
-    gradient; the mask of real tokens), each [completions, longest]. One right-padded forward over
-    prompt + completion, so every token sits at the position the engine generated it at."""
+    """(log-probability of each completion token at `temperature`, the entropy there without gradient,
+    the mask of real tokens), each [completions, longest]. One right-padded forward over prompt +
+    completion, so every token sits at the position the engine generated it at."""
     count = len(rollouts)
     width = max(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
     longest = max(len(r.completion_ids) for r in rollouts)
@@ -170,9 +154,9 @@ def completion_logps(model, rollouts: Sequence[Rollout], pad_id: int, temperatur
 # -- Rewards ----------------------------------------------------------------------------------
 
 def load_reward_function(spec: str) -> RewardFunction:
-    """`module:function`, imported now (the current directory searched too): a bad name fails before
-    any work. It is called as function(prompts=..., completions=..., completion_ids=..., **the rows'
-    other fields), each a list with one entry per completion, and returns a float or None for each."""
+    """`module:function`, imported now (the current directory searched too) so a bad name fails
+    early. It gets lists of prompts, completions, completion_ids and the rows' other fields (one
+    entry per completion) as keywords and returns a float or None for each."""
     module_name, _, name = spec.partition(":")
     if not module_name or not name:
         raise ConfigError(f"--reward {spec!r}: expected module:function, e.g. my_rewards:brevity")
@@ -192,14 +176,11 @@ def call_reward_function(function: RewardFunction, rows: Sequence[PromptRow], co
                          ) -> list[float | None]:
     """The function's rewards for `completions`, each of the prompt row beside it in `rows`."""
     reserved = {"prompt", "prompts", "completions", "completion_ids"}
-    keys = sorted({key for row in rows for key in row.fields} - reserved)
-    fields = {key: [row.fields.get(key) for row in rows] for key in keys}
+    fields = {key: [row.fields.get(key) for row in rows]
+              for key in sorted({key for row in rows for key in row.fields} - reserved)}
     rewards = function(prompts=[row.fields["prompt"] for row in rows], completions=[c.text for c in completions],
                        completion_ids=[c.token_ids for c in completions], **fields)
-    return _checked_rewards(rewards, len(completions), getattr(function, "__qualname__", repr(function)))
-
-
-def _checked_rewards(rewards: Any, count: int, name: str) -> list[float | None]:
+    name, count = getattr(function, "__qualname__", repr(function)), len(completions)
     if hasattr(rewards, "tolist"):  # a tensor or an array
         rewards = rewards.tolist()
     if not isinstance(rewards, (list, tuple)) or len(rewards) != count:
@@ -215,25 +196,19 @@ def _checked_rewards(rewards: Any, count: int, name: str) -> list[float | None]:
 
 # -- The objective ----------------------------------------------------------------------------
 
-class RolloutLoader:
-    """The micro-batches of the current rollouts, one per `next_batch`; its state is the prompt
-    sampler's position (rollouts are sampled again on resume)."""
+class RolloutLoader(ExampleLoader):
+    """Prompts in (`next_prompts`), the current rollouts' micro-batches out (`next_batch`); its state
+    is the prompt sampler's position (rollouts are sampled again on resume)."""
 
-    def __init__(self, prompts: ExampleLoader):
-        self.prompts = prompts
-        self.batches: list[list[Rollout]] = []
-        self.served = 0
+    batches: list[list[Rollout]] = []  # replaced, never mutated, by each batch of rollouts
+    served = 0
+
+    def next_prompts(self) -> list[Example]:
+        return super().next_batch()
 
     def next_batch(self) -> list[Rollout]:
-        batch = self.batches[self.served]
         self.served += 1
-        return batch
-
-    def state_dict(self) -> dict:
-        return self.prompts.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.prompts.load_state_dict(state)
+        return self.batches[self.served - 1]
 
 
 class GroupRelative:
@@ -244,8 +219,7 @@ class GroupRelative:
         self.model, self.tokenizer, self.val, self.run = model, tokenizer, val, run
         self.settings: RLConfig = run.rl
         self.reward, self.reference = reward, reference
-        self.loader = RolloutLoader(ExampleLoader(train, RowLoader(len(train), run.data.batch_size, run.run.seed,
-                                                                   fingerprint(train))))
+        self.loader = RolloutLoader(train, run.data.batch_size, run.run.seed)
         self.rank, self.world = process_share()
         # Undoes the loop's mean over micro-batches and ranks: the step's loss is one weighted sum.
         self.scale = self.world * run.optim.grad_accum
@@ -272,7 +246,7 @@ class GroupRelative:
         share = size // self.world
         mine = []  # (place in the step's batch, example) of this rank's prompts, micro-batch by micro-batch
         for micro in range(accum):
-            examples = self.loader.prompts.next_batch()
+            examples = self.loader.next_prompts()
             mine += [(micro * size + k, examples[k]) for k in range(self.rank * share, (self.rank + 1) * share)]
         parts = gather_objects(self._sample(step, mine))
         # Rank r holds prompts [r * share, (r + 1) * share) of every micro-batch: put them back in order.

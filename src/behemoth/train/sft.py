@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from behemoth.checkpoint import load as load_model, model_directory
 from behemoth.data.chat import in_validation, load_conversations, render_conversation
 from behemoth.data.rows import RowLoader, fingerprint
+from behemoth.distributed.mesh import local_device
 from behemoth.errors import ConfigError
 from behemoth.model import RouterOutput, Transformer
 from behemoth.tokenizer import Tokenizer
 from behemoth.train.config import RunConfig
-from behemoth.train.loop import TrainResult, device_of, parameter_dtype, pick_device, start_run, train_loop
+from behemoth.train.loop import TrainResult, device_of, parameter_dtype, start_run, train_loop
 from behemoth.train.objectives import wide
 
 IGNORE = -100
@@ -49,8 +50,7 @@ class SupervisedChat:
         self.train, self.val, self.pad_id, self.batch_size = train, val, pad_id, batch_size
         # The whole batch is padded before the ranks take their rows: every layout routes the same
         # padding through the experts, so the expert loads that move the selection bias agree.
-        self.loader = ExampleLoader(train, RowLoader(len(train), batch_size, seed, fingerprint(train)),
-                                    collate=lambda examples: sft_batch(examples, pad_id))
+        self.loader = ExampleLoader(train, batch_size, seed, lambda examples: sft_batch(examples, pad_id))
 
     def start_step(self, step: int) -> None:
         pass
@@ -82,10 +82,12 @@ class SupervisedChat:
 
 
 class ExampleLoader:
-    """RowLoader positions, examples out (through `collate`, if given)."""
+    """Batches of `examples` in RowLoader's order (through `collate`, if given); resumable."""
 
-    def __init__(self, examples: list, rows: RowLoader, collate: Callable[[list], Any] | None = None):
-        self.examples, self.rows, self.collate = examples, rows, collate
+    def __init__(self, examples: list, batch_size: int, seed: int,
+                 collate: Callable[[list], Any] | None = None):
+        self.examples, self.collate = examples, collate
+        self.rows = RowLoader(len(examples), batch_size, seed, fingerprint(examples))
 
     def next_batch(self) -> Any:
         batch = [self.examples[i] for i in self.rows.next_indices()]
@@ -111,7 +113,7 @@ def load_base(model_dir: Path, run: RunConfig) -> tuple[Transformer, Tokenizer]:
     """The model to post-train, on the run's device in its parameter dtype, and its tokenizer (a
     model directory must carry one)."""
     tokenizer = Tokenizer.load(model_directory(model_dir))
-    model = load_model(model_dir, device=pick_device(run.run.device), dtype=parameter_dtype(run))
+    model = load_model(model_dir, device=local_device(run.run.device), dtype=parameter_dtype(run))
     return model, tokenizer
 
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from behemoth.distributed.mesh import local_device
 from behemoth.errors import ConfigError
 from behemoth.model import RouterOutput, Transformer, init_weights
 from behemoth.train.config import RunConfig
-from behemoth.train.loop import (TrainingError, TrainResult, device_of, parameter_dtype, pick_device, start_run,
+from behemoth.train.loop import (TrainingError, TrainResult, device_of, parameter_dtype, start_run,
                                  train_loop)
 from behemoth.train.objectives import next_token_loss, wide
 
@@ -58,11 +60,16 @@ def pretrain(run: RunConfig, out_dir: Path, resume: bool = False, progress: bool
     start_run(out_dir, run, resume)
     torch.manual_seed(run.run.seed)
     tokenizer, _, (train_loader, val_batches, bytes_per_token) = prepare_run_data(run, out_dir)
+    objective = LanguageModeling(train_loader, val_batches, bytes_per_token, run.run.eval_batches)
+    return train_loop(run, out_dir, fresh_model(run, tokenizer), tokenizer, objective, resume=resume,
+                      progress=progress)
+
+
+def fresh_model(run: RunConfig, tokenizer: Any) -> Transformer:
+    """A model of run.model initialised from run.seed, on the run's device in its parameter dtype."""
     model = Transformer(run.model_config(tokenizer))
     init_weights(model, seed=run.run.seed)
-    model.to(pick_device(run.run.device), parameter_dtype(run))
-    objective = LanguageModeling(train_loader, val_batches, bytes_per_token, run.run.eval_batches)
-    return train_loop(run, out_dir, model, tokenizer, objective, resume=resume, progress=progress)
+    return model.to(local_device(run.run.device), parameter_dtype(run))
 
 
 @torch.no_grad()
