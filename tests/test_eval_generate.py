@@ -19,7 +19,7 @@ import behemoth
 from behemoth.config import ModelConfig
 from behemoth.data import synthetic_chat as sc
 from behemoth.data.chat import render_prompt
-from behemoth.eval import EvalError, compare_results, run_eval
+from behemoth.eval import EvalError, compare_results, format_comparison, run_eval
 from behemoth.eval.scoring import pass_at_k
 from behemoth.eval.tasks import GENERATE, load_task, parse_task_list
 from behemoth.model import Transformer, init_weights
@@ -453,6 +453,7 @@ def test_compare_judges_generative_tasks_by_pass_at_1() -> None:
     assert (overall["metric"], overall["verdict"], overall["tasks"]) == ("pass@1", "better", ["chat:add"])
     assert (overall["a"], overall["b"]) == (pytest.approx(10 / 60), pytest.approx(50 / 60))
     assert compare_results(strong, weak)["overall"]["verdict"] == "worse"
+    assert "overall (mean pass@1 over 1 task(s))" in format_comparison(compare_results(weak, strong))
     same = compare_results(weak, generate_results(right_of(60, 10), "c"))["overall"]
     assert (same["metric"], same["verdict"], same["delta"]) == ("pass@1", "no measurable difference", 0)
 

@@ -529,3 +529,74 @@ def test_weights_llama_cpp_would_get_wrong_are_refused(tokenizer, tmp_path) -> N
     checkpoint.save(model, tmp_path / "nan", tokenizer)
     with pytest.raises(ExportError, match=r"tensor blk\.0\.attn_q\.weight holds NaN"):
         export_gguf(tmp_path / "nan", tmp_path / "nan.gguf")
+
+
+# ------------------------------------------------------------------------------------------------
+# (f) LoRA adapters as llama.cpp adapter files
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("targets, rslora", [(["all", "router"], False), (["experts", "q_proj"], True)])
+def test_lora_adapter_gguf_runs_beside_the_base_as_our_adapted_model(small, tokenizer, open_llama, tmp_path,
+                                                                    targets, rslora) -> None:
+    from behemoth.lora_files import AdapterInfo, base_sha256, save_adapter
+    from behemoth.model.lora import adapter_modules, apply_lora, lora_state_dict
+    from behemoth.train.config import LoraConfig
+
+    adapted = checkpoint.load(small.dir)
+    base_hash = base_sha256(adapted)
+    settings = LoraConfig(rank=4, alpha=8.0, targets=targets, use_rslora=rslora)
+    apply_lora(adapted, settings)
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for name, tensor in lora_state_dict(adapted).items():
+            if name.endswith("lora_B.weight"):
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.05)
+    adapted.eval()
+    info = AdapterInfo(4, 8.0, rslora, 0.0, targets, list(adapter_modules(adapted)), str(small.dir), base_hash)
+    save_adapter(adapted, tmp_path / "adapter", info)
+    out = gguf_export.export_gguf_lora(small.dir, tmp_path / "adapter", tmp_path / "adapter.gguf")
+    reader = __import__("gguf").GGUFReader(str(out))
+    assert reader.get_field("general.type").contents() == "adapter"
+    assert reader.get_field("adapter.type").contents() == "lora"
+    llm = open_llama(small.f32, n_ctx=128, logits_all=True, lora_path=str(out))
+    for ids in prompts(tokenizer):
+        ours = our_logits(adapted, ids)
+        assert np.abs(ours - our_logits(small.model, ids)).max() > 100 * LOGITS_ATOL  # the adapter acts
+        np.testing.assert_allclose(llama_logits(llm, ids), ours, rtol=0, atol=LOGITS_ATOL)
+
+
+def test_lora_adapter_gguf_for_another_base_is_refused(small, tmp_path) -> None:
+    from behemoth.lora_files import AdapterInfo, save_adapter
+    from behemoth.model.lora import adapter_modules, apply_lora
+    from behemoth.train.config import LoraConfig
+
+    other = Transformer(small.model.config)
+    init_weights(other, seed=5)
+    apply_lora(other, LoraConfig(rank=2, alpha=2.0, targets=["attention"]))
+    save_adapter(other, tmp_path / "adapter", AdapterInfo(2, 2.0, False, 0.0, ["attention"],
+                                                          list(adapter_modules(other)), "elsewhere", "0" * 64))
+    with pytest.raises(BehemothError, match="was trained on another base"):
+        gguf_export.export_gguf_lora(small.dir, tmp_path / "adapter", tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()
+
+
+def test_cli_exports_a_lora_adapter_and_refuses_a_mismatched_request(small, tmp_path, capsys) -> None:
+    from behemoth.cli import main
+    from behemoth.lora_files import AdapterInfo, base_sha256, save_adapter
+    from behemoth.model.lora import adapter_modules, apply_lora
+    from behemoth.train.config import LoraConfig
+
+    model = checkpoint.load(small.dir)
+    info_hash = base_sha256(model)
+    apply_lora(model, LoraConfig(rank=2, alpha=4.0, targets=["attention"]))
+    save_adapter(model, tmp_path / "adapter", AdapterInfo(2, 4.0, False, 0.0, ["attention"],
+                                                          list(adapter_modules(model)), str(small.dir), info_hash))
+    out = tmp_path / "a.gguf"
+    assert main(["export", "--model", str(small.dir), "--format", "gguf-lora", "--adapter",
+                 str(tmp_path / "adapter"), "--out", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out and out.is_file()
+    for extra in (["--format", "gguf", "--adapter", str(tmp_path / "adapter")], ["--format", "gguf-lora"]):
+        assert main(["export", "--model", str(small.dir), *extra, "--out", str(tmp_path / "b.gguf")]) == 2
+        err = capsys.readouterr().err
+        assert "--adapter goes with --format gguf-lora" in err and err.count("\n") == 1
+    assert not (tmp_path / "b.gguf").exists()

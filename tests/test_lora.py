@@ -17,11 +17,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from corpora import write_phrase_corpus
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import behemoth
 import behemoth.train.sft as sft_stage
-from behemoth.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_sha256
+from behemoth.lora_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_sha256
 from behemoth.cli import main
 from behemoth.config import preset
 from behemoth.data.synthetic_chat import ChatData, write_chat_data
@@ -237,9 +238,13 @@ def test_the_run_writes_the_merged_model_and_the_adapter(sft_run, base) -> None:
     result = sft_run.result
     assert result.adapter_dir == sft_run.out / "adapter"
     config = json.loads((result.adapter_dir / ADAPTER_CONFIG).read_text())
-    assert config["r"] == 4 and config["lora_alpha"] == 8.0 and config["targets"] == ["all", "router"]
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8.0
     assert config["base_model_name_or_path"] == str(base.resolve())
-    assert config["base_model_sha256"] == base_sha256(behemoth.load(base))
+    assert config["target_parameters"] and all(".experts." in name for name in config["target_parameters"])
+    assert any(name.endswith(".router") for name in config["target_modules"])
+    with safe_open(str(result.adapter_dir / ADAPTER_WEIGHTS), framework="pt") as reader:
+        ours = json.loads(reader.metadata()["behemoth"])
+    assert ours["targets"] == ["all", "router"] and ours["base_sha256"] == base_sha256(behemoth.load(base))
     merged = behemoth.load(result.model_dir).eval()
     ids = torch.randint(0, merged.config.vocab_size, (2, 12))
     with torch.no_grad():

@@ -629,3 +629,54 @@ def test_safety_rule_uses_the_attack_success_intervals_top_and_only_for_chat_mod
         assert "attack_success_rate_high" in record["rules"][0]["why"]
     else:
         assert "not run for this kind of model" in record["rules"][0]["why"]
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA adapters: gated against their base, published as PEFT and llama.cpp adapter files
+# ------------------------------------------------------------------------------------------------
+
+def test_an_adapter_is_gated_against_its_base_and_published_as_an_adapter(world, tmp_path):
+    pytest.importorskip("gguf", reason="the GGUF writer (pip package gguf) is not installed")
+    from behemoth.lora_files import AdapterInfo, base_sha256, save_adapter
+    from behemoth.model.lora import adapter_modules, apply_lora
+    from behemoth.tokenizer import Tokenizer
+    from behemoth.train.config import LoraConfig
+
+    tokenizer = Tokenizer.load(world["weak"])
+    ids = torch.tensor(tokenizer.encode((world["root"] / "train.txt").read_text()))
+    model = behemoth.load(world["weak"])
+    base_hash = base_sha256(model)
+    apply_lora(model, LoraConfig(rank=8, alpha=16.0, targets=["all"]))
+    train_briefly(model, ids[: (len(ids) // 65) * 65].view(-1, 65), 60)
+    adapter = save_adapter(model, tmp_path / "run" / "adapter", AdapterInfo(
+        8, 16.0, False, 0.0, ["all"], list(adapter_modules(model)), str(world["weak"]), base_hash))
+
+    policy = write_policy(tmp_path / "policy.toml", 1e-6)
+    record = run_gate(world["weak"], policy, tmp_path / "open", variables={"heldout": str(world["heldout"])},
+                      log=tmp_path / "audit.jsonl", progress=False, adapter=adapter)
+    weak = json.loads((tmp_path / "open" / "decision.json").read_text())["baseline"]
+    assert record["decision"] == "open"  # better than its base (the baseline by default), and not capable
+    assert weak["path"] == str(world["weak"].resolve()) and record["model"]["adapter"]["base"] == weak
+    assert record["evaluations"]["internal"]["comparison"]["verdict"] == "better"
+    decision = read_entries(tmp_path / "audit.jsonl")[-1]
+    assert decision["adapter_weights_sha256"] == record["model"]["adapter"]["weights_sha256"]
+    assert decision["base_weights_sha256"] == weak["weights_sha256"]
+
+    approve(tmp_path / "open", by="Ada")
+    publish(tmp_path / "open", tmp_path / "bundle", name="weak-lora")
+    names = {p.name for p in (tmp_path / "bundle").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "weak-lora-lora.gguf", "README.md",
+            "manifest.json", "release"} <= names and "model.safetensors" not in names
+    card = (tmp_path / "bundle" / "README.md").read_text()
+    assert f"LoRA adapter for the Llama 4 architecture model `{weak['name']}`" in card
+    assert weak["weights_sha256"] in card and 'library_name: "peft"' in card
+    assert verify_manifest(tmp_path / "bundle") == []
+
+    # a changed adapter is not what the gate evaluated
+    record2 = run_gate(world["weak"], policy, tmp_path / "again", variables={"heldout": str(world["heldout"])},
+                       log=tmp_path / "audit.jsonl", progress=False, adapter=adapter)
+    approve(tmp_path / "again", by="Ada")
+    (adapter / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text() + " ")
+    with pytest.raises(ReleaseError, match="the adapter changed since the gate evaluated it"):
+        publish(tmp_path / "again", tmp_path / "bundle2")
+    assert record2["inputs_sha256"] == record["inputs_sha256"] and not (tmp_path / "bundle2").exists()

@@ -8,7 +8,6 @@ name, shape and dtype is checked against the config before any weight is used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -313,7 +312,7 @@ def save(model: Transformer, path: str | Path, tokenizer: Any = None, *, config_
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
         fsync_tree(staging)
-        _replace_directory(staging, target)
+        replace_directory(staging, target)
     return target
 
 
@@ -392,7 +391,7 @@ def _split_into_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[d
     return shards
 
 
-def _replace_directory(staging: Path, target: Path) -> None:
+def replace_directory(staging: Path, target: Path) -> None:
     """Move `staging` to `target`; an existing target is swapped out, then removed."""
     if target.exists() and not target.is_dir():
         raise CheckpointError(f"{target}: exists and is not a directory")
@@ -407,108 +406,3 @@ def _replace_directory(staging: Path, target: Path) -> None:
         os.rename(retired, target)  # put the old model back rather than leave nothing
         raise
     shutil.rmtree(retired, ignore_errors=True)
-
-
-# -- LoRA adapter directories ---------------------------------------------------------------------
-# adapter_model.safetensors (model.lora's tensor names) + adapter_config.json (PEFT's key names where
-# PEFT has one, and the base's identity). Written like a model directory: staged, then renamed.
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_FORMAT = "behemoth-lora/1"
-
-
-@dataclass
-class AdapterInfo:
-    """An adapter's settings and the base it was trained on (adapter_config.json)."""
-
-    rank: int
-    alpha: float
-    use_rslora: bool
-    dropout: float
-    targets: list[str]  # as configured
-    modules: list[str]  # the adapted weights' names
-    base_model: str  # where the base came from (a model directory, or how it was made)
-    base_sha256: str  # `base_sha256` of the base's weights
-
-    def to_json(self) -> dict[str, Any]:
-        return {"format": ADAPTER_FORMAT, "peft_type": "LORA", "r": self.rank, "lora_alpha": self.alpha,
-                "use_rslora": self.use_rslora, "lora_dropout": self.dropout, "targets": self.targets,
-                "target_modules": self.modules, "base_model_name_or_path": self.base_model,
-                "base_model_sha256": self.base_sha256}
-
-    @classmethod
-    def from_json(cls, data: Any, where: Path) -> AdapterInfo:
-        keys = ("r", "lora_alpha", "use_rslora", "lora_dropout", "targets", "target_modules",
-                "base_model_name_or_path", "base_model_sha256")
-        if not isinstance(data, dict) or data.get("format") != ADAPTER_FORMAT or any(k not in data for k in keys):
-            raise CheckpointError(f"{where}: not a behemoth adapter config (format {ADAPTER_FORMAT}, keys "
-                                  f"{', '.join(keys)})")
-        return cls(*(data[k] for k in keys))
-
-
-def base_sha256(model: Transformer) -> str:
-    """SHA-256 over the base weights' names and float32 values (adapters left out): the base's
-    identity whatever dtype it was stored or trained in."""
-    from behemoth.model.lora import base_state_dict
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(base_state_dict(model).items()):
-        digest.update(f"{name}\0{list(tensor.shape)}\n".encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def write_adapter_files(model: Transformer, directory: Path, info: AdapterInfo) -> None:
-    """The adapters of `model` and their config into an existing directory."""
-    from behemoth.model.lora import lora_state_dict
-
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in lora_state_dict(model).items()}
-    save_safetensors(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(info.to_json(), indent=2) + "\n")
-
-
-def save_adapter(model: Transformer, path: str | Path, info: AdapterInfo) -> Path:
-    """An adapter directory, assembled in a temporary sibling and renamed into place."""
-    target = Path(path)
-    with staging_folder(target) as staging:
-        write_adapter_files(model, staging, info)
-        fsync_tree(staging)
-        _replace_directory(staging, target)
-    return target
-
-
-def read_adapter(path: str | Path) -> tuple[AdapterInfo, dict[str, torch.Tensor]]:
-    """An adapter directory's config and tensors, the header checked before any data is read."""
-    directory = Path(path)
-    config, weights = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
-    for file in (config, weights):
-        if not file.is_file():
-            raise CheckpointError(f"{directory}: no {file.name} (not an adapter directory)")
-    try:
-        info = AdapterInfo.from_json(json.loads(config.read_text()), config)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{config}: not valid JSON ({err})") from None
-    read_safetensors_header(weights)
-    try:
-        with safe_open(str(weights), framework="pt") as reader:
-            tensors = {key: reader.get_tensor(key) for key in reader.keys()}
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{weights}: cannot be read ({err})") from None
-    return info, tensors
-
-
-def load_adapter_into(model: Transformer, path: str | Path, expected_base: str | None = None) -> AdapterInfo:
-    """Fill the adapters of `model` from an adapter directory; with `expected_base`, refuse one
-    trained on a base of another `base_sha256`."""
-    from behemoth.model.lora import load_lora_state_dict
-
-    info, tensors = read_adapter(path)
-    if expected_base is not None and info.base_sha256 != expected_base:
-        raise CheckpointError(f"{path}: was trained on another base (sha256 {info.base_sha256[:12]}..., "
-                              f"from {info.base_model}); this base is {expected_base[:12]}...")
-    try:
-        load_lora_state_dict(model, tensors, source=str(Path(path) / ADAPTER_WEIGHTS))
-    except ConfigError as err:
-        raise CheckpointError(str(err)) from None
-    return info

@@ -1,11 +1,9 @@
-"""The release commands: `behemoth gate`, `behemoth release approve|publish|verify-log`, `behemoth export`.
-
-Thin: each parses its flags and calls the library (behemoth.release, behemoth.export).
-"""
+"""Release commands: `gate`, `release approve|publish|verify-log`, `export` (behemoth.release, .export)."""
 
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 from pathlib import Path
 
 from behemoth.cli.parsing import add_command, add_group
@@ -24,7 +22,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
             raise ConfigError(f"--var {item!r}: expected NAME=VALUE")
         variables[name] = value
     record = run_gate(args.model, args.policy, args.out, baseline=args.baseline, variables=variables, log=args.log,
-                      kind=args.kind)
+                      kind=args.kind, adapter=args.adapter)
     print(f"decision: {record['decision']} (rule {record['rule']}: {record['reason']})")
     print(f"record: {Path(args.out) / RECORD_FILE} (takes effect after `behemoth release approve {args.out} --by NAME`)")
     return 0
@@ -56,9 +54,7 @@ def cmd_verify_log(args: argparse.Namespace) -> int:
     from behemoth.release.audit import read_entries, verify_log
 
     head = verify_log(args.log, expect_head=args.expect_head)
-    counts: dict[str, int] = {}
-    for entry in read_entries(args.log):
-        counts[entry["event"]] = counts.get(entry["event"], 0) + 1
+    counts = Counter(entry["event"] for entry in read_entries(args.log))
     plural = {"publish": "publishes"}
     summary = ", ".join(f"{n} {event if n == 1 else plural.get(event, event + 's')}"
                         for event, n in counts.items()) or "empty"
@@ -67,7 +63,13 @@ def cmd_verify_log(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    if args.format == "hf":
+    if (args.adapter is None) != (args.format != "gguf-lora"):
+        raise ConfigError("--adapter goes with --format gguf-lora (the adapter's GGUF; --model is its base)")
+    if args.format == "gguf-lora":
+        from behemoth.export.gguf import export_gguf_lora
+
+        path = export_gguf_lora(args.model, args.adapter, args.out, overwrite=args.overwrite)
+    elif args.format == "hf":
         from behemoth.export.hf import export_hf
 
         path = export_hf(args.model, args.out, overwrite=args.overwrite)
@@ -90,6 +92,9 @@ def add_release_commands(commands: argparse._SubParsersAction) -> None:
                     "`behemoth release approve`. Policy format: docs/RELEASE.md.")
     gate.add_argument("--model", type=Path, required=True, metavar="DIR", help="the candidate model directory")
     gate.add_argument("--policy", type=Path, metavar="FILE", help="release policy (TOML; default: the shipped one)")
+    gate.add_argument("--adapter", type=Path, metavar="DIR",
+                      help="gate this LoRA adapter over --model (its base): the merged model is evaluated, the record "
+                           "names both, and the base is the baseline unless --baseline says otherwise")
     gate.add_argument("--baseline", type=Path, metavar="DIR", help="the last released model, for the regression verdict")
     gate.add_argument("--var", action="append", default=[], metavar="NAME=VALUE",
                       help="a value for ${NAME} in the policy's task lists, e.g. --var heldout=val.txt (repeatable)")
@@ -143,10 +148,13 @@ def add_release_commands(commands: argparse._SubParsersAction) -> None:
         help="write a model as a Hugging Face folder or a GGUF file (no gate involved)",
         description="hf: the folder transformers loads (config, safetensors, tokenizer, generation config). "
                     "gguf: one file of architecture llama4 for llama.cpp, tokenizer and chat template included; "
-                    "configs llama.cpp would run differently are refused by field.")
-    export.add_argument("--model", type=Path, required=True, metavar="DIR", help="model directory")
-    export.add_argument("--format", choices=("hf", "gguf"), required=True)
-    export.add_argument("--out", type=Path, required=True, metavar="PATH", help="folder (hf) or file (gguf)")
+                    "configs llama.cpp would run differently are refused by field. gguf-lora: a LoRA adapter "
+                    "folder (ours or PEFT's) as a llama.cpp adapter file, loaded beside the base's GGUF "
+                    "(llama-cli -m base.gguf --lora adapter.gguf).")
+    export.add_argument("--model", type=Path, required=True, metavar="DIR", help="model directory (gguf-lora: the base)")
+    export.add_argument("--format", choices=("hf", "gguf", "gguf-lora"), required=True)
+    export.add_argument("--adapter", type=Path, metavar="DIR", help="gguf-lora: the adapter folder")
+    export.add_argument("--out", type=Path, required=True, metavar="PATH", help="folder (hf) or file (gguf, gguf-lora)")
     export.add_argument("--dtype", choices=GGUF_DTYPES, default="f32",
                         help="gguf: f32 keeps the weights exact; f16 halves the file, q8_0 (8-bit blocks) quarters it "
                              "(norms and router stay f32)")

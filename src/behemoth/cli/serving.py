@@ -35,25 +35,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
           settings=settings, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
           max_context=args.max_context, log_prompts=args.log_prompts, weights=args.weights,
           compile=args.compile, announce=lambda line: print(line, file=sys.stderr, flush=True),
-          guard=guard, guard_replies=args.guard_replies)
+          guard=guard, guard_replies=args.guard_replies, lora_specs=args.lora)
     return 0
 
 
-def _limits_from(args: argparse.Namespace):
-    from behemoth.serve.keys import Limits
-
-    def value(number: int) -> int | None:
-        return None if number == 0 else number  # 0 = unlimited
-
-    return Limits(requests_per_minute=value(args.rpm), tokens_per_minute=value(args.tpm),
-                  token_quota=value(args.quota))
-
-
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    from behemoth.serve.keys import create_key
+    from behemoth.serve.keys import Limits, create_key
 
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
-    key, record = create_key(args.file, args.name, _limits_from(args), models)
+    limits = Limits(requests_per_minute=args.rpm or None, tokens_per_minute=args.tpm or None,
+                    token_quota=args.quota or None)  # 0 = unlimited
+    key, record = create_key(args.file, args.name, limits, models)
     print(f"created key {record.id} ({record.name}) in {args.file}; it is shown once, now:", file=sys.stderr)
     print(key)
     return 0
@@ -118,6 +110,10 @@ def add_serving_commands(commands: argparse._SubParsersAction) -> None:
                     "them with `behemoth keys create`); without the file, one temporary key is printed at start.")
     serve.add_argument("--model", action="append", metavar="[NAME=]DIR",
                        help="a model directory, optionally named (repeatable; default name: the folder's)")
+    serve.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                       help="a LoRA adapter folder (ours or PEFT's) served over the one --model as model NAME, in "
+                            "the same engine: requests pick it by their `model` field, rows of different adapters "
+                            "share a batch, /v1/models lists it with its parent (repeatable)")
     serve.add_argument("--registry", type=Path, metavar="FILE",
                        help="also serve every closed release registered in FILE (by `behemoth release publish`), "
                             "each checked against its released checksums")

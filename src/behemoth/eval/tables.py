@@ -130,7 +130,7 @@ def format_comparison(comparison: dict[str, Any]) -> str:
     overall = comparison["overall"]
     lines = _columns(rows)
     if overall["metric"]:
-        what = "core score" if overall["metric"] == "core" else "mean bits per byte"
+        what = {"core": "core score", "pass@1": "mean pass@1"}.get(overall["metric"], "mean bits per byte")
         lines += ["", f"overall ({what} over {len(overall['tasks'])} task(s)): {_num(overall['a'])} -> "
                       f"{_num(overall['b'])}, {_signed(overall['delta'])} {_interval(overall['ci'])}: "
                       f"{overall['verdict'].upper()}"]

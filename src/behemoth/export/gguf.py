@@ -112,6 +112,59 @@ def export_gguf(model_dir: Path, out_path: Path, dtype: str = "f32", *, overwrit
     return out_path
 
 
+def export_gguf_lora(model_dir: Path, adapter_dir: Path, out_path: Path, *, overwrite: bool = False) -> Path:
+    """Write the LoRA adapter `adapter_dir` (ours or PEFT's, for the base `model_dir`) as a llama.cpp
+    adapter GGUF, loaded beside the base's GGUF (`llama-cli -m base.gguf --lora out.gguf`).
+
+    Every tensor is float32 and named after the base tensor it adapts, `<name>.lora_a` [r, in] and
+    `.lora_b` [out, r] (llama.cpp adds scale * b @ a; scale = adapter.lora.alpha / r, so alpha is
+    written as our scale * r, which also carries rsLoRA). Routed experts are stacks [E, r, in] /
+    [E, out, r]; our gate_up_proj adapter becomes two, ffn_gate_exps' and ffn_up_exps', sharing
+    its A. Written atomically, as `export_gguf`."""
+    from behemoth.lora_files import base_sha256, load_adapter_into
+    from behemoth.model.lora import scale_of
+
+    model_dir, adapter_dir, out_path = Path(model_dir), Path(adapter_dir), Path(out_path)
+    _check_target(out_path, overwrite)
+    check_exportable(ModelConfig.load(model_dir))
+    model = checkpoint.load(model_dir, dtype=torch.float32)
+    info = load_adapter_into(model, adapter_dir, expected_base=base_sha256(model), attach=True)
+    tensors = [(name, tensor.detach().float().contiguous().numpy()) for name, tensor in gguf_lora_tensors(model)]
+
+    def fill(writer: gguf.GGUFWriter) -> None:
+        writer.add_type("adapter")
+        writer.add_name(f"{info.base_model} LoRA")
+        writer.add_string("adapter.type", "lora")
+        writer.add_float32("adapter.lora.alpha", scale_of(info) * info.rank)
+        for tensor_name, array in tensors:
+            writer.add_tensor(tensor_name, array)
+
+    _write_atomically(out_path, overwrite, fill)
+    return out_path
+
+
+def gguf_lora_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
+    """(GGUF name, tensor in llama.cpp's layout) for every adapter factor of `model`."""
+    from behemoth.model.lora import ExpertLoRA, adapter_modules
+
+    for site, module in adapter_modules(model).items():
+        layer, _, local = site.removeprefix("model.layers.").partition(".")
+        base = f"blk.{layer}."
+        if not isinstance(module, ExpertLoRA):
+            base += f"{MATRICES[local]}.weight"
+            yield base + ".lora_a", module.lora_A.weight
+            yield base + ".lora_b", module.lora_B.weight
+            continue
+        a, b = module.lora_A.transpose(1, 2), module.lora_B.transpose(1, 2)  # [E, r, in], [E, out, r]
+        if local.endswith("gate_up_proj"):
+            for stack, part in zip(("ffn_gate_exps", "ffn_up_exps"), b.chunk(2, dim=1)):
+                yield f"{base}{stack}.weight.lora_a", a
+                yield f"{base}{stack}.weight.lora_b", part
+        else:
+            yield f"{base}ffn_down_exps.weight.lora_a", a
+            yield f"{base}ffn_down_exps.weight.lora_b", b
+
+
 def check_exportable(config: ModelConfig) -> None:
     """Raise ExportError naming the first field llama.cpp's llama4 cannot represent."""
     for check in (_check_attention, _check_layers, _check_moe):
@@ -308,25 +361,23 @@ def gguf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
         raise ExportError(f"cannot export to GGUF: no GGUF name for tensor {left[0]!r}")
 
 
+# Our per-layer matrices (nn.Linear weights, [out, in]: llama.cpp's layout for a matrix) by GGUF name.
+LAYER_MATRICES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+                  "self_attn.o_proj": "attn_output"}
+MOE_MATRICES = {"feed_forward.router": "ffn_gate_inp", "feed_forward.shared_expert.gate_proj": "ffn_gate_shexp",
+                "feed_forward.shared_expert.up_proj": "ffn_up_shexp",
+                "feed_forward.shared_expert.down_proj": "ffn_down_shexp"}
+DENSE_MATRICES = {f"feed_forward.{p}_proj": f"ffn_{p}" for p in ("gate", "up", "down")}
+MATRICES = {**LAYER_MATRICES, **MOE_MATRICES, **DENSE_MATRICES}
+
+
 def _layer_tensors(i: int, is_moe: bool, take: Callable[[str], torch.Tensor]
                    ) -> Iterator[tuple[str, torch.Tensor]]:
     src, dst = f"model.layers.{i}.", f"blk.{i}."
-    # nn.Linear weights are [out, in], which is the layout llama.cpp expects for a matrix.
-    pairs = [("input_layernorm.weight", "attn_norm.weight"),
-             ("self_attn.q_proj.weight", "attn_q.weight"),
-             ("self_attn.k_proj.weight", "attn_k.weight"),
-             ("self_attn.v_proj.weight", "attn_v.weight"),
-             ("self_attn.o_proj.weight", "attn_output.weight"),
-             ("post_attention_layernorm.weight", "ffn_norm.weight")]
-    if is_moe:
-        pairs += [("feed_forward.router.weight", "ffn_gate_inp.weight"),
-                  ("feed_forward.shared_expert.gate_proj.weight", "ffn_gate_shexp.weight"),
-                  ("feed_forward.shared_expert.up_proj.weight", "ffn_up_shexp.weight"),
-                  ("feed_forward.shared_expert.down_proj.weight", "ffn_down_shexp.weight")]
-    else:
-        pairs += [(f"feed_forward.{p}_proj.weight", f"ffn_{p}.weight") for p in ("gate", "up", "down")]
-    for ours, theirs in pairs:
-        yield dst + theirs, take(src + ours)
+    yield dst + "attn_norm.weight", take(src + "input_layernorm.weight")
+    yield dst + "ffn_norm.weight", take(src + "post_attention_layernorm.weight")
+    for ours, theirs in {**LAYER_MATRICES, **(MOE_MATRICES if is_moe else DENSE_MATRICES)}.items():
+        yield f"{dst}{theirs}.weight", take(f"{src}{ours}.weight")
     if is_moe:
         # Ours are stacked for x @ W: gate_up [E, hidden, 2I] (gate first), down [E, I, hidden].
         # llama.cpp wants per-expert [out, in] matrices: gate/up [E, I, hidden], down [E, hidden, I].

@@ -8,17 +8,17 @@ adapter's tensors fit the base's shapes, and that the base is the one the adapte
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
-from behemoth.errors import CheckpointError, ConfigError
+from behemoth.errors import CheckpointError
 
 
 def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path,
                   overwrite: bool = False) -> Path:
     """Write base `model_dir` with the adapters of `adapter_dir` merged in as the model directory `out_dir`."""
-    from behemoth.checkpoint import base_sha256, load, model_directory, read_adapter, save
-    from behemoth.model.lora import apply_lora, load_lora_state_dict, merge_lora
+    from behemoth.checkpoint import load, model_directory, save
+    from behemoth.lora_files import base_sha256, load_adapter_into
+    from behemoth.model.lora import merge_lora
     from behemoth.tokenizer import Tokenizer
 
     model_dir, adapter_dir, out_dir = Path(model_dir), Path(adapter_dir), Path(out_dir)
@@ -28,15 +28,10 @@ def merge_adapter(model_dir: str | Path, adapter_dir: str | Path, out_dir: str |
         raise CheckpointError(f"{out_dir}: already exists; choose another --out, or pass --overwrite")
     if out_dir.exists() and out_dir.resolve() in (model_dir.resolve(), adapter_dir.resolve()):
         raise CheckpointError(f"{out_dir}: is an input of the merge; choose another --out")
-    info, tensors = read_adapter(adapter_dir)
     model = load(model_directory(model_dir))
     base = base_sha256(model)
-    try:  # the adapter's own module list, so exactly the weights it was trained on are adapted
-        apply_lora(model, dataclasses.replace(info, targets=info.modules))
-        load_lora_state_dict(model, tensors, source=str(adapter_dir))
-    except ConfigError as err:
-        raise CheckpointError(f"{adapter_dir}: does not fit the base {model_dir} ({err})") from None
-    if base != info.base_sha256:
+    info = load_adapter_into(model, adapter_dir, attach=True)
+    if info.base_sha256 not in (None, base):
         raise CheckpointError(f"{adapter_dir}: was trained on another base ({info.base_model}, sha256 "
                               f"{info.base_sha256[:12]}...); {model_dir} has sha256 {base[:12]}...")
     tokenizer = Tokenizer.load(model_dir) if (model_dir / "tokenizer.json").is_file() else None

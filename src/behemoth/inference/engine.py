@@ -1,12 +1,11 @@
 """The inference engine: a background thread that decodes many requests as one batch.
 
 Each iteration drops cancelled requests, runs one prefill forward of at most `prefill_chunk` tokens
-(queued prompts as one right-padded batch, or the next piece of a long prompt, which so stalls the
-others for one piece at most; a row that asked for `prompt_logprobs` also runs the LM head over its
-piece), then one decode step for every running request. Each thread running torch kernels has its own
-OpenMP team; once the teams outnumber the cores, waking their idle workers costs more than a small
-matmul (a decode step ran at half speed on two cores), so the engine thread sets its own count
-(`threads`) and servers first call `leave_cores_to_engines()`.
+(queued prompts as one right-padded batch, or the next piece of a long prompt, so it stalls the others
+for one piece at most), then one decode step for every running request. Each thread running torch
+kernels has its own OpenMP team; once the teams outnumber the cores, waking their idle workers costs
+more than a small matmul (a decode step ran at half speed on two cores), so the engine thread sets its
+own count (`threads`) and servers first call `leave_cores_to_engines()`.
 """
 
 from __future__ import annotations
@@ -29,11 +28,12 @@ from behemoth.model import Transformer
 from behemoth.inference.kv_cache import ModelCache
 if TYPE_CHECKING:
     from behemoth.inference.compiled import CompiledDecoder
-from behemoth.inference.sampling import (MAX_LOGPROBS, Choice, InvalidParameter, SamplingParams, TextStream,
-                                         sample_tokens, token_choices)
+    from behemoth.model.lora import RowAdapters
+from behemoth.inference.sampling import (Choice, InvalidParameter, SamplingParams, TextStream, sample_tokens,
+                                         token_choices)
 
 __all__ = ["Engine", "Request", "SamplingParams", "TokenEvent", "PromptTooLong", "QueueFull", "EngineClosed",
-           "InvalidParameter", "MAX_LOGPROBS", "leave_cores_to_engines"]
+           "InvalidParameter", "leave_cores_to_engines"]
 
 log = logging.getLogger("behemoth.inference")
 
@@ -188,7 +188,7 @@ class Engine:
 
     def __init__(self, model: Transformer, tokenizer, max_batch_size: int = 16, max_queue: int = 256,
                  max_context: int | None = None, prefill_chunk: int = 512, threads: int | None = None,
-                 decoder: CompiledDecoder | None = None):
+                 decoder: CompiledDecoder | None = None, adapters: RowAdapters | None = None):
         model_context = model.config.max_position_embeddings
         for name, value in (("max_batch_size", max_batch_size), ("max_queue", max_queue),
                             ("prefill_chunk", prefill_chunk), ("threads", 1 if threads is None else threads)):
@@ -199,11 +199,16 @@ class Engine:
                               f"got {max_context!r}")
         if decoder is not None and getattr(decoder, "model", None) is not model:
             raise ConfigError("the compiled decoder was built for another model than the engine's")
+        if decoder is not None and adapters is not None:
+            raise ConfigError("LoRA adapters run on the eager decode step only; serve them without --compile")
         self.model = model.eval()  # the engine owns the model from here: inference only
         self.tokenizer, self.max_batch_size, self.max_queue = tokenizer, max_batch_size, max_queue
         self.max_context, self.prefill_chunk = max_context or model_context, prefill_chunk
         self.threads = threads if threads is not None else torch.get_num_threads()  # of the engine thread
         self.decoder = decoder  # a compiled decode step (behemoth.inference.compiled), or None: eager
+        # The model's LoRA banks (model.lora.attach_adapter_bank): each row's `params.adapter` is set
+        # around every forward, so rows of different adapters share one batch.
+        self.adapters = adapters
         self.vocab_size = model.config.vocab_size
         self.eos_token_ids = frozenset(_end_token_ids(tokenizer, model))
         self._cond = threading.Condition()  # guards the queue and the closing flag
@@ -257,6 +262,9 @@ class Engine:
         prompt = self._checked_prompt(prompt_ids)
         if len(prompt) + params.max_new_tokens > self.max_context:  # never truncate silently
             raise PromptTooLong(len(prompt), params.max_new_tokens, self.max_context)
+        known = 0 if self.adapters is None else len(self.adapters.names)
+        if params.adapter > known:
+            raise InvalidParameter("adapter", f"this engine has {known} adapter(s), got {params.adapter}")
         bad = [t for t in params.stop_token_ids if t >= self.vocab_size]
         if bad:
             raise InvalidParameter("stop_token_ids", f"ids must be below the vocabulary size {self.vocab_size}, "
@@ -275,8 +283,8 @@ class Engine:
         """Gauges and counters for /metrics."""
         with self._cond:
             queue_depth = len(self._queue)
-        running = len(self._running) + len(self._prefilling)
-        return dict(queue_depth=queue_depth, running=running, max_batch_size=self.max_batch_size, **self._counts)
+        return dict(queue_depth=queue_depth, running=len(self._running) + len(self._prefilling),
+                    max_batch_size=self.max_batch_size, **self._counts)
 
     def _checked_prompt(self, prompt_ids: list[int]) -> list[int]:
         if isinstance(prompt_ids, torch.Tensor):
@@ -393,25 +401,23 @@ class Engine:
     def _prefill_step(self, width: int) -> None:
         """Each prefilling row's next piece (at most `width` tokens) as one batch; rows whose prompt
         is done sample their first token and join the running batch."""
-        slots = self._prefilling
-        device = self.model.device
+        slots, device = self._prefilling, self.model.device
         ids = torch.zeros(len(slots), width, dtype=torch.long)
         positions = torch.full((len(slots), width), -1, dtype=torch.long)
         pieces = []
         for row, slot in enumerate(slots):
-            start = slot.prefilled
-            end = min(start + width, len(slot.request.prompt_ids))
+            start, end = slot.prefilled, min(slot.prefilled + width, len(slot.request.prompt_ids))
             ids[row, :end - start] = torch.tensor(slot.request.prompt_ids[start:end])
             positions[row, :end - start] = torch.arange(start, end)
             pieces.append(end - start)
-        fresh = ModelCache.for_model(self.model, len(slots) - (slots[0].cache is not None), self.max_context)
-        if slots[0].cache is not None:  # the long prompt under way: its rows come first
-            cache = slots[0].cache
-            if fresh.batch_size:
-                cache.extend(fresh)
-        else:
+        cache = slots[0].cache  # the long prompt under way, if any: its rows come first
+        fresh = ModelCache.for_model(self.model, len(slots) - (cache is not None), self.max_context)
+        if cache is None:
             cache = fresh
-        hidden = self.model.hidden_states(ids.to(device), positions.to(device), cache.layers)
+        elif fresh.batch_size:
+            cache.extend(fresh)
+        with self._adapters_of(slots):
+            hidden = self.model.hidden_states(ids.to(device), positions.to(device), cache.layers)
         for row, (slot, piece) in enumerate(zip(slots, pieces)):
             scored, start = slot.request.prompt_logprobs, slot.prefilled
             targets = slot.request.prompt_ids[start + 1:start + piece + 1]  # what this piece's positions predict
@@ -449,7 +455,8 @@ class Engine:
         if self.decoder is not None:
             logits = self.decoder(tokens, positions, self._batch, max(s.position for s in self._running))
         else:
-            hidden = self.model.hidden_states(tokens, positions, self._batch.layers)
+            with self._adapters_of(self._running):
+                hidden = self.model.hidden_states(tokens, positions, self._batch.layers)
             logits = self.model.lm_head(hidden[:, -1]).float()
         for slot in self._running:
             slot.position += 1  # the token sampled now is fed one position further on
@@ -457,6 +464,12 @@ class Engine:
         finished = [self._advance(slot, choice) for slot, choice in zip(self._running, choices)]
         if any(finished):
             self._keep([not f for f in finished])
+
+    def _adapters_of(self, slots: list[_Slot]) -> contextlib.AbstractContextManager:
+        """Each row's adapter for one forward (nothing to set without adapters)."""
+        if self.adapters is None:
+            return contextlib.nullcontext()
+        return self.adapters.use([slot.request.params.adapter for slot in slots])
 
     def _sample(self, slots: list[_Slot], logits: torch.Tensor) -> list[Choice]:
         seen = None
@@ -496,10 +509,10 @@ class Engine:
         """Drop the running slots (and their cache rows) whose flag is False."""
         rows = [i for i, k in enumerate(keep) if k]
         self._running = [self._running[i] for i in rows]
-        if not rows:
-            self._batch = None
-        else:
+        if rows:
             self._batch.select(rows)
+        else:
+            self._batch = None
 
     def _finish(self, request: Request, reason: str, error: BaseException | None = None) -> None:
         """End a request without a final token event (cancelled or failed)."""

@@ -79,14 +79,26 @@ def _params_per_prompt(params: SamplingParams | Sequence[SamplingParams] | None,
 
 def load_engine(directory: str | Path, max_batch_size: int = 16, max_queue: int = 256,
                 max_context: int | None = None, threads: int | None = None, weights: str = "float32",
-                compile: bool = False) -> Engine:
+                compile: bool = False, adapters: dict[str, str | Path] | None = None) -> Engine:
     """A model directory (weights + tokenizer) in an engine, not started yet, with the weight format
-    `weights` (inference.weights), compiled first if `compile`, its context capped at `max_context`."""
+    `weights` (inference.weights), compiled first if `compile`, its context capped at `max_context`;
+    `adapters` {name: adapter folder} go over it side by side (a request's `params.adapter` picks
+    one by its place in that order, from 1)."""
     folder = Path(directory)
     if not (folder / "tokenizer.json").is_file():
         raise ConfigError(f"{folder}: no tokenizer.json; use a model directory written with its tokenizer")
+    if adapters and (weights == "int8" or compile):
+        raise ConfigError("LoRA adapters run over float32 or bfloat16 weights on the eager decode step; "
+                          f"{'--weights int8' if weights == 'int8' else '--compile'} with adapters is not "
+                          "supported yet")
     tokenizer = Tokenizer.load(folder)
-    model = prepare_weights(load(folder), weights)
+    model = load(folder)
+    rows = None
+    if adapters:
+        from behemoth.lora_files import attach_adapter_dirs
+
+        rows = attach_adapter_dirs(model, adapters)
+    model = prepare_weights(model, weights)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ConfigError(f"{folder}: the tokenizer has {tokenizer.vocab_size} ids but the model only "
                           f"{model.config.vocab_size}")
@@ -97,4 +109,4 @@ def load_engine(directory: str | Path, max_batch_size: int = 16, max_queue: int 
         context = min(context, max_context)
     decoder = compiled.CompiledDecoder(model, threads=threads) if compile else None
     return Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue, max_context=context,
-                  threads=threads, decoder=decoder)
+                  threads=threads, decoder=decoder, adapters=rows)

@@ -49,6 +49,7 @@ class SamplingParams:
     ignore_eos: bool = False  # True: do not stop on the tokenizer's end-of-text / end-of-turn
     prompt_logprobs: int | None = None  # score the prompt too, with this many alternatives (vLLM's);
     # then max_new_tokens may be 0: the prompt goes through the model, nothing is generated
+    adapter: int = 0  # which of the engine's LoRA adapters this row runs with (1, 2, ...); 0 = the base alone
 
     def validate(self) -> None:
         """Raise InvalidParameter (a ConfigError) naming the first field that is out of range."""
@@ -69,6 +70,7 @@ class SamplingParams:
         _check_int("logprobs", self.logprobs, low=0, high=MAX_LOGPROBS)
         if self.prompt_logprobs is not None:
             _check_int("prompt_logprobs", self.prompt_logprobs, low=0, high=MAX_LOGPROBS)
+        _check_int("adapter", self.adapter, low=0)
         if not isinstance(self.ignore_eos, bool):
             raise InvalidParameter("ignore_eos", f"must be true or false, got {self.ignore_eos!r}")
 
@@ -114,9 +116,8 @@ def sample_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
     elif greedy:
         tokens[greedy] = logits[greedy].argmax(dim=-1)
     if sampled:
-        rows = [params[i] for i in sampled]
         uniforms = torch.cat([torch.rand(1, generator=generators[i]) for i in sampled]).to(logits.device)
-        tokens[sampled] = _sample(logits[sampled], rows, uniforms)
+        tokens[sampled] = _sample(logits[sampled], [params[i] for i in sampled], uniforms)
     return token_choices(raw, tokens, [p.logprobs for p in params])
 
 
@@ -144,8 +145,7 @@ def _sample(logits: torch.Tensor, params: Sequence[SamplingParams], uniforms: to
     ranked = [i for i, r in enumerate(needs_rank) if r]
     plain = [i for i, r in enumerate(needs_rank) if not r]
     if plain:
-        kept = _apply_min_p(probs[plain], min_p[plain])
-        tokens[plain] = _draw(kept, uniforms[plain])
+        tokens[plain] = _draw(_apply_min_p(probs[plain], min_p[plain]), uniforms[plain])
     if ranked:
         tokens[ranked] = _sample_ranked(probs[ranked], [params[i] for i in ranked], min_p[ranked], uniforms[ranked])
     return tokens
@@ -154,8 +154,7 @@ def _sample(logits: torch.Tensor, params: Sequence[SamplingParams], uniforms: to
 def _sample_ranked(probs: torch.Tensor, params: Sequence[SamplingParams], min_p: torch.Tensor,
                    uniforms: torch.Tensor) -> torch.Tensor:
     """top-k, top-p over the renormalised top-k, then min-p, on the most likely candidates."""
-    vocab = probs.shape[-1]
-    device = probs.device
+    vocab, device = probs.shape[-1], probs.device
     top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     # Enough candidates for every row: its top-k, or a first guess at its nucleus.
     count = min(vocab, max(k if k < vocab else TOP_P_CANDIDATES for k in top_k))
@@ -246,15 +245,11 @@ class TextStream:
         """Add a token; return (text released now, whether a stop string was completed)."""
         self._held += self._decoder.push(token_id)
         hit = self._first_stop()
-        if hit is not None:
-            released, self._held = self._held[:hit], ""
-            self.text += released
-            return released, True
-        keep = self._partial_stop_length()
-        released = self._held[:len(self._held) - keep]
-        self._held = self._held[len(self._held) - keep:]
+        cut = len(self._held) - self._partial_stop_length() if hit is None else hit
+        released = self._held[:cut]
+        self._held = self._held[cut:] if hit is None else ""
         self.text += released
-        return released, False
+        return released, hit is not None
 
     def flush(self) -> str:
         """At the end of generation without a stop string: release everything held."""

@@ -21,6 +21,8 @@ names without its `base_model.model.` prefix; a Linear's factors have PEFT's sha
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -138,7 +140,7 @@ class ExpertLoRA(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scale = scale
 
-    def bind(self) -> LowRankTerm:
+    def bind(self, *_) -> LowRankTerm:
         """The term x @ A[e] @ B[e] * scale for one forward; the factors are unbound once, as the
         expert weights are (indexing each would allocate a full [E, ...] gradient per expert)."""
         a, b = self.lora_A.unbind(0), self.lora_B.unbind(0)
@@ -178,6 +180,16 @@ def lora_sites(model: Transformer) -> list[Site]:
         elif isinstance(ff, MLP):
             sites += _mlp_sites(f"{prefix}.feed_forward", "mlp", ff)
     return sites
+
+
+def factor_shapes(site: Site, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The shapes of a rank-`rank` adapter's A and B at `site`."""
+    weight = getattr(site.owner, site.attr)
+    if isinstance(site.owner, Experts):  # a stack [E, in, out]
+        experts, fan_in, fan_out = weight.shape
+        return (experts, fan_in, rank), (experts, rank, fan_out)
+    fan_out, fan_in = weight.weight.shape
+    return (rank, fan_in), (fan_out, rank)
 
 
 def _mlp_sites(prefix: str, group: str, mlp: MLP) -> list[Site]:
@@ -318,3 +330,132 @@ def merge_lora(model: Transformer) -> Transformer:
             setattr(owner, EXPERT_ADAPTERS[attr], None)
     return model
 
+
+
+# -- several adapters over one base, each batch row with its own (serving) ------------------------
+
+class RowAdapters:
+    """Which adapter each batch row of the next forward uses (0: none, k: `names[k - 1]`): one object
+    shared by every bank of a model (`attach_adapter_bank`), set around a forward with `use`."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.ids: torch.Tensor | None = None
+
+    @contextmanager
+    def use(self, ids: list[int]) -> Iterator[None]:
+        self.ids = torch.tensor(ids) if any(ids) else None  # all rows on the base: no adapter work
+        try:
+            yield
+        finally:
+            self.ids = None
+
+    def per_token(self, tokens: int) -> torch.Tensor | None:
+        """The adapter of each of `tokens` flattened rows (a batch row's over all its positions)."""
+        return None if self.ids is None else self.ids.repeat_interleave(tokens // self.ids.numel())
+
+
+def _per_row(x: torch.Tensor, ids: torch.Tensor, width: int, term: Callable[[int, torch.Tensor], torch.Tensor]
+             ) -> torch.Tensor:
+    """`term(k, rows)` for the rows of x [N, in] whose adapter is k, for each k in `ids` but 0."""
+    out = x.new_zeros(x.shape[0], width)
+    for k in ids.unique().tolist():
+        if k:
+            rows = (ids == k).nonzero().squeeze(1).to(x.device)
+            out.index_copy_(0, rows, term(k, x[rows]).to(out.dtype))
+    return out
+
+
+class BankedLinear(nn.Linear):
+    """A Linear with K stacked adapters, a [K + 1, r, in] and b [K + 1, out, r] (scale folded into b,
+    slot 0 empty); each row takes its own from `rows`. Keeps the base's weight, as LoRALinear."""
+
+    def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor, rows: RowAdapters):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.register_parameter("bias", base.bias)
+        self.register_buffer("bank_a", a, persistent=False)
+        self.register_buffer("bank_b", b, persistent=False)
+        self.rows = rows
+
+    def lora_term(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        ids = self.rows.per_token(flat.shape[0])
+        if ids is None:
+            return x.new_zeros(*x.shape[:-1], self.out_features)
+        delta = _per_row(flat.to(self.bank_a.dtype), ids, self.out_features,
+                         lambda k, rows: rows @ self.bank_a[k].T @ self.bank_b[k].T)
+        return delta.view(*x.shape[:-1], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out if self.rows.ids is None else out + self.lora_term(x).to(out.dtype)
+
+
+class ExpertBank(nn.Module):
+    """K stacked adapters of one expert stack: a [K + 1, E, in, r], b [K + 1, E, r, out] (scale in b)."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, rows: RowAdapters):
+        super().__init__()
+        self.register_buffer("bank_a", a, persistent=False)
+        self.register_buffer("bank_b", b, persistent=False)
+        self.rows = rows
+
+    def bind(self, tokens: int, token_of_slot: torch.Tensor | None, counts: list[int] | None
+             ) -> LowRankTerm | None:
+        per_token = self.rows.per_token(tokens)
+        if per_token is None:
+            return None
+        # each expert's rows come in its slots' order; a single token is every expert's one row
+        per_expert = None if token_of_slot is None else per_token[token_of_slot.cpu()].split(counts)
+
+        def term(expert: int, x: torch.Tensor) -> torch.Tensor:
+            ids = per_token if per_expert is None else per_expert[expert]
+            return _per_row(x.to(self.bank_a.dtype), ids, self.bank_b.shape[-1],
+                            lambda k, rows: rows @ self.bank_a[k, expert] @ self.bank_b[k, expert]).to(x.dtype)
+
+        return term
+
+
+def attach_adapter_bank(model: Transformer, adapters: dict[str, tuple[dict[str, torch.Tensor], float]]
+                        ) -> RowAdapters:
+    """Give `model` the adapters `{name: (tensors in model.lora's names, scale)}` side by side (in
+    place, inference only): every site any adapter touches gets a bank of all of them, zero where an
+    adapter leaves the site alone and zero-padded to the largest rank. Returns the row selector."""
+    if adapter_modules(model):
+        raise ConfigError("this model already carries LoRA adapters; banks go on a plain base")
+    rows = RowAdapters(list(adapters))
+    device = next(model.parameters()).device
+    by_name = {site.name: site for site in lora_sites(model)}
+    touched = [site for site in by_name if any(f"{site}.lora_A.weight" in t for t, _ in adapters.values())]
+    for site_name in touched:
+        site = by_name[site_name]
+        factors = [(t.get(f"{site_name}.lora_A.weight"), t.get(f"{site_name}.lora_B.weight"), scale)
+                   for t, scale in adapters.values()]
+        if isinstance(site.owner, Experts):
+            a, b = (bank.to(device) for bank in _stack_factors(factors, rank_dim=-1))
+            setattr(site.owner, EXPERT_ADAPTERS[site.attr], ExpertBank(a, b, rows))
+        else:
+            a, b = (bank.to(device) for bank in _stack_factors(factors, rank_dim=0))
+            setattr(site.owner, site.attr, BankedLinear(getattr(site.owner, site.attr), a, b, rows))
+    return rows
+
+
+def _stack_factors(factors: list[tuple[torch.Tensor | None, torch.Tensor | None, float]], rank_dim: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack (A, B, scale) per adapter into banks with an empty slot 0, ranks padded with zeros.
+    Linears: A [r, in], B [out, r] (rank_dim 0); experts: A [E, in, r], B [E, r, out] (rank_dim -1)."""
+    present = [(a, b) for a, b, _ in factors if a is not None]
+    rank = max(a.shape[rank_dim] for a, _ in present)
+    a_shape, b_shape = list(present[0][0].shape), list(present[0][1].shape)
+    a_shape[rank_dim] = rank
+    b_rank_dim = -1 if rank_dim == 0 else -2
+    b_shape[b_rank_dim] = rank
+    bank_a = torch.zeros(len(factors) + 1, *a_shape)
+    bank_b = torch.zeros(len(factors) + 1, *b_shape)
+    for k, (a, b, scale) in enumerate(factors, start=1):
+        if a is not None:
+            bank_a[k].narrow(rank_dim, 0, a.shape[rank_dim]).copy_(a)
+            bank_b[k].narrow(b_rank_dim, 0, b.shape[b_rank_dim]).copy_(b.float() * scale)
+    return bank_a, bank_b

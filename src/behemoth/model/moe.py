@@ -68,7 +68,9 @@ def sort_by_expert(x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tenso
 
 
 # An optional term added to one expert's product: (expert, its input rows) -> rows to add. A LoRA
-# adapter (model/lora.py) supplies one per stacked matrix: x @ A[e] @ B[e] * scale.
+# adapter (model/lora.py) supplies one per stacked matrix: x @ A[e] @ B[e] * scale. Its module's
+# `bind(tokens, token_of_slot, counts)` makes one per forward: the slots' tokens and the experts'
+# counts let an adapter that differs per token (several adapters in one batch) find each row's own.
 LowRankTerm = Callable[[int, torch.Tensor], torch.Tensor]
 
 
@@ -123,7 +125,7 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * intermediate_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         # Optional low-rank adapters of the two stacks (model/lora.py installs them): modules with a
-        # `bind()` that returns a LowRankTerm for one forward. Absent, the experts are plain Llama 4.
+        # `bind(...)` that returns a LowRankTerm for one forward. Absent, the experts are plain Llama 4.
         self.lora_gate_up: nn.Module | None = None
         self.lora_down: nn.Module | None = None
 
@@ -133,13 +135,17 @@ class Experts(nn.Module):
             return self._one_token(x, expert_ids[0], gates[0])
         routed_in, token_of_slot, counts = sort_by_expert(x, expert_ids, gates, self.num_experts)
         # The one host sync of the layer: slice sizes must be known to split the sorted tokens.
-        routed_out = grouped_experts(routed_in, counts.tolist(), self.gate_up_proj, self.down_proj,
-                                     low_rank=self.low_rank_terms())
+        counts_list = counts.tolist()
+        routed_out = grouped_experts(routed_in, counts_list, self.gate_up_proj, self.down_proj,
+                                     low_rank=self.low_rank_terms(x.shape[0], token_of_slot, counts_list))
         return combine(x, token_of_slot, routed_out)
 
-    def low_rank_terms(self) -> tuple[LowRankTerm | None, LowRankTerm | None]:
-        """The adapters' terms for this forward (each binds its factors once, as the weights are unbound)."""
-        return tuple(None if lora is None else lora.bind() for lora in (self.lora_gate_up, self.lora_down))
+    def low_rank_terms(self, tokens: int = 1, token_of_slot: torch.Tensor | None = None,
+                       counts: list[int] | None = None) -> tuple[LowRankTerm | None, LowRankTerm | None]:
+        """The adapters' terms for this forward of `tokens` tokens (each binds its factors once, as the
+        weights are unbound); no slots: a single token."""
+        return tuple(None if lora is None else lora.bind(tokens, token_of_slot, counts)
+                     for lora in (self.lora_gate_up, self.lora_down))
 
     def _one_token(self, x: torch.Tensor, expert_ids: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """A single token (decoding one sequence): run its top-k experts directly, since sorting,

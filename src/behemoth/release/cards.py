@@ -87,21 +87,32 @@ def run_facts(model_dir: Path) -> dict[str, Any] | None:
 def model_card(record: dict[str, Any], approval: dict[str, Any], *, name: str, files: list[str],
                training: dict[str, Any] | None = None, license: str = "apache-2.0") -> str:
     """README.md of an open release: Hugging Face metadata, then what the model is and is not."""
-    results = _model_index(record, name)
-    front = {"license": license, "library_name": "transformers", "pipeline_tag": "text-generation",
-             "tags": ["llama4", "mixture-of-experts", "behemoth", "gguf"],
+    results = _model_index(record)
+    adapter = record.get("model", {}).get("adapter")
+    front = {"license": license, "library_name": "peft" if adapter else "transformers",
+             "pipeline_tag": "text-generation", "base_model": adapter["base"]["name"] if adapter else None,
+             "tags": ["llama4", "mixture-of-experts", "behemoth", "gguf", *(["lora"] if adapter else [])],
              "datasets": sorted((training or {}).get("datasets", [])) or None,
              "model-index": [{"name": name, "results": results}] if results else None}
     # JSON is valid YAML (flow style), and json.dumps quotes every string safely.
     yaml = ["---", *(f"{k}: {json.dumps(v, ensure_ascii=False)}" for k, v in front.items() if v is not None), "---"]
     info = training or {}
+    if adapter:
+        base = adapter["base"]
+        what = (f"A LoRA adapter for the Llama 4 architecture model `{base['name']}` (weights SHA-256 "
+                f"`{base['weights_sha256']}`), trained with Behemoth and released openly")
+        load = ("Load it over that base with PEFT (`PeftModel.from_pretrained(base_model, folder)`), with "
+                "llama.cpp beside the base's GGUF (`--lora` the `.gguf` file), or merge it with "
+                "`behemoth merge --model BASE --adapter folder --out DIR`. The gate evaluated the base with "
+                "this adapter merged in.")
+    else:
+        what = "A Llama 4 architecture model trained with Behemoth and released openly"
+        load = ("Load it with `transformers` (`AutoModelForCausalLM.from_pretrained(folder)`), with llama.cpp "
+                "(the `.gguf` file), or with `behemoth serve --model folder`.")
     lines = [*yaml, "", f"# {name}", "",
-             f"A Llama 4 architecture model trained with Behemoth and released openly "
-             f"after its release gate decided **{record['decision']}** (rule `{record['rule']}`) and "
+             f"{what} after its release gate decided **{record['decision']}** (rule `{record['rule']}`) and "
              f"{approval['by']} approved it on {approval['time']}.", "",
-             "## Files", "", *[f"- `{f}`" for f in files], "",
-             "Load it with `transformers` (`AutoModelForCausalLM.from_pretrained(folder)`), with llama.cpp "
-             "(the `.gguf` file), or with `behemoth serve --model folder`.", "",
+             "## Files", "", *[f"- `{f}`" for f in files], "", load, "",
              "## Training", "", *(f"- {k}: {v}" for k, v in info.get("facts", {}).items()), "",
              "## Evaluation", "",
              "| evaluation | task | metric | value |", "|---|---|---|---|",
@@ -131,12 +142,9 @@ def _rows(record: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _model_index(record: dict[str, Any], name: str) -> list[dict[str, Any]]:
-    seen, results = set(), []
+def _model_index(record: dict[str, Any]) -> list[dict[str, Any]]:
+    first: dict[tuple[str, str], dict[str, Any]] = {}  # each task and metric once, from its first evaluation
     for row in _rows(record):
-        if (row["task"], row["metric"]) in seen:
-            continue
-        seen.add((row["task"], row["metric"]))
-        results.append({"task": {"type": "text-generation"}, "dataset": {"name": row["task"], "type": row["task"]},
-                        "metrics": [{"type": row["metric"], "value": round(row["value"], 6)}]})
-    return results
+        first.setdefault((row["task"], row["metric"]), row)
+    return [{"task": {"type": "text-generation"}, "dataset": {"name": row["task"], "type": row["task"]},
+             "metrics": [{"type": row["metric"], "value": round(row["value"], 6)}]} for row in first.values()]

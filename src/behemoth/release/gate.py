@@ -44,6 +44,18 @@ def model_identity(directory: str | Path) -> dict[str, Any]:
             "tokenizer_sha256": sha256_file(folder / "tokenizer.json")}
 
 
+def adapter_identity(adapter_dir: str | Path, base_dir: str | Path) -> dict[str, Any]:
+    """What names a LoRA adapter release: its files' checksums and the base it adapts."""
+    from behemoth.lora_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    folder = Path(adapter_dir)
+    for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (folder / file).is_file():
+            raise GateError(f"{folder}: no {file} (not an adapter folder)")
+    return {"path": str(folder.resolve()), "weights_sha256": sha256_file(folder / ADAPTER_WEIGHTS),
+            "config_sha256": sha256_file(folder / ADAPTER_CONFIG), "base": model_identity(base_dir)}
+
+
 def changed_part(folder: str | Path, identity: dict[str, Any]) -> str | None:
     """"weights", "config" or "tokenizer": the first whose checksum in `folder` is no longer
     `identity`'s (a `model_identity`), or None when the folder holds the same model."""
@@ -53,10 +65,15 @@ def changed_part(folder: str | Path, identity: dict[str, Any]) -> str | None:
 
 def run_gate(model_dir: str | Path, policy: Policy | str | Path | None, out_dir: str | Path, *,
              baseline: str | Path | None = None, variables: dict[str, str] | None = None,
-             log: str | Path = DEFAULT_LOG, progress: bool | None = None, kind: str = "chat") -> dict[str, Any]:
+             log: str | Path = DEFAULT_LOG, progress: bool | None = None, kind: str = "chat",
+             adapter: str | Path | None = None) -> dict[str, Any]:
     """Evaluate, apply the policy's rules in order, write the record and log the decision. `kind`
-    ("chat" or "base") says what the model is: evaluations meant for the other kind are not run."""
+    ("chat" or "base") says what the model is: evaluations meant for the other kind are not run.
+    With `adapter`, the candidate is that LoRA adapter over the base `model_dir`: the gate evaluates
+    the merged model (written to out_dir/adapted-model), names the adapter's and the base's checksums,
+    and compares against the base unless another `baseline` is given."""
     from behemoth.eval import compare_results, run_eval, write_json_atomic
+    from behemoth.release.cards import decision_markdown
 
     policy = policy if isinstance(policy, Policy) else load_policy(policy)
     if kind not in MODEL_KINDS:
@@ -71,7 +88,16 @@ def run_gate(model_dir: str | Path, policy: Policy | str | Path | None, out_dir:
         raise PolicyError(f"--var {unknown[0]}: the policy {policy.name!r} uses no such variable")
     task_lists = {name: e.task_list(variables) for name, e in policy.evaluations.items()}  # every ${VAR} given
     audit.verify_log(log)  # a broken log stops the gate before any work
+    adapted = None
+    if adapter is not None:
+        from behemoth.export.merge import merge_adapter
+
+        adapted = adapter_identity(adapter, model_dir)
+        baseline = model_dir if baseline is None else baseline
+        model_dir = merge_adapter(model_dir, adapter, out / "adapted-model", overwrite=True)
     model = model_identity(model_dir)
+    if adapted is not None:
+        model["adapter"] = adapted
     base = model_identity(baseline) if baseline is not None else None
 
     evaluations: dict[str, dict[str, Any]] = {}
@@ -108,10 +134,14 @@ def run_gate(model_dir: str | Path, policy: Policy | str | Path | None, out_dir:
               "decision": fired.decision, "rule": fired.name, "reason": _reason(fired, trace),
               "audit_log": str(Path(log).resolve())}
     record["inputs_sha256"] = inputs_checksum(record)
-    write_record(out, record)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RECORD_MARKDOWN).write_text(decision_markdown(record, out), encoding="utf-8")
+    write_json_atomic(out / RECORD_FILE, record)  # last: its presence means the record is complete
     audit.append(log, "decision", {"record_sha256": sha256_file(out / RECORD_FILE), "record": str(out.resolve()),
                                    "decision": record["decision"], "rule": record["rule"],
                                    "model_weights_sha256": model["weights_sha256"],
+                                   **({"adapter_weights_sha256": adapted["weights_sha256"],
+                                       "base_weights_sha256": adapted["base"]["weights_sha256"]} if adapted else {}),
                                    "policy_sha256": policy.sha256, "inputs_sha256": record["inputs_sha256"]})
     return record
 
@@ -192,7 +222,13 @@ def _metrics(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def inputs_checksum(record: dict[str, Any]) -> str:
     """SHA-256 of what the decision depends on; equal inputs give equal checksums (and decisions)."""
     def identity(model: dict[str, Any] | None) -> Any:
-        return None if model is None else {k: v for k, v in model.items() if k.endswith("sha256")}
+        if model is None:
+            return None
+        named = {k: v for k, v in model.items() if k.endswith("sha256")}
+        if "adapter" in model:  # an adapter's own files and its base
+            named["adapter"] = {**identity({k: v for k, v in model["adapter"].items() if k != "base"}),
+                                "base": identity(model["adapter"]["base"])}
+        return named
 
     evaluations = {name: {"tasks": e["tasks"], "metrics": e["metrics"], "data": e["data"],
                           "comparison": e["comparison"]} for name, e in record["evaluations"].items()}
@@ -213,26 +249,12 @@ def _rounded(value: Any) -> Any:
     return value
 
 
-def write_record(out: Path, record: dict[str, Any]) -> None:
-    from behemoth.eval.cache import write_json_atomic
-    from behemoth.release.cards import decision_markdown
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RECORD_MARKDOWN).write_text(decision_markdown(record, out), encoding="utf-8")
-    write_json_atomic(out / RECORD_FILE, record)  # last: its presence means the record is complete
-
-
-def record_file(path: str | Path) -> Path:
-    """RECORD as given on the command line: the record folder or its decision.json."""
-    path = Path(path)
-    return path / RECORD_FILE if path.is_dir() else path
-
-
 def load_record(path: str | Path) -> tuple[dict[str, Any], Path]:
-    """(record, its file), checked for shape; GateError names the file and the problem."""
+    """(record, its file) from RECORD as given on the command line (the record folder or its decision.json),
+    checked for shape; GateError names the file and the problem."""
     from behemoth.jsonio import read_json_object
 
-    file = record_file(path)
+    file = Path(path) / RECORD_FILE if Path(path).is_dir() else Path(path)
     if not file.is_file():
         raise GateError(f"{file}: no decision record (run `behemoth gate ... --out DIR` first)")
     try:

@@ -18,7 +18,7 @@ from behemoth.durable import fsync_tree, staging_folder
 from behemoth.errors import BehemothError
 from behemoth.hashing import sha256_file
 from behemoth.release import audit
-from behemoth.release.gate import GateError, changed_part, load_record
+from behemoth.release.gate import GateError, adapter_identity, changed_part, load_record
 from behemoth.release.registry import register
 
 MANIFEST_FILE = "manifest.json"
@@ -57,10 +57,11 @@ def publish(record_path: str | Path, out: str | Path | None = None, *, log: str 
         raise ReleaseError(f"{file}: already published to {done[0]['location']} at {done[0]['time']}")
     model_dir = _unchanged_model(record)
     name = name or record["model"]["name"]
+    adapter = record["model"].get("adapter")
     if training is None:  # the card's Training section, from the run's own records
         from behemoth.release.cards import run_facts
 
-        training = run_facts(model_dir)
+        training = run_facts(Path(adapter["path"]) if adapter else model_dir)
     if record["decision"] == "open":
         if out is None:
             raise ReleaseError("an open release needs --out DIR for its bundle")
@@ -92,14 +93,28 @@ def _sealed(record_path: str | Path, log: str | Path | None
 
 
 def _unchanged_model(record: dict[str, Any]) -> Path:
-    folder = Path(record["model"]["path"])
-    try:
-        changed = changed_part(folder, record["model"])
-    except GateError as err:
-        raise ReleaseError(f"the gated model is gone or unreadable: {err}") from None
-    if changed:
-        raise ReleaseError(f"{folder}: {changed} changed since the gate evaluated it; run the gate again")
-    return folder
+    """The gated model's folder, once it (and for an adapter, the adapter and its base) is checked
+    to be what the gate evaluated."""
+    gated = [record["model"]]
+    adapter = record["model"].get("adapter")
+    if adapter is not None:
+        gated.append(adapter["base"])
+        try:
+            now = adapter_identity(adapter["path"], adapter["base"]["path"])
+        except GateError as err:
+            raise ReleaseError(f"the gated adapter is gone or unreadable: {err}") from None
+        if (now["weights_sha256"], now["config_sha256"]) != (adapter["weights_sha256"], adapter["config_sha256"]):
+            raise ReleaseError(f"{adapter['path']}: the adapter changed since the gate evaluated it; run the "
+                               "gate again")
+    for identity in gated:
+        folder = Path(identity["path"])
+        try:
+            changed = changed_part(folder, identity)
+        except GateError as err:
+            raise ReleaseError(f"the gated model is gone or unreadable: {err}") from None
+        if changed:
+            raise ReleaseError(f"{folder}: {changed} changed since the gate evaluated it; run the gate again")
+    return Path(record["model"]["path"])
 
 
 def _new_folder(target: Path, hint: str, build: Callable[[Path], None]) -> Path:
@@ -116,13 +131,22 @@ def _new_folder(target: Path, hint: str, build: Callable[[Path], None]) -> Path:
 def _open_bundle(staging: Path, model_dir: Path, record: dict[str, Any], record_file: Path,
                  approval: dict[str, Any], name: str, gguf_dtype: str, training: dict[str, Any] | None,
                  log: Path) -> None:
-    from behemoth.export.gguf import export_gguf
+    from behemoth.export.gguf import export_gguf, export_gguf_lora
     from behemoth.export.hf import copy_hf_files
+    from behemoth.lora_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
     from behemoth.release.cards import model_card
 
-    files = copy_hf_files(model_dir, staging)
-    gguf_name = f"{name}-{gguf_dtype}.gguf"
-    export_gguf(model_dir, staging / gguf_name, dtype=gguf_dtype)
+    adapter = record["model"].get("adapter")
+    if adapter is None:
+        files = copy_hf_files(model_dir, staging)
+        gguf_name = f"{name}-{gguf_dtype}.gguf"
+        export_gguf(model_dir, staging / gguf_name, dtype=gguf_dtype)
+    else:  # the adapter alone, as PEFT and llama.cpp load it beside the base the card names
+        files = [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+        for file in files:
+            shutil.copyfile(Path(adapter["path"]) / file, staging / file)
+        gguf_name = f"{name}-lora.gguf"
+        export_gguf_lora(adapter["base"]["path"], adapter["path"], staging / gguf_name)
     files.append(gguf_name)
     (staging / "release").mkdir()
     shutil.copyfile(record_file, staging / "release" / "decision.json")

@@ -30,7 +30,8 @@ from behemoth.serve.jobs import generate
 from behemoth.serve.keys import KeyStore
 from behemoth.serve.limits import RateLimiter
 from behemoth.serve.metrics import CONTENT_TYPE
-from behemoth.serve.models import ServedModel, load_served_model, parse_model_specs
+from behemoth.serve.models import (ServedModel, load_served_model, parse_lora_specs, parse_model_specs,
+                                   served_adapters)
 from behemoth.serve.schemas import ApiError, Settings, error_response
 
 log = logging.getLogger("behemoth.serve")
@@ -64,13 +65,14 @@ def create_app(models: Iterable[ServedModel], keys: KeyStore, settings: Settings
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        for model in served.values():
-            model.engine.start()
+        engines = list({id(model.engine): model.engine for model in served.values()}.values())  # adapters share
+        for engine in engines:
+            engine.start()
         try:
             yield
         finally:
-            for model in served.values():
-                model.engine.close()
+            for engine in engines:
+                engine.close()
             if audit is not None:
                 audit.close()
 
@@ -117,7 +119,8 @@ def create_app(models: Iterable[ServedModel], keys: KeyStore, settings: Settings
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
     def model_card(model: ServedModel) -> dict[str, Any]:
-        return {"id": model.name, "object": "model", "created": model.created, "owned_by": "behemoth"}
+        card = {"id": model.name, "object": "model", "created": model.created, "owned_by": "behemoth"}
+        return card if model.parent is None else {**card, "parent": model.parent, "root": model.parent}
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:
@@ -153,20 +156,21 @@ def serve(model_specs: list[str], host: str = "127.0.0.1", port: int = 8000, api
           audit_log: str | Path | None = None, settings: Settings | None = None, max_batch_size: int = 16,
           max_queue: int = 256, max_context: int | None = None, log_prompts: bool = False,
           weights: str = "float32", compile: bool = False, announce: Any = print, guard: Any = None,
-          guard_replies: bool = False) -> None:
-    """`behemoth serve`: load the models, check the keys, run uvicorn until interrupted."""
+          guard_replies: bool = False, lora_specs: list[str] | None = None) -> None:
+    """`behemoth serve`: load the models (LoRA adapters `NAME=DIR` over the one model), check the keys,
+    run uvicorn until interrupted."""
     import uvicorn
 
     settings = settings or Settings()
     named = parse_model_specs(model_specs)
+    adapters = parse_lora_specs(lora_specs or [], named)
     check_port_free(host, port)  # before minutes of loading, not after them
     if api_keys is not None:
         keys = KeyStore(api_keys)
         if not any(r.active for r in keys.records()):
             raise ConfigError(f"{api_keys}: no active API key; create one with "
                               f"`behemoth keys create --file {api_keys} --name NAME`")
-        keys_file = Path(api_keys)
-        audit_path = Path(audit_log) if audit_log else keys_file.with_name(keys_file.stem + ".audit.jsonl")
+        audit_path = Path(audit_log) if audit_log else Path(api_keys).with_suffix(".audit.jsonl")
     else:
         key, keys = KeyStore.ephemeral()
         announce(f"no --api-keys file: this run accepts one temporary key (not stored anywhere):\n  {key}")
@@ -176,13 +180,16 @@ def serve(model_specs: list[str], host: str = "127.0.0.1", port: int = 8000, api
     threads = leave_cores_to_engines()  # before loading: the main thread only loads, tokenizes and answers
     if compile:
         announce("compiling the decode step (about half a minute per model)...")
-    models = [load_served_model(name, directory, max_batch_size, max_queue, max_context, threads, weights, compile)
+    models = [load_served_model(name, directory, max_batch_size, max_queue, max_context, threads, weights, compile,
+                                adapters if name == next(iter(named)) else None)
               for name, directory in named.items()]
+    models += served_adapters(models[0])
     app = create_app(models, keys, settings, audit, limiter, guard, guard_replies)
     if guard is not None:
         announce(f"guard: {guard.name}, screening requests" + (" and non-streamed replies" if guard_replies else ""))
     shown_host = f"[{host}]" if ":" in host else host
-    announce(f"serving {', '.join(named)} on http://{shown_host}:{port}/ (chat page at /, API at /v1)")
+    shown = ", ".join([*named, *(f"{name} (LoRA over {next(iter(named))})" for name in adapters)])
+    announce(f"serving {shown} on http://{shown_host}:{port}/ (chat page at /, API at /v1)")
     if not _is_loopback(host):
         announce(f"note: {host} is reachable from other machines; keys travel in plain HTTP unless a TLS "
                  "proxy is in front")

@@ -77,7 +77,9 @@ async def generate(call: Call, request: Request, chat: bool) -> Response:
         except RateLimited as err:
             raise limited(err) from None
         if await screen(call, job.model.name, "request", _user_text(job, body)):
-            _refuse(job)
+            job.top_logprobs = None  # the refusal has no model logprobs to show
+            for choice in job.choices:
+                choice.request = _Refused()
         else:
             _submit(job)
     except BaseException:
@@ -109,20 +111,12 @@ class _Refused:
 
     completion_tokens = 0
 
-    def __aiter__(self) -> AsyncIterator[Any]:
-        async def events() -> AsyncIterator[Any]:
-            yield SimpleNamespace(text=GUARD_REFUSAL, finish_reason="content_filter", token_id=None,
-                                  logprob=None, top_logprobs=None)
-        return events()
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        yield SimpleNamespace(text=GUARD_REFUSAL, finish_reason="content_filter", token_id=None, logprob=None,
+                              top_logprobs=None)
 
     def cancel(self) -> None:
         pass
-
-
-def _refuse(job: _Job) -> None:
-    job.top_logprobs = None  # the refusal has no model logprobs to show
-    for choice in job.choices:
-        choice.request = _Refused()
 
 
 def _invalid(err: ConfigError) -> ApiError:
@@ -205,7 +199,7 @@ def _build_job(call: Call, body: Body, chat: bool) -> _Job:
                 stop_token_ids=[] if body.ignore_eos else sorted(stop_ids),
                 seed=None if body.seed is None else body.seed + j,
                 logprobs=top_logprobs or 0, ignore_eos=body.ignore_eos,
-                prompt_logprobs=(top_logprobs or 0) if echo else None)
+                prompt_logprobs=(top_logprobs or 0) if echo else None, adapter=model.adapter)
             try:
                 params.validate()
             except ConfigError as err:
@@ -393,18 +387,14 @@ def _sse(payload: dict[str, Any]) -> str:
 
 
 def _finite(value: float | None) -> float | None:
-    if value is None:
-        return None
-    return float(value) if math.isfinite(value) else NEG_INF_LOGPROB
+    return None if value is None else float(value) if math.isfinite(value) else NEG_INF_LOGPROB
 
 
 def _logprobs(job: _Job, choice: _Choice, start: int) -> dict[str, Any] | None:
-    """Logprobs of the choice's tokens from `start` (called in order: each call goes on from the last),
-    in the chat or the completions shape; None when the request did not ask for them. A token's
-    text_offset counts the characters of the returned text that the tokens before it complete: its
-    bytes are decoded as the whole text is, so a token that ends inside a multi-byte character has
-    the text from its offset to the next token's without that character, and the token completing it
-    has all of it; the echoed prompt's text is decoded on its own, as it is returned."""
+    """Logprobs of the choice's tokens from `start` (each call goes on from the last), in the chat or the
+    completions shape; None if not asked for. A token's text_offset counts the characters of the returned
+    text that the tokens before it complete (bytes decoded as the whole text is: a character split over
+    tokens belongs to the one completing it); the echoed prompt's text is decoded on its own, as returned."""
     if job.top_logprobs is None:
         return None
     text = job.model.text
@@ -449,19 +439,17 @@ def _usage(job: _Job) -> dict[str, int]:
     prompt = sum(len(p) for p in job.prompts)
     completion = 0
     for choice in job.choices:
-        counted = getattr(choice.request, "completion_tokens", None) if choice.request is not None else None
+        counted = getattr(choice.request, "completion_tokens", None)
         completion += counted if isinstance(counted, int) else len(choice.tokens)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _chunk(job: _Job, choice: _Choice | None, content: Any, logprobs: dict | None, finish: str | None) -> dict:
     """One SSE chunk; `content` is the chat delta (a dict) or the completion text."""
-    chunk: dict[str, Any] = {"id": job.id, "object": "chat.completion.chunk" if job.chat else "text_completion",
-                             "created": job.created, "model": job.model.name, "choices": []}
-    if choice is not None:
-        chunk["choices"] = [{"index": choice.index, "delta" if job.chat else "text": content, "logprobs": logprobs,
-                             "finish_reason": finish}]
-    return chunk
+    choices = [] if choice is None else [{"index": choice.index, "delta" if job.chat else "text": content,
+                                          "logprobs": logprobs, "finish_reason": finish}]
+    return {"id": job.id, "object": "chat.completion.chunk" if job.chat else "text_completion",
+            "created": job.created, "model": job.model.name, "choices": choices}
 
 
 def _full_response(job: _Job) -> dict[str, Any]:

@@ -26,6 +26,8 @@ class ServedModel:
     tokenizer: Tokenizer
     context: int
     created: int = field(default_factory=lambda: int(time.time()))
+    adapter: int = 0  # a LoRA adapter over `parent`'s weights, in the same engine (0: the model itself)
+    parent: str | None = None
 
     def __post_init__(self) -> None:
         if not MODEL_NAME.match(self.name):
@@ -56,9 +58,33 @@ def parse_model_specs(specs: list[str]) -> dict[str, Path]:
     return named
 
 
+def parse_lora_specs(specs: list[str], models: dict[str, Path]) -> dict[str, Path]:
+    """`--lora NAME=DIR` -> {name: adapter folder}, served over the one `--model`."""
+    adapters: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or not MODEL_NAME.match(name) or not folder:
+            raise ConfigError(f"--lora {spec}: expected NAME=ADAPTER_DIR (NAME: 1-64 letters, digits or ._-)")
+        if name in adapters or name in models:
+            raise ConfigError(f"--lora {spec}: the name {name!r} is already taken")
+        adapters[name] = Path(folder)
+    if adapters and len(models) != 1:
+        raise ConfigError(f"--lora: adapters go over one base model; give exactly one --model (got {len(models)})")
+    return adapters
+
+
 def load_served_model(name: str, directory: str | Path, max_batch_size: int = 16, max_queue: int = 256,
                       max_context: int | None = None, threads: int | None = None,
-                      weights: str = "float32", compile: bool = False) -> ServedModel:
-    """A model directory in an engine (`inference.load_engine`, not started yet) served as `name`."""
-    engine = load_engine(directory, max_batch_size, max_queue, max_context, threads, weights, compile)
+                      weights: str = "float32", compile: bool = False,
+                      adapters: dict[str, Path] | None = None) -> ServedModel:
+    """A model directory in an engine (`inference.load_engine`, not started yet) served as `name`,
+    with `adapters` {name: LoRA adapter folder} over it in the same engine (`served_adapters`)."""
+    engine = load_engine(directory, max_batch_size, max_queue, max_context, threads, weights, compile, adapters)
     return ServedModel(name=name, engine=engine, tokenizer=engine.tokenizer, context=engine.max_context)
+
+
+def served_adapters(base: ServedModel) -> list[ServedModel]:
+    """The models a base's engine serves besides the base: one per LoRA adapter, named as it was given."""
+    names = [] if base.engine.adapters is None else base.engine.adapters.names
+    return [ServedModel(name=name, engine=base.engine, tokenizer=base.tokenizer, context=base.context,
+                        adapter=index, parent=base.name) for index, name in enumerate(names, start=1)]

@@ -7,9 +7,8 @@
       model/                the final model directory (Hugging Face layout, with tokenizer)
       adapter/              with lora.rank > 0: the LoRA adapters alone (model/ is then base + adapters merged)
 
-The loop owns everything the stages share: learning-rate schedule, gradient accumulation and
-clipping, MoE balance (selection-bias updates, balance and z-losses), metrics, progress,
-checkpoints and exact resume. An objective owns its data and its loss.
+The loop owns what the stages share (schedule, accumulation, clipping, MoE balance, metrics,
+checkpoints, exact resume); an objective owns its data and its loss.
 """
 
 from __future__ import annotations
@@ -24,15 +23,16 @@ from typing import Any, Protocol
 
 import torch
 
-from behemoth.checkpoint import WRITE_ERRORS, AdapterInfo, base_sha256, save_adapter, write_failure
+from behemoth.checkpoint import WRITE_ERRORS, write_failure
 from behemoth.checkpoint import save as save_model
-from behemoth.distributed.mesh import is_main_process, local_device
+from behemoth.distributed.mesh import is_main_process
 from behemoth.errors import BehemothError, ConfigError
 from behemoth.hardware import detect_cpu
 from behemoth.info import model_size
+from behemoth.lora_files import AdapterInfo, base_sha256, save_adapter
 from behemoth.model import RouterOutput, Transformer
 from behemoth.model.lora import LoraCoverage, apply_lora, merged_state_dict
-from behemoth.run_checkpoints import TrainerState, list_checkpoints
+from behemoth.run_checkpoints import TrainerState, last_checkpoint, list_checkpoints
 from behemoth.train.checkpointing import save_checkpoint
 from behemoth.train.checks import generation_check
 from behemoth.train.config import RunConfig
@@ -46,37 +46,21 @@ class TrainingError(BehemothError):
     """The run cannot continue (e.g. the loss diverged)."""
 
 
-class Loader(Protocol):
-    """A resumable source of training batches."""
-
-    def next_batch(self) -> Any: ...
-    def state_dict(self) -> dict: ...
-    def load_state_dict(self, state: dict) -> None: ...
-
-
 class Objective(Protocol):
-    """What a training stage trains for.
+    """What a training stage trains for. `loader`: a resumable batch source (next_batch, state_dict,
+    load_state_dict). Optional: `loss_weight(batch) -> float`, the units (tokens, pairs) a
+    micro-batch's loss averages over, so that with several processes each rank's loss counts by its
+    share of the global batch (without it, ranks count equally)."""
 
-    Optional: `loss_weight(batch) -> float`, how many units (tokens, pairs) a micro-batch's loss
-    averages over. With several processes each rank's loss then counts by its share of the global
-    batch, so the step is the one a single process takes; without it, ranks count equally, which is
-    the same thing whenever every rank's share holds as many units (packed windows, pairs).
-    """
+    loader: Any
 
-    loader: Loader
-
-    def start_step(self, step: int) -> None:
-        """Called before each optimizer step (0-based), also after a resume."""
-        ...
+    def start_step(self, step: int) -> None: ...  # before each optimizer step (0-based), also on resume
 
     def loss(self, model: Any, batch: Any, routers: list[RouterOutput]) -> tuple[torch.Tensor, dict[str, float], int]:
-        """(loss to minimise, scalar metrics to log, tokens processed) for one micro-batch;
-        `model` may be a compiled wrapper; MoE layers append to `routers`."""
+        """(loss, scalar metrics, tokens processed) for one micro-batch; `model` may be compiled."""
         ...
 
-    def evaluate(self, model: Transformer) -> dict[str, float]:
-        """Validation metrics, computed in eval mode (as the model will be released)."""
-        ...
+    def evaluate(self, model: Transformer) -> dict[str, float]: ...  # validation metrics, in eval mode
 
 
 @dataclass
@@ -98,11 +82,8 @@ class TrainResult:
 
 
 def start_run(out_dir: Path, run: RunConfig, resume: bool) -> list[Path]:
-    """Create the run folder; refuse to overwrite a run unless resuming. Returns its checkpoints.
-
-    Launched by torchrun with several processes, this joins them; rank 0 goes first through the
-    stage's setup (which may write files) while the others wait for it in `join`.
-    """
+    """Create the run folder (refusing to overwrite a run unless resuming); returns its checkpoints.
+    Under torchrun, joins the processes: rank 0 goes first through the stage's setup."""
     existing = list_checkpoints(out_dir / "checkpoints")
     if existing and not resume:
         raise ConfigError(f"{out_dir}: already holds checkpoints; pass --resume to continue, or choose another --out")
@@ -116,11 +97,8 @@ def start_run(out_dir: Path, run: RunConfig, resume: bool) -> list[Path]:
 def train_loop(run: RunConfig, out_dir: Path, model: Transformer, tokenizer: Any, objective: Objective,
                resume: bool = False, progress: bool | None = None, base_model: str = "") -> TrainResult:
     """Train `model` for run.run.steps optimizer steps of `objective`; resumable at any checkpoint.
-    With lora.rank > 0 only LoRA adapters train (`base_model`: where the frozen base came from,
-    recorded in the adapter's config).
-
-    With several processes (see `start_run`), every rank runs this together on the same global
-    batches, each on its share; rank 0 alone writes metrics and progress."""
+    With lora.rank > 0 only LoRA adapters train (`base_model`: where the frozen base came from).
+    Under torchrun every rank runs this on its share of the same batches; rank 0 alone reports."""
     run = resolve_dtype(run, model.device)
     adapters = attach_adapters(run, model, base_model)  # before the optimizer: it sees the adapters only
     parallel = Parallelism.start(run, model)
@@ -138,15 +116,15 @@ class Adapters:
 
 def attach_adapters(run: RunConfig, model: Transformer, base_model: str) -> Adapters | None:
     """Freeze `model` and give it the [lora] adapters; None when lora.rank is 0 (all weights train)."""
-    settings = run.lora
-    if settings.rank == 0:
+    lora = run.lora
+    if lora.rank == 0:
         return None
     if process_share()[1] > 1:
         raise ConfigError("lora.rank > 0 with several processes is not supported yet (expert parallelism and "
                           "FSDP do not carry the adapters); run LoRA in one process")
     base = base_sha256(model)
-    coverage = apply_lora(model, settings, seed=run.run.seed)
-    info = AdapterInfo(settings.rank, settings.alpha, settings.use_rslora, settings.dropout, list(settings.targets),
+    coverage = apply_lora(model, lora, seed=run.run.seed)
+    info = AdapterInfo(lora.rank, lora.alpha, lora.use_rslora, lora.dropout, list(lora.targets),
                        coverage.sites, base_model, base)
     return Adapters(coverage, info)
 
@@ -157,10 +135,8 @@ def resolve_dtype(run: RunConfig, device: torch.device) -> RunConfig:
     bench/RESULTS.md), float32 elsewhere (emulated bfloat16 is slower than float32)."""
     if run.run.dtype != "auto":
         return run
-    if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported()
-    else:
-        native = device.type == "cpu" and cpu_has_native_bf16()
+    cuda = device.type == "cuda"
+    native = torch.cuda.is_bf16_supported() if cuda else device.type == "cpu" and cpu_has_native_bf16()
     return replace(run, run=replace(run.run, dtype="bfloat16" if native else "float32"))
 
 
@@ -250,11 +226,11 @@ def _train_loop(run: RunConfig, out_dir: Path, model: Transformer, tokenizer: An
     with _disk_errors("final model", checkpoints):
         if parallel.distributed:  # weights gathered to rank 0, which writes the directory
             model_dir = parallel.save_model(model, out_dir / "model", tokenizer=tokenizer)
-        elif adapters is not None:  # the merged model, loadable everywhere; the adapters beside it
-            model_dir = save_model(model.eval(), out_dir / "model", tokenizer=tokenizer, state=merged_state_dict(model))
-            adapter_dir = save_adapter(model, out_dir / "adapter", adapters.info)
-        else:
-            model_dir = save_model(model.eval(), out_dir / "model", tokenizer=tokenizer)
+        else:  # with adapters: the merged model, loadable everywhere, and the adapters beside it
+            model_dir = save_model(model.eval(), out_dir / "model", tokenizer=tokenizer,
+                                   state=merged_state_dict(model) if adapters else None)
+            if adapters is not None:
+                adapter_dir = save_adapter(model, out_dir / "adapter", adapters.info)
     return TrainResult(out_dir, model_dir, total, loss_value, validation, adapter_dir)
 
 
@@ -268,16 +244,14 @@ def _disk_errors(what: str, checkpoints: Path) -> Iterator[None]:
         reason = write_failure(err)
         if reason is None:
             raise
-        kept = list_checkpoints(checkpoints)
-        where = f"last complete checkpoint: {kept[-1]}" if kept else "no checkpoint was written yet"
+        where = last_checkpoint(checkpoints, "last complete checkpoint: {}")
         raise TrainingError(f"cannot write the {what} under {checkpoints.parent} ({reason}); {where}") from None
 
 
 @dataclass
 class BadSteps:
-    """Steps whose loss or gradient norm is NaN or Inf: `_optimizer_step` leaves the weights and the
-    optimizer untouched for them, the loop logs them as skipped, and `limit` of them in a row stop
-    the run (a single bad batch is survivable; a run that keeps producing them has diverged)."""
+    """Steps whose loss or gradient norm is NaN or Inf: skipped (weights and optimizer untouched), and
+    `limit` of them in a row stop the run (one bad batch is survivable; many mean divergence)."""
 
     limit: int
     in_row: int = 0
@@ -289,8 +263,7 @@ class BadSteps:
             return False
         self.in_row += 1
         if self.in_row >= self.limit:
-            kept = list_checkpoints(checkpoints)
-            where = f"last good checkpoint kept: {kept[-1]}" if kept else "no checkpoint was written yet"
+            where = last_checkpoint(checkpoints, "last good checkpoint kept: {}")
             raise TrainingError(f"step {step + 1}: loss {loss}, gradient norm {grad_norm}; {self.in_row} bad steps "
                                 f"in a row (run.max_bad_steps = {self.limit}), stopping; {where}")
         return True
@@ -298,10 +271,8 @@ class BadSteps:
 
 def _optimizer_step(forward, model: Transformer, optimizer: torch.optim.Optimizer, objective: Objective,
                     run: RunConfig, parallel: Parallelism) -> tuple[float, list[torch.Tensor], dict[str, float], int]:
-    """One optimizer step over `grad_accum` micro-batches: loss, expert loads, logged values, tokens.
-
-    With several processes, each takes its share of every global batch; the numbers returned are
-    global (mean loss, summed tokens, expert loads from the summed counts), the same on every rank."""
+    """One optimizer step over `grad_accum` micro-batches: loss, expert loads, logged values, tokens;
+    with several processes, global numbers (the same on every rank)."""
     accum = run.optim.grad_accum
     num_experts = model.config.num_local_experts
     totals: dict[str, float] = {}
@@ -360,9 +331,6 @@ class RouterLog:
     def __len__(self) -> int:
         return len(self._items)
 
-    def __getitem__(self, index: int) -> RouterOutput:
-        return self._items[index]
-
 
 def _global_numbers(parallel: Parallelism, loss_sum: float, tokens: int, totals: dict[str, float],
                     counts: list[torch.Tensor]) -> tuple[float, int, dict[str, float], list[torch.Tensor]]:
@@ -381,7 +349,7 @@ def _global_numbers(parallel: Parallelism, loss_sum: float, tokens: int, totals:
 
 
 class _Silent:
-    """Metrics and progress on ranks other than 0: they compute the same numbers and say nothing."""
+    """Metrics and progress on ranks other than 0, which say nothing."""
 
     def write(self, record: dict) -> None: ...
     def update(self, *args: Any) -> None: ...
@@ -397,16 +365,10 @@ def autocast(dtype: str, device: torch.device):
 
 
 def parameter_dtype(run: RunConfig) -> torch.dtype:
-    """The dtype a fresh model's weights are kept in: float64 when asked, else float32 (bfloat16
-    autocast also keeps float32 weights)."""
+    """float64 when asked, else float32 (bfloat16 autocast also keeps float32 weights)."""
     return torch.float64 if run.run.dtype == "float64" else torch.float32
 
 
 def device_of(model) -> torch.device:
     """The device of a model or of the model inside a torch.compile wrapper."""
     return next(model.parameters()).device
-
-
-def pick_device(name: str) -> torch.device:
-    """"auto": CUDA when there is a GPU; under torchrun, each process's own GPU (LOCAL_RANK)."""
-    return local_device(name)
