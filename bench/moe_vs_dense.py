@@ -1,7 +1,7 @@
 """Quality at equal compute: cpu-small (MoE) against dense-small (same active parameters).
 
 Both train on the same TinyStories text (../shared/data/tinystories/) with the same tokenizer,
-shards, seed and settings, each for the number of steps that fills the same wall-clock budget
+shards, seed and settings (`behemoth pretrain`'s: Muon, bfloat16 where native), each for the number of steps that fills the same wall-clock budget
 (default 20 minutes) at its own measured speed, then report validation bits per byte and samples.
 Steps are calibrated from a short uncontended run of each model, so a busy machine during the
 long runs changes how long they take, not the comparison.
@@ -47,7 +47,8 @@ def settings(preset: str, data: Path, tokenizer: Path, steps: int) -> list[str]:
 def seconds_per_step(preset: str, data: Path, tokenizer: Path, workdir: Path) -> float:
     out = workdir / f"calibrate-{preset}"
     shutil.rmtree(out, ignore_errors=True)
-    pretrain(load_run_config(None, settings(preset, data, tokenizer, CALIBRATION_STEPS)), out, progress=False)
+    pretrain(load_run_config(None, settings(preset, data, tokenizer, CALIBRATION_STEPS), stage="pretrain"), out,
+             progress=False)
     records = read_metrics(out / "metrics.jsonl")[2:]  # skip warm-up steps
     tokens_per_step = 8 * 256
     return statistics.median(tokens_per_step / r["tokens_per_s"] for r in records)
@@ -81,8 +82,8 @@ def main() -> None:
         out = args.workdir / preset
         shutil.rmtree(out, ignore_errors=True)
         started = time.perf_counter()
-        result = pretrain(load_run_config(None, settings(preset, data_dir, tokenizer_dir, steps)), out,
-                          progress=False)
+        result = pretrain(load_run_config(None, settings(preset, data_dir, tokenizer_dir, steps), stage="pretrain"),
+                          out, progress=False)
         wall = time.perf_counter() - started
         size = model_size(load(result.model_dir).config, 256)
         curves[preset] = read_metrics(out / "metrics.jsonl")
@@ -100,7 +101,8 @@ def main() -> None:
                          "Equal wall-clock budget: MoE vs dense", plot)
     body = "\n".join([
         f"TinyStories sample (../shared/data, 794 KB, 5% of stories held out), tokenizer of 8192, "
-        f"batch 8 x 256, float32, same seed; budget {args.minutes:g} minutes of training each, steps "
+        f"batch 8 x 256, `behemoth pretrain`'s recipe (Muon; bfloat16 where the CPU has it natively), same "
+        f"seed; budget {args.minutes:g} minutes of training each, steps "
         f"calibrated from each model's measured step time. Command: `.venv/bin/python bench/moe_vs_dense.py`.",
         "", "| model | total | active | s/step | steps | tokens | wall-clock | val loss | val bits/byte | best val bits/byte |",
         "|---|---|---|---|---|---|---|---|---|---|", *rows, "",
