@@ -4,6 +4,7 @@ serving needs them: every row computes what the merged model of its adapter comp
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -191,3 +192,19 @@ def test_the_api_serves_adapters_by_model_name_with_key_permissions(adapter_dirs
                          SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True))
         assert alone[0].text == replies[name]
     assert replies["one"] != replies["base"]
+
+
+@pytest.mark.parametrize("specs, models, words", [
+    (["bad"], 1, "expected NAME=ADAPTER_DIR"),
+    (["x={adapter}", "x={adapter}"], 1, "the name 'x' is already taken"),
+    (["x={adapter}"], 2, "give exactly one --model (got 2)"),
+    (["x={missing}"], 1, "has no adapter_config.json"),
+])
+def test_bad_lora_specs_are_one_line(adapter_dirs, tmp_path, specs, models, words) -> None:
+    from behemoth.serve.models import parse_lora_specs
+
+    _, folders, _ = adapter_dirs
+    specs = [s.format(adapter=folders["one"], missing=tmp_path / "missing") for s in specs]
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        parse_lora_specs(specs, {f"m{i}": tmp_path for i in range(models)})
+    assert parse_lora_specs([f"sft={folders['one']}"], {"base": tmp_path}) == {"sft": folders["one"]}

@@ -67,6 +67,8 @@ def parse_lora_specs(specs: list[str], models: dict[str, Path]) -> dict[str, Pat
             raise ConfigError(f"--lora {spec}: expected NAME=ADAPTER_DIR (NAME: 1-64 letters, digits or ._-)")
         if name in adapters or name in models:
             raise ConfigError(f"--lora {spec}: the name {name!r} is already taken")
+        if not (Path(folder) / "adapter_config.json").is_file():  # before minutes of loading
+            raise ConfigError(f"--lora {spec}: {folder} has no adapter_config.json (not an adapter folder)")
         adapters[name] = Path(folder)
     if adapters and len(models) != 1:
         raise ConfigError(f"--lora: adapters go over one base model; give exactly one --model (got {len(models)})")
