@@ -187,7 +187,7 @@ class RunConfig:
 STAGE_DEFAULTS = {
     "pretrain": ["optim.name='muon'"],
     "distill": ["optim.name='muon'"],
-    # muon_lr 0.01, half pretraining's: held-out pass@1 0.28 against 0.19 at 0.02 (2 seeds, bench/RESULTS.md)
+    # muon_lr 0.01, half pretraining's: held-out pass@1 0.29 against 0.23 at 0.02 (3 seeds, bench/RESULTS.md)
     "sft": ["optim.name='muon'", "optim.lr=3e-3", "optim.muon_lr=0.01", "optim.warmup_steps=5"],
     # No weight decay where the starting model is the point (TRL's default too): with no reward
     # signal in a step, decay alone would still pull the weights away from it.
