@@ -34,6 +34,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from corpora import WORDS, write_phrase_corpus
+from lora_support import randomise_adapters, save_adapted
 
 from behemoth import checkpoint
 from behemoth.config import ModelConfig, preset
@@ -538,22 +539,17 @@ def test_weights_llama_cpp_would_get_wrong_are_refused(tokenizer, tmp_path) -> N
 @pytest.mark.parametrize("targets, rslora", [(["all", "router"], False), (["experts", "q_proj"], True)])
 def test_lora_adapter_gguf_runs_beside_the_base_as_our_adapted_model(small, tokenizer, open_llama, tmp_path,
                                                                     targets, rslora) -> None:
-    from behemoth.lora_files import AdapterInfo, base_sha256, save_adapter
-    from behemoth.model.lora import adapter_modules, apply_lora, lora_state_dict
+    from behemoth.lora_files import base_sha256
+    from behemoth.model.lora import apply_lora
     from behemoth.train.config import LoraConfig
 
     adapted = checkpoint.load(small.dir)
     base_hash = base_sha256(adapted)
     settings = LoraConfig(rank=4, alpha=8.0, targets=targets, use_rslora=rslora)
     apply_lora(adapted, settings)
-    generator = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for name, tensor in lora_state_dict(adapted).items():
-            if name.endswith("lora_B.weight"):
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.05)
+    randomise_adapters(adapted, seed=4)
     adapted.eval()
-    info = AdapterInfo(4, 8.0, rslora, 0.0, targets, list(adapter_modules(adapted)), str(small.dir), base_hash)
-    save_adapter(adapted, tmp_path / "adapter", info)
+    save_adapted(adapted, tmp_path / "adapter", settings, str(small.dir), base_hash)
     out = gguf_export.export_gguf_lora(small.dir, tmp_path / "adapter", tmp_path / "adapter.gguf")
     reader = __import__("gguf").GGUFReader(str(out))
     assert reader.get_field("general.type").contents() == "adapter"
@@ -566,15 +562,14 @@ def test_lora_adapter_gguf_runs_beside_the_base_as_our_adapted_model(small, toke
 
 
 def test_lora_adapter_gguf_for_another_base_is_refused(small, tmp_path) -> None:
-    from behemoth.lora_files import AdapterInfo, save_adapter
-    from behemoth.model.lora import adapter_modules, apply_lora
+    from behemoth.model.lora import apply_lora
     from behemoth.train.config import LoraConfig
 
     other = Transformer(small.model.config)
     init_weights(other, seed=5)
-    apply_lora(other, LoraConfig(rank=2, alpha=2.0, targets=["attention"]))
-    save_adapter(other, tmp_path / "adapter", AdapterInfo(2, 2.0, False, 0.0, ["attention"],
-                                                          list(adapter_modules(other)), "elsewhere", "0" * 64))
+    settings = LoraConfig(rank=2, alpha=2.0, targets=["attention"])
+    apply_lora(other, settings)
+    save_adapted(other, tmp_path / "adapter", settings, "elsewhere", "0" * 64)
     with pytest.raises(BehemothError, match="was trained on another base"):
         gguf_export.export_gguf_lora(small.dir, tmp_path / "adapter", tmp_path / "a.gguf")
     assert not (tmp_path / "a.gguf").exists()
@@ -582,15 +577,15 @@ def test_lora_adapter_gguf_for_another_base_is_refused(small, tmp_path) -> None:
 
 def test_cli_exports_a_lora_adapter_and_refuses_a_mismatched_request(small, tmp_path, capsys) -> None:
     from behemoth.cli import main
-    from behemoth.lora_files import AdapterInfo, base_sha256, save_adapter
-    from behemoth.model.lora import adapter_modules, apply_lora
+    from behemoth.lora_files import base_sha256
+    from behemoth.model.lora import apply_lora
     from behemoth.train.config import LoraConfig
 
     model = checkpoint.load(small.dir)
     info_hash = base_sha256(model)
-    apply_lora(model, LoraConfig(rank=2, alpha=4.0, targets=["attention"]))
-    save_adapter(model, tmp_path / "adapter", AdapterInfo(2, 4.0, False, 0.0, ["attention"],
-                                                          list(adapter_modules(model)), str(small.dir), info_hash))
+    settings = LoraConfig(rank=2, alpha=4.0, targets=["attention"])
+    apply_lora(model, settings)
+    save_adapted(model, tmp_path / "adapter", settings, str(small.dir), info_hash)
     out = tmp_path / "a.gguf"
     assert main(["export", "--model", str(small.dir), "--format", "gguf-lora", "--adapter",
                  str(tmp_path / "adapter"), "--out", str(out)]) == 0

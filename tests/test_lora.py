@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from corpora import write_phrase_corpus
+from lora_support import randomise_adapters
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -56,15 +57,6 @@ def tiny_model(seed: int = 0, **overrides) -> behemoth.Transformer:
     model = behemoth.Transformer(preset("tiny").replace(**overrides))
     init_weights(model, seed=seed)
     return model
-
-
-def randomise_adapters(model: behemoth.Transformer, seed: int = 1) -> None:
-    """B is zero at the start: give every B values, so that the adapters compute something."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in lora_state_dict(model).items():
-            if name.endswith("lora_B.weight"):
-                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.05)
 
 
 def settings(rank: int = 4, targets: list[str] | None = None, **others) -> LoraConfig:

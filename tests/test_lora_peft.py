@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 from hf_reference import hf_model_like, random_model
+from lora_support import randomise_adapters
 
 from behemoth.cli import main
 from behemoth.config import preset
 from behemoth.errors import CheckpointError
 from behemoth.lora_files import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterInfo, base_sha256, expert_layouts,
                                  load_adapter_into, save_adapter)
-from behemoth.model.lora import ExpertLoRA, adapter_modules, apply_lora, lora_state_dict
+from behemoth.model.lora import ExpertLoRA, adapter_modules, apply_lora
 from behemoth.train.config import LoraConfig
 
 peft = pytest.importorskip("peft", reason="PEFT is needed for the adapter round trips (the test extras have it)")
@@ -32,16 +33,9 @@ def base_model(**overrides):
     return random_model(preset("tiny").replace(**overrides), seed=3)
 
 
-def randomise(model, seed: int = 1) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for tensor in lora_state_dict(model).values():
-            tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
-
-
 def adapted(model, targets=TARGETS, **settings):
     apply_lora(model, LoraConfig(rank=4, alpha=8.0, targets=targets, **settings))
-    randomise(model)
+    randomise_adapters(model, std=0.1, b_only=False)
     return model.eval()
 
 

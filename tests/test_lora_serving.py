@@ -8,6 +8,7 @@ import re
 
 import pytest
 import torch
+from lora_support import randomise_adapters, save_adapted
 
 import behemoth
 from behemoth.config import preset
@@ -31,10 +32,7 @@ def adapted_copy(base: behemoth.Transformer, settings: LoraConfig, seed: int, st
     """A copy of `base` with adapters whose factors are random (so that they change the output)."""
     model = copy.deepcopy(base)
     apply_lora(model, settings)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for tensor in lora_state_dict(model).values():
-            tensor.copy_(torch.randn(tensor.shape, generator=generator) * std)
+    randomise_adapters(model, seed, std, b_only=False)
     return model
 
 
@@ -97,8 +95,7 @@ def adapter_dirs(tmp_path_factory):
     """A served base with a tokenizer, two adapter folders for it, and each adapter's merged model."""
     from serve_support import make_model_dir
 
-    from behemoth.lora_files import AdapterInfo, base_sha256, save_adapter
-    from behemoth.model.lora import adapter_modules
+    from behemoth.lora_files import base_sha256
 
     root = tmp_path_factory.mktemp("lora-serving")
     base_dir = make_model_dir(root / "base")
@@ -107,9 +104,7 @@ def adapter_dirs(tmp_path_factory):
     for name, settings, seed in (("one", LoraConfig(rank=4, alpha=8.0, targets=["all", "router"]), 1),
                                  ("two", LoraConfig(rank=2, alpha=4.0, targets=["experts"], use_rslora=True), 2)):
         model = adapted_copy(base, settings, seed, std=0.3)
-        info = AdapterInfo(settings.rank, settings.alpha, settings.use_rslora, 0.0, settings.targets,
-                           list(adapter_modules(model)), str(base_dir), base_sha256(base))
-        folders[name] = save_adapter(model, root / name, info)
+        folders[name] = save_adapted(model, root / name, settings, str(base_dir), base_sha256(base))
         merged[name] = behemoth.save(merge_lora(model).eval(), root / f"{name}-merged",
                                      tokenizer=Tokenizer.load(base_dir))
     return base_dir, folders, merged
@@ -143,7 +138,10 @@ def test_rows_of_different_adapters_share_a_batch_and_each_gets_its_own_tokens(a
     assert got == [expected[pick][row] for row, pick in enumerate(picks)]
 
 
-def test_an_unknown_adapter_or_int8_base_is_refused(adapter_dirs) -> None:
+def test_an_unknown_adapter_another_base_or_an_int8_base_is_refused(adapter_dirs, tmp_path) -> None:
+    from serve_support import make_model_dir
+
+    from behemoth.errors import CheckpointError
     from behemoth.inference.engine import InvalidParameter
     from behemoth.inference.offline import load_engine
     from behemoth.inference.sampling import SamplingParams
@@ -154,6 +152,9 @@ def test_an_unknown_adapter_or_int8_base_is_refused(adapter_dirs) -> None:
         engine.submit([1, 2], SamplingParams(max_new_tokens=2, adapter=3))
     with pytest.raises(ConfigError, match="--weights int8 with adapters is not supported yet"):
         load_engine(base_dir, weights="int8", adapters=folders)
+    other = make_model_dir(tmp_path / "other", seed=1)  # the same shapes, other weights
+    with pytest.raises(CheckpointError, match="was trained on another base"):
+        load_engine(other, adapters=folders)
 
 
 def test_the_api_serves_adapters_by_model_name_with_key_permissions(adapter_dirs, tmp_path) -> None:

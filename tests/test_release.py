@@ -637,8 +637,10 @@ def test_safety_rule_uses_the_attack_success_intervals_top_and_only_for_chat_mod
 
 def test_an_adapter_is_gated_against_its_base_and_published_as_an_adapter(world, tmp_path):
     pytest.importorskip("gguf", reason="the GGUF writer (pip package gguf) is not installed")
-    from behemoth.lora_files import AdapterInfo, base_sha256, save_adapter
-    from behemoth.model.lora import adapter_modules, apply_lora
+    from lora_support import save_adapted
+
+    from behemoth.lora_files import base_sha256
+    from behemoth.model.lora import apply_lora
     from behemoth.tokenizer import Tokenizer
     from behemoth.train.config import LoraConfig
 
@@ -646,10 +648,10 @@ def test_an_adapter_is_gated_against_its_base_and_published_as_an_adapter(world,
     ids = torch.tensor(tokenizer.encode((world["root"] / "train.txt").read_text()))
     model = behemoth.load(world["weak"])
     base_hash = base_sha256(model)
-    apply_lora(model, LoraConfig(rank=8, alpha=16.0, targets=["all"]))
+    settings = LoraConfig(rank=8, alpha=16.0, targets=["all"])
+    apply_lora(model, settings)
     train_briefly(model, ids[: (len(ids) // 65) * 65].view(-1, 65), 60)
-    adapter = save_adapter(model, tmp_path / "run" / "adapter", AdapterInfo(
-        8, 16.0, False, 0.0, ["all"], list(adapter_modules(model)), str(world["weak"]), base_hash))
+    adapter = save_adapted(model, tmp_path / "run" / "adapter", settings, str(world["weak"]), base_hash)
 
     policy = write_policy(tmp_path / "policy.toml", 1e-6)
     record = run_gate(world["weak"], policy, tmp_path / "open", variables={"heldout": str(world["heldout"])},

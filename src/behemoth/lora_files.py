@@ -235,24 +235,12 @@ def load_adapter_into(model: Transformer, path: str | Path, expected_base: str |
     """Fill the adapters of `model` from an adapter directory, ours or PEFT's (with `attach`, first
     give `model` the adapters the directory holds); with `expected_base`, refuse one trained on
     another base (an adapter made elsewhere names none, and is taken on trust)."""
-    config, ours, tensors = _read_adapter(path)
-    weights = Path(path) / ADAPTER_WEIGHTS
-    layouts = expert_layouts(config.get("peft_version"))
-    try:
-        named = our_tensors(model, tensors, config["r"], layouts, str(weights))
-    except ConfigError as err:
-        raise CheckpointError(f"{path}: does not fit the base ({err})") from None
-    modules = [site.name for site in lora_sites(model) if f"{site.name}.lora_A.weight" in named]
-    info = AdapterInfo(config["r"], config["lora_alpha"], bool(config.get("use_rslora", False)),
-                       ours.get("dropout", config.get("lora_dropout", 0.0)), ours.get("targets", modules),
-                       modules, config.get("base_model_name_or_path") or "unknown", ours.get("base_sha256"))
-    if expected_base is not None and info.base_sha256 not in (None, expected_base):
-        raise CheckpointError(f"{path}: was trained on another base (sha256 {info.base_sha256[:12]}..., "
-                              f"from {info.base_model}); this base is {expected_base[:12]}...")
+    info, named = _read_for(model, path)
+    _check_base(path, info, expected_base)
     try:
         if attach:
-            apply_lora(model, dataclasses.replace(info, targets=modules, dropout=0.0))
-        load_lora_state_dict(model, named, source=str(weights))
+            apply_lora(model, dataclasses.replace(info, targets=info.modules, dropout=0.0))
+        load_lora_state_dict(model, named, source=str(Path(path) / ADAPTER_WEIGHTS))
     except ConfigError as err:
         raise CheckpointError(f"{path}: does not fit the base ({err})") from None
     return info
@@ -261,24 +249,37 @@ def load_adapter_into(model: Transformer, path: str | Path, expected_base: str |
 def attach_adapter_dirs(model: Transformer, adapters: dict[str, str | Path]) -> RowAdapters:
     """Several adapter directories over the plain base `model` at once, each batch row choosing its
     own (`model.lora.attach_adapter_bank`); each is checked against the base as `load_adapter_into`."""
-    base = base_sha256(model)
+    base: str | None = None  # the base's checksum, computed once and only if an adapter names one
     banks = {}
     for name, path in adapters.items():
-        config, ours, tensors = _read_adapter(path)
-        weights = Path(path) / ADAPTER_WEIGHTS
-        if ours.get("base_sha256") not in (None, base):
-            raise CheckpointError(f"{path}: adapter {name!r} was trained on another base (sha256 "
-                                  f"{ours['base_sha256'][:12]}...); this base is {base[:12]}...")
-        try:
-            named = our_tensors(model, tensors, config["r"], expert_layouts(config.get("peft_version")),
-                                str(weights))
-        except ConfigError as err:
-            raise CheckpointError(f"{path}: does not fit the base ({err})") from None
-        _check_shapes(model, named, config["r"], weights)
-        settings = AdapterInfo(config["r"], config["lora_alpha"], bool(config.get("use_rslora", False)), 0.0,
-                               [], [], "", None)
-        banks[name] = (named, scale_of(settings))
+        info, named = _read_for(model, path)
+        if info.base_sha256 is not None:
+            base = base or base_sha256(model)
+            _check_base(path, info, base)
+        _check_shapes(model, named, info.rank, Path(path) / ADAPTER_WEIGHTS)
+        banks[name] = (named, scale_of(info))
     return attach_adapter_bank(model, banks)
+
+
+def _read_for(model: Transformer, path: str | Path) -> tuple[AdapterInfo, dict[str, torch.Tensor]]:
+    """An adapter directory's settings and its tensors in model.lora's names, for `model`'s shapes."""
+    config, ours, tensors = _read_adapter(path)
+    try:
+        named = our_tensors(model, tensors, config["r"], expert_layouts(config.get("peft_version")),
+                            str(Path(path) / ADAPTER_WEIGHTS))
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: does not fit the base ({err})") from None
+    modules = [site.name for site in lora_sites(model) if f"{site.name}.lora_A.weight" in named]
+    info = AdapterInfo(config["r"], config["lora_alpha"], bool(config.get("use_rslora", False)),
+                       ours.get("dropout", config.get("lora_dropout", 0.0)), ours.get("targets", modules),
+                       modules, config.get("base_model_name_or_path") or "unknown", ours.get("base_sha256"))
+    return info, named
+
+
+def _check_base(path: str | Path, info: AdapterInfo, expected: str | None) -> None:
+    if expected is not None and info.base_sha256 not in (None, expected):
+        raise CheckpointError(f"{path}: was trained on another base (sha256 {info.base_sha256[:12]}..., "
+                              f"from {info.base_model}); this base is {expected[:12]}...")
 
 
 def _check_shapes(model: Transformer, named: dict[str, torch.Tensor], rank: int, source: Path) -> None:

@@ -44,16 +44,17 @@ def model_identity(directory: str | Path) -> dict[str, Any]:
             "tokenizer_sha256": sha256_file(folder / "tokenizer.json")}
 
 
-def adapter_identity(adapter_dir: str | Path, base_dir: str | Path) -> dict[str, Any]:
-    """What names a LoRA adapter release: its files' checksums and the base it adapts."""
+def adapter_identity(adapter_dir: str | Path, base_dir: str | Path | None = None) -> dict[str, Any]:
+    """What names a LoRA adapter release: its files' checksums and (given `base_dir`) the base it adapts."""
     from behemoth.lora_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
     folder = Path(adapter_dir)
     for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (folder / file).is_file():
             raise GateError(f"{folder}: no {file} (not an adapter folder)")
-    return {"path": str(folder.resolve()), "weights_sha256": sha256_file(folder / ADAPTER_WEIGHTS),
-            "config_sha256": sha256_file(folder / ADAPTER_CONFIG), "base": model_identity(base_dir)}
+    identity = {"path": str(folder.resolve()), "weights_sha256": sha256_file(folder / ADAPTER_WEIGHTS),
+                "config_sha256": sha256_file(folder / ADAPTER_CONFIG)}
+    return identity if base_dir is None else {**identity, "base": model_identity(base_dir)}
 
 
 def changed_part(folder: str | Path, identity: dict[str, Any]) -> str | None:

@@ -100,7 +100,7 @@ def _unchanged_model(record: dict[str, Any]) -> Path:
     if adapter is not None:
         gated.append(adapter["base"])
         try:
-            now = adapter_identity(adapter["path"], adapter["base"]["path"])
+            now = adapter_identity(adapter["path"])  # the base is checked below, with the model
         except GateError as err:
             raise ReleaseError(f"the gated adapter is gone or unreadable: {err}") from None
         if (now["weights_sha256"], now["config_sha256"]) != (adapter["weights_sha256"], adapter["config_sha256"]):

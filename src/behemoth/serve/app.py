@@ -181,7 +181,7 @@ def serve(model_specs: list[str], host: str = "127.0.0.1", port: int = 8000, api
     if compile:
         announce("compiling the decode step (about half a minute per model)...")
     models = [load_served_model(name, directory, max_batch_size, max_queue, max_context, threads, weights, compile,
-                                adapters if name == next(iter(named)) else None)
+                                adapters)  # parse_lora_specs: adapters come with exactly one model
               for name, directory in named.items()]
     models += served_adapters(models[0])
     app = create_app(models, keys, settings, audit, limiter, guard, guard_replies)
