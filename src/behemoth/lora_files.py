@@ -60,6 +60,7 @@ class AdapterInfo:
     modules: list[str]  # the adapted weights' names (model.lora's site names)
     base_model: str  # where the base came from (a model directory, or how it was made)
     base_sha256: str | None  # `base_sha256` of the base's weights; None for an adapter made elsewhere
+    base_weights: str = "float32"  # how the base was held while training: "float32", or "int8" (model/int8.py)
 
     def peft_config(self) -> dict[str, Any]:
         stacks = [m for m in self.modules if ".experts." in m]
@@ -72,7 +73,8 @@ class AdapterInfo:
                 "inference_mode": True}
 
     def metadata(self) -> dict[str, str]:
-        ours = {"targets": self.targets, "base_sha256": self.base_sha256, "dropout": self.dropout}
+        ours = {"targets": self.targets, "base_sha256": self.base_sha256, "dropout": self.dropout,
+                "base_weights": self.base_weights}
         return {"format": "pt", "behemoth": json.dumps(ours)}
 
 
@@ -272,7 +274,8 @@ def _read_for(model: Transformer, path: str | Path) -> tuple[AdapterInfo, dict[s
     modules = [site.name for site in lora_sites(model) if f"{site.name}.lora_A.weight" in named]
     info = AdapterInfo(config["r"], config["lora_alpha"], bool(config.get("use_rslora", False)),
                        ours.get("dropout", config.get("lora_dropout", 0.0)), ours.get("targets", modules),
-                       modules, config.get("base_model_name_or_path") or "unknown", ours.get("base_sha256"))
+                       modules, config.get("base_model_name_or_path") or "unknown", ours.get("base_sha256"),
+                       ours.get("base_weights", "float32"))
     return info, named
 
 

@@ -87,10 +87,8 @@ def load_engine(directory: str | Path, max_batch_size: int = 16, max_queue: int 
     folder = Path(directory)
     if not (folder / "tokenizer.json").is_file():
         raise ConfigError(f"{folder}: no tokenizer.json; use a model directory written with its tokenizer")
-    if adapters and (weights == "int8" or compile):
-        raise ConfigError("LoRA adapters run over float32 or bfloat16 weights on the eager decode step; "
-                          f"{'--weights int8' if weights == 'int8' else '--compile'} with adapters is not "
-                          "supported yet")
+    if adapters and compile:
+        raise ConfigError("LoRA adapters run on the eager decode step; --compile with adapters is not supported yet")
     tokenizer = Tokenizer.load(folder)
     model = load(folder)
     rows = None

@@ -4,7 +4,9 @@ A CPU decode step's speed is set by the bytes of weights it reads (bench/RESULTS
 every projection and expert matrix with a scale per output channel; embeddings, norms, the router,
 the KV cache and layers whose input width is not a multiple of 16 stay as trained. The int8 LM head
 is a packed `BFloat16Linear` on a CPU with native bfloat16 (`hardware.choose_paths`), else float32.
-Modules are swapped for ones with the same call signature.
+Modules are swapped for ones with the same call signature. A model carrying LoRA adapters keeps
+its modules instead, each holding its weight as int8 (model/int8.py), since an adapter sits on one
+projection where the fused int8 modules join several.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from torch import nn
 from behemoth.errors import ConfigError
 from behemoth.hardware import CpuFeatures, choose_paths, detect_cpu
 from behemoth.model import Transformer
+from behemoth.model.int8 import KERNEL_BLOCK, KERNEL_ROWS, quantize_frozen_base, quantize_rows
+from behemoth.model.lora import carries_adapters
 from behemoth.model.moe import MLP, Experts, combine, sort_by_expert
 
 WEIGHT_FORMATS: tuple[str, ...] = ("float32", "bfloat16", "int8")
-INT8_BLOCK = 16  # the int8 kernel reads its input in blocks of 16: other widths give wrong results
-# From this many rows on (prompts), int8 products run in bfloat16 on the cast matrix (bench/decode_kernels.py).
-DEQUANTIZED_ROWS = 32
+# the int8 kernel's input width must be a multiple of INT8_BLOCK; from DEQUANTIZED_ROWS rows on
+# (prompts), int8 products run on the cast matrix instead
+INT8_BLOCK, DEQUANTIZED_ROWS = KERNEL_BLOCK, KERNEL_ROWS
 
 
 def prepare_weights(model: Transformer, weights: str = "float32", cpu: CpuFeatures | None = None) -> Transformer:
@@ -40,7 +44,10 @@ def prepare_weights(model: Transformer, weights: str = "float32", cpu: CpuFeatur
             raise ConfigError(f"int8 weights need torch's _weight_int8pack_mm kernel, which torch "
                               f"{torch.__version__} does not have; use bfloat16")
         model.float()
-        _quantize_int8(model, paths.int8_prompt_dtype)
+        if carries_adapters(model):  # each adapter sits on one projection: int8 inside the modules
+            quantize_frozen_base(model)
+        else:
+            _quantize_int8(model, paths.int8_prompt_dtype)
     else:
         model.float()
     bfloat16_head = weights == "bfloat16" or (weights == "int8" and paths.lm_head != "float32")
@@ -76,15 +83,6 @@ def _quantize_int8(model: Transformer, prompt_dtype: torch.dtype) -> None:
 
 def _eligible(linear: nn.Module) -> bool:
     return isinstance(linear, nn.Linear) and linear.in_features % INT8_BLOCK == 0
-
-
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row (output channel) of weight [..., out, in]: (int8 values, scales [..., out]),
-    rounded against the bfloat16 scale the kernel takes, so the error is at most half a step."""
-    weight = weight.detach().float()
-    scales = (weight.abs().amax(dim=-1) / 127).clamp(min=torch.finfo(torch.bfloat16).tiny).to(torch.bfloat16)
-    values = (weight / scales.float()[..., None]).round().clamp(-127, 127).to(torch.int8)
-    return values.contiguous(), scales.contiguous()
 
 
 def int8_matmul(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from behemoth.errors import ConfigError
+from behemoth.model.int8 import FrozenLinear, float_state_dict, is_quantized
 from behemoth.model.moe import MLP, Experts, LowRankTerm, MoE
 from behemoth.model.transformer import Transformer
 
@@ -85,9 +86,10 @@ def scale_of(settings: LoraSettings) -> float:
     return settings.alpha / (math.sqrt(settings.rank) if settings.use_rslora else settings.rank)
 
 
-class LoRALinear(nn.Linear):
+class LoRALinear(FrozenLinear):
     """A Linear with a low-rank term. It keeps the base Linear's own weight (and bias) parameters
-    under the same names, so the model's state dict still holds every base tensor where it was."""
+    under the same names, so the model's state dict still holds every base tensor where it was;
+    that weight may be held as int8 (`FrozenLinear.quantize_`)."""
 
     def __init__(self, base: nn.Linear, rank: int, scale: float, dropout: float,
                  generator: torch.Generator | None = None):
@@ -110,16 +112,16 @@ class LoRALinear(nn.Linear):
         return self.lora_B(self.lora_A(x)) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
+        out = self.base_forward(x)
         return out + self.lora_term(x).to(out.dtype)
 
     def delta(self) -> torch.Tensor:
         """The adapter as a change of `weight` [out, in] (computed in at least float32)."""
-        wide = torch.promote_types(self.weight.dtype, torch.float32)
+        wide = torch.promote_types(self.lora_A.weight.dtype, torch.float32)
         return (self.lora_B.weight.to(wide) @ self.lora_A.weight.to(wide)) * self.scale
 
     def plain(self) -> nn.Linear:
-        """A plain Linear holding this module's (base) weight and bias."""
+        """A plain Linear holding this module's (base, not int8) weight and bias."""
         with torch.device("meta"):
             linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         linear.weight = self.weight
@@ -228,6 +230,8 @@ def apply_lora(model: Transformer, settings: LoraSettings, seed: int = 0) -> Lor
         raise ConfigError(f"lora.rank must be positive to apply adapters, got {settings.rank}")
     if adapter_modules(model):
         raise ConfigError("this model already carries LoRA adapters")
+    if is_quantized(model):
+        raise ConfigError("adapters go on the float base; hold it as int8 after attaching them")
     sites = select_sites(lora_sites(model), settings.targets)
     scale = scale_of(settings)
     generator = torch.Generator().manual_seed(seed)
@@ -311,13 +315,17 @@ def merged_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 def base_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """The base's tensors alone, adapters left out."""
-    return {name: t for name, t in model.state_dict().items() if not is_adapter_key(name)}
+    """The base's tensors alone, adapters left out (an int8 base dequantised: model.int8)."""
+    return {name: t for name, t in float_state_dict(model).items() if not is_adapter_key(name)}
 
 
 @torch.no_grad()
 def merge_lora(model: Transformer) -> Transformer:
-    """Add every adapter into its weight and remove the adapters: a plain model again (in place)."""
+    """Add every adapter into its weight and remove the adapters: a plain model again (in place).
+    The base must be float (an int8 base merges through `merged_state_dict`)."""
+    if is_quantized(model):
+        raise ConfigError("merging into an int8 base would round the adapters away; merge into the float "
+                          "base (behemoth merge), or take merged_state_dict")
     for site, module in adapter_modules(model).items():
         owner_name, _, attr = site.rpartition(".")
         owner = model.get_submodule(owner_name)
@@ -366,7 +374,7 @@ def _per_row(x: torch.Tensor, ids: torch.Tensor, width: int, term: Callable[[int
     return out
 
 
-class BankedLinear(nn.Linear):
+class BankedLinear(FrozenLinear):
     """A Linear with K stacked adapters, a [K + 1, r, in] and b [K + 1, out, r] (scale folded into b,
     slot 0 empty); each row takes its own from `rows`. Keeps the base's weight, as LoRALinear."""
 
@@ -389,7 +397,7 @@ class BankedLinear(nn.Linear):
         return delta.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
+        out = self.base_forward(x)
         return out if self.rows.ids is None else out + self.lora_term(x).to(out.dtype)
 
 
@@ -416,6 +424,11 @@ class ExpertBank(nn.Module):
                             lambda k, rows: rows @ self.bank_a[k, expert] @ self.bank_b[k, expert]).to(x.dtype)
 
         return term
+
+
+def carries_adapters(model: Transformer) -> bool:
+    """Whether any module of `model` adds an adapter (trained, or banks for serving)."""
+    return any(isinstance(m, (LoRALinear, ExpertLoRA, BankedLinear, ExpertBank)) for m in model.modules())
 
 
 def attach_adapter_bank(model: Transformer, adapters: dict[str, tuple[dict[str, torch.Tensor], float]]

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from behemoth.config import ModelConfig
+from behemoth.model.int8 import expert_product, stack_scales
 
 
 class MLP(nn.Module):
@@ -76,34 +77,39 @@ LowRankTerm = Callable[[int, torch.Tensor], torch.Tensor]
 
 def grouped_experts(routed_in: torch.Tensor, counts: list[int], gate_up_proj: torch.Tensor,
                     down_proj: torch.Tensor, skip_empty: bool = True,
-                    low_rank: tuple[LowRankTerm | None, LowRankTerm | None] = (None, None)) -> torch.Tensor:
+                    low_rank: tuple[LowRankTerm | None, LowRankTerm | None] = (None, None),
+                    scales: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)) -> torch.Tensor:
     """SwiGLU expert e of `gate_up_proj` [E, hidden, 2I] and `down_proj` [E, I, hidden] applied to
     the e-th contiguous group of `routed_in` (sizes `counts`), plus the `low_rank` terms of the two
-    products when given. With `skip_empty=False` an expert without tokens still takes part in the
-    graph, so it gets a zero gradient rather than none."""
+    products when given. With `scales`, a stack is int8 [E, out, in] (model/int8.py). With
+    `skip_empty=False` an expert without tokens still takes part in the graph, so it gets a zero
+    gradient rather than none."""
     # unbind, not indexing: the backward of W[e] would allocate (and zero) a full [E, ...]
     # gradient per expert; unbind's backward stacks the per-expert gradients once.
-    gate_up_weights, down_weights = gate_up_proj.unbind(0), down_proj.unbind(0)
+    per_expert = [t.unbind(0) if t is not None else [None] * len(counts)
+                  for t in (gate_up_proj, down_proj, *scales)]
     outputs = []
     for expert, tokens in enumerate(routed_in.split(counts)):
         if skip_empty and tokens.shape[0] == 0:
             continue
-        outputs.append(_expert(expert, tokens, gate_up_weights[expert], down_weights[expert], low_rank))
+        outputs.append(_expert(expert, tokens, *(weights[expert] for weights in per_expert), low_rank))
     if not outputs:
-        return routed_in.new_zeros((0, down_proj.shape[-1]))
+        return routed_in.new_zeros((0, routed_in.shape[-1]))  # experts map hidden to hidden
     return torch.cat(outputs)
 
 
 def _expert(expert: int, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+            gate_up_scales: torch.Tensor | None, down_scales: torch.Tensor | None,
             low_rank: tuple[LowRankTerm | None, LowRankTerm | None]) -> torch.Tensor:
-    """One SwiGLU expert on its rows `x`, with the optional low-rank terms of its two products."""
+    """One SwiGLU expert on its rows `x`, with the optional low-rank terms of its two products (and
+    the scales of its matrices, when they are int8)."""
     gate_up_term, down_term = low_rank
-    projected = x @ gate_up
+    projected = expert_product(x, gate_up, gate_up_scales)
     if gate_up_term is not None:
         projected = projected + gate_up_term(expert, x)
     gate, up = projected.chunk(2, dim=-1)
     hidden = F.silu(gate) * up
-    out = hidden @ down
+    out = expert_product(hidden, down, down_scales)
     return out if down_term is None else out + down_term(expert, hidden)
 
 
@@ -126,6 +132,7 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
         # Optional low-rank adapters of the two stacks (model/lora.py installs them): modules with a
         # `bind(...)` that returns a LowRankTerm for one forward. Absent, the experts are plain Llama 4.
+        # A frozen stack may also be held as int8 (model/int8.py), with a `<stack>_scales` buffer.
         self.lora_gate_up: nn.Module | None = None
         self.lora_down: nn.Module | None = None
 
@@ -137,7 +144,8 @@ class Experts(nn.Module):
         # The one host sync of the layer: slice sizes must be known to split the sorted tokens.
         counts_list = counts.tolist()
         routed_out = grouped_experts(routed_in, counts_list, self.gate_up_proj, self.down_proj,
-                                     low_rank=self.low_rank_terms(x.shape[0], token_of_slot, counts_list))
+                                     low_rank=self.low_rank_terms(x.shape[0], token_of_slot, counts_list),
+                                     scales=stack_scales(self))
         return combine(x, token_of_slot, routed_out)
 
     def low_rank_terms(self, tokens: int = 1, token_of_slot: torch.Tensor | None = None,
@@ -153,8 +161,12 @@ class Experts(nn.Module):
         the sorted path's index_add does, so both give the same bits."""
         out = None
         low_rank = self.low_rank_terms()
+        gate_up_scales, down_scales = stack_scales(self)
         for expert, gate in sorted(zip(expert_ids.tolist(), gates.unbind())):
-            y = _expert(expert, x * gate.to(x.dtype), self.gate_up_proj[expert], self.down_proj[expert], low_rank)
+            weights = (self.gate_up_proj[expert], self.down_proj[expert],
+                       None if gate_up_scales is None else gate_up_scales[expert],
+                       None if down_scales is None else down_scales[expert])
+            y = _expert(expert, x * gate.to(x.dtype), *weights, low_rank)
             out = y if out is None else out + y
         return out
 

@@ -7,7 +7,8 @@
     [distill]          teacher temperature and the soft/hard weighting schedule
     [dpo]              beta
     [rl]               online RL (`behemoth rl`): group size, sampling, loss type, clipping, KL
-    [lora]             LoRA adapters for sft, dpo, rl, distill: rank (0 = off), alpha, targets, rsLoRA, dropout
+    [lora]             LoRA adapters for sft, dpo, rl, distill: rank (0 = off), alpha, targets, rsLoRA, dropout,
+                       an int8 base
     [run]              steps, seed, evaluation and checkpoint cadence, dtype, compile
     [parallel]         multi-process runs (torchrun): data-parallel kind, expert-parallel degree, timeout
 
@@ -125,6 +126,10 @@ class LoraConfig:
     targets: list[str] = field(default_factory=lambda: ["all"])
     use_rslora: bool = False
     dropout: float = 0.0  # on each adapter's input, training only
+    # "int8": hold the frozen base's projections and experts as int8 while training (QLoRA-style,
+    # model/int8.py): a quarter of their memory; the run's model/ is then the dequantised base +
+    # adapters, what the run trained against. "float32": the base as loaded.
+    base_weights: str = "float32"
 
 
 @dataclass
@@ -198,7 +203,8 @@ STAGE_DEFAULTS = {
 _SECTIONS = {"data": DataConfig, "optim": OptimConfig, "balance": BalanceConfig, "distill": DistillConfig,
              "dpo": PreferenceConfig, "rl": RLConfig, "lora": LoraConfig, "run": RunSettings,
              "parallel": ParallelConfig}
-_CHOICES = {("optim", "schedule"): ("cosine", "wsd"), ("run", "dtype"): ("auto", "float32", "bfloat16", "float64"),
+_CHOICES = {("optim", "schedule"): ("cosine", "wsd"), ("lora", "base_weights"): ("float32", "int8"),
+            ("run", "dtype"): ("auto", "float32", "bfloat16", "float64"),
             ("distill", "alpha_schedule"): ("constant", "linear", "cosine", "adaptive"),
             ("parallel", "data_parallel"): ("fsdp", "ddp"), ("rl", "loss_type"): ("grpo", "dr_grpo", "dapo"),
             ("rl", "scale_rewards"): ("group", "batch", "none")}
@@ -347,6 +353,8 @@ def validate(config: RunConfig, source: str = "config") -> None:
         (lora.alpha <= 0, "lora.alpha must be positive"),
         (not 0 <= lora.dropout < 1, "lora.dropout must be in [0, 1)"),
         (lora.rank and not lora.targets, "lora.targets is empty; name what to adapt, e.g. [\"all\"]"),
+        (not lora.rank and lora.base_weights != "float32",
+         "lora.base_weights = \"int8\" holds a frozen base: it needs lora.rank > 0"),
         (parallel.expert_parallel < 1 or parallel.timeout_s <= 0,
          "parallel.expert_parallel and parallel.timeout_s must be positive"),
         (parallel.expert_parallel > 1 and parallel.data_parallel != "fsdp",

@@ -31,6 +31,7 @@ from behemoth.hardware import detect_cpu
 from behemoth.info import model_size
 from behemoth.lora_files import AdapterInfo, base_sha256, save_adapter
 from behemoth.model import RouterOutput, Transformer
+from behemoth.model.int8 import quantize_frozen_base
 from behemoth.model.lora import LoraCoverage, apply_lora, merged_state_dict
 from behemoth.run_checkpoints import TrainerState, last_checkpoint, list_checkpoints
 from behemoth.train.checkpointing import save_checkpoint
@@ -125,8 +126,18 @@ def attach_adapters(run: RunConfig, model: Transformer, base_model: str) -> Adap
     base = base_sha256(model)
     coverage = apply_lora(model, lora, seed=run.run.seed)
     info = AdapterInfo(lora.rank, lora.alpha, lora.use_rslora, lora.dropout, list(lora.targets),
-                       coverage.sites, base_model, base)
+                       coverage.sites, base_model, base, lora.base_weights)
     return Adapters(coverage, info)
+
+
+def _hold_base(run: RunConfig, model: Transformer) -> str | None:
+    """With lora.base_weights = "int8", the frozen base as int8 from here on (after a resume has
+    checked the adapters against the float base it was started from); the note that says so."""
+    if run.lora.base_weights != "int8":
+        return None
+    before, after = quantize_frozen_base(model)
+    return (f"lora: the frozen base's projections and experts held as int8, {before / 2**20:,.1f} MiB -> "
+            f"{after / 2**20:,.1f} MiB (model/ will be the dequantised base + adapters)")
 
 
 def resolve_dtype(run: RunConfig, device: torch.device) -> RunConfig:
@@ -151,6 +162,7 @@ def _train_loop(run: RunConfig, out_dir: Path, model: Transformer, tokenizer: An
     existing = list_checkpoints(checkpoints)
     device = model.device
     model, optimizer, state = parallel.prepare(model, existing[-1] if resume and existing else None)
+    base_note = _hold_base(run, model) if adapters is not None else None
     first_step, tokens_seen = 0, 0
     if state is not None:
         objective.loader.load_state_dict(state.loader)
@@ -168,6 +180,8 @@ def _train_loop(run: RunConfig, out_dir: Path, model: Transformer, tokenizer: An
         metrics, bar, peak = _Silent(), _Silent(), math.inf
     if adapters is not None:
         bar.note(adapters.coverage.line())
+    if base_note:
+        bar.note(base_note)
     if state is not None:
         bar.note(f"resuming from step {first_step} of {total} (checkpoint {existing[-1]})")
     bar.note(f"computing in {run.run.dtype} on {device.type}" + (" (run.dtype = float32 to change)"
