@@ -11,7 +11,7 @@ import pytest
 import torch
 from lora_support import randomise_adapters
 from safetensors import safe_open
-from test_lora import SETTINGS, base, chat_data, run_config  # noqa: F401  (module fixtures)
+from test_lora import base, chat_data, run_config  # noqa: F401  (module fixtures)
 
 import behemoth
 import behemoth.train.sft as sft_stage
@@ -23,7 +23,9 @@ from behemoth.model.int8 import (FrozenLinear, dequantize_rows, float_state_dict
                                  quantize_frozen_base, quantize_rows)
 from behemoth.model.lora import apply_lora, merge_lora, merged_state_dict
 from behemoth.train.config import LoraConfig, load_run_config
+from behemoth.train.dpo import dpo
 from behemoth.train.metrics import read_metrics
+from behemoth.train.rl import rl
 from behemoth.train.sft import sft
 
 INT8 = "lora.base_weights='int8'"
@@ -181,6 +183,28 @@ def test_resume_over_an_int8_base_is_bit_identical(base, chat_data, tmp_path) ->
     split = sft(run_config(4, *extra), base, chat_data.sft, tmp_path / "split", resume=True, progress=False)
     losses = [[r["loss"] for r in read_metrics(out / "metrics.jsonl")] for out in (whole.out_dir, split.out_dir)]
     assert losses[0] == losses[1] and len(losses[0]) == 4
+
+
+def test_dpo_over_an_int8_base_starts_with_the_policy_equal_to_its_reference(base, chat_data, tmp_path  # noqa: F811
+                                                                              ) -> None:
+    """The reference log-probabilities come from the int8 base too: at the first step every reward is
+    0 and the loss is log 2 exactly (from the float base they would differ by the base's rounding)."""
+    result = dpo(run_config(1, INT8, stage="dpo"), base, chat_data.dpo, tmp_path / "run", progress=False)
+    first = read_metrics(result.out_dir / "metrics.jsonl")[0]
+    assert first["loss"] == pytest.approx(0.6931472, abs=1e-6)
+    assert first["chosen_reward"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_rl_over_an_int8_base_has_an_int8_reference(base, chat_data, tmp_path) -> None:  # noqa: F811
+    """The KL penalty's reference is the policy as it starts, int8 base included: exactly 0 at the first
+    step (against the float base, the rounding of the base: about 1e-6 here)."""
+    def alternate(completions, **_):
+        return [float(i % 2) for i in range(len(completions))]
+
+    run = run_config(1, INT8, "rl.beta=0.1", "rl.num_generations=2", "rl.max_completion_length=4",
+                     "data.batch_size=2", stage="rl")
+    result = rl(run, base, chat_data.rl, tmp_path / "run", progress=False, reward=alternate)
+    assert read_metrics(result.out_dir / "metrics.jsonl")[0]["kl"] == 0.0
 
 
 @pytest.mark.parametrize("setting, words", [(["lora.base_weights='int4'"], "lora.base_weights must be one of"),

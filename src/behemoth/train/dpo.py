@@ -21,7 +21,7 @@ from behemoth.durable import write_atomic
 from behemoth.errors import CheckpointError
 from behemoth.model import RouterOutput, Transformer
 from behemoth.train.config import RunConfig
-from behemoth.train.loop import TrainResult, autocast, device_of, resolve_dtype, start_run, train_loop
+from behemoth.train.loop import TrainResult, autocast, device_of, frozen_copy, resolve_dtype, start_run, train_loop
 from behemoth.train.objectives import wide
 from behemoth.train.sft import ExampleLoader, load_base, split_examples
 
@@ -141,9 +141,12 @@ def dpo(run: RunConfig, model_dir: Path, data: Path, out_dir: Path, resume: bool
     model, tokenizer = load_base(Path(model_dir), run)
     pairs = render_pairs(tokenizer, preferences, run.data.seq_len + 1)
     run = resolve_dtype(run, model.device)
-    with autocast(run.run.dtype, model.device):  # the policy's own precision: at step 1 policy == reference
-        ref_chosen, ref_rejected = reference_logps(model, pairs, tokenizer.pad_id, run.data.batch_size, out_dir,
+    # the policy's own precision and base weights: at step 1 policy == reference
+    scorer = frozen_copy(run, model) if run.lora.base_weights == "int8" else model
+    with autocast(run.run.dtype, model.device):
+        ref_chosen, ref_rejected = reference_logps(scorer, pairs, tokenizer.pad_id, run.data.batch_size, out_dir,
                                                    reuse=resume and bool(checkpoints))
+    del scorer
     rows = list(zip(pairs, ref_chosen, ref_rejected))
     keys = [repr((p.prompt, p.chosen, p.rejected)) for p in preferences]
     train, val = split_examples(keys, rows, run.data.val_fraction, run.run.seed)

@@ -14,6 +14,7 @@ checkpoints, exact resume); an objective owns its data and its loss.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Iterator
@@ -138,6 +139,15 @@ def _hold_base(run: RunConfig, model: Transformer) -> str | None:
     before, after = quantize_frozen_base(model)
     return (f"lora: the frozen base's projections and experts held as int8, {before / 2**20:,.1f} MiB -> "
             f"{after / 2**20:,.1f} MiB (model/ will be the dequantised base + adapters)")
+
+
+def frozen_copy(run: RunConfig, model: Transformer) -> Transformer:
+    """A frozen copy of `model` as training starts, for a reference policy; with lora.base_weights =
+    "int8" held as int8 too, since that is what the policy computes before its first update."""
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    if run.lora.base_weights == "int8":
+        quantize_frozen_base(reference)
+    return reference
 
 
 def resolve_dtype(run: RunConfig, device: torch.device) -> RunConfig:

@@ -20,7 +20,6 @@ options (truncation masks, sequence-level ratios, entropy masks, reference synci
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import importlib
@@ -44,7 +43,7 @@ from behemoth.inference.offline import Completion
 from behemoth.model import RouterOutput, Transformer
 from behemoth.rewards import is_correct
 from behemoth.train.config import RLConfig, RunConfig
-from behemoth.train.loop import TrainResult, device_of, start_run, train_loop
+from behemoth.train.loop import TrainResult, device_of, frozen_copy, start_run, train_loop
 from behemoth.train.objectives import wide
 from behemoth.train.parallelism import gather_objects, process_share, whole_model
 from behemoth.train.sft import ExampleLoader, load_base, split_examples
@@ -415,7 +414,7 @@ def rl(run: RunConfig, model_dir: Path, data: Path, out_dir: Path, resume: bool 
     torch.manual_seed(run.run.seed)
     keys = [repr((row.messages, row.answer, row.match)) for row in rows]
     train, val = split_examples(keys, examples, run.data.val_fraction, run.run.seed)
-    reference = copy.deepcopy(model).eval().requires_grad_(False) if run.rl.beta > 0 else None
+    reference = frozen_copy(run, model) if run.rl.beta > 0 else None
     objective = GroupRelative(model, tokenizer, train, val, run, reward, reference)
     return train_loop(run, out_dir, model, tokenizer, objective, resume=resume, progress=progress,
                       base_model=str(Path(model_dir).resolve()))
