@@ -103,21 +103,19 @@ class FrozenLinear(nn.Linear):
         return frozen
 
     @torch.no_grad()
-    def quantize_(self) -> None:
-        """Hold the weight as int8 from now on (frozen: it has no gradient any more)."""
-        _replace_with_int8(self, "weight", self.weight)
-
-    def float_weight(self) -> torch.Tensor:
-        """The weight as float32 [out, in], int8 or not."""
-        scales = getattr(self, "weight" + SCALES, None)
-        return self.weight.float() if scales is None else dequantize_rows(self.weight, scales)
+    def quantize_(self) -> tuple[int, int]:
+        """Hold the weight as int8 from now on (frozen: it has no gradient any more); (bytes before, after)."""
+        return _replace_with_int8(self, "weight", self.weight)
 
 
-def _replace_with_int8(module: nn.Module, name: str, weight: torch.Tensor) -> None:
+def _replace_with_int8(module: nn.Module, name: str, weight: torch.Tensor) -> tuple[int, int]:
+    """Replace `module.<name>` by int8 values of `weight` [..., out, in] and their scales: (bytes before, after)."""
+    before = getattr(module, name).nbytes
     values, scales = quantize_rows(weight)
     delattr(module, name)  # the float parameter goes, its memory with it
     module.register_buffer(name, values)
     module.register_buffer(name + SCALES, scales)
+    return before, values.nbytes + scales.nbytes
 
 
 def stack_scales(experts: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -135,7 +133,7 @@ def quantize_frozen_base(model: Transformer) -> tuple[int, int]:
     """Hold every frozen projection and expert stack of `model`'s layers as int8, in place (adapters,
     embeddings, norms, router and head stay as they are). Returns (bytes before, bytes after) of
     the weights converted."""
-    before = after = 0
+    sizes = []
     for layer in model.model.layers:
         owners: list[tuple[nn.Module, str]] = [(layer.self_attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
         feed_forward = layer.feed_forward
@@ -144,19 +142,13 @@ def quantize_frozen_base(model: Transformer) -> tuple[int, int]:
         for owner, attr in owners:
             linear = FrozenLinear.of(getattr(owner, attr))
             if linear.weight.dtype != torch.int8:
-                before += linear.weight.nbytes
-                linear.quantize_()
-                after += linear.weight.nbytes + linear.weight_scales.nbytes
+                sizes.append(linear.quantize_())
             setattr(owner, attr, linear)
         if layer.is_moe:
             experts = feed_forward.experts
-            for stack in EXPERT_STACKS:
-                weight = getattr(experts, stack)
-                if weight.dtype != torch.int8:
-                    before += weight.nbytes
-                    _replace_with_int8(experts, stack, weight.transpose(1, 2))
-                    after += getattr(experts, stack).nbytes + getattr(experts, stack + SCALES).nbytes
-    return before, after
+            sizes += [_replace_with_int8(experts, stack, getattr(experts, stack).transpose(1, 2))
+                      for stack in EXPERT_STACKS if getattr(experts, stack).dtype != torch.int8]
+    return sum(before for before, _ in sizes), sum(after for _, after in sizes)
 
 
 def is_quantized(model: nn.Module) -> bool:
