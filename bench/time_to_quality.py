@@ -2,7 +2,7 @@
 recipe arm and seed, and the time each arm needs to reach the baseline recipe's final bits/byte.
 
     .venv/bin/python bench/time_to_quality.py [--stage teacher|student] [--arms baseline bf16 muon ...]
-                                             [--seeds 0 1 2 3 4] [--minutes 10] [--workdir DIR]
+                                             [--seeds 0 1 2 3 4] [--minutes 10] [--steps N] [--workdir DIR]
                                              [--reuse] [--no-write]
 
 Every run is a speedrun stage as `behemoth speedrun --minutes M` runs it, with the arm's settings on
@@ -39,14 +39,16 @@ from behemoth.train.trainer import pretrain  # noqa: E402
 
 SECTIONS = {"teacher": "Time to quality: the speedrun teacher's recipe",
             "student": "Time to quality: the speedrun student's recipe (distillation)"}
-# Every arm names its optimizer and precision: the stages' own defaults (train/config.py
+# Every arm names its optimizer, precision and schedule: the stages' own defaults (train/config.py
 # STAGE_DEFAULTS) are what this study decides, so no arm may inherit them.
+COSINE = "optim.schedule='cosine'"
 ARMS = {
-    "baseline": ["run.dtype='float32'", "optim.name='adamw'"],  # the recipe before this study: AdamW, float32, cosine
-    "bf16": ["run.dtype='bfloat16'", "optim.name='adamw'"],
-    "muon": ["run.dtype='bfloat16'", "optim.name='muon'"],
-    "muon-wsd": ["run.dtype='bfloat16'", "optim.name='muon'", "optim.schedule='wsd'"],
-    "bf16-lr2x": ["run.dtype='bfloat16'", "optim.name='adamw'", "optim.lr=6e-3"],
+    "baseline": ["run.dtype='float32'", "optim.name='adamw'", COSINE],  # the recipe before this study
+    "bf16": ["run.dtype='bfloat16'", "optim.name='adamw'", COSINE],
+    "muon": ["run.dtype='bfloat16'", "optim.name='muon'", COSINE],
+    "muon-wsd": ["run.dtype='bfloat16'", "optim.name='muon'", "optim.schedule='wsd'"],  # pretrain's default
+    "bf16-lr2x": ["run.dtype='bfloat16'", "optim.name='adamw'", "optim.lr=6e-3", COSINE],
+    "muon-lr2x": ["run.dtype='bfloat16'", "optim.name='muon'", "optim.muon_lr=0.04", COSINE],
 }
 
 
@@ -94,6 +96,15 @@ def one_sided_below(sample: list[float], reference: list[float]) -> float:
     return float(stats.ttest_ind(sample, reference, equal_var=False, alternative="less").pvalue)
 
 
+def paired_below(sample: list[float], reference: list[float]) -> tuple[float, float]:
+    """Mean of sample - reference (the same seeds, in order) and the p-value of 'it is below 0', a
+    paired t-test: one seed fixes an arm's initialisation and batches, so seeds pair across arms."""
+    from scipy import stats
+
+    differences = [a - b for a, b in zip(sample, reference)]
+    return statistics.mean(differences), float(stats.ttest_rel(sample, reference, alternative="less").pvalue)
+
+
 def plot(curves: dict[str, list[list[tuple[float, float]]]], target: float, path: Path, stage: str) -> None:
     import matplotlib
 
@@ -123,13 +134,16 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--minutes", type=float, default=10.0, help="the speedrun budget whose teacher is run")
+    parser.add_argument("--steps", type=int,
+                        help="steps per run instead of the stage's share of --minutes (to add arms to a study "
+                             "made before the shares moved)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/behemoth-time-to-quality"))
     parser.add_argument("--reuse", action="store_true",
                         help="read runs that finished in --workdir before instead of repeating them (adding seeds)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     arms = ["baseline", *[a for a in args.arms if a != "baseline"]]
-    steps = plan_steps(args.minutes)[args.stage]
+    steps = args.steps or plan_steps(args.minutes)[args.stage]
     corpus = embedded_corpus(args.workdir / "corpus")
     teacher = default_teacher(args.minutes, corpus, args.workdir) if args.stage == "student" else None
     curves = {arm: [] for arm in arms}
@@ -151,9 +165,14 @@ def main() -> None:
         p_time = (one_sided_below(reached, [curve[-1][0] for curve in curves["baseline"]])
                   if arm != "baseline" and len(reached) == len(times) > 1 else None)
         spread = statistics.stdev(final[arm]) if len(final[arm]) > 1 else 0.0
+        against_muon = "-"
+        if arm not in ("baseline", "muon") and "muon" in final and len(args.seeds) > 1:
+            difference, p = paired_below(final[arm], final["muon"])
+            against_muon = f"{difference:+.4f} (p {p:.2g})"
         rows.append(f"| {arm} | {' '.join(ARMS[arm])} | {statistics.mean(final[arm]):.4f} ± {spread:.4f} | "
                     f"{len(reached)}/{len(times)} | {mean_time / baseline_time:.2f}x | "
-                    f"{'-' if p_final is None else f'{p_final:.3g}'} | {'-' if p_time is None else f'{p_time:.3g}'} |")
+                    f"{'-' if p_final is None else f'{p_final:.3g}'} | {'-' if p_time is None else f'{p_time:.3g}'} | "
+                    f"{against_muon} |")
     png = Path(__file__).parent / f"time_to_quality{'' if args.stage == 'teacher' else '_' + args.stage}.png"
     plot(curves, target, png, args.stage)
     what = {"teacher": f"the speedrun teacher ({steps} steps of cpu-small on the embedded corpus)",
@@ -161,13 +180,16 @@ def main() -> None:
                        "default recipe, seed 0)"}[args.stage]
     body = "\n".join([
         f"`bench/time_to_quality.py --stage {args.stage} --arms {' '.join(arms)} "
-        f"--seeds {' '.join(map(str, args.seeds))} --minutes {args.minutes:g}`: {what}, "
+        f"--seeds {' '.join(map(str, args.seeds))} --minutes {args.minutes:g}"
+        f"{f' --steps {args.steps}' if args.steps else ''}`: {what}, "
         f"{len(args.seeds)} seeds per arm, one run after another. Target: the baseline's mean final held-out "
         f"bits/byte, {target:.4f}. Time: training steps only, as a multiple of the baseline's "
         f"{baseline_time:.0f} s. p: one-sided Welch t-tests across seeds (final bits/byte below the "
-        "baseline's; time to the target below the baseline's time); a record needs p < 0.01.", "",
-        "| arm | settings | final bits/byte (mean ± sd) | seeds reaching the target | time to target | p (final) | p (time) |",
-        "|---|---|---|---|---|---|---|", *rows, "",
+        "baseline's; time to the target below the baseline's time), and a paired t-test of an arm's final "
+        "bits/byte against the muon arm's at the same seeds; a record needs p < 0.01.", "",
+        "| arm | settings | final bits/byte (mean ± sd) | seeds reaching the target | time to target | p (final) | "
+        "p (time) | final vs muon, same seeds (paired p) |",
+        "|---|---|---|---|---|---|---|---|", *rows, "",
         f"![time to quality]({png.name})"])
     print(body)
     if not args.no_write:
