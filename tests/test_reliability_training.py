@@ -36,7 +36,7 @@ from behemoth.train.trainer import LanguageModeling, pretrain
 
 SETTINGS = ["model.preset='tiny'", "data.vocab_size=300", "data.seq_len=32", "data.batch_size=4",
             "run.eval_every=1000", "run.eval_batches=2", "optim.warmup_steps=2", "optim.lr=0.01",
-            "optim.name='adamw'"]  # the library's default; `behemoth pretrain` would take Muon
+            "optim.name='adamw'", "optim.schedule='cosine'"]  # the library's defaults; `behemoth pretrain` takes Muon, WSD
 
 
 @pytest.fixture(scope="module")

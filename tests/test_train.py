@@ -159,7 +159,8 @@ def test_sigkill_at_any_moment_then_resume_matches_uninterrupted(corpus, tmp_pat
     steps = 30
     settings = ["model.preset='tiny'", "data.vocab_size=300", "data.seq_len=32", "data.batch_size=4",
                 f"run.steps={steps}", "run.eval_every=1000", "run.checkpoint_every=1", "run.keep_checkpoints=2",
-                "optim.warmup_steps=2", "optim.lr=0.01", "optim.name='adamw'"]  # tiny_run's optimizer
+                "optim.warmup_steps=2", "optim.lr=0.01", "optim.name='adamw'",
+                "optim.schedule='cosine'"]  # tiny_run's optimizer and schedule
     pretrain(tiny_run(corpus, steps, "run.checkpoint_every=1", "run.keep_checkpoints=2"), tmp_path / "whole",
              progress=False)
 
