@@ -91,16 +91,22 @@ class FrozenLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_forward(x)
 
+    def __init__(self, base: nn.Linear):
+        """A FrozenLinear sharing `base`'s weight and bias (and their int8 scales, if any) under the
+        same names, so a state dict still finds every base tensor where it was."""
+        nn.Module.__init__(self)  # not Linear's: the weight is the base's, not a new one
+        self.in_features, self.out_features = base.in_features, base.out_features
+        for name, tensor in base.named_parameters(recurse=False):
+            self.register_parameter(name, tensor)
+        for name, tensor in base.named_buffers(recurse=False):
+            self.register_buffer(name, tensor)
+        if "bias" not in self._parameters:
+            self.register_parameter("bias", None)
+
     @classmethod
     def of(cls, linear: nn.Linear) -> FrozenLinear:
         """`linear` itself if it is one already, else a FrozenLinear sharing its weight and bias."""
-        if isinstance(linear, FrozenLinear):
-            return linear
-        frozen = cls.__new__(cls)
-        nn.Module.__init__(frozen)
-        frozen.in_features, frozen.out_features = linear.in_features, linear.out_features
-        frozen.weight, frozen.bias = linear.weight, linear.bias
-        return frozen
+        return linear if isinstance(linear, FrozenLinear) else cls(linear)
 
     @torch.no_grad()
     def quantize_(self) -> tuple[int, int]:

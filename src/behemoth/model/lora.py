@@ -93,10 +93,7 @@ class LoRALinear(FrozenLinear):
 
     def __init__(self, base: nn.Linear, rank: int, scale: float, dropout: float,
                  generator: torch.Generator | None = None):
-        nn.Module.__init__(self)  # not Linear's: the weight is the base's, not a new one
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.register_parameter("bias", base.bias)
+        super().__init__(base)
         factory = dict(device=base.weight.device, dtype=base.weight.dtype)
         self.lora_A = nn.Linear(base.in_features, rank, bias=False, **factory)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, **factory)
@@ -379,10 +376,7 @@ class BankedLinear(FrozenLinear):
     slot 0 empty); each row takes its own from `rows`. Keeps the base's weight, as LoRALinear."""
 
     def __init__(self, base: nn.Linear, a: torch.Tensor, b: torch.Tensor, rows: RowAdapters):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.register_parameter("bias", base.bias)
+        super().__init__(base)
         self.register_buffer("bank_a", a, persistent=False)
         self.register_buffer("bank_b", b, persistent=False)
         self.rows = rows
