@@ -117,3 +117,35 @@ def test_muon_trains_and_resumes_bit_identically(tmp_path) -> None:
     whole = [r["loss"] for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
     assert [r["loss"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl")] == whole
     assert whole[-1] < whole[0] - 1.0
+
+
+def test_zero_initialised_output_projections_start_as_identity_blocks_and_learn(tmp_path) -> None:
+    """run.zero_init_outputs: attention's and every MLP's output matrices start at zero (the other
+    matrices draw the same values as the default init), and Muon moves them from the first step."""
+    from behemoth.checkpoint import load
+    from behemoth.model import init_weights
+    from behemoth.model.transformer import OUTPUT_PROJECTIONS
+
+    default, zeroed = Transformer(preset("tiny")), Transformer(preset("tiny"))
+    init_weights(default, seed=3)
+    init_weights(zeroed, seed=3, zero_outputs=True)
+    outputs = 0
+    for (name, a), b in zip(default.named_parameters(), zeroed.parameters()):
+        if name.endswith(OUTPUT_PROJECTIONS):
+            outputs += 1
+            assert not b.any() and a.any(), name
+        else:
+            assert torch.equal(a, b), name
+    layers = default.model.layers  # o_proj, and a dense MLP's down_proj or an MoE's expert and shared ones
+    assert outputs == 2 * len(layers) + sum(layer.is_moe for layer in layers)
+
+    corpus = write_phrase_corpus(tmp_path / "corpus.txt", documents=200)
+    run = load_run_config(None, ["model.preset='tiny'", f"data.sources=[{str(corpus)!r}]", "data.vocab_size=300",
+                                 "data.seq_len=32", "data.batch_size=4", "run.steps=10", "run.eval_every=1000",
+                                 "run.eval_batches=2", "optim.warmup_steps=2", "optim.name='muon'",
+                                 "run.zero_init_outputs=true"])
+    pretrain(run, tmp_path / "run", progress=False)
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    assert all(loss == loss for loss in losses) and losses[-1] < losses[0] - 1.0
+    trained = load(tmp_path / "run" / "model")
+    assert all(p.any() for name, p in trained.named_parameters() if name.endswith(OUTPUT_PROJECTIONS))

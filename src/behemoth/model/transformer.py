@@ -105,9 +105,15 @@ class Transformer(nn.Module):
         return self.model.embed_tokens.weight.dtype
 
 
+# The matrices that write into the residual stream: attention's and every MLP's output.
+OUTPUT_PROJECTIONS = ("o_proj.weight", "down_proj.weight", "experts.down_proj")
+
+
 @torch.no_grad()
-def init_weights(model: Transformer, seed: int | None = None) -> None:
-    """Normal(0, initializer_range) for matrices, ones for norms, as Llama 4 initialises."""
+def init_weights(model: Transformer, seed: int | None = None, zero_outputs: bool = False) -> None:
+    """Normal(0, initializer_range) for matrices, ones for norms, as Llama 4 initialises. zero_outputs:
+    OUTPUT_PROJECTIONS start at zero instead (modded-nanogpt's recipe), so every block starts as the
+    identity; the random draws of the other matrices stay the same."""
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     std = model.config.initializer_range
     for name, param in model.named_parameters():
@@ -115,6 +121,6 @@ def init_weights(model: Transformer, seed: int | None = None) -> None:
             param.fill_(1.0)
         elif name.endswith(".bias"):
             param.zero_()
-        else:
+        else:  # drawn even when zeroed, so the other matrices get the same values either way
             values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
-            param.copy_(values)
+            param.copy_(values.zero_() if zero_outputs and name.endswith(OUTPUT_PROJECTIONS) else values)

@@ -148,6 +148,7 @@ class RunSettings:
     dtype: str = "auto"
     compile: bool = False
     device: str = "auto"  # "auto", "cpu", "cuda", ...
+    zero_init_outputs: bool = False  # a fresh model's output projections start at zero (model.init_weights)
     # Generative tasks scored at every evaluation, `eval_items` items each (a task list as
     # `behemoth eval` takes, e.g. "chat:add,chat:next"): greedy pass@1 on held-out prompts, so a
     # post-training run shows what the model does, not only its loss. Empty: none.

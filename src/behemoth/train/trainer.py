@@ -68,7 +68,7 @@ def pretrain(run: RunConfig, out_dir: Path, resume: bool = False, progress: bool
 def fresh_model(run: RunConfig, tokenizer: Any) -> Transformer:
     """A model of run.model initialised from run.seed, on the run's device in its parameter dtype."""
     model = Transformer(run.model_config(tokenizer))
-    init_weights(model, seed=run.run.seed)
+    init_weights(model, seed=run.run.seed, zero_outputs=run.run.zero_init_outputs)
     return model.to(local_device(run.run.device), parameter_dtype(run))
 
 
