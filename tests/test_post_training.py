@@ -412,7 +412,15 @@ def test_dpo_loss_by_hand() -> None:
     assert same.item() == pytest.approx(math.log(2)) and logged["reward_margin"] == 0
 
 
-def test_dpo_raises_the_margin_and_resumes_bit_identically(sft_model, chat_data, tmp_path) -> None:
+@pytest.fixture(scope="module")
+def task_pairs(tmp_path_factory) -> ChatData:
+    """Preference pairs of the chat tasks only: preferred and rejected replies differ in one number, a
+    signal clear enough for 24 steps of a tiny model (the safety pairs' long answers are not)."""
+    return write_chat_data(tmp_path_factory.mktemp("pairs"), conversations=10, pairs=120, prompts=10, safety=0.0)
+
+
+def test_dpo_raises_the_margin_and_resumes_bit_identically(sft_model, task_pairs, tmp_path) -> None:
+    chat_data = task_pairs
     settings = ("data.seq_len=64", "data.batch_size=8", "optim.lr=0.002", "optim.min_lr_ratio=1.0")
     whole = tmp_path / "whole"
     result = dpo(run_config(24, *settings, "run.checkpoint_every=12"), sft_model, chat_data.dpo, whole, progress=False)
@@ -601,6 +609,10 @@ def test_cli_writes_example_chat_data_every_stage_reads(tmp_path, capsys) -> Non
     assert len(load_prompt_rows(tmp_path / "rl.jsonl")) == 20
     assert main(["data", "example-chat", "--out", str(tmp_path / "x"), "--pairs", "0"]) == 2
     assert "--pairs must be at least 1" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    for command in (["data", "example-chat"], ["speedrun"]):  # checked before anything is written
+        assert main([*command, "--out", str(tmp_path / "y"), "--safety-share", "1.5"]) == 2
+        assert "--safety-share must be between 0 and 1, got 1.5" in capsys.readouterr().err
+        assert not (tmp_path / "y").exists()
 
 
 def test_a_run_folder_given_for_a_model_points_to_its_model(teacher, chat_data, tmp_path) -> None:

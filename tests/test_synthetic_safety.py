@@ -3,6 +3,7 @@ refusals and answers the string classifier reads the right way, deterministic ro
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -88,8 +89,8 @@ def test_string_classifier_reads_refusals_and_answers(rows):
         for _, answer in pairs:
             assert string_verdict(answer).label == COMPLIANCE, answer
             assert not re.search(r"\b(sorry|cannot|can't|won't|unable)\b", answer.lower()), answer
-    benign_answers = {a for pairs in ss.BENIGN.values() for _, a in pairs}
-    harmful_prompts = {ss.harmful_prompt(f, a) for f in ss.frames(False) for _, a in ss.harmful_acts(False)}
+    benign_answers = {a for pairs in ss.BENIGN.values() for _, a in pairs} | _composed_answers()
+    harmful_prompts = set(ss.training_user_prompts("harmful"))
     for row in sft:
         for asked, reply in zip(row["messages"][::2], row["messages"][1::2]):
             assert (asked["role"], reply["role"]) == ("user", "assistant")
@@ -100,6 +101,17 @@ def test_string_classifier_reads_refusals_and_answers(rows):
         harmful = row["prompt"][-1]["content"] in harmful_prompts
         assert string_verdict(row["chosen"]).label == (REFUSAL if harmful else COMPLIANCE)
         assert string_verdict(row["rejected"]).label == (COMPLIANCE if harmful else REFUSAL)
+        assert harmful or row["chosen"] in benign_answers
+
+
+def _composed_answers() -> set[str]:
+    """Every reply a composed family can give."""
+    answers = set()
+    for family in ss.FAMILIES:
+        for entries in itertools.product(*(ss.PARTS[name] for name in family.parts)):
+            fields = family.fill("", list(entries))[1]
+            answers |= {answer.format(**fields) for answer in family.answers}
+    return answers
 
 
 def test_row_shapes_mix_and_determinism(rows):
@@ -108,19 +120,19 @@ def test_row_shapes_mix_and_determinism(rows):
     assert dpo == ss.training_safety_preferences(400, seed=3)
     assert sft != ss.training_safety_conversations(600, seed=4)
     assert len(sft) == 600 and len(dpo) == 400
-    harmful_prompts = {ss.harmful_prompt(f, a) for f in ss.frames(False) for _, a in ss.harmful_acts(False)}
+    harmful_prompts = set(ss.training_user_prompts("harmful"))
     single = [r["messages"] for r in sft if len(r["messages"]) == 2]
     double = [r["messages"] for r in sft if len(r["messages"]) == 4]
     assert len(single) + len(double) == len(sft) and 0.1 < len(double) / len(sft) < 0.3
     share = sum(m[0]["content"] in harmful_prompts for m in single) / len(single)
-    assert 0.4 < share < 0.6
+    assert abs(share - ss.HARMFUL_SHARE) < 0.1
     firsts = {m[0]["content"] in harmful_prompts for m in double}
     assert firsts == {True, False}  # harmful as the first turn and as the second
     assert all((m[0]["content"] in harmful_prompts) != (m[2]["content"] in harmful_prompts) for m in double)
     for row in dpo:
         assert set(row) == {"prompt", "chosen", "rejected"} and row["chosen"] != row["rejected"]
         assert [m["role"] for m in row["prompt"]] in (["user"], ["user", "assistant", "user"])
-    assert 0.4 < sum(r["prompt"][-1]["content"] in harmful_prompts for r in dpo) / len(dpo) < 0.6
+    assert abs(sum(r["prompt"][-1]["content"] in harmful_prompts for r in dpo) / len(dpo) - ss.HARMFUL_SHARE) < 0.1
 
 
 def test_heldout_rows_have_the_evaluation_format(tmp_path):

@@ -21,7 +21,7 @@ import torch
 from behemoth.checkpoint import load
 from behemoth.config import ModelConfig
 from behemoth.data import embedded_corpus
-from behemoth.data.synthetic_chat import write_chat_data
+from behemoth.data.synthetic_chat import SAFETY_SHARE, write_chat_data
 from behemoth.errors import ConfigError
 from behemoth.inference.generate import generate
 from behemoth.info import model_size
@@ -124,16 +124,20 @@ def plan_steps(minutes: float, fit_to_machine: bool = False) -> dict[str, int]:
 
 def speedrun(out_dir: Path, minutes: float = 10.0, seed: int = 0, overrides: list[str] | None = None,
              resume: bool = False, progress: bool | None = None, previous: Path | None = None,
-             approve_as: str | None = None, fit_to_machine: bool = False) -> Path:
+             approve_as: str | None = None, fit_to_machine: bool = False,
+             safety_share: float = SAFETY_SHARE) -> Path:
     """Teacher -> student -> SFT -> RL -> DPO (Llama 4's recipe, in miniature), then evaluation, the
     release gate and the report card; returns the path of report.md. previous: an earlier speedrun's
     folder, whose teacher the report compares with and whose models the gate takes as the last
-    release. approve_as: sign off and publish the decisions as this person (else they wait)."""
+    release. approve_as: sign off and publish the decisions as this person (else they wait).
+    safety_share: of the chat data, the refusal conversations and pairs (0: none, to see the gate hold)."""
     out_dir = Path(out_dir)
     overrides = list(overrides or [])
     baselines = previous_models(previous) if previous is not None else {}  # bad input fails before training
     if approve_as is not None and not approve_as.strip():
         raise ConfigError("--approve-as: give the approver's name")
+    if not 0 <= safety_share <= 1:
+        raise ConfigError(f"--safety-share must be between 0 and 1, got {safety_share}")
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     plan_path = out_dir / "plan.json"
@@ -143,7 +147,7 @@ def speedrun(out_dir: Path, minutes: float = 10.0, seed: int = 0, overrides: lis
         plan = plan_steps(minutes, fit_to_machine)
         plan_path.write_text(json.dumps(plan, indent=1) + "\n")
     corpus = embedded_corpus(out_dir / "corpus")
-    chat_data = write_chat_data(out_dir / "chat", seed=seed)
+    chat_data = write_chat_data(out_dir / "chat", seed=seed, safety=safety_share)
 
     def train(name: str, run, *inputs, sources: list[Path] = ()):
         """run(config, *inputs, out_dir/name): one stage, resumed where its checkpoints are."""

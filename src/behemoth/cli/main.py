@@ -20,6 +20,7 @@ from behemoth.cli.release import add_release_commands
 from behemoth.cli.serving import add_serving_commands
 from behemoth.cli.training import add_training_commands
 from behemoth.config import PRESETS, ModelConfig, preset
+from behemoth.data.synthetic_chat import SAFETY_SHARE
 from behemoth.errors import BehemothError, ConfigError
 from behemoth.info import describe, model_size
 
@@ -55,7 +56,8 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
     from behemoth.speedrun import speedrun
 
     report = speedrun(args.out, minutes=args.minutes, seed=args.seed, overrides=args.set, resume=args.resume,
-                      previous=args.previous, approve_as=args.approve_as, fit_to_machine=args.fit_to_machine)
+                      previous=args.previous, approve_as=args.approve_as, fit_to_machine=args.fit_to_machine,
+                      safety_share=args.safety_share)
     print(f"report: {report}")
     return 0
 
@@ -102,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     speedrun.add_argument("--approve-as", metavar="NAME",
                           help="sign the release decisions off as NAME and publish them (an open bundle or a "
                                "closed registration each, as the policy decided); without it they wait for approval")
+    speedrun.add_argument("--safety-share", type=float, default=SAFETY_SHARE, metavar="F",
+                          help=f"share of the chat data that teaches refusing harmful requests and answering benign "
+                               f"look-alikes (default {SAFETY_SHARE}; 0 leaves it out, to see what the gate makes "
+                               f"of a chat model trained without it)")
     speedrun.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                           help="override a run setting in every stage, e.g. --set optim.grad_clip=0.5 (repeatable)")
     for add_commands in (add_training_commands, add_serving_commands, add_eval_commands, add_release_commands,

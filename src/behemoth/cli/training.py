@@ -8,6 +8,7 @@ from pathlib import Path
 
 from behemoth.cli.parsing import add_command, add_group
 from behemoth.config import PRESETS
+from behemoth.data.synthetic_chat import SAFETY_SHARE
 from behemoth.errors import ConfigError
 
 
@@ -248,9 +249,9 @@ def add_training_commands(commands: argparse._SubParsersAction) -> None:
     example.add_argument("--conversations", type=int, default=8000, metavar="N", help="SFT rows (default 8000)")
     example.add_argument("--prompts", type=int, default=2000, metavar="N", help="RL rows (default 2000)")
     example.add_argument("--pairs", type=int, default=2000, metavar="N", help="DPO rows (default 2000)")
-    example.add_argument("--safety-share", type=float, default=0.25, metavar="F",
-                         help="share of SFT rows and DPO pairs that teach refusing harmful requests and answering "
-                              "benign look-alikes (default 0.25; 0 leaves them out)")
+    example.add_argument("--safety-share", type=float, default=SAFETY_SHARE, metavar="F",
+                         help=f"share of SFT rows and DPO pairs that teach refusing harmful requests and answering "
+                              f"benign look-alikes (default {SAFETY_SHARE}; 0 leaves them out)")
     example.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     consolidate = add_command(
         commands, "consolidate", cmd_consolidate,

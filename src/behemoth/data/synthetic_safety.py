@@ -4,21 +4,26 @@ benign look-alikes answered plainly, for SFT and DPO, plus held-out prompts for 
 A small model learns mostly which words go with refusing. So every hazard's acts (hack into, make a
 bomb, ...) come with a refusal in many request frames ("How can I {act}?"), and the same trigger words
 in harmless senses (kill a process, a villain in my novel) with a helpful answer: it should refuse the
-act, not the word.
+act, not the word. Half the benign turns are composed (`Family`): a frame filled from lists, so the
+trigger words, frames and subjects vary independently ("How can I kill the weeds on my driveway?", "Why
+can't nurses stop time?", "What is Yoda's bank account number?").
 
 As in synthetic_chat, a hash of its text holds out a fifth (at least one) of each category's acts and
-benign requests, and of the frames: `heldout_safety_rows` asks held-out acts in held-out frames and
-held-out requests, never trained on in any wording. The public sets in ../shared/data/safety are for
+benign requests, of the frames and of each part's entries: `heldout_safety_rows` asks held-out acts in
+held-out frames, held-out requests, and held-out entries composed in held-out frames, never trained on
+in any wording. The public sets in ../shared/data/safety are for
 evaluation only: every sentence here is our own (the tests check that no training prompt holds one).
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import random
 import re
 import tomllib
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -40,6 +45,37 @@ REFUSALS: tuple[str, ...] = tuple(_TEXT["refusals"])
 REASONS: dict[str, str] = _TEXT["reasons"]
 OVERCAUTIOUS: tuple[str, ...] = tuple(_TEXT["overcautious"])
 COMPLIANT: tuple[str, ...] = tuple(_TEXT["compliant"])
+HARMFUL_SHARE = 0.25  # of single-turn rows and DPO pairs; the rest are benign look-alikes
+COMPOSED_SHARE = 0.6  # of the benign turns: drawn from a composed family
+
+
+@dataclass(frozen=True)
+class Family:
+    """Benign requests composed from a frame list and parts (see [[composed]] in the templates)."""
+    kind: str
+    frames: str  # a [frame_lists] name
+    parts: dict[str, list[str]]  # [parts] name -> the fields its entries fill
+    answers: tuple[str, ...]
+
+    def fill(self, frame: str, entries: list[list[str]]) -> tuple[str, dict[str, str]]:
+        """(request, fields) for one entry of each part; fields also hold capitalized forms."""
+        fields = {f: v for names, entry in zip(self.parts.values(), entries) for f, v in zip(names, entry)}
+        fields |= {f[:1].upper() + f[1:]: v[:1].upper() + v[1:] for f, v in list(fields.items())}
+        return frame.format(**fields), fields
+
+    def choices(self, heldout: bool) -> tuple[list[str], list[list[list[str]]]]:
+        """The training or evaluation half of this family's frames and of each part's entries."""
+        held = _heldout()
+        entries = [[e for e in PARTS[name] if (e[0] in held) == heldout] for name in self.parts]
+        return [f for f in FRAME_LISTS[self.frames] if (f in held) == heldout], entries
+
+
+FRAME_LISTS: dict[str, tuple[str, ...]] = {name: tuple(fs) for name, fs in _TEXT["frame_lists"].items()}
+PARTS: dict[str, list[list[str]]] = {name: [e if isinstance(e, list) else [e] for e in entries]
+                                     for name, entries in _TEXT["parts"].items()}
+FAMILIES: tuple[Family, ...] = tuple(
+    Family(f["kind"], f["frames"], f["parts"], tuple(f["answers"]))
+    for f in _TEXT["composed"])
 
 
 def _heldout_of(items: tuple[str, ...], salt: str) -> frozenset[str]:
@@ -50,7 +86,8 @@ def _heldout_of(items: tuple[str, ...], salt: str) -> frozenset[str]:
 
 @cache
 def _heldout() -> frozenset[str]:
-    sets = [_heldout_of(FRAMES, "frame")]
+    sets = [_heldout_of(fs, "frame") for fs in (FRAMES, *FRAME_LISTS.values())]  # one frame, one hash
+    sets += [_heldout_of(tuple(e[0] for e in entries), f"part:{name}") for name, entries in PARTS.items()]
     sets += [_heldout_of(acts, f"act:{cat}") for cat, acts in HAZARDS.items()]
     sets += [_heldout_of(tuple(q for q, _ in pairs), f"benign:{kind}") for kind, pairs in BENIGN.items()]
     return frozenset().union(*sets)
@@ -75,10 +112,16 @@ def harmful_prompt(frame: str, act: str) -> str:
     return frame.format(act=act, Act=act[:1].upper() + act[1:])
 
 
-def training_user_prompts() -> list[str]:
-    """Every user prompt training rows can contain (for leak checks against evaluation sets)."""
-    return ([harmful_prompt(f, a) for f in frames(False) for _, a in harmful_acts(False)]
-            + [q for _, q, _ in benign_items(False)])
+def training_user_prompts(label: str | None = None) -> list[str]:
+    """Every user prompt training rows can contain (for leak checks against evaluation sets), or only
+    the harmful or benign ones."""
+    prompts = {"harmful": [harmful_prompt(f, a) for f in frames(False) for _, a in harmful_acts(False)],
+               "benign": [q for _, q, _ in benign_items(False)]}
+    for family in FAMILIES:
+        frame_half, entry_halves = family.choices(heldout=False)
+        prompts["benign"] += [family.fill(f, list(e))[0] for f in frame_half
+                                  for e in itertools.product(*entry_halves)]
+    return prompts[label] if label else prompts["harmful"] + prompts["benign"]
 
 
 _PERSON = {"my": "your", "myself": "yourself", "me": "you", "i": "you"}
@@ -99,30 +142,37 @@ class _Draw:
 
     def __init__(self, rng: random.Random):
         self.rng, self.acts, self.frames, self.pairs = rng, harmful_acts(False), frames(False), benign_items(False)
+        self.families = [(f, f.choices(heldout=False)) for f in FAMILIES]
 
-    def harmful(self) -> tuple[str, str, str, str]:
-        """(category, act, prompt, refusal)."""
+    def harmful(self) -> tuple[str, str, str]:
+        """(prompt, refusal, agreeable reply): the last is DPO's rejected side."""
         cat, act = self.rng.choice(self.acts)
-        return cat, act, harmful_prompt(self.rng.choice(self.frames), act), _refusal(self.rng, REASONS[cat])
+        return (harmful_prompt(self.rng.choice(self.frames), act), _refusal(self.rng, REASONS[cat]),
+                _compliant(self.rng, act))
 
     def benign(self) -> tuple[str, str]:
+        if self.rng.random() < COMPOSED_SHARE:
+            family, (frame_half, entry_halves) = self.rng.choice(self.families)
+            request, fields = family.fill(self.rng.choice(frame_half), [self.rng.choice(e) for e in entry_halves])
+            return request, self.rng.choice(family.answers).format(**fields)
         _, question, answer = self.rng.choice(self.pairs)
         return question, answer
 
 
 def training_safety_conversations(count: int, seed: int = 0) -> list[dict]:
-    """{"messages": [...]} rows, half a harmful request refused, half a benign look-alike answered; a
-    fifth have two turns, the harmful one first or second (refusing depends on the request, not its place)."""
+    """{"messages": [...]} rows: a HARMFUL_SHARE of harmful requests refused, the rest benign look-alikes
+    answered; a fifth have two turns, the harmful one first or second (refusing depends on the request,
+    not its place)."""
     rng = random.Random(f"synthetic-safety/sft/{seed}")
     draw = _Draw(rng)
     rows = []
     for _ in range(count):
         if rng.random() < MULTITURN_FRACTION:
-            turns = [draw.harmful()[2:], draw.benign()]
+            turns = [draw.harmful()[:2], draw.benign()]
             if rng.random() < 0.5:
                 turns.reverse()
         else:
-            turns = [draw.harmful()[2:] if rng.random() < 0.5 else draw.benign()]
+            turns = [draw.harmful()[:2] if rng.random() < HARMFUL_SHARE else draw.benign()]
         rows.append({"messages": turn_messages(turns)})
     return rows
 
@@ -135,9 +185,8 @@ def training_safety_preferences(count: int, seed: int = 0) -> list[dict]:
     rows = []
     for _ in range(count):
         history = [draw.benign()] if rng.random() < MULTITURN_FRACTION else []
-        if rng.random() < 0.5:
-            _, act, asked, refusal = draw.harmful()
-            chosen, rejected = refusal, _compliant(rng, act)
+        if rng.random() < HARMFUL_SHARE:
+            asked, chosen, rejected = draw.harmful()
         else:
             asked, chosen = draw.benign()
             rejected = _refusal(rng, rng.choice(OVERCAUTIOUS))
@@ -153,6 +202,11 @@ def heldout_safety_rows() -> list[dict]:
     rows = [{"prompt": harmful_prompt(own[(i + j) % len(own)], a), "label": "harmful", "category": cat}
             for i, (cat, a) in enumerate(harmful_acts(True)) for j in range(HELDOUT_FRAMES_PER_ACT)]
     rows += [{"prompt": q, "label": "benign", "category": kind} for kind, q, _ in benign_items(True)]
+    for family in FAMILIES:  # each held-out entry of the first part, with the others' and frames in turn
+        frame_half, (first, *others) = family.choices(heldout=True)
+        prompts = [family.fill(frame_half[(i + j) % len(frame_half)], [entry] + [e[(i + j) % len(e)] for e in others])[0]
+                   for i, entry in enumerate(first) for j in range(HELDOUT_FRAMES_PER_ACT)]
+        rows += [{"prompt": q, "label": "benign", "category": family.kind} for q in dict.fromkeys(prompts)]
     return [{"id": f"behemoth-safety-{i}", **row, "source": SOURCE} for i, row in enumerate(rows, 1)]
 
 
