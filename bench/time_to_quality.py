@@ -49,6 +49,7 @@ ARMS = {
     "muon-wsd": ["run.dtype='bfloat16'", "optim.name='muon'", "optim.schedule='wsd'"],  # pretrain's default
     "bf16-lr2x": ["run.dtype='bfloat16'", "optim.name='adamw'", "optim.lr=6e-3", COSINE],
     "muon-lr2x": ["run.dtype='bfloat16'", "optim.name='muon'", "optim.muon_lr=0.04", COSINE],
+    "muon-wsd-zero": ["run.dtype='bfloat16'", "optim.name='muon'", "optim.schedule='wsd'", "run.zero_init_outputs=true"],
 }
 
 
@@ -140,6 +141,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/behemoth-time-to-quality"))
     parser.add_argument("--reuse", action="store_true",
                         help="read runs that finished in --workdir before instead of repeating them (adding seeds)")
+    parser.add_argument("--paired-with", default="muon", choices=list(ARMS),
+                        help="the arm every other arm's final bits/byte is compared with, seed by seed (default muon)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     arms = ["baseline", *[a for a in args.arms if a != "baseline"]]
@@ -166,8 +169,8 @@ def main() -> None:
                   if arm != "baseline" and len(reached) == len(times) > 1 else None)
         spread = statistics.stdev(final[arm]) if len(final[arm]) > 1 else 0.0
         against_muon = "-"
-        if arm not in ("baseline", "muon") and "muon" in final and len(args.seeds) > 1:
-            difference, p = paired_below(final[arm], final["muon"])
+        if arm not in ("baseline", args.paired_with) and args.paired_with in final and len(args.seeds) > 1:
+            difference, p = paired_below(final[arm], final[args.paired_with])
             against_muon = f"{difference:+.4f} (p {p:.2g})"
         rows.append(f"| {arm} | {' '.join(ARMS[arm])} | {statistics.mean(final[arm]):.4f} ± {spread:.4f} | "
                     f"{len(reached)}/{len(times)} | {mean_time / baseline_time:.2f}x | "
@@ -181,14 +184,15 @@ def main() -> None:
     body = "\n".join([
         f"`bench/time_to_quality.py --stage {args.stage} --arms {' '.join(arms)} "
         f"--seeds {' '.join(map(str, args.seeds))} --minutes {args.minutes:g}"
-        f"{f' --steps {args.steps}' if args.steps else ''}`: {what}, "
+        f"{f' --steps {args.steps}' if args.steps else ''}"
+        f"{f' --paired-with {args.paired_with}' if args.paired_with != 'muon' else ''}`: {what}, "
         f"{len(args.seeds)} seeds per arm, one run after another. Target: the baseline's mean final held-out "
         f"bits/byte, {target:.4f}. Time: training steps only, as a multiple of the baseline's "
         f"{baseline_time:.0f} s. p: one-sided Welch t-tests across seeds (final bits/byte below the "
         "baseline's; time to the target below the baseline's time), and a paired t-test of an arm's final "
-        "bits/byte against the muon arm's at the same seeds; a record needs p < 0.01.", "",
+        f"bits/byte against the {args.paired_with} arm's at the same seeds; a record needs p < 0.01.", "",
         "| arm | settings | final bits/byte (mean ± sd) | seeds reaching the target | time to target | p (final) | "
-        "p (time) | final vs muon, same seeds (paired p) |",
+        f"p (time) | final vs {args.paired_with}, same seeds (paired p) |",
         "|---|---|---|---|---|---|---|---|", *rows, "",
         f"![time to quality]({png.name})"])
     print(body)
