@@ -49,7 +49,8 @@ ARMS = {
     "muon-wsd": ["run.dtype='bfloat16'", "optim.name='muon'", "optim.schedule='wsd'"],  # pretrain's default
     "bf16-lr2x": ["run.dtype='bfloat16'", "optim.name='adamw'", "optim.lr=6e-3", COSINE],
     "muon-lr2x": ["run.dtype='bfloat16'", "optim.name='muon'", "optim.muon_lr=0.04", COSINE],
-    "muon-wsd-zero": ["run.dtype='bfloat16'", "optim.name='muon'", "optim.schedule='wsd'", "run.zero_init_outputs=true"],
+    "muon-wsd-zero": ["run.dtype='bfloat16'", "optim.name='muon'", "optim.schedule='wsd'",
+                      "run.zero_init_outputs=true"],
 }
 
 

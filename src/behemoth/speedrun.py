@@ -21,7 +21,7 @@ import torch
 from behemoth.checkpoint import load
 from behemoth.config import ModelConfig
 from behemoth.data import embedded_corpus
-from behemoth.data.synthetic_chat import SAFETY_SHARE, write_chat_data
+from behemoth.data.synthetic_chat import SAFETY_SHARE, check_safety_share, write_chat_data
 from behemoth.errors import ConfigError
 from behemoth.inference.generate import generate
 from behemoth.info import model_size
@@ -136,8 +136,7 @@ def speedrun(out_dir: Path, minutes: float = 10.0, seed: int = 0, overrides: lis
     baselines = previous_models(previous) if previous is not None else {}  # bad input fails before training
     if approve_as is not None and not approve_as.strip():
         raise ConfigError("--approve-as: give the approver's name")
-    if not 0 <= safety_share <= 1:
-        raise ConfigError(f"--safety-share must be between 0 and 1, got {safety_share}")
+    check_safety_share(safety_share)
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     plan_path = out_dir / "plan.json"

@@ -54,8 +54,6 @@ def cmd_data_example_chat(args: argparse.Namespace) -> int:
     for flag in ("conversations", "prompts", "pairs"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if not 0 <= args.safety_share <= 1:
-        raise ConfigError(f"--safety-share must be between 0 and 1, got {args.safety_share}")
     data = write_chat_data(args.out, conversations=args.conversations, pairs=args.pairs, prompts=args.prompts,
                            seed=args.seed, safety=args.safety_share)
     for path, what in ((data.sft, "SFT conversations"), (data.rl, "RL prompts"), (data.dpo, "DPO pairs")):

@@ -14,6 +14,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from behemoth.errors import ConfigError
 from behemoth.hashing import unit_hash
 from behemoth.jsonio import write_jsonl
 
@@ -227,6 +228,12 @@ class ChatData:
     rl: Path   # prompt / answer / match
 
 
+def check_safety_share(share: float) -> None:
+    """Refuse a safety share outside [0, 1] in one line, before anything is written."""
+    if not 0 <= share <= 1:
+        raise ConfigError(f"--safety-share must be between 0 and 1, got {share}")
+
+
 def write_chat_data(out_dir: Path, conversations: int = 8000, pairs: int = 2000, prompts: int = 2000,
                     seed: int = 0, safety: float = SAFETY_SHARE) -> ChatData:
     """Write sft.jsonl, dpo.jsonl and rl.jsonl into out_dir, all from training problems; a `safety`
@@ -234,6 +241,7 @@ def write_chat_data(out_dir: Path, conversations: int = 8000, pairs: int = 2000,
     look-alikes (behemoth.data.synthetic_safety), shuffled in."""
     from behemoth.data.synthetic_safety import training_safety_conversations, training_safety_preferences
 
+    check_safety_share(safety)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = ChatData(out_dir / "sft.jsonl", out_dir / "dpo.jsonl", out_dir / "rl.jsonl")
     rng = random.Random(seed + 3_000_003)

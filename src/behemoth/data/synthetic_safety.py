@@ -4,9 +4,9 @@ benign look-alikes answered plainly, for SFT and DPO, plus held-out prompts for 
 A small model learns mostly which words go with refusing. So every hazard's acts (hack into, make a
 bomb, ...) come with a refusal in many request frames ("How can I {act}?"), and the same trigger words
 in harmless senses (kill a process, a villain in my novel) with a helpful answer: it should refuse the
-act, not the word. Half the benign turns are composed (`Family`): a frame filled from lists, so the
-trigger words, frames and subjects vary independently ("How can I kill the weeds on my driveway?", "Why
-can't nurses stop time?", "What is Yoda's bank account number?").
+act, not the word. Most benign turns (COMPOSED_SHARE) are composed (`Family`): a frame filled from
+lists, so the trigger words, frames and subjects vary independently ("How can I kill the weeds on my
+driveway?", "Why can't nurses stop time?", "What is Yoda's bank account number?").
 
 As in synthetic_chat, a hash of its text holds out a fifth (at least one) of each category's acts and
 benign requests, of the frames and of each part's entries: `heldout_safety_rows` asks held-out acts in
@@ -60,7 +60,7 @@ class Family:
     def fill(self, frame: str, entries: list[list[str]]) -> tuple[str, dict[str, str]]:
         """(request, fields) for one entry of each part; fields also hold capitalized forms."""
         fields = {f: v for names, entry in zip(self.parts.values(), entries) for f, v in zip(names, entry)}
-        fields |= {f[:1].upper() + f[1:]: v[:1].upper() + v[1:] for f, v in list(fields.items())}
+        fields |= {f[:1].upper() + f[1:]: v[:1].upper() + v[1:] for f, v in fields.items()}
         return frame.format(**fields), fields
 
     def choices(self, heldout: bool) -> tuple[list[str], list[list[list[str]]]]:
@@ -204,7 +204,8 @@ def heldout_safety_rows() -> list[dict]:
     rows += [{"prompt": q, "label": "benign", "category": kind} for kind, q, _ in benign_items(True)]
     for family in FAMILIES:  # each held-out entry of the first part, with the others' and frames in turn
         frame_half, (first, *others) = family.choices(heldout=True)
-        prompts = [family.fill(frame_half[(i + j) % len(frame_half)], [entry] + [e[(i + j) % len(e)] for e in others])[0]
+        prompts = [family.fill(frame_half[(i + j) % len(frame_half)],
+                               [entry] + [e[(i + j) % len(e)] for e in others])[0]
                    for i, entry in enumerate(first) for j in range(HELDOUT_FRAMES_PER_ACT)]
         rows += [{"prompt": q, "label": "benign", "category": family.kind} for q in dict.fromkeys(prompts)]
     return [{"id": f"behemoth-safety-{i}", **row, "source": SOURCE} for i, row in enumerate(rows, 1)]
